@@ -1,0 +1,305 @@
+"""The one place that knows flywheel.yaml: pydantic models, FLYWHEEL_* overrides, paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Environment variables that are settings of the process, not fields of the config file.
+_NOT_CONFIG_ENV = {"FLYWHEEL_HOME", "FLYWHEEL_CACHE_DIR", "FLYWHEEL_SLACK_WEBHOOK"}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stores(_Strict):
+    """Three SQLAlchemy URLs. Unset means a SQLite file under the project's .flywheel/ folder."""
+
+    source: str | None = None
+    tracking: str | None = None
+    state: str | None = None
+
+
+class Window(_Strict):
+    """Half-open time window [start, end) on the time column."""
+
+    start: date
+    end: date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
+
+class PerformanceWindowTarget(_Strict):
+    """Positive when the event happened within `months` of the row's time; known `months` later."""
+
+    kind: Literal["performance_window"]
+    event_column: str
+    event_value: str
+    event_time_column: str
+    months: int = Field(gt=0, le=240)
+
+
+class ColumnTarget(_Strict):
+    """Positive when `column` equals `positive`; the label is known as soon as the row exists."""
+
+    kind: Literal["column"]
+    column: str
+    positive: str | int | bool
+
+
+Target = Annotated[PerformanceWindowTarget | ColumnTarget, Field(discriminator="kind")]
+
+
+class DataConfig(_Strict):
+    table: str
+    id_column: str
+    time_column: str
+    window: Window
+    target: Target
+    # Train only on labels known by this date (default: the window's end). See DATA.md.
+    as_of: date | None = None
+
+
+class NumericFeature(_Strict):
+    kind: Literal["numeric"]
+    name: str
+    column: str
+
+
+class RatioFeature(_Strict):
+    kind: Literal["ratio"]
+    name: str
+    numerator: str
+    denominator: str
+
+
+class FlagFeature(_Strict):
+    """1.0 when `column OP value` (or `column OP other`) holds, 0.0 when not, missing when null."""
+
+    kind: Literal["flag"]
+    name: str
+    column: str
+    op: Literal["==", "!=", ">", ">=", "<", "<=", "in"]
+    value: str | float | int | list[str | float | int] | None = None
+    other: str | None = None
+
+    @model_validator(mode="after")
+    def _one_operand(self) -> FlagFeature:
+        if (self.value is None) == (self.other is None):
+            raise ValueError("give exactly one of 'value' or 'other'")
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("op 'in' needs 'value' to be a list")
+        if self.op != "in" and isinstance(self.value, list):
+            raise ValueError(f"op '{self.op}' needs a single 'value', not a list")
+        return self
+
+
+class BucketFeature(_Strict):
+    """Index of the bucket the value falls in, given increasing edges."""
+
+    kind: Literal["bucket"]
+    name: str
+    column: str
+    edges: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> BucketFeature:
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must be strictly increasing")
+        return self
+
+
+class CategoryFeature(_Strict):
+    """A category passed through; the vocabulary is learnt on the training slice."""
+
+    kind: Literal["category"]
+    name: str
+    column: str
+    prefix: int | None = Field(default=None, gt=0)
+    max_categories: int = Field(default=50, gt=0, le=10_000)
+    min_count: int = Field(default=20, ge=1)
+
+
+Feature = Annotated[
+    NumericFeature | RatioFeature | FlagFeature | BucketFeature | CategoryFeature,
+    Field(discriminator="kind"),
+]
+
+
+class ChecksConfig(_Strict):
+    min_rows: int = 1000
+    # Each class needs at least this many labelled rows (a rate floor would reject rare events).
+    min_class_rows: int = Field(default=50, ge=1)
+    max_null_fraction: float = Field(default=0.5, ge=0, le=1)
+    # Any single feature whose standalone ROC-AUC reaches this stops training.
+    leakage_auc_threshold: float = Field(default=0.8, gt=0.5, le=1)
+    accept_leaky: list[str] = []
+
+
+class SplitConfig(_Strict):
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    holdout_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+
+
+class ModelConfig(_Strict):
+    type: Literal["lightgbm", "sklearn", "torch-mlp"] = "lightgbm"
+    params: dict[str, Any] = {}
+    seed: int = 42
+
+
+class GateConfig(_Strict):
+    metric: Literal["roc_auc", "pr_auc", "log_loss", "brier"] = "roc_auc"
+    floor: float
+    min_improvement: float = Field(default=0.0, ge=0)
+    require_schema_compatible: bool = True
+
+
+class Config(_Strict):
+    project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_name: str | None = None
+    stores: Stores = Stores()
+    data: DataConfig
+    features: list[Feature] = Field(min_length=1)
+    checks: ChecksConfig = ChecksConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    gate: GateConfig
+
+    @model_validator(mode="after")
+    def _unique_feature_names(self) -> Config:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def registered_model(self) -> str:
+        return self.model_name or self.project
+
+
+class Project(BaseModel):
+    """A validated config plus where it lives: the folders and store URLs it resolves to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: Config
+    path: Path
+    home: Path
+
+    @property
+    def source_url(self) -> str:
+        return self._url(self.config.stores.source, "source.db")
+
+    @property
+    def tracking_url(self) -> str:
+        return self._url(self.config.stores.tracking, "mlflow.db")
+
+    @property
+    def state_url(self) -> str:
+        return self._url(self.config.stores.state, "state.db")
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def _url(self, url: str | None, filename: str) -> str:
+        if url is None:
+            return f"sqlite:///{self.home / filename}"
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url.removeprefix("sqlite:///")
+            return f"sqlite:///{(self.path.parent / rel).resolve()}"
+        return url
+
+
+def cache_dir() -> Path:
+    """Where downloads are cached: FLYWHEEL_CACHE_DIR, else the user's cache folder."""
+    override = os.environ.get("FLYWHEEL_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flywheel"
+
+
+def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project:
+    """Read, override from FLYWHEEL_* variables, and validate a flywheel.yaml."""
+    path = Path(path)
+    env = dict(os.environ) if env is None else env
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file (pass --config PATH to a flywheel.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    raw = apply_env_overrides(raw, env)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+    home = Path(env["FLYWHEEL_HOME"]) if env.get("FLYWHEEL_HOME") else path.parent / ".flywheel"
+    return Project(config=config, path=path.resolve(), home=home.resolve())
+
+
+def apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """FLYWHEEL_A__B=value sets field a.b; values are read as YAML scalars or lists."""
+    merged = json.loads(json.dumps(raw, default=str))
+    for key, value in sorted(env.items()):
+        if not key.startswith("FLYWHEEL_") or key in _NOT_CONFIG_ENV:
+            continue
+        parts = [p.lower() for p in key.removeprefix("FLYWHEEL_").split("__") if p]
+        if not parts or parts[0] not in Config.model_fields:
+            continue
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: cannot set a field inside '{part}', which is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return merged
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for i, p in enumerate(err["loc"]) if not _is_tag(err["loc"], i))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        if err["type"] == "extra_forbidden":
+            msg, got = "unknown field; check its spelling and indentation", ""
+        lines.append(f"{path.name}: {loc or '(top level)'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+_TAGS = {"numeric", "ratio", "flag", "bucket", "category", "performance_window", "column"}
+
+
+def _is_tag(loc: tuple[int | str, ...], i: int) -> bool:
+    # pydantic puts a union's tag ("ratio") after the list index or field; it is noise to a user.
+    prev = loc[i - 1] if i else None
+    return loc[i] in _TAGS and (isinstance(prev, int) or prev == "target")

@@ -1,0 +1,286 @@
+"""One row-level feature definition, compiled to SQL for batches and to a function for one row.
+
+The only module that talks to the batch engine (DuckDB now). A `FeatureSpec` is the fitted
+definition: the config's feature list plus the category vocabularies learnt on the training slice
+and the types of the raw input fields. It is stored with the model, so serving and evaluating an
+older champion use exactly the encoding that model was trained with.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+from pydantic import TypeAdapter
+
+from flywheel.config import (
+    BucketFeature,
+    CategoryFeature,
+    Feature,
+    FlagFeature,
+    NumericFeature,
+    RatioFeature,
+)
+
+_FEATURES = TypeAdapter(list[Feature])
+InputType = str  # "number" | "string"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A fitted feature definition: what the model sees, and how to compute it from raw fields."""
+
+    features: list[Feature]
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    input_types: dict[str, InputType] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        return [i for i, f in enumerate(self.features) if isinstance(f, CategoryFeature)]
+
+    @property
+    def input_columns(self) -> list[str]:
+        return input_columns(self.features)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "features": _FEATURES.dump_python(self.features, mode="json"),
+                "vocabularies": self.vocabularies,
+                "input_types": self.input_types,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureSpec:
+        raw = json.loads(text)
+        return cls(
+            features=_FEATURES.validate_python(raw["features"]),
+            vocabularies={k: list(v) for k, v in raw["vocabularies"].items()},
+            input_types=dict(raw["input_types"]),
+        )
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def input_columns(features: list[Feature]) -> list[str]:
+    """The raw fields the features read, in first-use order."""
+    cols: list[str] = []
+    for f in features:
+        if isinstance(f, RatioFeature):
+            cols += [f.numerator, f.denominator]
+        elif isinstance(f, FlagFeature):
+            cols += [f.column] + ([f.other] if f.other else [])
+        else:
+            cols.append(f.column)
+    return list(dict.fromkeys(cols))
+
+
+def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
+    """Learn category vocabularies (most frequent first) and raw input types from training rows."""
+    types = {
+        c: "number" if pd.api.types.is_numeric_dtype(frame[c]) else "string"
+        for c in input_columns(features)
+    }
+    con = duckdb.connect()
+    con.register("rows", frame)
+    vocabularies = {}
+    for f in features:
+        if isinstance(f, CategoryFeature):
+            raw = _category_raw_sql(f, types[f.column])
+            found = con.execute(
+                f"SELECT {raw} AS v, count(*) AS n FROM rows WHERE {raw} IS NOT NULL "
+                f"GROUP BY v HAVING count(*) >= {f.min_count} ORDER BY n DESC, v "
+                f"LIMIT {f.max_categories}"
+            ).fetchall()
+            vocabularies[f.name] = [str(v) for v, _ in found]
+    con.close()
+    return FeatureSpec(features=list(features), vocabularies=vocabularies, input_types=types)
+
+
+# ---- batch: SQL --------------------------------------------------------------------------------
+
+
+def to_sql(spec: FeatureSpec, relation: str, passthrough: list[str] = ()) -> str:
+    """A SELECT computing every feature (as DOUBLE) from `relation`, plus passthrough columns."""
+    exprs = [f"CAST({_feature_sql(spec, f)} AS DOUBLE) AS {_ident(f.name)}" for f in spec.features]
+    exprs += [_ident(c) for c in passthrough]
+    return f"SELECT {', '.join(exprs)} FROM {relation}"
+
+
+def build_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
+    """Features of every row of `frame` as a float32 matrix, computed on DuckDB."""
+    con = duckdb.connect()
+    con.register("rows", frame)
+    table = con.sql(to_sql(spec, "rows")).to_arrow_table()
+    con.close()
+    cols = [table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)]
+    if not cols:
+        return np.empty((len(frame), 0), dtype=np.float32)
+    return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]).astype(np.float32)
+
+
+def _feature_sql(spec: FeatureSpec, f: Feature) -> str:
+    if isinstance(f, NumericFeature):
+        return f"CAST({_ident(f.column)} AS DOUBLE)"
+    if isinstance(f, RatioFeature):
+        num, den = (f"CAST({_ident(c)} AS DOUBLE)" for c in (f.numerator, f.denominator))
+        return f"CASE WHEN {den} IS NULL OR {den} = 0 THEN NULL ELSE {num} / {den} END"
+    if isinstance(f, FlagFeature):
+        col = _ident(f.column)
+        rhs = _ident(f.other) if f.other else None
+        if f.op == "in":
+            cond = f"{col} IN ({', '.join(_literal(v) for v in f.value)})"  # type: ignore[union-attr]
+        else:
+            op = "=" if f.op == "==" else "<>" if f.op == "!=" else f.op
+            cond = f"{col} {op} {rhs or _literal(f.value)}"
+        nulls = f"{col} IS NULL" + (f" OR {rhs} IS NULL" if rhs else "")
+        return f"CASE WHEN {nulls} THEN NULL WHEN {cond} THEN 1.0 ELSE 0.0 END"
+    if isinstance(f, BucketFeature):
+        col = f"CAST({_ident(f.column)} AS DOUBLE)"
+        # bisect_right semantics: a value equal to an edge goes to the bucket above it.
+        whens = " ".join(f"WHEN {col} < {e!r} THEN {i}" for i, e in enumerate(f.edges))
+        return f"CASE WHEN {col} IS NULL THEN NULL {whens} ELSE {len(f.edges)} END"
+    if isinstance(f, CategoryFeature):
+        vocab = spec.vocabularies.get(f.name, [])
+        raw = _category_raw_sql(f, spec.input_types.get(f.column, "string"))
+        whens = " ".join(f"WHEN {_literal(v)} THEN {i}" for i, v in enumerate(vocab))
+        return f"CASE {raw} {whens} ELSE {len(vocab)} END" if vocab else str(len(vocab))
+    raise TypeError(f"unknown feature kind: {f!r}")
+
+
+def _category_raw_sql(f: CategoryFeature, input_type: InputType) -> str:
+    col = _ident(f.column)
+    raw = f"CAST({col} AS VARCHAR)"
+    if input_type == "number":
+        # 1.0 and 1 are the same category: a nullable integer column arrives as float.
+        raw = (
+            f"CASE WHEN CAST({col} AS DOUBLE) = floor(CAST({col} AS DOUBLE)) "
+            f"THEN CAST(CAST({col} AS BIGINT) AS VARCHAR) ELSE {raw} END"
+        )
+    return f"substr({raw}, 1, {f.prefix})" if f.prefix else raw
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+# ---- one row: Python ---------------------------------------------------------------------------
+
+RowFn = Callable[[Mapping[str, Any]], list[float]]
+
+
+def row_function(spec: FeatureSpec) -> RowFn:
+    """A function from one record (raw fields) to its feature vector; same values as `to_sql`."""
+    steps = [_row_step(spec, f) for f in spec.features]
+
+    def features_of(record: Mapping[str, Any]) -> list[float]:
+        return [step(record) for step in steps]
+
+    return features_of
+
+
+_NAN = float("nan")
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+}
+
+
+def _num(v: Any) -> float:
+    if v is None:
+        return _NAN
+    x = float(v)
+    return x
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _row_step(spec: FeatureSpec, f: Feature) -> Callable[[Mapping[str, Any]], float]:
+    if isinstance(f, NumericFeature):
+        col = f.column
+        return lambda r: _num(r.get(col))
+    if isinstance(f, RatioFeature):
+        n, d = f.numerator, f.denominator
+
+        def ratio(r: Mapping[str, Any]) -> float:
+            den = r.get(d)
+            if _is_null(den) or float(den) == 0.0:
+                return _NAN
+            return _num(r.get(n)) / float(den)
+
+        return ratio
+    if isinstance(f, FlagFeature):
+        col, other, value, op = f.column, f.other, f.value, f.op
+
+        def flag(r: Mapping[str, Any]) -> float:
+            a = r.get(col)
+            b = r.get(other) if other else value
+            if _is_null(a) or (other and _is_null(b)):
+                return _NAN
+            if op == "in":
+                return 1.0 if a in value else 0.0  # type: ignore[operator]
+            return 1.0 if _OPS[op](a, b) else 0.0
+
+        return flag
+    if isinstance(f, BucketFeature):
+        col, edges = f.column, list(f.edges)
+
+        def bucket(r: Mapping[str, Any]) -> float:
+            v = r.get(col)
+            return _NAN if _is_null(v) else float(bisect.bisect_right(edges, float(v)))
+
+        return bucket
+    if isinstance(f, CategoryFeature):
+        col, prefix = f.column, f.prefix
+        vocab = spec.vocabularies.get(f.name, [])
+        codes = {v: float(i) for i, v in enumerate(vocab)}
+        other = float(len(vocab))
+
+        def category(r: Mapping[str, Any]) -> float:
+            v = r.get(col)
+            if _is_null(v):
+                return other
+            s = _as_text(v)
+            return codes.get(s[:prefix] if prefix else s, other)
+
+        return category
+    raise TypeError(f"unknown feature kind: {f!r}")
+
+
+def _as_text(v: Any) -> str:
+    # Same text as the SQL side: integral numbers print without a decimal point.
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)

@@ -1,0 +1,209 @@
+"""The one place that talks to MLflow: runs, metrics, artifacts, model versions and aliases."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from flywheel.training.evaluate import sha256  # noqa: E402
+
+# MLflow logs each schema migration and model download at INFO; our steps report progress.
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+MODEL_ARTIFACT = "model"
+SPEC_ARTIFACT = "feature_spec.json"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+# Users who speak in stages: Production is champion, Staging is challenger.
+STAGE_ALIASES = {"production": CHAMPION, "staging": CHALLENGER}
+ONNX_PIP_REQUIREMENTS = ["onnxruntime>=1.32,<1.33", "onnx>=1.23,<1.24", "numpy>=2.4,<2.5"]
+
+
+class RegistryError(RuntimeError):
+    """The registry does not hold what was asked for, or a stored artifact fails its hash."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered model version with the lineage and metrics recorded on its run."""
+
+    name: str
+    version: int
+    run_id: str
+    aliases: list[str]
+    tags: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServedArtifacts:
+    """The files a version is served or evaluated from, each checked against its recorded hash."""
+
+    onnx: bytes
+    feature_spec: str
+
+
+class Registry:
+    """MLflow tracking and registry for one project: one experiment, one registered model."""
+
+    def __init__(self, tracking_url: str, artifact_root: Path, experiment: str, model_name: str):
+        if tracking_url.startswith("postgresql://"):
+            tracking_url = "postgresql+psycopg://" + tracking_url.removeprefix("postgresql://")
+        self.tracking_url = tracking_url
+        self.model_name = model_name
+        mlflow.set_tracking_uri(tracking_url)
+        mlflow.set_registry_uri(tracking_url)
+        self.client = MlflowClient(tracking_uri=tracking_url, registry_uri=tracking_url)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=(artifact_root / experiment).resolve().as_uri()
+            )
+        else:
+            self.experiment_id = found.experiment_id
+
+    # ---- runs ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+        """An MLflow run; ends FAILED if the block raises, so a crash is visible in the UI."""
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags) as r:
+            yield r.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        ts = _now_ms()
+        self._log_metric_list(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_history(self, run_id: str, history: dict[str, list[float]]) -> None:
+        """Per-iteration (or per-epoch) curves, one metric per name, step = iteration."""
+        ts = _now_ms()
+        items = [Metric(name, float(v), ts, step)
+                 for name, values in history.items() for step, v in enumerate(values, start=1)]
+        self._log_metric_list(run_id, items)
+
+    def _log_metric_list(self, run_id: str, items: list[Metric]) -> None:
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def log_artifact(self, run_id: str, path: Path, subdir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), subdir)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    # ---- model versions ------------------------------------------------------------------------
+
+    def register_onnx(
+        self, run_id: str, onnx_bytes: bytes, feature_spec: str, tags: dict[str, str]
+    ) -> int:
+        """Log the ONNX export as the run's model, register it, and record both files' hashes."""
+        import onnx
+
+        proto = onnx.load_from_string(onnx_bytes)
+        stored = proto.SerializeToString()
+        self.client.log_text(run_id, feature_spec, SPEC_ARTIFACT)
+        with _active(run_id):
+            info = mlflow.onnx.log_model(
+                proto, name=MODEL_ARTIFACT, pip_requirements=ONNX_PIP_REQUIREMENTS,
+                save_as_external_data=False,
+            )
+        with contextlib.suppress(MlflowException):
+            self.client.create_registered_model(self.model_name)
+        version = self.client.create_model_version(
+            self.model_name, source=info.model_uri, run_id=run_id,
+            tags={**tags, "onnx_sha256": sha256(stored), "feature_spec_sha256": sha256(feature_spec.encode())},
+        )
+        return int(version.version)
+
+    def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), k, v)
+
+    def set_alias(self, alias: str, version: int) -> None:
+        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+
+    def alias_version(self, alias: str) -> int | None:
+        alias = STAGE_ALIASES.get(alias.lower(), alias)
+        try:
+            return int(self.client.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException:
+            return None
+
+    def version(self, version: int) -> VersionInfo:
+        try:
+            mv = self.client.get_model_version(self.model_name, str(version))
+        except MlflowException:
+            raise RegistryError(f"model '{self.model_name}' has no version {version}") from None
+        run = self.client.get_run(mv.run_id)
+        return VersionInfo(
+            name=self.model_name, version=int(mv.version), run_id=mv.run_id,
+            aliases=list(mv.aliases), tags=dict(mv.tags), metrics=dict(run.data.metrics),
+            run_tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+            params=dict(run.data.params),
+        )
+
+    def versions(self) -> list[int]:
+        found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        return sorted(int(v.version) for v in found)
+
+    def load_artifacts(self, version: int) -> ServedArtifacts:
+        """The ONNX model and feature spec of a version, refused if either fails its hash."""
+        info = self.version(version)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.model_name}/{version}", dst_path=tmp))
+            onnx_bytes = (model_dir / "model.onnx").read_bytes()
+            spec_path = Path(self.client.download_artifacts(info.run_id, SPEC_ARTIFACT, tmp))
+            spec = spec_path.read_text()
+        for label, data, key in (("ONNX model", onnx_bytes, "onnx_sha256"),
+                                 ("feature spec", spec.encode(), "feature_spec_sha256")):
+            if sha256(data) != info.tags.get(key):
+                raise RegistryError(
+                    f"{label} of {self.model_name} v{version} does not match the hash recorded "
+                    f"at registration ({key}); refusing to load it"
+                )
+        return ServedArtifacts(onnx=onnx_bytes, feature_spec=spec)
+
+
+@contextlib.contextmanager
+def _active(run_id: str) -> Iterator[None]:
+    """Make `run_id` the active run for fluent calls, whether or not it already is."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

@@ -1,0 +1,135 @@
+"""A PyTorch MLP for tabular rows: imputation, scaling and category embeddings inside the graph."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+
+from flywheel.config import ModelConfig
+from flywheel.training.trainers import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    FittedModel,
+    ProgressFn,
+    TrainingData,
+)
+
+MLP_DEFAULTS: dict[str, Any] = {
+    "hidden": [64, 32],
+    "dropout": 0.1,
+    "learning_rate": 1e-3,
+    "weight_decay": 1e-5,
+    "batch_size": 512,
+    "max_epochs": 30,
+    "patience": 4,
+    "embedding_dim": 8,
+}
+
+
+class TabularMLP(nn.Module):
+    """Takes the raw feature vector (NaN for missing, codes for categories) and returns P(y)."""
+
+    def __init__(self, X_train: np.ndarray, cardinalities: dict[int, int], params: dict[str, Any]):
+        super().__init__()
+        n = X_train.shape[1]
+        self.cat_idx = sorted(cardinalities)
+        self.num_idx = [i for i in range(n) if i not in cardinalities]
+        num = X_train[:, self.num_idx].astype(np.float64)
+        median = np.nan_to_num(np.nanmedian(num, axis=0)) if num.size else np.zeros(0)
+        filled = np.where(np.isnan(num), median, num)
+        std = filled.std(axis=0) if num.size else np.zeros(0)
+        self.register_buffer("median", torch.tensor(median, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(filled.mean(axis=0) if num.size else [],
+                                                  dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(np.where(std > 0, std, 1.0), dtype=torch.float32))
+        self.register_buffer("num_index", torch.tensor(self.num_idx, dtype=torch.long))
+        self.register_buffer("cat_max", torch.tensor([cardinalities[i] - 1 for i in self.cat_idx],
+                                                     dtype=torch.float32))
+        dim = int(params["embedding_dim"])
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(cardinalities[i], min(dim, cardinalities[i])) for i in self.cat_idx
+        )
+        width = len(self.num_idx) + sum(e.embedding_dim for e in self.embeddings)
+        layers: list[nn.Module] = []
+        for h in params["hidden"]:
+            layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(float(params["dropout"]))]
+            width = int(h)
+        layers.append(nn.Linear(width, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.num_idx:
+            num = torch.index_select(x, 1, self.num_index)
+            num = torch.where(torch.isnan(num), self.median.expand_as(num), num)
+            parts.append((num - self.mean) / self.std)
+        for j, (i, emb) in enumerate(zip(self.cat_idx, self.embeddings, strict=True)):
+            code = torch.nan_to_num(x[:, i], nan=0.0)
+            code = torch.minimum(torch.clamp(code, min=0.0), self.cat_max[j])
+            parts.append(emb(code.long()))
+        p = torch.sigmoid(self.body(torch.cat(parts, dim=1)))
+        return torch.cat([1 - p, p], dim=1)
+
+
+def train_mlp(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+    params = {**MLP_DEFAULTS, **model.params}
+    torch.manual_seed(model.seed)
+    np.random.seed(model.seed)
+    net = TabularMLP(data.X_train, data.cardinalities, params)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(params["learning_rate"]),
+                            weight_decay=float(params["weight_decay"]))
+    loss_fn = nn.BCELoss()
+    X = torch.tensor(data.X_train, dtype=torch.float32)
+    y = torch.tensor(data.y_train, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(model.seed)
+    batch, epochs, patience = int(params["batch_size"]), int(params["max_epochs"]), int(params["patience"])
+
+    def predict(arr: np.ndarray) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            return net(torch.tensor(arr, dtype=torch.float32))[:, 1].numpy().astype(np.float64)
+
+    history: dict[str, list[float]] = {k: [] for k in
+                                       ("train_auc", "train_logloss", "validation_auc", "validation_logloss")}
+    best_auc, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(net.state_dict()), 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = torch.randperm(len(X), generator=gen)
+        for start in range(0, len(X), batch):
+            idx = order[start : start + batch]
+            opt.zero_grad()
+            loss = loss_fn(net(X[idx])[:, 1], y[idx])
+            loss.backward()
+            opt.step()
+        for split, Xs, ys in (("train", data.X_train, data.y_train), ("validation", data.X_val, data.y_val)):
+            p = predict(Xs)
+            history[f"{split}_auc"].append(float(roc_auc_score(ys, p)))
+            history[f"{split}_logloss"].append(float(log_loss(ys, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])))
+        if progress:
+            progress(epoch, epochs)
+        if history["validation_auc"][-1] > best_auc:
+            best_auc, best_epoch, stale = history["validation_auc"][-1], epoch, 0
+            best_state = copy.deepcopy(net.state_dict())
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net, (torch.zeros(2, data.X_train.shape[1]),), buf, input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT], dynamic_axes={ONNX_INPUT: {0: "n"}, ONNX_OUTPUT: {0: "n"}},
+        opset_version=17, dynamo=False,
+    )
+    state = io.BytesIO()
+    torch.save(net.state_dict(), state)
+    return FittedModel(kind="torch-mlp", predict=predict, onnx=buf.getvalue(), params=params,
+                       history=history, best_iteration=best_epoch,
+                       native_files={"mlp_state_dict.pt": state.getvalue()})

@@ -1,0 +1,193 @@
+"""Trainers: LightGBM (default), a scikit-learn pipeline, a PyTorch MLP. Each exports to ONNX.
+
+Every exported model takes one float32 input named `input` (the feature vector, NaN for
+missing, category codes as numbers) and gives `probabilities` of shape (n, 2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flywheel.config import ModelConfig
+
+ProgressFn = Callable[[int, int], None]
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    feature_names: list[str]
+    # index of each categorical feature -> number of codes it can take (vocabulary + "other")
+    cardinalities: dict[int, int]
+
+
+@dataclass
+class FittedModel:
+    """A trained model: native scoring, its ONNX bytes, and what to log about its training."""
+
+    kind: str
+    predict: Callable[[np.ndarray], np.ndarray]
+    onnx: bytes
+    params: dict[str, Any]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_iteration: int = 0
+    native_files: dict[str, bytes] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+class TrainerUnavailable(RuntimeError):
+    """The chosen trainer needs a package that is not installed; the message says how to add it."""
+
+
+def train_model(
+    model: ModelConfig, data: TrainingData, progress: ProgressFn | None = None
+) -> FittedModel:
+    """Train the configured model type with early stopping on the validation slice."""
+    started = time.perf_counter()
+    if model.type == "lightgbm":
+        fitted = _train_lightgbm(model, data, progress)
+    elif model.type == "sklearn":
+        fitted = _train_sklearn(model, data, progress)
+    else:
+        try:
+            from flywheel.training import torch_mlp
+        except ImportError as exc:
+            raise TrainerUnavailable(
+                "model.type 'torch-mlp' needs PyTorch, which is not installed in this "
+                f"environment ({exc}). Install the CPU build with: "
+                "pip install torch==2.13.0   (or choose model.type lightgbm or sklearn)"
+            ) from None
+        fitted = torch_mlp.train_mlp(model, data, progress)
+    fitted.train_seconds = time.perf_counter() - started
+    return fitted
+
+
+# ---- LightGBM ----------------------------------------------------------------------------------
+
+LIGHTGBM_DEFAULTS: dict[str, Any] = {
+    "objective": "binary",
+    "metric": ["auc", "binary_logloss"],
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 100,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "cat_smooth": 20,
+    "num_threads": 2,
+    "verbose": -1,
+    "num_boost_round": 300,
+    "early_stopping_rounds": 50,
+}
+
+
+def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+    import lightgbm as lgb
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    params = {**LIGHTGBM_DEFAULTS, **model.params, "seed": model.seed, "deterministic": True}
+    rounds = int(params.pop("num_boost_round"))
+    patience = int(params.pop("early_stopping_rounds"))
+    cats = sorted(data.cardinalities)
+    train_set = lgb.Dataset(data.X_train, data.y_train, feature_name=data.feature_names,
+                            categorical_feature=cats, free_raw_data=False)
+    val_set = lgb.Dataset(data.X_val, data.y_val, reference=train_set)
+    evals: dict[str, dict[str, list[float]]] = {}
+
+    def report(env: lgb.callback.CallbackEnv) -> None:
+        if progress:
+            progress(env.iteration + 1, rounds)
+
+    booster = lgb.train(
+        params, train_set, num_boost_round=rounds, valid_sets=[train_set, val_set],
+        valid_names=["train", "validation"],
+        callbacks=[lgb.record_evaluation(evals), report,
+                   lgb.early_stopping(patience, first_metric_only=True, verbose=False)],
+    )
+    best = booster.best_iteration or booster.current_iteration()
+    # Keep exactly the trees that scored best on validation, natively and in ONNX.
+    booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+    onnx_model = convert_lightgbm(
+        booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, data.X_train.shape[1]]))],
+        zipmap=False, target_opset=15,
+    )
+    history = {f"{split}_{metric.replace('binary_', '')}": values
+               for split, metrics in evals.items() for metric, values in metrics.items()}
+    return FittedModel(
+        kind="lightgbm",
+        predict=lambda X: booster.predict(X),
+        onnx=onnx_model.SerializeToString(),
+        params={**params, "num_boost_round": rounds, "early_stopping_rounds": patience},
+        history=history,
+        best_iteration=best,
+        native_files={"model.lgb.txt": booster.model_to_string().encode()},
+    )
+
+
+# ---- scikit-learn ------------------------------------------------------------------------------
+
+SKLEARN_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 1000}
+
+
+def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    params = {**SKLEARN_DEFAULTS, **model.params}
+    cats = sorted(data.cardinalities)
+    nums = [i for i in range(data.X_train.shape[1]) if i not in data.cardinalities]
+    categories = [np.arange(data.cardinalities[i], dtype=np.float64) for i in cats]
+    prep = ColumnTransformer([
+        ("num", Pipeline([("impute", SimpleImputer(strategy="median")),
+                          ("scale", StandardScaler())]), nums),
+        ("cat", OneHotEncoder(categories=categories, handle_unknown="ignore"), cats),
+    ])
+    clf = LogisticRegression(C=params["C"], max_iter=params["max_iter"], random_state=model.seed)
+    pipe = Pipeline([("prep", prep), ("clf", clf)])
+    if progress:
+        progress(0, 1)
+    pipe.fit(data.X_train.astype(np.float64), data.y_train)
+    if progress:
+        progress(1, 1)
+    onnx_model = to_onnx(
+        pipe, initial_types=[(ONNX_INPUT, FloatTensorType([None, data.X_train.shape[1]]))],
+        options={id(clf): {"zipmap": False}}, target_opset=15,
+        final_types=None,
+    )
+    _rename_output(onnx_model, "probabilities")
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        return pipe.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
+
+    history = {}
+    for split, X, y in (("train", data.X_train, data.y_train), ("validation", data.X_val, data.y_val)):
+        p = predict(X)
+        history[f"{split}_auc"] = [float(roc_auc_score(y, p))]
+        history[f"{split}_logloss"] = [float(log_loss(y, p, labels=[0, 1]))]
+    return FittedModel(kind="sklearn", predict=predict, onnx=onnx_model.SerializeToString(),
+                       params=params, history=history, best_iteration=1)
+
+
+def _rename_output(onnx_model: Any, wanted: str) -> None:
+    """skl2onnx names the probability output `probabilities` already; assert it, loudly."""
+    names = [o.name for o in onnx_model.graph.output]
+    if wanted not in names:
+        raise RuntimeError(f"ONNX export has outputs {names}, expected one named '{wanted}'")
