@@ -1,0 +1,106 @@
+"""Shared fixtures: the committed SBA sample, projects in temporary folders, a PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from flywheel.config import Project, load_project  # noqa: E402
+from flywheel.data.sources import write_table  # noqa: E402
+from flywheel.demo.sba import SOURCE_TYPES  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "sba-loans" / "flywheel.yaml"
+SAMPLE = REPO / "tests" / "fixtures" / "sba_sample.parquet"
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+MakeProject = Callable[..., Project]
+
+
+@pytest.fixture(scope="session")
+def sba_sample() -> pd.DataFrame:
+    """About 36k cleaned SBA loans, FY1990-2012, stratified by year and outcome."""
+    frame = pd.read_parquet(SAMPLE)
+    for col in ("approval_date", "chgoff_date", "disbursement_date"):
+        frame[col] = pd.to_datetime(frame[col]).dt.date
+    return frame
+
+
+def example_config() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_project(tmp_path: Path) -> MakeProject:
+    """Write a flywheel.yaml (the SBA example plus `patch`) into a fresh folder and load it."""
+
+    def make(patch: dict[str, Any] | None = None, name: str = "proj") -> Project:
+        folder = tmp_path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "flywheel.yaml"
+        path.write_text(yaml.safe_dump(_merge(example_config(), patch or {}), sort_keys=False))
+        return load_project(path, env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+
+    return make
+
+
+@pytest.fixture
+def loaded_project(make_project: MakeProject, sba_sample: pd.DataFrame) -> MakeProject:
+    """A project whose source database already holds the SBA sample."""
+
+    def make(patch: dict[str, Any] | None = None, name: str = "proj") -> Project:
+        project = make_project(patch, name)
+        write_table(sba_sample, project.source_url, project.config.data.table, SOURCE_TYPES,
+                    index_columns=("approval_date",))
+        return project
+
+    return make
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432, dropped afterwards."""
+    import sqlalchemy as sa
+
+    name = f"flywheel_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory: pytest.TempPathFactory, sba_sample: pd.DataFrame) -> Any:
+    """The example project's training window on the sample: features built, split by time."""
+    from flywheel.pipeline.steps import extract_training_window, prepare_features
+
+    folder = tmp_path_factory.mktemp("prepared")
+    path = folder / "flywheel.yaml"
+    path.write_text(EXAMPLE.read_text())
+    project = load_project(path, env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+    write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
+    return prepare_features(project, extract_training_window(project))

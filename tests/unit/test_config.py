@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flywheel.config import ConfigError, load_project
+from tests.conftest import EXAMPLE, example_config
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "flywheel.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_example_config_is_valid_and_stores_default_to_sqlite_under_home(tmp_path):
+    project = load_project(EXAMPLE, env={"FLYWHEEL_HOME": str(tmp_path)})
+    assert project.config.model.type == "lightgbm"
+    assert project.source_url == f"sqlite:///{tmp_path / 'source.db'}"
+    assert project.tracking_url.endswith("mlflow.db")
+    assert project.state_url.endswith("state.db")
+    assert "term" not in [f.name for f in project.config.features]
+
+
+def test_wrong_model_type_names_file_field_and_allowed_values(tmp_path):
+    cfg = example_config()
+    cfg["model"]["type"] = "lgbm"
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, cfg), env={})
+    msg = str(err.value)
+    assert "flywheel.yaml: model.type:" in msg
+    assert "'lightgbm'" in msg and "'sklearn'" in msg and "'torch-mlp'" in msg
+    assert "'lgbm'" in msg
+
+
+def test_unknown_field_and_bad_feature_are_reported_with_their_path(tmp_path):
+    cfg = example_config()
+    cfg["gate"]["flor"] = 0.5
+    cfg["features"][2] = {"name": "x", "kind": "ratio", "numerator": "a"}
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, cfg), env={})
+    msg = str(err.value)
+    assert "gate.flor: unknown field" in msg
+    assert "features.2.denominator: Field required" in msg
+
+
+def test_window_must_be_ordered(tmp_path):
+    cfg = example_config()
+    cfg["data"]["window"] = {"start": "2001-01-01", "end": "1999-01-01"}
+    with pytest.raises(ConfigError, match=r"data.window: end \(1999-01-01\) must be after start"):
+        load_project(write(tmp_path, cfg), env={})
+
+
+def test_flag_needs_exactly_one_operand(tmp_path):
+    cfg = example_config()
+    cfg["features"].append({"name": "bad", "kind": "flag", "column": "state", "op": "=="})
+    with pytest.raises(ConfigError, match="give exactly one of 'value' or 'other'"):
+        load_project(write(tmp_path, cfg), env={})
+
+
+def test_environment_overrides_nested_fields_with_typed_values(tmp_path):
+    env = {"FLYWHEEL_GATE__FLOOR": "0.7", "FLYWHEEL_MODEL__TYPE": "sklearn",
+           "FLYWHEEL_STORES__SOURCE": "postgresql://u@h/db", "FLYWHEEL_HOME": str(tmp_path),
+           "FLYWHEEL_CACHE_DIR": "/x", "UNRELATED": "1"}
+    project = load_project(EXAMPLE, env=env)
+    assert project.config.gate.floor == 0.7
+    assert project.config.model.type == "sklearn"
+    assert project.source_url == "postgresql://u@h/db"
+
+
+def test_bad_override_is_reported_like_a_file_error(tmp_path):
+    with pytest.raises(ConfigError, match="gate.floor"):
+        load_project(EXAMPLE, env={"FLYWHEEL_GATE__FLOOR": "high"})
+
+
+def test_relative_sqlite_url_resolves_next_to_the_config(tmp_path):
+    cfg = example_config()
+    cfg["stores"]["source"] = "sqlite:///data/src.db"
+    project = load_project(write(tmp_path, cfg), env={})
+    assert project.source_url == f"sqlite:///{tmp_path.resolve() / 'data' / 'src.db'}"
+    assert project.home == (tmp_path / ".flywheel").resolve()
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_project(tmp_path / "nope.yaml", env={})
+
+
+def test_duplicate_feature_names_are_refused(tmp_path):
+    cfg = example_config()
+    cfg["features"].append(dict(cfg["features"][0]))
+    with pytest.raises(ConfigError, match="repeated: gr_appv"):
+        load_project(write(tmp_path, cfg), env={})
