@@ -47,7 +47,6 @@ class RichReporter:
     @contextlib.contextmanager
     def step(self, name: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
         task = self.progress.add_task(name, total=total)
-        started = time.perf_counter()
 
         def advance(done: int, of: int) -> None:
             self.progress.update(task, completed=done, total=of)
@@ -170,9 +169,8 @@ def train(
     def body() -> None:
         from flywheel.pipeline.steps import train_challenger
 
-        if model_type:
-            os.environ["FLYWHEEL_MODEL__TYPE"] = model_type
-        project = _project(config)
+        overrides = {"FLYWHEEL_MODEL__TYPE": model_type} if model_type else {}
+        project = load_project(config, env={**os.environ, **overrides})
         with _reporter() as rep:
             result = train_challenger(project, rep)
         _print_result(project, result)

@@ -138,7 +138,8 @@ class Registry:
             self.client.create_registered_model(self.model_name)
         version = self.client.create_model_version(
             self.model_name, source=info.model_uri, run_id=run_id,
-            tags={**tags, "onnx_sha256": sha256(stored), "feature_spec_sha256": sha256(feature_spec.encode())},
+            tags={**tags, "onnx_sha256": sha256(stored),
+                  "feature_spec_sha256": sha256(feature_spec.encode())},
         )
         return int(version.version)
 

@@ -142,14 +142,14 @@ SKLEARN_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 1000}
 
 
 def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
 
     params = {**SKLEARN_DEFAULTS, **model.params}
     cats = sorted(data.cardinalities)

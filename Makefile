@@ -1,0 +1,39 @@
+# The two commands of the quick start: `make demo` and `make test`. Each creates .venv with pip
+# when it is missing (or when the lock file changed) and installs from requirements.lock.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= examples/sba-loans/flywheel.yaml
+
+.PHONY: demo test lint lock clean-state
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	# CPU build of PyTorch first: any other order lets pip pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flywheel demo --config $(CONFIG)
+
+test: $(STAMP)
+	scripts/ensure-services.sh
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests scripts benchmarks
+
+# Re-pin after changing pyproject.toml's bounds: fresh venv, install, freeze.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)-lock/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	rm -rf $(VENV)-lock
+
+clean-state:
+	rm -rf examples/*/.flywheel

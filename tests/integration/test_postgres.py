@@ -1,0 +1,33 @@
+"""The production path: source, tracking and state stores all on the PostgreSQL server."""
+
+import pytest
+import sqlalchemy as sa
+
+from flywheel.data.sources import make_engine
+from flywheel.pipeline.steps import open_registry, project_status, rollback, train_challenger
+
+pytestmark = pytest.mark.postgres
+
+
+def test_all_three_stores_on_one_postgresql_database(loaded_project, postgres_url):
+    project = loaded_project({"stores": {"source": postgres_url, "tracking": postgres_url,
+                                         "state": postgres_url},
+                              "model": {"params": {"num_boost_round": 60}}})
+    first = train_challenger(project)
+    assert first.promoted
+    second = train_challenger(project, registry=None)
+    assert second.version == 2 and not second.promoted
+    reg = open_registry(project)
+    reg.set_alias("champion", 2)  # a move outside Flywheel is still a valid registry state
+    status = project_status(project)
+    assert status["champion"]["version"] == 2
+    assert status["champion"]["trained_on"]["rows"] == first.prepared.snapshot.rows
+    with make_engine(postgres_url).connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        n_loans = conn.execute(sa.text("SELECT count(*) FROM loans")).scalar()
+        ours = conn.execute(sa.text("SELECT version_num FROM flywheel_alembic_version")).scalar()
+        moves = conn.execute(sa.text("SELECT count(*) FROM alias_history")).scalar()
+    assert {"loans", "alias_history", "registered_models", "model_versions", "runs"} <= tables
+    assert n_loans > 30000 and ours == "0001" and moves == 1
+    with pytest.raises(Exception, match="no earlier champion"):
+        rollback(project)  # v2 became champion outside Flywheel: no history to return along
