@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
 
 # Re-pin after changing pyproject.toml's bounds: fresh venv, install, freeze.
 lock:

@@ -162,6 +162,8 @@ class Registry:
             mv = self.client.get_model_version(self.model_name, str(version))
         except MlflowException:
             raise RegistryError(f"model '{self.model_name}' has no version {version}") from None
+        if not mv.run_id:
+            raise RegistryError(f"{self.model_name} v{version} was not registered from a run")
         run = self.client.get_run(mv.run_id)
         return VersionInfo(
             name=self.model_name, version=int(mv.version), run_id=mv.run_id,

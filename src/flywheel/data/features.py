@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +116,7 @@ def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
 # ---- batch: SQL --------------------------------------------------------------------------------
 
 
-def to_sql(spec: FeatureSpec, relation: str, passthrough: list[str] = ()) -> str:
+def to_sql(spec: FeatureSpec, relation: str, passthrough: Sequence[str] = ()) -> str:
     """A SELECT computing every feature (as DOUBLE) from `relation`, plus passthrough columns."""
     exprs = [f"CAST({_feature_sql(spec, f)} AS DOUBLE) AS {_ident(f.name)}" for f in spec.features]
     exprs += [_ident(c) for c in passthrough]
@@ -215,10 +215,7 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 
 
 def _num(v: Any) -> float:
-    if v is None:
-        return _NAN
-    x = float(v)
-    return x
+    return _NAN if v is None else float(v)
 
 
 def _is_null(v: Any) -> bool:
@@ -233,10 +230,10 @@ def _row_step(spec: FeatureSpec, f: Feature) -> Callable[[Mapping[str, Any]], fl
         n, d = f.numerator, f.denominator
 
         def ratio(r: Mapping[str, Any]) -> float:
-            den = r.get(d)
-            if _is_null(den) or float(den) == 0.0:
+            den = _num(r.get(d))
+            if math.isnan(den) or den == 0.0:
                 return _NAN
-            return _num(r.get(n)) / float(den)
+            return _num(r.get(n)) / den
 
         return ratio
     if isinstance(f, FlagFeature):
@@ -256,22 +253,22 @@ def _row_step(spec: FeatureSpec, f: Feature) -> Callable[[Mapping[str, Any]], fl
         col, edges = f.column, list(f.edges)
 
         def bucket(r: Mapping[str, Any]) -> float:
-            v = r.get(col)
-            return _NAN if _is_null(v) else float(bisect.bisect_right(edges, float(v)))
+            v = _num(r.get(col))
+            return _NAN if math.isnan(v) else float(bisect.bisect_right(edges, v))
 
         return bucket
     if isinstance(f, CategoryFeature):
-        col, prefix = f.column, f.prefix
+        source, prefix = f.column, f.prefix
         vocab = spec.vocabularies.get(f.name, [])
         codes = {v: float(i) for i, v in enumerate(vocab)}
-        other = float(len(vocab))
+        other_code = float(len(vocab))
 
         def category(r: Mapping[str, Any]) -> float:
-            v = r.get(col)
+            v = r.get(source)
             if _is_null(v):
-                return other
+                return other_code
             s = _as_text(v)
-            return codes.get(s[:prefix] if prefix else s, other)
+            return codes.get(s[:prefix] if prefix else s, other_code)
 
         return category
     raise TypeError(f"unknown feature kind: {f!r}")

@@ -76,14 +76,15 @@ def write_table(
     tbl = sa.Table(table, meta, *columns)
     for col in index_columns:
         sa.Index(f"ix_{table}_{col}", tbl.c[col])
-    records = frame.astype(object).where(frame.notna(), None)
+    # NaN/NaT/pd.NA become SQL NULL; object dtype keeps ints as ints.
+    records = frame.astype(object).mask(frame.isna(), None)
     with engine.begin() as conn:
         tbl.drop(conn, checkfirst=True)
         tbl.create(conn)
         total = len(records)
         for start in range(0, total, chunk_rows):
             chunk = records.iloc[start : start + chunk_rows].to_dict("records")
-            conn.execute(tbl.insert(), chunk)
+            conn.execute(tbl.insert(), [{str(k): v for k, v in row.items()} for row in chunk])
             if progress:
                 progress(min(start + chunk_rows, total), total)
     engine.dispose()

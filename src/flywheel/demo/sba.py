@@ -128,7 +128,8 @@ def load_clean(cache: Path) -> tuple[pd.DataFrame, CleanReport]:
     report_file = cached.with_suffix(".json")
     if cached.is_file() and report_file.is_file():
         frame = pd.read_parquet(cached)
-        report = CleanReport(**pd.read_json(report_file, typ="series").to_dict())
+        saved = pd.read_json(report_file, typ="series").to_dict()
+        report = CleanReport(**{str(k): int(v) for k, v in saved.items()})
         return _restore_dates(frame), report
     frame, report = clean(read_raw(wheel))
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import contextlib
 import json
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,7 +102,7 @@ def open_registry(project: Project) -> Registry:
 # ---- steps -------------------------------------------------------------------------------------
 
 
-def extract_training_window(project: Project, extra_columns: list[str] = ()) -> Snapshot:
+def extract_training_window(project: Project, extra_columns: Sequence[str] = ()) -> Snapshot:
     """The configured window from the source database, labels known by `as_of` only."""
     cols = feats.input_columns(project.config.features) + list(extra_columns)
     return extract_window(project.source_url, project.config.data, list(dict.fromkeys(cols)),
@@ -268,7 +268,7 @@ def evaluate_version(project: Project, version: int | None = None,
     y = hold[TARGET].to_numpy(dtype=np.int64)
     metrics = holdout_metrics(y, score_version(registry, version, hold))
     champ_metrics = None
-    if champ_inputs is not None:
+    if champ_inputs is not None and champion is not None:
         champ_metrics = holdout_metrics(y, score_version(registry, champion, hold))
     gate = decide_gate(project.config.gate, metrics, champ_metrics, inputs, champ_inputs)
     return Evaluation(version, metrics, champion if champ_inputs is not None else None,

@@ -35,6 +35,12 @@ MLP_DEFAULTS: dict[str, Any] = {
 class TabularMLP(nn.Module):
     """Takes the raw feature vector (NaN for missing, codes for categories) and returns P(y)."""
 
+    median: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    num_index: torch.Tensor
+    cat_max: torch.Tensor
+
     def __init__(self, X_train: np.ndarray, cardinalities: dict[int, int], params: dict[str, Any]):
         super().__init__()
         n = X_train.shape[1]
@@ -52,10 +58,9 @@ class TabularMLP(nn.Module):
         self.register_buffer("cat_max", torch.tensor([cardinalities[i] - 1 for i in self.cat_idx],
                                                      dtype=torch.float32))
         dim = int(params["embedding_dim"])
-        self.embeddings = nn.ModuleList(
-            nn.Embedding(cardinalities[i], min(dim, cardinalities[i])) for i in self.cat_idx
-        )
-        width = len(self.num_idx) + sum(e.embedding_dim for e in self.embeddings)
+        embeddings = [nn.Embedding(cardinalities[i], min(dim, cardinalities[i])) for i in self.cat_idx]
+        self.embeddings = nn.ModuleList(embeddings)
+        width = len(self.num_idx) + sum(e.embedding_dim for e in embeddings)
         layers: list[nn.Module] = []
         for h in params["hidden"]:
             layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(float(params["dropout"]))]
@@ -124,7 +129,8 @@ def train_mlp(model: ModelConfig, data: TrainingData, progress: ProgressFn | Non
     net.eval()
     buf = io.BytesIO()
     torch.onnx.export(
-        net, (torch.zeros(2, data.X_train.shape[1]),), buf, input_names=[ONNX_INPUT],
+        net, (torch.zeros(2, data.X_train.shape[1]),), buf,  # type: ignore[arg-type]
+        input_names=[ONNX_INPUT],
         output_names=[ONNX_OUTPUT], dynamic_axes={ONNX_INPUT: {0: "n"}, ONNX_OUTPUT: {0: "n"}},
         opset_version=17, dynamo=False,
     )

@@ -127,7 +127,7 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: ProgressFn
                for split, metrics in evals.items() for metric, values in metrics.items()}
     return FittedModel(
         kind="lightgbm",
-        predict=lambda X: booster.predict(X),
+        predict=lambda X: np.asarray(booster.predict(X), dtype=np.float64),
         onnx=onnx_model.SerializeToString(),
         params={**params, "num_boost_round": rounds, "early_stopping_rounds": patience},
         history=history,
