@@ -267,6 +267,41 @@ def status(
     _run(body)
 
 
+@app.command()
+def serve(
+    config: ConfigOpt,
+    host: Annotated[str | None, typer.Option(help="Bind address (default serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default serving.port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default serving.workers).")] = None,
+) -> None:
+    """Serve the champion over HTTP; follows the alias and hot-swaps. Admin token: FLYWHEEL_ADMIN_TOKEN."""
+
+    def body() -> None:
+        from flywheel.serving.server import serve as run_server
+
+        run_server(_project(config), host, port, workers)
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    config: ConfigOpt,
+    input: Annotated[str, typer.Option("--input", "-i", help="A .parquet/.csv file or a source table.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (.parquet or .csv).")],
+    version: Annotated[int | None, typer.Option(help="Version to use (default: champion).")] = None,
+) -> None:
+    """Score a batch with the served runtime and features (backfills, offline evaluation)."""
+
+    def body() -> None:
+        from flywheel.serving.batch import predict_batch
+
+        res = predict_batch(_project(config), input, output, version)
+        out.print(f"Scored {res.rows:,} rows with v{res.version} -> {res.output}")
+
+    _run(body)
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Environment variables that are settings of the process, not fields of the config file.
-_NOT_CONFIG_ENV = {"FLYWHEEL_HOME", "FLYWHEEL_CACHE_DIR", "FLYWHEEL_SLACK_WEBHOOK"}
+_NOT_CONFIG_ENV = {"FLYWHEEL_HOME", "FLYWHEEL_CACHE_DIR", "FLYWHEEL_SLACK_WEBHOOK",
+                   "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_CONFIG"}
 
 
 class ConfigError(ValueError):
@@ -170,6 +171,29 @@ class GateConfig(_Strict):
     require_schema_compatible: bool = True
 
 
+class PredictionLogConfig(_Strict):
+    """The batched writer of the prediction log: bounded, never silently lossy."""
+
+    queue_size: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=2_000, ge=1)
+    flush_interval_s: float = Field(default=0.05, gt=0, le=60)
+    # A full queue makes the request wait this long for room, then the record is counted as dropped.
+    queue_wait_s: float = Field(default=0.25, ge=0, le=60)
+
+
+class ServingConfig(_Strict):
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_records: int = Field(default=1_000, ge=1)
+    max_string_length: int = Field(default=1_000, ge=1)
+    access_log: bool = False
+    log: PredictionLogConfig = PredictionLogConfig()
+
+
 class Config(_Strict):
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model_name: str | None = None
@@ -180,6 +204,7 @@ class Config(_Strict):
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     gate: GateConfig
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _unique_feature_names(self) -> Config:

@@ -41,6 +41,8 @@ class FeatureSpec:
     features: list[Feature]
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     input_types: dict[str, InputType] = field(default_factory=dict)
+    # Inputs that were missing in some training rows: a request may send null for these.
+    nullable_inputs: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -60,6 +62,7 @@ class FeatureSpec:
                 "features": _FEATURES.dump_python(self.features, mode="json"),
                 "vocabularies": self.vocabularies,
                 "input_types": self.input_types,
+                "nullable_inputs": self.nullable_inputs,
             },
             indent=2,
             sort_keys=True,
@@ -72,6 +75,7 @@ class FeatureSpec:
             features=_FEATURES.validate_python(raw["features"]),
             vocabularies={k: list(v) for k, v in raw["vocabularies"].items()},
             input_types=dict(raw["input_types"]),
+            nullable_inputs=list(raw.get("nullable_inputs", [])),
         )
 
     def sha256(self) -> str:
@@ -110,7 +114,9 @@ def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
             ).fetchall()
             vocabularies[f.name] = [str(v) for v, _ in found]
     con.close()
-    return FeatureSpec(features=list(features), vocabularies=vocabularies, input_types=types)
+    nullable = [c for c in types if frame[c].isna().any()]
+    return FeatureSpec(features=list(features), vocabularies=vocabularies, input_types=types,
+                       nullable_inputs=nullable)
 
 
 # ---- batch: SQL --------------------------------------------------------------------------------

@@ -30,6 +30,33 @@ alias_history = sa.Table(
     sa.Column("moved_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_alias_history_model_alias", "model_name", "alias"),
 )
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("record_id", sa.String(100), nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("inputs", sa.Text, nullable=False),
+    sa.Column("meta", sa.Text, nullable=True),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("decision", sa.Boolean, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Index("ix_predictions_record_id", "record_id", unique=True),
+    sa.Index("ix_predictions_created_at", "created_at"),
+    sa.Index("ix_predictions_model_version", "model_name", "model_version"),
+)
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("record_id", sa.String(100), primary_key=True),
+    sa.Column("label", sa.Integer, nullable=False),
+    sa.Column("observed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -43,9 +70,11 @@ class AliasMove:
     moved_at: datetime
 
 
-def open_state(url: str) -> sa.Engine:
-    """An engine on the state database, migrated to the latest schema."""
+def open_state(url: str, migrate: bool = True) -> sa.Engine:
+    """An engine on the state database, migrated to the latest schema unless told not to."""
     engine = make_engine(url)
+    if not migrate:
+        return engine
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine

@@ -1,0 +1,68 @@
+"""Prometheus metrics of the server, aggregated across worker processes.
+
+`flywheel serve` points PROMETHEUS_MULTIPROC_DIR at a fresh folder before the workers start;
+each worker writes its samples to memory-mapped files there and /metrics sums them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ and \
+            values.ValueClass.__name__ != "MutexValue"
+        # In multiprocess mode samples go to files and are collected at scrape time; the objects
+        # themselves are not registered anywhere.
+        self.own_registry = None if self.multiprocess else CollectorRegistry()
+        reg = self.own_registry
+        self.requests = Counter("flywheel_requests_total", "HTTP requests",
+                                ["endpoint", "status", "model_version"], registry=reg)
+        self.latency = Histogram("flywheel_request_latency_seconds", "Request latency",
+                                 ["endpoint", "status", "model_version"], buckets=LATENCY_BUCKETS,
+                                 registry=reg)
+        self.predictions = Counter("flywheel_predictions_total", "Records scored",
+                                   ["model_version"], registry=reg)
+        self.swaps = Counter("flywheel_model_swaps_total", "Champion swaps", registry=reg)
+        self.model_version = Gauge("flywheel_model_version", "Version served by each worker",
+                                   registry=reg, multiprocess_mode="liveall")
+        self.log_depth = Gauge("flywheel_prediction_log_queue_depth", "Records waiting to be logged",
+                               registry=reg, multiprocess_mode="livesum")
+        self.log_written = Counter("flywheel_prediction_log_written_total", "Records logged",
+                                   registry=reg)
+        self.log_dropped = Counter("flywheel_prediction_log_dropped_total",
+                                   "Records the prediction log could not keep", registry=reg)
+        self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+    def observe(self, endpoint: str, status: int, version: int, seconds: float) -> None:
+        key = (endpoint, status, version)
+        pair = self._children.get(key)
+        if pair is None:  # label lookups cost more than the increment: cache the children
+            labels = (endpoint, str(status), str(version))
+            pair = (self.requests.labels(*labels), self.latency.labels(*labels))
+            self._children[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if self.own_registry is not None:
+            return generate_latest(self.own_registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def worker_exited(pid: int) -> None:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)

@@ -1,0 +1,185 @@
+"""The prediction log: requests append to a bounded buffer; a separate process writes the database.
+
+Hot path: one tuple appended to a deque (atomic, no lock, no thread wake-up). Every
+`flush_interval_s` a flusher thread sends what accumulated as one orjson frame down a pipe to a
+log-sink process (`python -m flywheel.serving.logsink`), which serialises the inputs and inserts
+in batches. Inserting in the worker itself cost about 1.3 ms of p99 latency (the database driver
+binds parameters while holding the GIL); in its own process it costs the request path nothing.
+
+Guarantees: a full buffer makes the request wait up to `queue_wait_s` for room, then the record
+is counted as dropped (metric and log line), never silently lost. `close()` (a graceful stop,
+SIGTERM) sends everything and waits for the sink to commit it. If the worker is SIGKILLed, frames
+already in the pipe are still written (the sink drains to end-of-file); what was still in the
+buffer, at most one flush interval of traffic, is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from flywheel.config import PredictionLogConfig
+from flywheel.state.db import feedback
+
+log = logging.getLogger("flywheel.predlog")
+
+# (record_id, request_id, created_at epoch s, model_name, model_version, record, probability,
+#  decision, latency_ms); `record` holds the inputs plus an optional meta object.
+Row = tuple[str, str, float, str, int, dict[str, Any], float, bool, float]
+_FRAME_HEADER = struct.Struct(">I")
+
+
+class PredictionLogWriter:
+    def __init__(self, state_url: str, config: PredictionLogConfig,
+                 on_dropped: Callable[[int], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None):
+        self.state_url = state_url
+        self.config = config
+        self.buffer: collections.deque[Row] = collections.deque()
+        self.on_dropped = on_dropped
+        self.on_depth = on_depth
+        self.sent = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._sink: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._sink = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.serving.logsink", self.state_url],
+            stdin=subprocess.PIPE, env=os.environ.copy(),
+        )
+        self._thread.start()
+
+    def put(self, row: Row) -> bool:
+        """Buffer one prediction; False (and counted) if the buffer stayed full too long."""
+        if len(self.buffer) < self.config.queue_size:
+            self.buffer.append(row)
+            return True
+        deadline = time.monotonic() + self.config.queue_wait_s
+        while time.monotonic() < deadline:  # backpressure: this request waits for room
+            time.sleep(0.001)
+            if len(self.buffer) < self.config.queue_size:
+                self.buffer.append(row)
+                return True
+        self.dropped += 1
+        if self.on_dropped:
+            self.on_dropped(1)
+        log.warning("prediction log buffer full; record dropped",
+                    extra={"event": "prediction_log_drop", "record_id": row[0], "request_id": row[1]})
+        return False
+
+    def depth(self) -> int:
+        return len(self.buffer)
+
+    def close(self, timeout: float = 120.0) -> int:
+        """Send everything buffered, then wait for the sink to commit it; returns the sink's code."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+        if self._sink is None:
+            return 0
+        if self._sink.stdin:
+            self._sink.stdin.close()  # end-of-file: the sink writes what it has and exits
+        try:
+            return self._sink.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("log sink did not finish in time", extra={"event": "prediction_log_error"})
+            return -1
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(self.config.flush_interval_s)
+            if self.on_depth:
+                self.on_depth(len(self.buffer))
+            while self.buffer:
+                self._send(self._take(self.config.batch_size))
+            if stopping:
+                return
+
+    def _take(self, limit: int) -> list[Row]:
+        rows: list[Row] = []
+        pop = self.buffer.popleft
+        try:
+            while len(rows) < limit:
+                rows.append(pop())
+        except IndexError:
+            pass
+        return rows
+
+    def _send(self, rows: list[Row]) -> None:
+        frame = orjson.dumps(rows)
+        try:
+            assert self._sink is not None and self._sink.stdin is not None
+            self._sink.stdin.write(_FRAME_HEADER.pack(len(frame)) + frame)
+            self._sink.stdin.flush()
+            self.sent += len(rows)
+        except (BrokenPipeError, OSError, AssertionError) as exc:
+            self.dropped += len(rows)
+            if self.on_dropped:
+                self.on_dropped(len(rows))
+            log.error("log sink is gone; rows dropped", extra={
+                "event": "prediction_log_drop", "rows": len(rows), "error": str(exc)})
+
+
+# ---- the sink (runs in its own process) --------------------------------------------------------
+
+_COLUMNS = ("record_id", "request_id", "created_at", "model_name", "model_version", "inputs",
+            "meta", "probability", "decision", "latency_ms")
+
+
+def insert_sql(dialect: str) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    return f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * 10)})"
+
+
+def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
+    """Frame rows as the database's parameter tuples (inputs and meta as JSON text)."""
+    out = []
+    last_t, last_stamp = None, None
+    for rid, req, t, name, version, record, p, d, latency in rows:
+        if t != last_t:  # the records of one request share a time
+            when = datetime.fromtimestamp(t, UTC)
+            # SQLite: the text SQLAlchemy's DateTime type writes and reads back (UTC, no offset).
+            last_t, last_stamp = t, (when.strftime("%Y-%m-%d %H:%M:%S.%f") if dialect == "sqlite"
+                                     else when)
+        meta = record.pop("meta", None)
+        out.append((rid, req, last_stamp, name, version, orjson.dumps(record).decode(),
+                    orjson.dumps(meta).decode() if meta is not None else None,
+                    float(p), bool(d), float(latency)))
+    return out
+
+
+def store_feedback(engine: sa.Engine, labels: list[dict[str, Any]]) -> int:
+    """Upsert ground-truth labels by record id: repeating one is a no-op, a late one is accepted."""
+    now = datetime.now(UTC)
+    rows = [{"record_id": item["record_id"], "label": int(item["label"]),
+             "observed_at": item.get("observed_at"), "received_at": now} for item in labels]
+    if not rows:
+        return 0
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    else:
+        raise RuntimeError(f"feedback upsert is not implemented for {dialect}")
+    stmt = insert(feedback)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["record_id"],
+        set_={"label": stmt.excluded.label, "observed_at": stmt.excluded.observed_at},
+    )
+    with engine.begin() as conn:
+        conn.execute(stmt, rows)
+    return len(rows)

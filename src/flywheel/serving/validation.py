@@ -1,0 +1,174 @@
+"""Request validation compiled from a model's input schema: field-level errors, no per-row objects.
+
+A record is a JSON object with exactly the model's input fields (null only where the training
+data had missing values) plus an optional `meta` object that is logged, never used as input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from flywheel.data.features import FeatureSpec
+
+META = "meta"
+MAX_META_KEYS = 50
+
+
+@dataclass(frozen=True)
+class FieldError:
+    loc: tuple[str | int, ...]
+    msg: str
+    type: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+class RequestInvalid(Exception):
+    """A request that fails validation; `errors` name every field that is wrong."""
+
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors))
+        self.errors = errors
+
+
+class RecordValidator:
+    """Checks records against one model's inputs; built once per loaded model."""
+
+    def __init__(self, spec: FeatureSpec, max_records: int, max_string_length: int):
+        self.types = dict(spec.input_types)
+        self.nullable = frozenset(spec.nullable_inputs)
+        self.required = frozenset(self.types)
+        self.allowed = self.required | {META}
+        self.max_records = max_records
+        self.max_string_length = max_string_length
+
+    def records(self, body: Any) -> list[dict[str, Any]]:
+        """The body (one record or a list of them) as a list of valid records, or RequestInvalid."""
+        if isinstance(body, dict):
+            items, prefix = [body], ("body",)
+        elif isinstance(body, list):
+            if not body:
+                raise RequestInvalid([FieldError(("body",), "send at least one record", "too_short")])
+            if len(body) > self.max_records:
+                raise RequestInvalid([FieldError(
+                    ("body",), f"at most {self.max_records} records per request", "too_long")])
+            items, prefix = body, None
+        else:
+            raise RequestInvalid([FieldError(
+                ("body",), "send a JSON object (one record) or a list of records", "type_error")])
+        errors: list[FieldError] = []
+        for i, record in enumerate(items):
+            errors.extend(self.record_errors(record, prefix or ("body", i)))
+        if errors:
+            raise RequestInvalid(errors)
+        return items
+
+    def record_errors(self, record: Any, loc: tuple[str | int, ...]) -> list[FieldError]:
+        if not isinstance(record, dict):
+            return [FieldError(loc, "a record must be a JSON object", "type_error")]
+        keys = record.keys()
+        if keys == self.required or keys == self.allowed and _meta_ok(record.get(META)):
+            # Fast path: the right fields; check only values.
+            errors = []
+            for name, kind in self.types.items():
+                err = self.value_error(name, kind, record[name], loc)
+                if err is not None:
+                    errors.append(err)
+            return errors
+        errors = [FieldError((*loc, name), "field required", "missing")
+                  for name in self.types if name not in record]
+        errors += [FieldError((*loc, key), f"unknown field; the model's inputs are "
+                              f"{', '.join(sorted(self.types))}; put other data under 'meta'",
+                              "extra_forbidden")
+                   for key in record if key not in self.allowed]
+        if META in record and not _meta_ok(record[META]):
+            errors.append(FieldError((*loc, META), f"meta must be an object of at most "
+                                     f"{MAX_META_KEYS} keys", "type_error"))
+        for name, kind in self.types.items():
+            if name in record:
+                err = self.value_error(name, kind, record[name], loc)
+                if err is not None:
+                    errors.append(err)
+        return errors
+
+    def value_error(self, name: str, kind: str, value: Any, loc: tuple[str | int, ...]) -> FieldError | None:
+        if value is None:
+            if name in self.nullable:
+                return None
+            return FieldError((*loc, name), "may not be null", "null_forbidden")
+        if kind == "number":
+            if type(value) is float:
+                if math.isfinite(value):
+                    return None
+                return FieldError((*loc, name), "must be a finite number (no NaN or infinity)",
+                                  "finite_number")
+            if type(value) is int:
+                return None
+            return FieldError((*loc, name), f"must be a number, not {_json_type(value)}", "type_error")
+        if type(value) is str:
+            if len(value) <= self.max_string_length:
+                return None
+            return FieldError((*loc, name), f"at most {self.max_string_length} characters", "too_long")
+        return FieldError((*loc, name), f"must be a string, not {_json_type(value)}", "type_error")
+
+
+def _meta_ok(meta: Any) -> bool:
+    return isinstance(meta, dict) and len(meta) <= MAX_META_KEYS
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a body with orjson; on failure, explain where (NaN and Infinity are named by field)."""
+    import orjson
+
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        nonfinite = _find_nonfinite(raw)
+        if nonfinite is not None:
+            raise RequestInvalid([FieldError(nonfinite, "must be a finite number (no NaN or infinity)",
+                                             "finite_number")]) from None
+        raise RequestInvalid([FieldError(("body",), f"invalid JSON: {exc}", "json_invalid")]) from None
+
+
+def _find_nonfinite(raw: bytes) -> tuple[str | int, ...] | None:
+    """The path of the first NaN/Infinity literal, which orjson (rightly) refuses as JSON."""
+    try:
+        body = json.loads(raw, parse_constant=lambda c: _NonFinite())
+    except (ValueError, RecursionError):
+        return None
+    return _path_to(body, ("body",))
+
+
+class _NonFinite:
+    pass
+
+
+def _path_to(node: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    if isinstance(node, _NonFinite):
+        return loc
+    if isinstance(node, float) and not math.isfinite(node):
+        return loc
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        found = _path_to(child, (*loc, key))
+        if found is not None:
+            return found
+    return None
