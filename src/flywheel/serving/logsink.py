@@ -95,6 +95,9 @@ def main() -> None:
     os.nice(10)
     if hasattr(os, "SCHED_BATCH"):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    cpus = os.environ.get("FLYWHEEL_LOG_SINK_CPUS")  # e.g. "1": keep the sink off the worker's core
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     from flywheel.serving.logs import configure_json_logging
 
     configure_json_logging()

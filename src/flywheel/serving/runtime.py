@@ -40,10 +40,10 @@ class LoadedModel:
         """P(positive) for valid records (raw input fields)."""
         features_of = self.features_of
         X = np.array([features_of(r) for r in records], dtype=np.float32)
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: X})[0][:, 1]
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: X})[0]
 
     def predict_matrix(self, X: np.ndarray) -> np.ndarray:
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, np.float32)})[0][:, 1]
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, np.float32)})[0]
 
     def describe(self) -> dict[str, Any]:
         return {

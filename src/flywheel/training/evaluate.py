@@ -38,7 +38,7 @@ def onnx_predict(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
     opts.log_severity_level = 3
     session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
     out = session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, dtype=np.float32)})[0]
-    return np.asarray(out)[:, 1].astype(np.float64)
+    return np.asarray(out).astype(np.float64)
 
 
 def sha256(data: bytes) -> str:

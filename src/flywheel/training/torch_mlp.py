@@ -13,11 +13,12 @@ from torch import nn
 
 from flywheel.config import ModelConfig
 from flywheel.training.trainers import (
+    _BOTH_CLASSES,
     ONNX_INPUT,
-    ONNX_OUTPUT,
     FittedModel,
     ProgressFn,
     TrainingData,
+    positive_class_output,
 )
 
 MLP_DEFAULTS: dict[str, Any] = {
@@ -131,11 +132,14 @@ def train_mlp(model: ModelConfig, data: TrainingData, progress: ProgressFn | Non
     torch.onnx.export(
         net, (torch.zeros(2, data.X_train.shape[1]),), buf,  # type: ignore[arg-type]
         input_names=[ONNX_INPUT],
-        output_names=[ONNX_OUTPUT], dynamic_axes={ONNX_INPUT: {0: "n"}, ONNX_OUTPUT: {0: "n"}},
+        output_names=[_BOTH_CLASSES], dynamic_axes={ONNX_INPUT: {0: "n"}, _BOTH_CLASSES: {0: "n"}},
         opset_version=17, dynamo=False,
     )
     state = io.BytesIO()
     torch.save(net.state_dict(), state)
-    return FittedModel(kind="torch-mlp", predict=predict, onnx=buf.getvalue(), params=params,
+    import onnx
+
+    return FittedModel(kind="torch-mlp", predict=predict,
+                       onnx=positive_class_output(onnx.load_from_string(buf.getvalue())), params=params,
                        history=history, best_iteration=best_epoch,
                        native_files={"mlp_state_dict.pt": state.getvalue()})

@@ -1,7 +1,8 @@
 """Trainers: LightGBM (default), a scikit-learn pipeline, a PyTorch MLP. Each exports to ONNX.
 
 Every exported model takes one float32 input named `input` (the feature vector, NaN for
-missing, category codes as numbers) and gives `probabilities` of shape (n, 2).
+missing, category codes as numbers) and has exactly one output, `probability`: P(positive) of
+shape (n,). One 1-D output also lets `mlflow models serve` answer DataFrame requests with it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from flywheel.config import ModelConfig
 
 ProgressFn = Callable[[int, int], None]
 ONNX_INPUT = "input"
-ONNX_OUTPUT = "probabilities"
+ONNX_OUTPUT = "probability"
+_BOTH_CLASSES = "probabilities"  # what the converters produce: (n, 2)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: ProgressFn
     return FittedModel(
         kind="lightgbm",
         predict=lambda X: np.asarray(booster.predict(X), dtype=np.float64),
-        onnx=onnx_model.SerializeToString(),
+        onnx=positive_class_output(onnx_model),
         params={**params, "num_boost_round": rounds, "early_stopping_rounds": patience},
         history=history,
         best_iteration=best,
@@ -172,7 +174,6 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn 
         options={id(clf): {"zipmap": False}}, target_opset=15,
         final_types=None,
     )
-    _rename_output(onnx_model, "probabilities")
 
     def predict(X: np.ndarray) -> np.ndarray:
         return pipe.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
@@ -182,12 +183,27 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn 
         p = predict(X)
         history[f"{split}_auc"] = [float(roc_auc_score(y, p))]
         history[f"{split}_logloss"] = [float(log_loss(y, p, labels=[0, 1]))]
-    return FittedModel(kind="sklearn", predict=predict, onnx=onnx_model.SerializeToString(),
+    return FittedModel(kind="sklearn", predict=predict, onnx=positive_class_output(onnx_model),
                        params=params, history=history, best_iteration=1)
 
 
-def _rename_output(onnx_model: Any, wanted: str) -> None:
-    """skl2onnx names the probability output `probabilities` already; assert it, loudly."""
-    names = [o.name for o in onnx_model.graph.output]
-    if wanted not in names:
-        raise RuntimeError(f"ONNX export has outputs {names}, expected one named '{wanted}'")
+def positive_class_output(onnx_model: Any) -> bytes:
+    """Replace the graph's outputs with one: `probability` = column 1 of the (n, 2) probabilities."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = onnx_model.graph
+    names = [o.name for o in graph.output]
+    if _BOTH_CLASSES not in names:
+        raise RuntimeError(f"ONNX export has outputs {names}, expected one named '{_BOTH_CLASSES}'")
+    graph.node.extend([
+        helper.make_node("Constant", [], ["positive_class"],
+                         value=helper.make_tensor("positive_class", TensorProto.INT64, [], [1])),
+        helper.make_node("Gather", [_BOTH_CLASSES, "positive_class"], [ONNX_OUTPUT], axis=1),
+    ])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None]))
+    if not any(op.domain in ("", "ai.onnx") for op in onnx_model.opset_import):
+        onnx_model.opset_import.append(helper.make_opsetid("", 15))
+    onnx.checker.check_model(onnx_model)
+    return onnx_model.SerializeToString()
