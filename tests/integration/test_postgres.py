@@ -5,6 +5,7 @@ import sqlalchemy as sa
 
 from flywheel.data.sources import make_engine
 from flywheel.pipeline.steps import open_registry, project_status, rollback, train_challenger
+from flywheel.state.db import head_revision
 
 pytestmark = pytest.mark.postgres
 
@@ -27,7 +28,8 @@ def test_all_three_stores_on_one_postgresql_database(loaded_project, postgres_ur
         n_loans = conn.execute(sa.text("SELECT count(*) FROM loans")).scalar()
         ours = conn.execute(sa.text("SELECT version_num FROM flywheel_alembic_version")).scalar()
         moves = conn.execute(sa.text("SELECT count(*) FROM alias_history")).scalar()
-    assert {"loans", "alias_history", "registered_models", "model_versions", "runs"} <= tables
-    assert n_loans > 30000 and ours == "0001" and moves == 1
+    assert {"loans", "alias_history", "predictions", "feedback", "registered_models",
+            "model_versions", "runs"} <= tables
+    assert n_loans > 30000 and ours == head_revision() and moves == 1
     with pytest.raises(Exception, match="no earlier champion"):
         rollback(project)  # v2 became champion outside Flywheel: no history to return along

@@ -117,7 +117,8 @@ def test_list_limits_and_bad_json(server, records):
     assert httpx.post(f"{server.url}/v1/predict", json=[]).status_code == 422
     too_many = httpx.post(f"{server.url}/v1/predict", json=[records[0]] * 1001)
     assert too_many.status_code == 422 and "at most 1000" in too_many.text
-    bad = httpx.post(f"{server.url}/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+    bad = httpx.post(f"{server.url}/v1/predict", content=b"{not json",
+                     headers={"content-type": "application/json"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "json_invalid"
     errors = httpx.post(f"{server.url}/v1/predict", json=[records[0], {"state": 1}]).json()["detail"]
     assert all(e["loc"][1] == 1 for e in errors)  # only the second record is wrong
@@ -136,7 +137,8 @@ def test_oversized_bodies_get_413_declared_or_streamed(server):
 
 def test_open_inference_protocol_matches_v1(server, records):
     rows = records[:3]
-    inputs = [{"name": k, "shape": [3], "datatype": "FP64" if isinstance(rows[0][k], int | float) else "BYTES",
+    inputs = [{"name": k, "shape": [3],
+               "datatype": "FP64" if isinstance(rows[0][k], int | float) else "BYTES",
                "data": [r[k] for r in rows]} for k in rows[0]]
     r = httpx.post(f"{server.url}/v2/models/sba-loans/infer", json={"id": "abc", "inputs": inputs})
     assert r.status_code == 200, r.text
@@ -159,7 +161,8 @@ def test_models_health_ready_and_openapi(server):
     doc = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/predict", "/v2/models/{name}/infer", "/v1/models", "/health", "/ready", "/metrics",
             "/v1/feedback", "/admin/reload"} <= set(doc["paths"])
-    record = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]
+    body = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]
+    record = body["schema"]["oneOf"][0]
     assert record["additionalProperties"] is False and "gr_appv" in record["required"]
 
 
@@ -177,7 +180,8 @@ def test_feedback_is_idempotent_and_accepts_late_labels(server, project, records
     for _ in range(2):
         r = httpx.post(f"{server.url}/v1/feedback", json={"labels": [label]})
         assert r.status_code == 200 and r.json()["accepted"] == 1
-    late = httpx.post(f"{server.url}/v1/feedback", json={"labels": [{"record_id": "from-last-year-0", "label": 0}]})
+    late = httpx.post(f"{server.url}/v1/feedback",
+                      json={"labels": [{"record_id": "from-last-year-0", "label": 0}]})
     assert late.status_code == 200
     bad = httpx.post(f"{server.url}/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "labels", 0, "label"]
@@ -193,7 +197,8 @@ def test_metrics_count_requests_by_endpoint_status_and_version(server, records):
     assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="200"}' in text
     assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="422"}' in text
     assert "flywheel_request_latency_seconds_bucket" in text
-    assert "flywheel_prediction_log_queue_depth" in text and "flywheel_prediction_log_dropped_total 0.0" in text
+    assert "flywheel_prediction_log_queue_depth" in text
+    assert "flywheel_prediction_log_dropped_total 0.0" in text
 
 
 def test_hot_swap_under_concurrent_load_fails_no_request(server, project, records):
@@ -256,7 +261,8 @@ def test_sigterm_flushes_every_prediction_to_the_log(project, records):
     assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     with make_engine(project.state_url).connect() as conn:
         after = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
-        last = conn.execute(sa.text("SELECT model_version, inputs, meta FROM predictions ORDER BY id DESC LIMIT 1")).one()
+        last = conn.execute(sa.text(
+            "SELECT model_version, inputs, meta FROM predictions ORDER BY id DESC LIMIT 1")).one()
     assert after - before == sent
     assert last.model_version == 1 and json.loads(last.inputs)["state"] == records[0]["state"]
     log = srv.log_path.read_text().splitlines()
@@ -265,7 +271,8 @@ def test_sigterm_flushes_every_prediction_to_the_log(project, records):
 
 
 @pytest.mark.postgres
-def test_two_workers_with_postgresql_state_aggregate_metrics_and_log_everything(project, records, postgres_url):
+def test_two_workers_with_postgresql_state_aggregate_metrics_and_log_everything(project, records,
+                                                                               postgres_url):
     import yaml
 
     cfg = yaml.safe_load(project.path.read_text())
@@ -289,8 +296,8 @@ def test_two_workers_with_postgresql_state_aggregate_metrics_and_log_everything(
             t.join()
         sent = 4 * 100 * 2
         text = httpx.get(f"{srv.url}/metrics").text
-        total = sum(float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith('flywheel_requests_total{endpoint="predict",model_version="1",status="200"}'))
+        ok_line = 'flywheel_requests_total{endpoint="predict",model_version="1",status="200"}'
+        total = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(ok_line))
         assert total == 400  # summed over both workers, whichever answered the scrape
         assert httpx.post(f"{srv.url}/admin/reload").status_code == 403  # no token configured
     finally:

@@ -82,6 +82,17 @@ def open_state(url: str, migrate: bool = True) -> sa.Engine:
     return engine
 
 
+def head_revision() -> str:
+    """The newest migration: what a fully migrated state database records."""
+    from alembic.script import ScriptDirectory
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
 def record_alias_move(engine: sa.Engine, move: AliasMove) -> None:
     with engine.begin() as conn:
         conn.execute(alias_history.insert().values(**move.__dict__))
