@@ -353,6 +353,7 @@ def _print_result(project: Project, r: Any) -> None:
               + (f"; champion → v{r.version}." if r.promoted else "; champion unchanged."))
     out.print("Open the MLflow UI on this store with:\n  "
               f"mlflow ui --backend-store-uri {project.tracking_url} --host 127.0.0.1 --port 5000")
+    out.print(f"Serve the champion with:\n  flywheel serve --config {project.path}")
 
 
 if __name__ == "__main__":

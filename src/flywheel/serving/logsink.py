@@ -21,7 +21,7 @@ from flywheel.data.sources import make_engine
 from flywheel.serving.predlog import _FRAME_HEADER, db_rows, insert_sql
 
 log = logging.getLogger("flywheel.logsink")
-SLICE_ROWS = 64
+SLICE_ROWS = 16
 
 
 def read_frames(stream: BinaryIO) -> Any:
