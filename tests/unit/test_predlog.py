@@ -1,0 +1,28 @@
+import time
+
+from flywheel.config import PredictionLogConfig
+from flywheel.serving.predlog import PredictionLogWriter, db_rows
+
+
+def row(i: int) -> tuple:
+    return (f"r{i}", "q", 1_700_000_000.0, "m", 1, {"a": 1.0, "meta": {"id": i}}, 0.2, False, 0.4)
+
+
+def test_a_full_buffer_waits_then_counts_the_drop():
+    drops: list[int] = []
+    writer = PredictionLogWriter("sqlite:///unused.db",
+                                 PredictionLogConfig(queue_size=2, queue_wait_s=0.05),
+                                 on_dropped=drops.append)  # never started: nothing drains
+    assert writer.put(row(1)) and writer.put(row(2))
+    started = time.monotonic()
+    assert writer.put(row(3)) is False
+    assert time.monotonic() - started >= 0.05  # it waited for room first
+    assert writer.dropped == 1 and drops == [1] and writer.depth() == 2
+
+
+def test_rows_become_database_parameters_with_inputs_and_meta_apart():
+    [sqlite_row] = db_rows([list(row(7))], "sqlite")
+    assert sqlite_row[0] == "r7" and sqlite_row[2] == "2023-11-14 22:13:20.000000"
+    assert sqlite_row[5] == '{"a":1.0}' and sqlite_row[6] == '{"id":7}'
+    [pg_row] = db_rows([list(row(7))], "postgresql")
+    assert pg_row[2].isoformat() == "2023-11-14T22:13:20+00:00"
