@@ -186,6 +186,10 @@ def main() -> None:
         srv = Server([str(BIN / "flywheel"), "serve", "--config", str(config), "--port", str(port)],
                      {**env, **extra}, f"http://127.0.0.1:{port}/ready")
         results[label] = wrk(f"http://127.0.0.1:{port}/v1/predict", body_fw, args.seconds)
+        depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
+                          httpx.get(f"http://127.0.0.1:{port}/metrics").text, re.M)
+        # A large depth would mean the log sink did not keep up and the buffer flattered the run.
+        results[label]["log_backlog"] = float(depth.group(1)) if depth else float("nan")
         srv.stop()
 
     port = free_port()
@@ -207,11 +211,12 @@ def main() -> None:
           "Ratios: x lgb = vs MLflow's LightGBM flavor (the issue's anchor), x onnx-df / x onnx-t = "
           "vs MLflow serving the same registered ONNX version with DataFrame / tensor input.")
     print(f"{'server':50} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'x lgb':>6} {'x onnx-df':>9} "
-          f"{'x onnx-t':>8} {'% floor':>8} {'errors':>6}")
+          f"{'x onnx-t':>8} {'% floor':>8} {'errors':>6} {'log backlog':>11}")
     for name, r in results.items():
+        backlog = f"{r['log_backlog']:11.0f}" if "log_backlog" in r else f"{'-':>11}"
         print(f"{name:50} {r['rps']:7.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['rps'] / lgb:6.1f} "
               f"{r['rps'] / base:9.1f} {r['rps'] / tensor:8.1f} {100 * r['rps'] / floor:7.1f}% "
-              f"{r['non2xx'] + r['socket_errors']:6.0f}")
+              f"{r['non2xx'] + r['socket_errors']:6.0f} {backlog}")
 
     hot_swap(config, env, body_fw)
     logging_run(config, env, record, home)
