@@ -175,7 +175,8 @@ class PredictionLogConfig(_Strict):
     """The batched writer of the prediction log: bounded, never silently lossy."""
 
     queue_size: int = Field(default=100_000, ge=1)
-    batch_size: int = Field(default=2_000, ge=1)
+    # Rows per frame sent to the log sink, each one insert transaction there.
+    batch_size: int = Field(default=128, ge=1, le=100_000)
     flush_interval_s: float = Field(default=0.05, gt=0, le=60)
     # A full queue makes the request wait this long for room, then the record is counted as dropped.
     queue_wait_s: float = Field(default=0.25, ge=0, le=60)

@@ -104,6 +104,9 @@ class PredictionLogWriter:
             if self.on_depth:
                 self.on_depth(len(self.buffer))
             while self.buffer:
+                # Small frames: serialising a whole interval at once held the GIL long enough to
+                # show in p99 (frames of 128 rows: 3.4-3.6 ms; one frame per 50 ms: 5.1-5.3 ms;
+                # 32 or 64 rows cost more in pipe writes and commits than they saved).
                 self._send(self._take(self.config.batch_size))
             if stopping:
                 return
