@@ -250,18 +250,18 @@ def status(
         if as_json:
             sys.stdout.write(json.dumps(st, indent=2, default=str) + "\n")
             return
-        table = Table(title=f"{st['model']}")
-        for col in ("alias", "version", "type", "roc_auc", "gate", "trained on", "rows", "data hash"):
-            table.add_column(col)
+        table = Table(title=f"{st['model']}  (--json for lineage: run, data hash, git SHA)")
+        for col in ("alias", "v", "type", "ROC-AUC", "gate", "window", "rows"):
+            table.add_column(col, no_wrap=col == "window")
         for alias in ("champion", "challenger"):
             v = st[alias]
             if v is None:
-                table.add_row(alias, "—", "", "", "", "", "", "")
+                table.add_row(alias, "—", "", "", "", "", "")
                 continue
             t = v["trained_on"]
             table.add_row(alias, str(v["version"]), v["model_type"] or "",
                           f"{v['metrics'].get('roc_auc', float('nan')):.4f}", v["gate"] or "",
-                          f"{t['from']} → {t['to']}", str(t["rows"]), (v["data_hash"] or "")[:12])
+                          f"{t['from']}..{t['to']}", f"{t['rows']:,}" if t["rows"] else "")
         out.print(table)
 
     _run(body)

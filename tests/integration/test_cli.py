@@ -38,6 +38,9 @@ def test_train_then_status_json_has_lineage_of_champion_and_challenger(cli_proje
     assert len(champ["data_hash"]) == 64 and champ["git_sha"]
     assert champ["trained_on"]["from"] == "1994-10-01" and champ["trained_on"]["rows"] > 5000
     assert st["challenger"]["version"] == 1
+    table = runner.invoke(app, ["status", "--config", cfg])
+    assert table.exit_code == 0 and "1994-10-01..2001-10-01" in table.output
+    assert f"{champ['trained_on']['rows']:,}" in table.output
 
 
 def test_promote_unknown_version_and_rollback_without_history_fail_clearly(cli_project):
