@@ -127,6 +127,8 @@ def test_list_limits_and_bad_json(server, records):
 def test_oversized_bodies_get_413_declared_or_streamed(server):
     big = b"[" + b" " * 1_100_000 + b"]"
     assert httpx.post(f"{server.url}/v1/predict", content=big).status_code == 413
+    assert httpx.post(f"{server.url}/v1/feedback", content=big).status_code == 413
+    assert httpx.post(f"{server.url}/v2/models/sba-loans/infer", content=big).status_code == 413
 
     def chunks():  # no content-length: the limit is enforced while reading
         for _ in range(40):
@@ -238,6 +240,11 @@ def test_hot_swap_under_concurrent_load_fails_no_request(server, project, record
     assert "flywheel_model_swaps_total 2.0" in swaps
 
 
+def count_predictions(url: str) -> int:
+    with make_engine(url).connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar())
+
+
 def _wait_for(cond, timeout: float = 20) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -249,8 +256,7 @@ def _wait_for(cond, timeout: float = 20) -> None:
 
 def test_sigterm_flushes_every_prediction_to_the_log(project, records):
     srv = ServerProcess(project)
-    with make_engine(project.state_url).connect() as conn:
-        before = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    before = count_predictions(project.state_url)
     sent = 0
     with httpx.Client(base_url=srv.url) as c:
         for i in range(300):
@@ -259,8 +265,8 @@ def test_sigterm_flushes_every_prediction_to_the_log(project, records):
             sent += len(batch)
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught: -15 is a clean stop
     assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    after = count_predictions(project.state_url)
     with make_engine(project.state_url).connect() as conn:
-        after = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
         last = conn.execute(sa.text(
             "SELECT model_version, inputs, meta FROM predictions ORDER BY id DESC LIMIT 1")).one()
     assert after - before == sent
@@ -306,8 +312,7 @@ def test_two_workers_with_postgresql_state_aggregate_metrics_and_log_everything(
         if '"worker_started"' in line:
             pids.add(json.loads(line)["pid"])
     assert len(pids) == 2
-    with make_engine(postgres_url).connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == sent
+    assert count_predictions(postgres_url) == sent
 
 
 def test_flywheel_predict_scores_a_file_and_a_source_table_like_the_server(server, project, records,
@@ -341,8 +346,7 @@ def test_flywheel_predict_scores_a_file_and_a_source_table_like_the_server(serve
 
 def test_sigkill_loses_at_most_the_unflushed_buffer_and_the_sink_survives(project, records):
     srv = ServerProcess(project)
-    with make_engine(project.state_url).connect() as conn:
-        before = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    before = count_predictions(project.state_url)
     answered = 0
     with httpx.Client(base_url=srv.url) as c:
         started = time.time()
@@ -351,8 +355,7 @@ def test_sigkill_loses_at_most_the_unflushed_buffer_and_the_sink_survives(projec
             answered += 1
     srv.stop(signal.SIGKILL)
     _wait_for(lambda: '"log_sink_stopped"' in srv.log_path.read_text(), timeout=30)
-    with make_engine(project.state_url).connect() as conn:
-        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() - before
+    stored = count_predictions(project.state_url) - before
     # one client, one request at a time: a 50 ms flush interval holds a few dozen at most
     assert stored <= answered
     assert answered - stored <= max(50, answered // 20), (answered, stored)

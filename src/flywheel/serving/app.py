@@ -72,16 +72,7 @@ _new_request_id = _RequestIds()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await _receive_body(request.scope, request.receive, limit)
 
 
 def create_app(project: Project | None = None, migrate: bool = True) -> Starlette:
