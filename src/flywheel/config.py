@@ -195,6 +195,49 @@ class ServingConfig(_Strict):
     log: PredictionLogConfig = PredictionLogConfig()
 
 
+class MonitorWindow(_Strict):
+    """Which predictions a monitoring run looks at: the latest `size` rows, or the latest `hours`."""
+
+    by: Literal["count", "time"] = "count"
+    size: int = Field(default=10_000, ge=100)
+    hours: float = Field(default=24.0, gt=0)
+
+
+class MonitoringConfig(_Strict):
+    window: MonitorWindow = MonitorWindow()
+    # Evidently's defaults: a column drifts at distance >= 0.1, the data at half the columns.
+    drift_threshold: float = Field(default=0.1, gt=0)
+    drift_share: float = Field(default=0.5, gt=0, le=1)
+    # Performance over the latest labelled predictions (labels arrive late: feedback or source).
+    performance_rows: int = Field(default=5_000, ge=50)
+    min_labelled: int = Field(default=500, ge=10)
+    min_positives: int = Field(default=10, ge=1)
+    # A drop: window ROC-AUC below the champion's holdout ROC-AUC minus this.
+    max_auc_drop: float = Field(default=0.05, ge=0, le=1)
+    # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
+    report_sample_rows: int = Field(default=10_000, ge=100)
+    evidently_report: bool = True
+
+
+class TriggersConfig(_Strict):
+    """What starts the retraining pipeline; each is checked by `flywheel run` and the replay."""
+
+    schedule_days: float | None = Field(default=None, gt=0)
+    new_labelled_rows: int | None = Field(default=None, ge=1)
+    drift: bool = True
+    performance_drop: bool = True
+    # A retraining budget: no trigger fires within this many days of the last retrain.
+    min_days_between: float = Field(default=0, ge=0)
+
+
+class RetrainingConfig(_Strict):
+    # The training window of a retrain: this many months of rows whose labels are known by now.
+    lookback_months: int = Field(default=72, ge=1, le=600)
+    triggers: TriggersConfig = TriggersConfig()
+    orchestrator: Literal["local", "prefect"] = "prefect"
+    check_interval_s: float = Field(default=300, gt=0)  # how often `flywheel run` checks triggers
+
+
 class Config(_Strict):
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model_name: str | None = None
@@ -206,6 +249,8 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     gate: GateConfig
     serving: ServingConfig = ServingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    retraining: RetrainingConfig = RetrainingConfig()
 
     @model_validator(mode="after")
     def _unique_feature_names(self) -> Config:
@@ -248,6 +293,14 @@ class Project(BaseModel):
     @property
     def snapshot_dir(self) -> Path:
         return self.home / "snapshots"
+
+    @property
+    def pipeline_dir(self) -> Path:
+        return self.home / "pipeline"
+
+    @property
+    def monitoring_dir(self) -> Path:
+        return self.home / "monitoring"
 
     def config_hash(self) -> str:
         canonical = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)

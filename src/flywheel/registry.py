@@ -176,6 +176,16 @@ class Registry:
         found = self.client.search_model_versions(f"name = '{self.model_name}'")
         return sorted(int(v.version) for v in found)
 
+    def download_run_artifacts(self, version: int, artifact_path: str, dst: Path) -> Path:
+        """A folder of the version's run artifacts under `dst` (run artifacts never change)."""
+        info = self.version(version)
+        target = dst / info.run_id / artifact_path
+        if not target.is_dir():
+            (dst / info.run_id).mkdir(parents=True, exist_ok=True)
+            downloaded = self.client.download_artifacts(info.run_id, artifact_path, str(dst / info.run_id))
+            target = Path(downloaded)
+        return target
+
     def load_artifacts(self, version: int) -> ServedArtifacts:
         """The ONNX model and feature spec of a version, refused if either fails its hash."""
         info = self.version(version)

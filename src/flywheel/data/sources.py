@@ -42,6 +42,20 @@ class Snapshot:
     def frame(self) -> pd.DataFrame:
         return pd.read_parquet(self.path)
 
+    @classmethod
+    def load(cls, path: Path) -> Snapshot:
+        """A snapshot written by `extract_window`, from its parquet path (the JSON lies beside it)."""
+        meta_path = path.with_suffix(".json")
+        if not path.is_file() or not meta_path.is_file():
+            raise SourceError(f"snapshot {path} (or its .json) is missing; run the extract step again")
+        meta = json.loads(meta_path.read_text())
+        return cls(path=path, content_hash=meta["content_hash"],
+                   window_start=date.fromisoformat(meta["window_start"]),
+                   window_end=date.fromisoformat(meta["window_end"]),
+                   as_of=date.fromisoformat(meta["as_of"]), rows=int(meta["rows"]),
+                   immature_dropped=int(meta["immature_dropped"]),
+                   positive_rate=float(meta["positive_rate"]))
+
     def lineage(self) -> dict[str, str]:
         return {
             "data_hash": self.content_hash,

@@ -6,6 +6,7 @@ Orchestrators (the CLI now; Prefect and Airflow later) call these and nothing el
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import subprocess
 import tempfile
@@ -149,13 +150,28 @@ def train_challenger(
     """The whole training step: extract, check, train, log, evaluate, register, gate, promote."""
     reporter = reporter or QuietReporter()
     registry = registry or open_registry(project)
-    state = open_state(project.state_url)
+    champion = registry.alias_version(CHAMPION)
+    champ_inputs = champion_inputs(registry, champion)
+    with reporter.step("Extract the training window"):
+        snapshot = extract_training_window(project, list(champ_inputs or {}))
+    result = train_on_snapshot(project, snapshot, reporter, registry)
+    promoted = False
+    if result.gate.passed:
+        with reporter.step("Promote: move alias champion"):
+            move_champion(registry, open_state(project.state_url), result.version, "promote",
+                          result.gate.summary())
+            promoted = True
+    return dataclasses.replace(result, promoted=promoted)
+
+
+def train_on_snapshot(project: Project, snapshot: Snapshot, reporter: Reporter | None = None,
+                      registry: Registry | None = None) -> TrainResult:
+    """Check, train, log, register as `challenger`, and gate against the champion; no promotion."""
+    reporter = reporter or QuietReporter()
+    registry = registry or open_registry(project)
     cfg = project.config
     champion = registry.alias_version(CHAMPION)
     champ_inputs = champion_inputs(registry, champion)
-
-    with reporter.step("Extract the training window"):
-        snapshot = extract_training_window(project, list(champ_inputs or {}))
     with reporter.step("Build features on DuckDB"):
         prepared = prepare_features(project, snapshot)
     with reporter.step("Data checks and leakage screen"):
@@ -178,6 +194,7 @@ def train_challenger(
                                     f"(> {ONNX_PARITY_TOLERANCE}); not registering it")
             metrics = holdout_metrics(y_hold, exported)
             _log_training(registry, run_id, project, prepared, report, fitted, metrics, max_diff)
+            _log_reference(registry, run_id, prepared, exported)
         with reporter.step("Register; score the champion; gate"):
             version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
                                              {**tags, "run_id": run_id})
@@ -193,13 +210,18 @@ def train_challenger(
                 "champion_at_evaluation": str(champion) if champion else "none",
             })
             registry.set_run_tags(run_id, {"gate": "passed" if gate.passed else "failed"})
-        promoted = False
-        if gate.passed:
-            with reporter.step("Promote: move alias champion"):
-                move_champion(registry, state, version, "promote", gate.summary())
-                promoted = True
     return TrainResult(run_id, version, cfg.model.type, metrics, champion, champ_metrics, gate,
-                       promoted, prepared, report, fitted, max_diff)
+                       False, prepared, report, fitted, max_diff)
+
+
+def _log_reference(registry: Registry, run_id: str, prepared: PreparedData, holdout_p: np.ndarray) -> None:
+    """The training reference for monitoring: a profile of every feature and of the predictions."""
+    from flywheel.monitoring.reference import reference_artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in reference_artifacts(prepared.spec, prepared.X[prepared.split.train], holdout_p,
+                                        Path(tmp)):
+            registry.log_artifact(run_id, path, "reference")
 
 
 def _log_training(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
@@ -252,8 +274,11 @@ class Evaluation:
 
 
 def evaluate_version(project: Project, version: int | None = None,
-                     registry: Registry | None = None) -> Evaluation:
-    """Score a version (default: the challenger) and the champion on today's holdout; gate it."""
+                     registry: Registry | None = None, snapshot: Snapshot | None = None) -> Evaluation:
+    """Score a version (default: the challenger) and the champion on one holdout; gate it.
+
+    The holdout is the latest slice of `snapshot` (default: today's extract of the configured window).
+    """
     registry = registry or open_registry(project)
     version = version if version is not None else registry.alias_version(CHALLENGER)
     if version is None:
@@ -261,7 +286,8 @@ def evaluate_version(project: Project, version: int | None = None,
     champion = registry.alias_version(CHAMPION)
     inputs = feats.FeatureSpec.from_json(registry.load_artifacts(version).feature_spec).input_types
     champ_inputs = champion_inputs(registry, champion) if champion not in (None, version) else None
-    snapshot = extract_training_window(project, list(inputs) + list(champ_inputs or {}))
+    if snapshot is None:
+        snapshot = extract_training_window(project, list(inputs) + list(champ_inputs or {}))
     frame = snapshot.frame()
     split = split_by_time(frame[project.config.data.time_column], project.config.split)
     hold = frame.iloc[split.holdout]

@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import Project, load_project
-from flywheel.serving.metrics import ServingMetrics
+from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
 from flywheel.serving.openapi import openapi_document
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
 from flywheel.serving.runtime import LoadedModel, ModelRuntime
@@ -240,7 +240,8 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
     async def prometheus(request: Request) -> Response:
         metrics.log_depth.set(writer.depth())  # the flusher's own update lags when the sink is slow
         body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+        verdicts = await run_in_threadpool(monitoring_gauges, engine, project.config.registered_model)
+        return Response(body + verdicts, media_type=content_type)
 
     async def feedback(request: Request) -> Response:
         started = time.perf_counter()

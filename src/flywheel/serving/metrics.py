@@ -66,3 +66,61 @@ class ServingMetrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)
+
+
+_VERDICT_CACHE: dict[str, tuple[float, bytes]] = {}
+
+
+def monitoring_gauges(engine: Any, model_name: str, max_age_s: float = 5.0) -> bytes:
+    """The latest monitoring verdicts (state database) as Prometheus gauges, cached for a few seconds.
+
+    Monitoring runs in another process (`flywheel monitor`, `flywheel run`); the state database is
+    where its verdicts are, so every worker reads them from there at scrape time.
+    """
+    import time
+
+    cached = _VERDICT_CACHE.get(model_name)
+    if cached and time.monotonic() - cached[0] < max_age_s:
+        return cached[1]
+    from flywheel.monitoring.monitor import latest_verdict
+
+    try:
+        verdict = latest_verdict(engine, model_name)
+    except Exception:  # the scrape must answer even if the state database does not
+        verdict = None
+    text = "" if verdict is None else _verdict_text(verdict)
+    _VERDICT_CACHE[model_name] = (time.monotonic(), text.encode())
+    return text.encode()
+
+
+def _verdict_text(v: dict[str, Any]) -> str:
+    version = v["model_version"]
+    lines = [
+        "# HELP flywheel_drift_detected 1 if the latest monitoring window drifted (dataset verdict)",
+        "# TYPE flywheel_drift_detected gauge",
+        f'flywheel_drift_detected{{model_version="{version}"}} {int(bool(v["drift_detected"]))}',
+        "# HELP flywheel_drift_share Share of features that drifted in the latest window",
+        "# TYPE flywheel_drift_share gauge",
+        f'flywheel_drift_share{{model_version="{version}"}} {float(v["drift_share"])}',
+        "# HELP flywheel_feature_drift_score Drift score of each feature in the latest window",
+        "# TYPE flywheel_feature_drift_score gauge",
+    ]
+    for c in v["columns"]:
+        labels = f'feature="{c["column_name"]}",stattest="{c["stattest"]}"'
+        lines.append(f"flywheel_feature_drift_score{{{labels}}} {float(c['score'])}")
+    lines += ["# HELP flywheel_feature_drifted 1 if the feature drifted in the latest window",
+              "# TYPE flywheel_feature_drifted gauge"]
+    lines += [f'flywheel_feature_drifted{{feature="{c["column_name"]}"}} {int(bool(c["drifted"]))}'
+              for c in v["columns"]]
+    if v.get("prediction_drift") is not None:
+        lines += ["# HELP flywheel_prediction_drift_score Drift score of the predicted probabilities",
+                  "# TYPE flywheel_prediction_drift_score gauge",
+                  f"flywheel_prediction_drift_score {float(v['prediction_drift'])}"]
+    lines += ["# HELP flywheel_performance_drop 1 if the latest labelled window's ROC-AUC dropped",
+              "# TYPE flywheel_performance_drop gauge",
+              f"flywheel_performance_drop {int(bool(v['performance_drop']))}"]
+    for name in ("roc_auc", "pr_auc", "brier"):
+        if v.get(name) is not None:
+            lines += [f"# HELP flywheel_window_{name} {name} over the latest labelled predictions",
+                      f"# TYPE flywheel_window_{name} gauge", f"flywheel_window_{name} {float(v[name])}"]
+    return "\n".join(lines) + "\n"

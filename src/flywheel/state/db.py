@@ -59,6 +59,70 @@ feedback = sa.Table(
 )
 
 
+monitor_runs = sa.Table(
+    "monitor_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("window_kind", sa.String(10), nullable=False),
+    sa.Column("window_start", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("window_end", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("drift_share", sa.Float, nullable=False),
+    sa.Column("drift_detected", sa.Boolean, nullable=False),
+    sa.Column("prediction_drift", sa.Float, nullable=True),
+    sa.Column("labelled_rows", sa.Integer, nullable=False),
+    sa.Column("roc_auc", sa.Float, nullable=True),
+    sa.Column("pr_auc", sa.Float, nullable=True),
+    sa.Column("brier", sa.Float, nullable=True),
+    sa.Column("performance_drop", sa.Boolean, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("report_path", sa.Text, nullable=True),
+    sa.Column("mlflow_run_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+monitor_columns = sa.Table(
+    "monitor_columns",
+    metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("monitor_runs.id"), primary_key=True),
+    sa.Column("column_name", sa.String(200), primary_key=True),
+    sa.Column("stattest", sa.String(50), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("drifted", sa.Boolean, nullable=False),
+)
+pipeline_runs = sa.Table(
+    "pipeline_runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("trigger", sa.String(50), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # running | succeeded | failed
+    sa.Column("step", sa.String(50), nullable=True),  # the step running now, or the last one
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("outputs", sa.Text, nullable=False),  # JSON: each finished step's outputs
+    sa.Column("error", sa.Text, nullable=True),
+)
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("value", sa.String(100), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 @dataclass(frozen=True)
 class AliasMove:
     model_name: str

@@ -1,0 +1,259 @@
+"""A monitoring run: a window of the prediction log against the champion's training reference.
+
+Verdicts (per-feature drift, prediction drift, performance on the latest labelled predictions)
+go to the state database (`monitor_runs`, `monitor_columns`), where the server's /metrics reads
+them as gauges; an Evidently report (HTML + JSON) on samples of both sides goes to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import sqlalchemy as sa
+
+from flywheel.config import MonitorWindow, Project
+from flywheel.data.features import FeatureSpec, build_matrix
+from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
+from flywheel.monitoring.reference import (
+    PREDICTION,
+    PROFILE_FILE,
+    SAMPLE_FILE,
+    categorical_features,
+    feature_frame,
+)
+from flywheel.registry import CHAMPION, Registry
+from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open_state, predictions
+from flywheel.training.evaluate import holdout_metrics
+
+
+class MonitorError(RuntimeError):
+    """Monitoring cannot run: no champion, no reference, or too few predictions."""
+
+
+@dataclass(frozen=True)
+class Performance:
+    rows: int
+    positives: int
+    roc_auc: float
+    pr_auc: float
+    brier: float
+
+
+@dataclass(frozen=True)
+class MonitorVerdict:
+    id: int
+    model_name: str
+    model_version: int
+    window_kind: str
+    window_start: datetime | None
+    window_end: datetime | None
+    drift: DriftResult
+    prediction_drift: float | None
+    performance: Performance | None
+    performance_drop: bool
+    seconds: float
+    report_path: Path | None
+    mlflow_run_id: str | None
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.drift.detected
+
+    def summary(self) -> str:
+        parts = [f"v{self.model_version}: {self.drift.rows:,} predictions, "
+                 f"{len(self.drift.drifted_columns)}/{len(self.drift.columns)} features drifted "
+                 f"(share {self.drift.share:.2f}, dataset drift {'YES' if self.drift.detected else 'no'})"]
+        if self.performance is not None:
+            parts.append(f"ROC-AUC {self.performance.roc_auc:.3f} on {self.performance.rows:,} labelled"
+                         + (" (DROP)" if self.performance_drop else ""))
+        return "; ".join(parts)
+
+
+def reference_of(registry: Registry, version: int, cache: Path) -> tuple[ReferenceProfile, Path]:
+    """The champion's reference profile, and a local copy of its sample for Evidently."""
+    folder = registry.download_run_artifacts(version, "reference", cache)
+    profile_path = folder / PROFILE_FILE
+    if not profile_path.is_file():
+        raise MonitorError(f"v{version} has no reference profile (trained before monitoring existed): "
+                           "retrain it with flywheel train")
+    return ReferenceProfile.from_dict(json.loads(profile_path.read_text())), folder / SAMPLE_FILE
+
+
+def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
+                at: datetime | None = None) -> pd.DataFrame:
+    """The window's predictions: inputs (parsed), probability, model version, time."""
+    cols = [predictions.c.id, predictions.c.created_at, predictions.c.model_version,
+            predictions.c.inputs, predictions.c.probability]
+    query = sa.select(*cols).where(predictions.c.model_name == model_name)
+    if window.by == "time":
+        end = at or now()
+        query = query.where(predictions.c.created_at >= end - timedelta(hours=window.hours),
+                            predictions.c.created_at < end)
+    else:
+        query = query.order_by(predictions.c.id.desc()).limit(window.size)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    if not rows:
+        return pd.DataFrame(columns=["id", "created_at", "model_version", "probability"])
+    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in rows])
+    meta = pd.DataFrame({"id": [r.id for r in rows], "created_at": [r.created_at for r in rows],
+                         "model_version": [r.model_version for r in rows],
+                         "probability": [r.probability for r in rows]})
+    return pd.concat([meta, inputs], axis=1).sort_values("id").reset_index(drop=True)
+
+
+def read_labelled(engine: sa.Engine, model_name: str, rows: int) -> pd.DataFrame:
+    """The latest `rows` predictions that have a label (feedback), with that label."""
+    query = (sa.select(predictions.c.id, predictions.c.probability, feedback.c.label)
+             .join(feedback, feedback.c.record_id == predictions.c.record_id)
+             .where(predictions.c.model_name == model_name)
+             .order_by(predictions.c.id.desc()).limit(rows))
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=["id", "probability", "label"])
+
+
+def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int) -> Performance | None:
+    y = labelled["label"].to_numpy(dtype=np.int64)
+    positives = int(y.sum())
+    if len(y) < min_rows or positives < min_positives or positives == len(y):
+        return None
+    m = holdout_metrics(y, labelled["probability"].to_numpy(dtype=np.float64))
+    return Performance(len(y), positives, m["roc_auc"], m["pr_auc"], m["brier"])
+
+
+def run_monitor(project: Project, registry: Registry | None = None, window: MonitorWindow | None = None,
+                at: datetime | None = None, report: bool | None = None) -> MonitorVerdict:
+    """Monitor the latest window of predictions of the champion's model; store the verdicts."""
+    from flywheel.pipeline.steps import open_registry
+
+    cfg = project.config.monitoring
+    window = window or cfg.window
+    registry = registry or open_registry(project)
+    engine = open_state(project.state_url)
+    version = registry.alias_version(CHAMPION)
+    if version is None:
+        raise MonitorError("no champion: nothing is served, so there is nothing to monitor")
+    started = time.perf_counter()
+    profile, sample_path = reference_of(registry, version, project.home / "cache")
+    spec = FeatureSpec.from_json(registry.load_artifacts(version).feature_spec)
+    frame = read_window(engine, registry.model_name, window, at)
+    if len(frame) < 100:
+        raise MonitorError(f"only {len(frame)} predictions in the window; monitoring needs at least 100")
+    missing = [c for c in spec.input_columns if c not in frame.columns]
+    if missing:
+        raise MonitorError(f"logged inputs lack column(s) {', '.join(missing)} that v{version} uses")
+    current = feature_frame(spec, build_matrix(spec, frame))
+    current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
+    drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
+    pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
+    perf = window_performance(read_labelled(engine, registry.model_name, cfg.performance_rows),
+                              cfg.min_labelled, cfg.min_positives)
+    champion_auc = registry.version(version).metrics.get("holdout_roc_auc")
+    drop = bool(perf is not None and champion_auc is not None
+                and perf.roc_auc < champion_auc - cfg.max_auc_drop)
+    seconds = time.perf_counter() - started
+    w_start, w_end = frame["created_at"].min(), frame["created_at"].max()
+    verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
+                        pred.score, perf, drop, seconds)
+    report_path, mlflow_run = None, None
+    if cfg.evidently_report if report is None else report:
+        folder = project.monitoring_dir / f"{verdict_id:06d}"
+        report_path = evidently_report(pd.read_parquet(sample_path), current, spec, folder,
+                                       cfg.report_sample_rows, cfg.drift_threshold)
+        mlflow_run = _log_to_mlflow(registry, version, verdict_id, folder, drift, pred.score, perf, drop)
+        with engine.begin() as conn:
+            conn.execute(monitor_runs.update().where(monitor_runs.c.id == verdict_id).values(
+                report_path=str(report_path), mlflow_run_id=mlflow_run))
+    return MonitorVerdict(verdict_id, registry.model_name, version, window.by, w_start, w_end, drift,
+                          pred.score, perf, drop, seconds, report_path, mlflow_run)
+
+
+def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: Any, end: Any,
+           drift: DriftResult, prediction_drift: float, perf: Performance | None, drop: bool,
+           seconds: float) -> int:
+    with engine.begin() as conn:
+        verdict_id = conn.execute(monitor_runs.insert().values(  # type: ignore[index]
+            model_name=model_name, model_version=version, window_kind=kind, window_start=start,
+            window_end=end, rows=drift.rows, drift_share=drift.share, drift_detected=drift.detected,
+            prediction_drift=_finite(prediction_drift), labelled_rows=perf.rows if perf else 0,
+            roc_auc=perf.roc_auc if perf else None, pr_auc=perf.pr_auc if perf else None,
+            brier=perf.brier if perf else None, performance_drop=drop, seconds=seconds,
+            created_at=now(),
+        )).inserted_primary_key[0]
+        conn.execute(monitor_columns.insert(), [
+            {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,
+             "score": _finite(c.score) or 0.0, "threshold": c.threshold, "drifted": c.drifted}
+            for c in drift.columns
+        ])
+    return int(verdict_id)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def latest_verdict(engine: sa.Engine, model_name: str) -> dict[str, Any] | None:
+    """The newest monitoring run with its per-column scores (for /metrics and status)."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(monitor_runs).where(monitor_runs.c.model_name == model_name)
+                           .order_by(monitor_runs.c.id.desc()).limit(1)).mappings().first()
+        if row is None:
+            return None
+        cols = conn.execute(sa.select(monitor_columns).where(monitor_columns.c.run_id == row["id"])
+                            ).mappings().all()
+    return {**dict(row), "columns": [dict(c) for c in cols]}
+
+
+def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, folder: Path,
+                     sample_rows: int, threshold: float, seed: int = 0) -> Path:
+    """Evidently's DataDriftPreset on samples of both sides: report.html and report.json."""
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cats = categorical_features(spec)
+    columns = spec.names + [PREDICTION]
+    ref = reference[columns].sample(n=min(sample_rows, len(reference)), random_state=seed)
+    cur = current[columns].sample(n=min(sample_rows, len(current)), random_state=seed)
+    for c in cats:  # Evidently reads categories from strings
+        ref[c] = ref[c].astype("Int64").astype(str)
+        cur[c] = cur[c].astype("Int64").astype(str)
+    definition = DataDefinition(numerical_columns=[c for c in columns if c not in cats],
+                                categorical_columns=cats)
+    snapshot = Report([DataDriftPreset(threshold=threshold)]).run(
+        Dataset.from_pandas(cur, data_definition=definition),
+        Dataset.from_pandas(ref, data_definition=definition))
+    html = folder / "report.html"
+    snapshot.save_html(str(html))
+    (folder / "report.json").write_text(snapshot.json())
+    return html
+
+
+def _log_to_mlflow(registry: Registry, version: int, verdict_id: int, folder: Path, drift: DriftResult,
+                   prediction_drift: float, perf: Performance | None, drop: bool) -> str:
+    tags = {"flywheel.kind": "monitoring", "model_version": str(version), "verdict_id": str(verdict_id)}
+    with registry.run(f"monitor-{verdict_id:06d}-v{version}", tags) as run_id:
+        metrics: dict[str, float] = {"drift_share": drift.share, "rows": float(drift.rows),
+                                     "dataset_drift": float(drift.detected),
+                                     "performance_drop": float(drop)}
+        if np.isfinite(prediction_drift):
+            metrics["prediction_drift"] = prediction_drift
+        metrics.update({f"drift_{c.column}": c.score for c in drift.columns if np.isfinite(c.score)})
+        if perf is not None:
+            metrics.update({"window_roc_auc": perf.roc_auc, "window_pr_auc": perf.pr_auc,
+                            "window_brier": perf.brier, "labelled_rows": float(perf.rows)})
+        registry.log_metrics(run_id, metrics)
+        for path in sorted(folder.iterdir()):
+            registry.log_artifact(run_id, path, "evidently")
+    return run_id

@@ -1,0 +1,75 @@
+"""The retraining pipeline as a Prefect flow: one task per step, the same step functions.
+
+Prefect runs embedded: with no PREFECT_API_URL it starts a temporary local server whose database
+lives under the project's `.flywheel/prefect/` (PREFECT_HOME), so flow and task run states can be
+read there afterwards (`flow_run_states`). Set PREFECT_API_URL to use a Prefect server instead.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import Project
+
+
+def prefect_home(project: Project) -> Path:
+    return project.home / "prefect"
+
+
+def configure_prefect(project: Project) -> None:
+    """Point Prefect at the project's folder; must run before `prefect` is imported."""
+    home = prefect_home(project)
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+def run_prefect_pipeline(project: Project, trigger: str, reason: str,
+                         at: date | None = None) -> tuple[str, str]:
+    """Run the pipeline as a Prefect flow run; return (pipeline run id, Prefect flow run id)."""
+    configure_prefect(project)
+    from prefect import flow, task
+    from prefect.runtime import flow_run
+
+    from flywheel.pipeline import retrain
+
+    clock = at or date.today()
+
+    @task(name="step", task_run_name="{name}", retries=0)
+    def step(name: str, run_id: str) -> dict[str, Any]:
+        return retrain.run_step(project, name, run_id, clock)
+
+    @flow(name=f"retrain-{project.config.registered_model}", flow_run_name=f"{trigger}-{clock}",
+          log_prints=False, persist_result=False)
+    def retraining(run_id: str) -> tuple[str, str]:
+        for name in retrain.STEPS:
+            step(name, run_id)
+        return run_id, str(flow_run.id)
+
+    retrain.reconcile(project)
+    run_id = retrain.start_run(project, trigger, reason, clock)
+    try:
+        return retraining(run_id)
+    except Exception:
+        # The failed step has already been recorded and alerted on by run_step.
+        return run_id, ""
+
+
+def flow_run_states(project: Project) -> list[dict[str, Any]]:
+    """Flow runs recorded in the embedded Prefect database (read straight from its SQLite file)."""
+    import sqlite3
+
+    db = prefect_home(project) / "prefect.db"
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT id, name, state_type, state_name FROM flow_run "
+                            "ORDER BY created").fetchall()
+    return [dict(r) for r in rows]
