@@ -15,72 +15,17 @@ import os
 import resource
 import sys
 import time
-
-import numpy as np
-import pandas as pd
+from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flywheel.monitoring.drift import build_profile, detect_drift  # noqa: E402
-
-SHIFTED = {"num_00": ("mean", 0.3), "num_03": ("scale", 1.5), "num_07": ("mean", 0.15),
-           "low_01": ("shares", None), "cat_02": ("shares", None), "cat_04": ("new", None)}
-
-
-def make_frame(rows: int, seed: int, shifted: bool) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    cols: dict[str, np.ndarray] = {}
-    for i in range(12):
-        name = f"num_{i:02d}"
-        kind = i % 3
-        x = (rng.normal(10 + i, 2 + i / 4, rows) if kind == 0 else
-             rng.lognormal(1 + i / 10, 0.6, rows) if kind == 1 else rng.gamma(2 + i / 5, 3, rows))
-        if shifted and name in SHIFTED:
-            how, amount = SHIFTED[name]
-            std = float(np.std(x))
-            x = x + amount * std if how == "mean" else (x - x.mean()) * amount + x.mean()
-        cols[name] = x
-    for i in range(3):
-        name = f"low_{i:02d}"
-        p = np.array([0.5, 0.3, 0.15, 0.05])
-        if shifted and name in SHIFTED:
-            p = np.array([0.3, 0.3, 0.25, 0.15])
-        cols[name] = rng.choice(4, size=rows, p=p).astype(np.float64)
-    for i in range(5):
-        name = f"cat_{i:02d}"
-        k = 8 + 4 * i
-        p = rng.dirichlet(np.ones(k) * 2)  # same seed-independent draw below
-        p = np.random.default_rng(100 + i).dirichlet(np.ones(k) * 2)
-        values = np.array([f"c{j}" for j in range(k)] + ["new"])
-        if shifted and SHIFTED.get(name, ("",))[0] == "shares":
-            p = np.roll(p, 1)
-        probs = np.append(p, 0.0)
-        if shifted and SHIFTED.get(name, ("",))[0] == "new":
-            probs = np.append(p * 0.7, 0.3)
-        cols[name] = values[rng.choice(k + 1, size=rows, p=probs / probs.sum())]
-    return pd.DataFrame(cols)
+from tests.drift_data import SHIFTED, evidently_scores, make_frame  # noqa: E402
 
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, cats: list[str]) -> dict[str, float]:
-    """Evidently's per-column drift scores (each column drifts at score >= 0.1)."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
-    definition = DataDefinition(numerical_columns=[c for c in ref.columns if c not in cats],
-                                categorical_columns=cats)
-    snap = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=definition),
-                                          Dataset.from_pandas(ref, data_definition=definition))
-    out: dict[str, float] = {}
-    for metric in snap.dict()["metrics"]:
-        name = metric.get("metric_name", "")
-        if name.startswith("ValueDrift(column="):
-            column = name.split("column=")[1].split(",")[0].rstrip(")")
-            out[column] = float(metric["value"])
-    return out
 
 
 def main() -> int:
@@ -107,7 +52,7 @@ def main() -> int:
     if args.skip_evidently:
         return 0 if ok else 1
     t0 = time.perf_counter()
-    theirs = run_evidently(ref, cur, cats)
+    theirs = evidently_scores(ref, cur, cats)
     t_evidently = time.perf_counter() - t0
     mem_total = peak_mib()
     flagged_ev = {c for c, score in theirs.items() if score >= 0.1}

@@ -1,4 +1,5 @@
-"""The `flywheel` command: demo, ingest, train, evaluate, promote, rollback, status."""
+"""The `flywheel` command: demo, ingest, train, evaluate, promote, rollback, status, serve, predict,
+monitor, retrain, step, run."""
 
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.data.checks import DataCheckError
     from flywheel.data.sources import SourceError
     from flywheel.demo.sba import FetchError
+    from flywheel.monitoring.monitor import MonitorError
     from flywheel.pipeline.steps import PipelineError
     from flywheel.registry import RegistryError
+    from flywheel.state.locks import LockBusy
     from flywheel.training.split import SplitError
     from flywheel.training.trainers import TrainerUnavailable
 
     return (DataCheckError, SourceError, FetchError, PipelineError, RegistryError, SplitError,
-            TrainerUnavailable)
+            TrainerUnavailable, MonitorError, LockBusy)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -101,8 +104,12 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 @app.command()
-def demo(config: ConfigOpt = DEFAULT_CONFIG) -> None:
-    """Fetch the SBA loans, load the source DB, then train, evaluate, register and gate a model."""
+def demo(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    replay: Annotated[bool, typer.Option(help="Replay FY2002-2010 through the loop after training.")] = True,
+    quarters: Annotated[int, typer.Option(min=1, max=36, help="Quarters to replay from FY2002 Q1.")] = 36,
+) -> None:
+    """The whole loop on the SBA loans: load, train, serve, replay 2002-2010, monitor, retrain, report."""
 
     def body() -> None:
         from flywheel.data.sources import write_table
@@ -126,9 +133,29 @@ def demo(config: ConfigOpt = DEFAULT_CONFIG) -> None:
             f"two-digit-year dates; dropped columns {', '.join(sba.LEAKY_DROPPED)}."
         )
         _print_result(project, result)
+        if replay:
+            _replay(project, quarters)
         console.print(f"Demo finished in {time.perf_counter() - started:.0f}s.")
 
     _run(body)
+
+
+def _replay(project: Project, quarters: int) -> None:
+    from flywheel.demo.replay import run_replay
+
+    console.print(f"Replaying {quarters} quarters from FY2002 Q1 as live traffic "
+                  "(server, prediction log, feedback, monitoring, triggers, retraining)...")
+    report = run_replay(project, quarters, progress=lambda msg: console.print(f"  {msg}"))
+    folder = project.home / "replay"
+    table = Table(title="Mean ROC-AUC over the replayed quarters")
+    for col in ("model", "mean ROC-AUC", "retrains"):
+        table.add_column(col)
+    table.add_row("static (FY1995-2001)", _fmt(report["mean_static_auc"]), "0")
+    table.add_row("Flywheel loop (logged predictions)", _fmt(report["mean_loop_auc"]),
+                  f"{report['loop_retrains']} ({report['loop_promotions']} promoted)")
+    table.add_row("oracle (every quarter)", _fmt(report["mean_oracle_auc"]), str(report["oracle_retrains"]))
+    out.print(table)
+    out.print(f"Report: {folder / 'report.md'} (plots beside it), figures in {folder / 'report.json'}")
 
 
 @app.command()
@@ -303,6 +330,136 @@ def predict(
 
 
 # ---- output ------------------------------------------------------------------------------------
+
+
+@app.command()
+def monitor(
+    config: ConfigOpt,
+    size: Annotated[int | None, typer.Option(help="Window: the latest N predictions.")] = None,
+    hours: Annotated[float | None, typer.Option(help="Window: the latest H hours of predictions.")] = None,
+    report: Annotated[bool, typer.Option(help="Write the Evidently HTML/JSON report to MLflow.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Drift and performance of a window of the prediction log against the training reference."""
+
+    def body() -> None:
+        from flywheel.config import MonitorWindow
+        from flywheel.monitoring.monitor import run_monitor
+
+        project = _project(config)
+        window = project.config.monitoring.window
+        if size is not None:
+            window = MonitorWindow(by="count", size=size)
+        elif hours is not None:
+            window = MonitorWindow(by="time", hours=hours)
+        v = run_monitor(project, window=window, report=report)
+        if as_json:
+            perf = v.performance.__dict__ if v.performance else None
+            out.print_json(json.dumps({
+                "id": v.id, "model_version": v.model_version, "rows": v.drift.rows,
+                "drift_share": v.drift.share, "drift_detected": v.drift.detected,
+                "columns": [c.__dict__ for c in v.drift.columns], "prediction_drift": v.prediction_drift,
+                "performance": perf, "performance_drop": v.performance_drop, "seconds": v.seconds,
+                "report": str(v.report_path) if v.report_path else None, "mlflow_run_id": v.mlflow_run_id,
+            }, default=str))
+            return
+        table = Table(title=f"Drift of {v.drift.rows:,} predictions vs the training reference of "
+                            f"v{v.model_version}")
+        for col in ("feature", "test", "score", "threshold", "drift"):
+            table.add_column(col)
+        for c in v.drift.columns:
+            table.add_row(c.column, c.stattest, f"{c.score:.4f}", f"{c.threshold:g}",
+                          "[red]DRIFT[/]" if c.drifted else "")
+        out.print(table)
+        out.print(v.summary() + f" ({v.seconds:.2f}s)")
+        if v.report_path:
+            out.print(f"Evidently report: {v.report_path} (MLflow run {v.mlflow_run_id})")
+
+    _run(body)
+
+
+AtOpt = Annotated[str | None, typer.Option("--at", help="The pipeline's clock (YYYY-MM-DD); default today.")]
+
+
+def _date(text: str | None) -> Any:
+    from datetime import date
+
+    return date.fromisoformat(text) if text else None
+
+
+@app.command()
+def retrain(
+    config: ConfigOpt,
+    orchestrator: Annotated[str | None, typer.Option(help="local or prefect (default: config).")] = None,
+    trigger: Annotated[str, typer.Option(help="What started this run (recorded).")] = "manual",
+    reason: Annotated[str, typer.Option(help="Why (recorded, alerted).")] = "requested from the CLI",
+    at: AtOpt = None,
+) -> None:
+    """Run the retraining pipeline once: extract, features, train, evaluate, promote, alert."""
+
+    def body() -> None:
+        from flywheel.pipeline.retrain import orchestrate
+
+        run = orchestrate(_project(config), trigger, reason, _date(at), orchestrator)
+        _print_pipeline_run(run)
+        if run.status != "succeeded":
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def step(
+    name: Annotated[str, typer.Argument(help="extract | features | train | evaluate | promote | alert")],
+    config: ConfigOpt,
+    run_id: Annotated[str, typer.Option("--run-id", help="The pipeline run this step belongs to.")],
+    trigger: Annotated[str, typer.Option(help="Recorded when the run is created.")] = "external",
+    reason: Annotated[str, typer.Option(help="Recorded when the run is created.")] = "orchestrator",
+    at: AtOpt = None,
+) -> None:
+    """Run one pipeline step (what the Airflow DAG's tasks call); outputs go to the state DB."""
+
+    def body() -> None:
+        from datetime import date
+
+        from flywheel.pipeline.retrain import run_step, start_run
+
+        project = _project(config)
+        start_run(project, trigger, reason, _date(at) or date.today(), run_id)
+        result = run_step(project, name, run_id)
+        out.print_json(json.dumps(result, default=str))
+
+    _run(body)
+
+
+@app.command()
+def run(config: ConfigOpt) -> None:
+    """Serve the champion and, every retraining.check_interval_s, monitor and retrain when triggered."""
+
+    def body() -> None:
+        from flywheel.pipeline.scheduler import run_forever
+
+        run_forever(_project(config), lambda msg: console.print(msg))
+
+    _run(body)
+
+
+def _print_pipeline_run(run: Any) -> None:
+    out.print(f"Pipeline run {run.id}: {run.status} (trigger {run.trigger}: {run.reason})")
+    for name in ("extract", "features", "train", "evaluate", "promote", "alert"):
+        o = run.outputs.get(name)
+        if o is None:
+            continue
+        detail = {"extract": lambda o: f"{o['rows']:,} rows {o['window_start']}..{o['window_end']}",
+                  "features": lambda o: f"{len(o['features'])} features, checks passed",
+                  "train": lambda o: f"v{o['version']} ROC-AUC {o['metrics']['roc_auc']:.4f}",
+                  "evaluate": lambda o: o["summary"],
+                  "promote": lambda o: ("PROMOTED: " if o.get("promoted") else "not promoted: ")
+                  + o["reason"],
+                  "alert": lambda o: f"sent to {o['sent_to']}"}[name](o)
+        out.print(f"  {name:9s} {detail}")
+    if run.error:
+        out.print(f"  [red]error:[/] {run.error}")
 
 
 def _metrics_table(name: str, metrics: dict[str, float], champ_version: int | None,

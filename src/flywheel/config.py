@@ -212,7 +212,8 @@ class MonitoringConfig(_Strict):
     performance_rows: int = Field(default=5_000, ge=50)
     min_labelled: int = Field(default=500, ge=10)
     min_positives: int = Field(default=10, ge=1)
-    # A drop: window ROC-AUC below the champion's holdout ROC-AUC minus this.
+    # A drop: window ROC-AUC below what the serving versions promised (their holdout ROC-AUC,
+    # weighted by rows) minus this.
     max_auc_drop: float = Field(default=0.05, ge=0, le=1)
     # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
     report_sample_rows: int = Field(default=10_000, ge=100)

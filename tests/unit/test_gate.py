@@ -56,3 +56,13 @@ def test_holdout_metrics_on_known_values():
     assert out["roc_auc"] == 0.75
     assert math.isclose(out["brier"], (0.01 + 0.16 + 0.4225 + 0.04) / 4)
     assert out["rows"] == 4 and out["positive_rate"] == 0.5
+
+
+def test_floor_is_waived_only_when_the_champion_is_below_it_too():
+    gate = GateConfig(floor=0.6, min_improvement=0.002)
+    better = decide_gate(gate, m(0.59), m(0.58), INPUTS, INPUTS)
+    assert better.passed and "waived" in better.reasons[0]
+    not_better = decide_gate(gate, m(0.59), m(0.589), INPUTS, INPUTS)
+    assert not not_better.passed  # waived floor, but the improvement rule still applies
+    champion_fine = decide_gate(gate, m(0.59), m(0.61), INPUTS, INPUTS)
+    assert not champion_fine.passed and "FAILS" in champion_fine.reasons[0]

@@ -87,6 +87,19 @@ def reference_of(registry: Registry, version: int, cache: Path) -> tuple[Referen
     return ReferenceProfile.from_dict(json.loads(profile_path.read_text())), folder / SAMPLE_FILE
 
 
+_FACTS: dict[tuple[str, str, int], tuple[ReferenceProfile, Path, FeatureSpec]] = {}
+
+
+def _version_facts(registry: Registry, version: int,
+                   cache: Path) -> tuple[ReferenceProfile, Path, FeatureSpec]:
+    """Reference and feature spec of a version: immutable, so fetched once per process."""
+    key = (registry.tracking_url, registry.model_name, version)
+    if key not in _FACTS:
+        profile, sample = reference_of(registry, version, cache)
+        _FACTS[key] = (profile, sample, FeatureSpec.from_json(registry.load_artifacts(version).feature_spec))
+    return _FACTS[key]
+
+
 def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
                 at: datetime | None = None) -> pd.DataFrame:
     """The window's predictions: inputs (parsed), probability, model version, time."""
@@ -111,13 +124,30 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
 
 
 def read_labelled(engine: sa.Engine, model_name: str, rows: int) -> pd.DataFrame:
-    """The latest `rows` predictions that have a label (feedback), with that label."""
-    query = (sa.select(predictions.c.id, predictions.c.probability, feedback.c.label)
+    """The latest `rows` predictions that have a label (feedback), with the version that served them."""
+    query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
+                       feedback.c.label)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == model_name)
              .order_by(predictions.c.id.desc()).limit(rows))
     with engine.connect() as conn:
-        return pd.DataFrame(conn.execute(query).all(), columns=["id", "probability", "label"])
+        return pd.DataFrame(conn.execute(query).all(),
+                            columns=["id", "model_version", "probability", "label"])
+
+
+def expected_auc(registry: Registry, labelled: pd.DataFrame) -> float | None:
+    """What the versions that served these predictions promised: their holdout ROC-AUC, row-weighted.
+
+    Labels arrive late (24 months for the SBA loans), so the labelled predictions were usually
+    served by an earlier champion; each is held to its own model's promise, not to today's.
+    """
+    weights = labelled["model_version"].value_counts()
+    promised = {int(v): registry.version(int(v)).metrics.get("holdout_roc_auc") for v in weights.index}
+    known = {v: a for v, a in promised.items() if a is not None}
+    if not known:
+        return None
+    total = sum(int(weights[v]) for v in known)
+    return sum(a * int(weights[v]) for v, a in known.items()) / total
 
 
 def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int) -> Performance | None:
@@ -142,8 +172,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     if version is None:
         raise MonitorError("no champion: nothing is served, so there is nothing to monitor")
     started = time.perf_counter()
-    profile, sample_path = reference_of(registry, version, project.home / "cache")
-    spec = FeatureSpec.from_json(registry.load_artifacts(version).feature_spec)
+    profile, sample_path, spec = _version_facts(registry, version, project.home / "cache")
     frame = read_window(engine, registry.model_name, window, at)
     if len(frame) < 100:
         raise MonitorError(f"only {len(frame)} predictions in the window; monitoring needs at least 100")
@@ -154,11 +183,10 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
-    perf = window_performance(read_labelled(engine, registry.model_name, cfg.performance_rows),
-                              cfg.min_labelled, cfg.min_positives)
-    champion_auc = registry.version(version).metrics.get("holdout_roc_auc")
-    drop = bool(perf is not None and champion_auc is not None
-                and perf.roc_auc < champion_auc - cfg.max_auc_drop)
+    labelled = read_labelled(engine, registry.model_name, cfg.performance_rows)
+    perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives)
+    promised = expected_auc(registry, labelled) if perf is not None else None
+    drop = bool(perf is not None and promised is not None and perf.roc_auc < promised - cfg.max_auc_drop)
     seconds = time.perf_counter() - started
     w_start, w_end = frame["created_at"].min(), frame["created_at"].max()
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,

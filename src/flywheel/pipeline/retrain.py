@@ -187,6 +187,9 @@ def step_extract(project: Project, run_id: str, at: date) -> dict[str, Any]:
     window = training_window(project, at)
     snap = extract_window(project.source_url, project.config.data, cols, project.snapshot_dir,
                           window=window, as_of=at)
+    if snap.rows < project.config.checks.min_rows:
+        raise PipelineError(f"only {snap.rows:,} rows with known labels in {window[0]}..{window[1]} "
+                            f"(checks.min_rows is {project.config.checks.min_rows:,}): nothing to retrain on")
     return {"snapshot": str(snap.path), "rows": snap.rows, "window_start": window[0].isoformat(),
             "window_end": window[1].isoformat(), "as_of": at.isoformat(),
             "positive_rate": snap.positive_rate, "previous_watermark": _iso(get_watermark(project))}

@@ -35,6 +35,13 @@ from flywheel.training.split import TimeSplit, split_by_time
 from flywheel.training.trainers import FittedModel, TrainingData, train_model
 
 ONNX_PARITY_TOLERANCE = 1e-4
+# ONNX tree ensembles hold split thresholds as float32, LightGBM as float64: a row whose feature
+# value lies between the two roundings of a threshold takes the other branch. That is a property
+# of the format, not a broken export, and touches a handful of rows; a broken export moves most of
+# them. So: at most this share of rows may differ by more than the tolerance, and none by more
+# than ONNX_MAX_DIFF.
+ONNX_PARITY_MAX_SHARE = 0.001
+ONNX_MAX_DIFF = 0.01
 
 
 class Reporter(Protocol):
@@ -188,12 +195,17 @@ def train_on_snapshot(project: Project, snapshot: Snapshot, reporter: Reporter |
             X_hold, y_hold = prepared.X[hold], prepared.y[hold]
             native = fitted.predict(X_hold)
             exported = onnx_predict(fitted.onnx, X_hold)
-            max_diff = float(np.max(np.abs(native - exported))) if len(hold) else 0.0
-            if max_diff > ONNX_PARITY_TOLERANCE:
-                raise PipelineError(f"ONNX export differs from the native model by {max_diff:.2e} "
-                                    f"(> {ONNX_PARITY_TOLERANCE}); not registering it")
+            diff = np.abs(native - exported)
+            max_diff = float(np.max(diff)) if len(hold) else 0.0
+            share_over = float(np.mean(diff > ONNX_PARITY_TOLERANCE)) if len(hold) else 0.0
+            if share_over > ONNX_PARITY_MAX_SHARE or max_diff > ONNX_MAX_DIFF:
+                raise PipelineError(
+                    f"ONNX export differs from the native model: {share_over:.2%} of holdout rows by "
+                    f"more than {ONNX_PARITY_TOLERANCE} (allowed {ONNX_PARITY_MAX_SHARE:.1%}), at most by "
+                    f"{max_diff:.2e} (allowed {ONNX_MAX_DIFF}); not registering it")
             metrics = holdout_metrics(y_hold, exported)
-            _log_training(registry, run_id, project, prepared, report, fitted, metrics, max_diff)
+            _log_training(registry, run_id, project, prepared, report, fitted, metrics, max_diff,
+                          share_over)
             _log_reference(registry, run_id, prepared, exported)
         with reporter.step("Register; score the champion; gate"):
             version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
@@ -226,7 +238,7 @@ def _log_reference(registry: Registry, run_id: str, prepared: PreparedData, hold
 
 def _log_training(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
                   report: DataCheckReport, fitted: FittedModel, metrics: dict[str, float],
-                  max_diff: float) -> None:
+                  max_diff: float, share_over: float) -> None:
     params = {**{f"model.{k}": v for k, v in fitted.params.items()},
               **{f"split.{k}": v for k, v in prepared.split.describe().items()},
               "model.type": fitted.kind, "features": ",".join(prepared.spec.names),
@@ -236,7 +248,8 @@ def _log_training(registry: Registry, run_id: str, project: Project, prepared: P
     registry.log_metrics(run_id, {
         **{f"holdout_{k}": v for k, v in metrics.items()},
         "best_iteration": fitted.best_iteration, "train_seconds": fitted.train_seconds,
-        "onnx_max_abs_diff": max_diff, "snapshot_rows": prepared.snapshot.rows,
+        "onnx_max_abs_diff": max_diff, "onnx_share_over_tolerance": share_over,
+        "snapshot_rows": prepared.snapshot.rows,
         "immature_rows_dropped": prepared.snapshot.immature_dropped,
     })
     registry.log_text(run_id, json.dumps(report.__dict__, indent=2, default=str), "data_checks.json")

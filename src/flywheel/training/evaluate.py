@@ -100,7 +100,18 @@ def decide_gate(
         return GateDecision(False, [f"{metric} is undefined on the holdout (one class only)"])
     floor_ok = value >= gate.floor if higher else value <= gate.floor
     sign = ">=" if higher else "<="
-    reasons.append(f"floor: {metric} {value:.4f} {sign} {gate.floor} {'holds' if floor_ok else 'FAILS'}")
+    champ_value = champion[metric] if champion is not None else None
+    champ_below = champ_value is not None and not (champ_value >= gate.floor if higher
+                                                   else champ_value <= gate.floor)
+    if not floor_ok and champ_below:
+        # The floor keeps an acceptable champion from being replaced by an unacceptable model. When
+        # the champion itself is below it on today's holdout, refusing a better challenger would keep
+        # the worse model serving: the improvement rule decides instead.
+        reasons.append(f"floor: {metric} {value:.4f} below {gate.floor}, but the champion is too "
+                       f"({champ_value:.4f}): waived, the improvement rule decides")
+        floor_ok = True
+    else:
+        reasons.append(f"floor: {metric} {value:.4f} {sign} {gate.floor} {'holds' if floor_ok else 'FAILS'}")
     ok &= floor_ok
     if champion is None:
         reasons.append("no champion yet: only the floor applies")

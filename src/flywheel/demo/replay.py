@@ -1,0 +1,454 @@
+"""The SBA replay: history after the training window, sent quarter by quarter as live traffic.
+
+Three models are compared on every replayed quarter, each using only labels known at its time
+(a 24-month performance window: a loan's label is known 24 months after approval):
+- static: the first champion (trained on FY1995-2001 with labels known by 2001-10-01), never changed;
+- loop:   whatever the server answered with: monitoring on the prediction log, triggers, the
+          retraining pipeline and its gate decide; its AUC is computed from the logged predictions;
+- oracle: retrained at the start of every quarter on the same lookback window the loop uses
+          (same features, trainer and parameters), trained in memory, no gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from flywheel.config import MonitorWindow, Project
+from flywheel.data import features as feats
+from flywheel.data.sources import LABEL_KNOWN_AT, TARGET, extract_window
+from flywheel.pipeline.steps import open_registry, prepare_features, score_version
+from flywheel.registry import CHAMPION
+from flywheel.state.db import open_state, predictions
+
+FIRST_QUARTER = date(2001, 10, 1)  # FY2002 Q1
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Quarter:
+    index: int
+    start: date
+    end: date
+
+    @property
+    def label(self) -> str:
+        fy = self.start.year + (1 if self.start.month >= 10 else 0)
+        q = {10: 1, 1: 2, 4: 3, 7: 4}[self.start.month]
+        return f"FY{fy}Q{q}"
+
+
+def quarters(first: date, n: int) -> list[Quarter]:
+    starts = [(pd.Timestamp(first) + pd.DateOffset(months=3 * i)).date() for i in range(n + 1)]
+    return [Quarter(i, starts[i], starts[i + 1]) for i in range(n)]
+
+
+@dataclass
+class Retrain:
+    quarter: str
+    clock: str
+    trigger: str
+    reason: str
+    pipeline_run: str
+    status: str
+    version: int | None
+    gate_passed: bool | None
+    gate: str
+    promoted: bool
+    seconds: float
+
+
+@dataclass
+class QuarterResult:
+    quarter: str
+    start: str
+    rows: int
+    refused: int
+    positive_rate: float
+    served_versions: list[int]
+    static_auc: float | None = None
+    loop_auc: float | None = None
+    oracle_auc: float | None = None
+    drift_share: float | None = None
+    drift_detected: bool | None = None
+    drifted_features: list[str] = field(default_factory=list)
+    prediction_drift: float | None = None
+    labelled_window_auc: float | None = None
+    labels_fed: int = 0
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if len(y) == 0 or y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, p))
+
+
+# ---- the oracle (runs in a second process while the loop replays) -------------------------------
+
+
+def oracle_aucs(config_path: str, home: str, first: date, n: int) -> list[float | None]:
+    """Retrain at the start of every quarter on the loop's lookback window; AUC on that quarter."""
+    from flywheel.config import load_project
+    from flywheel.pipeline.retrain import training_window
+    from flywheel.training.evaluate import onnx_predict
+    from flywheel.training.trainers import train_model
+
+    project = load_project(config_path, env={"FLYWHEEL_HOME": home})
+    data = project.config.data
+    qs = quarters(first, n)
+    cols = feats.input_columns(project.config.features)
+    lo = training_window(project, qs[0].start)[0]
+    everything = extract_window(project.source_url, data, cols, project.snapshot_dir / "oracle",
+                                window=(lo, qs[-1].end), as_of=date(2200, 1, 1)).frame()
+    when = everything[data.time_column]
+    out: list[float | None] = []
+    for q in qs:
+        start, end = training_window(project, q.start)
+        known = everything[LABEL_KNOWN_AT] <= pd.Timestamp(q.start)
+        train = everything[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(end)) & known]
+        test = everything[(when >= pd.Timestamp(q.start)) & (when < pd.Timestamp(q.end))]
+        prepared = prepare_features(project, _FrameSnapshot(train.reset_index(drop=True)))  # type: ignore[arg-type]
+        fitted = train_model(project.config.model, prepared.training_data())
+        p = onnx_predict(fitted.onnx, feats.build_matrix(prepared.spec, test))
+        out.append(auc(test[TARGET].to_numpy(), p))
+    return out
+
+
+class _FrameSnapshot:
+    """What prepare_features needs of a Snapshot, for a frame already in memory."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self._frame = frame
+
+    def frame(self) -> pd.DataFrame:
+        return self._frame
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def records_of(rows: pd.DataFrame, inputs: list[str], id_col: str, time_col: str) -> list[dict[str, Any]]:
+    """JSON request records: the model inputs plus a meta block (entity id, event time)."""
+    frame = rows[inputs].astype(object).where(rows[inputs].notna(), None)  # type: ignore[call-overload]
+    out = frame.to_dict("records")
+    for rec, entity, when in zip(out, rows[id_col].tolist(), rows[time_col].tolist(), strict=True):
+        rec["meta"] = {"entity_id": str(entity), "event_time": pd.Timestamp(when).date().isoformat()}
+    return out
+
+
+def send_quarter(client: Any, url: str, records: list[dict[str, Any]]) -> tuple[dict[str, str], int]:
+    """POST records in batches; records the server refuses (422) are dropped and counted."""
+    record_ids: dict[str, str] = {}
+    refused = 0
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        while batch:
+            r = client.post(f"{url}/v1/predict", json=batch)
+            if r.status_code == 200:
+                for rec, pred in zip(batch, r.json()["predictions"], strict=True):
+                    record_ids[rec["meta"]["entity_id"]] = pred["record_id"]
+                break
+            if r.status_code != 422:
+                raise RuntimeError(f"server answered {r.status_code}: {r.text[:500]}")
+            bad = {e["loc"][1] for e in r.json()["detail"]
+                   if len(e["loc"]) > 1 and isinstance(e["loc"][1], int)}
+            if not bad:
+                raise RuntimeError(f"422 without a record index: {r.text[:500]}")
+            refused += len(bad)
+            batch = [rec for i, rec in enumerate(batch) if i not in bad]
+    return record_ids, refused
+
+
+def feed_labels(client: Any, url: str, due: pd.DataFrame, record_ids: dict[str, str], id_col: str) -> int:
+    labels = [{"record_id": record_ids[str(e)], "label": int(y), "observed_at": pd.Timestamp(k).isoformat()}
+              for e, y, k in zip(due[id_col], due[TARGET], due[LABEL_KNOWN_AT], strict=True)
+              if str(e) in record_ids]
+    for start in range(0, len(labels), 5000):
+        r = client.post(f"{url}/v1/feedback", json={"labels": labels[start:start + 5000]})
+        if r.status_code != 200:
+            raise RuntimeError(f"feedback refused: {r.status_code} {r.text[:300]}")
+    return len(labels)
+
+
+def wait_for_log(engine: sa.Engine, model_name: str, expected: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            n = conn.execute(sa.select(sa.func.count()).select_from(predictions)
+                             .where(predictions.c.model_name == model_name)).scalar() or 0
+        if n >= expected:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"prediction log has fewer than {expected} rows after {timeout:.0f}s")
+
+
+Progress = Callable[[str], None]
+
+
+def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Replay, monitor, retrain, and write report.json / report.md / PNGs; return the report."""
+    import httpx
+
+    from flywheel.monitoring.monitor import MonitorError, run_monitor
+    from flywheel.pipeline.retrain import orchestrate
+    from flywheel.pipeline.triggers import due_trigger
+    from flywheel.serving.process import ServerProcess
+
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    cfg = project.config
+    data = cfg.data
+    registry = open_registry(project)
+    static_version = registry.alias_version(CHAMPION)
+    if static_version is None:
+        raise RuntimeError("the replay needs a champion: train one first (flywheel demo does)")
+    out_dir = out_dir or project.home / "replay"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qs = quarters(FIRST_QUARTER, n_quarters)
+
+    pool = ProcessPoolExecutor(max_workers=1)
+    oracle: Future[list[float | None]] = pool.submit(oracle_aucs, str(project.path), str(project.home),
+                                                     FIRST_QUARTER, n_quarters)
+    inputs = feats.input_columns(cfg.features)
+    frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
+                           window=(qs[0].start, qs[-1].end), as_of=date(2200, 1, 1)).frame()
+    when = frame[data.time_column]
+    frame["__quarter__"] = -1
+    for q in qs:
+        frame.loc[(when >= pd.Timestamp(q.start)) & (when < pd.Timestamp(q.end)), "__quarter__"] = q.index
+    frame["__static__"] = score_version(registry, static_version, frame)
+    # the quarter whose end first sees each label (labels of the last quarters arrive after the replay)
+    known = frame[LABEL_KNOWN_AT]
+    frame["__label_quarter__"] = len(qs)
+    for q in reversed(qs):
+        frame.loc[known <= pd.Timestamp(q.end), "__label_quarter__"] = q.index
+    frame["__fed__"] = False
+    engine = open_state(project.state_url)
+
+    results: list[QuarterResult] = []
+    retrains: list[Retrain] = []
+    sent_ids: dict[str, str] = {}
+    last_retrain: date | None = None
+    total_sent = 0
+    with engine.connect() as conn:
+        total_sent = conn.execute(sa.select(sa.func.count()).select_from(predictions)
+                                  .where(predictions.c.model_name == registry.model_name)).scalar() or 0
+    server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
+    try:
+        server.wait_ready()
+        with httpx.Client(timeout=120) as client:
+            for q in qs:
+                t_quarter = time.perf_counter()
+                rows = frame[frame["__quarter__"] == q.index]
+                served = server.served_version()
+                ids, refused = send_quarter(client, server.url,
+                                            records_of(rows, inputs, data.id_column, data.time_column))
+                sent_ids.update(ids)
+                total_sent += len(ids)
+                # labels that matured during this quarter go back as feedback (earlier ones already did)
+                due = frame[(frame["__label_quarter__"] <= q.index) & ~frame["__fed__"]]
+                n_fed = feed_labels(client, server.url, due, sent_ids, data.id_column)
+                frame.loc[due.index, "__fed__"] = True
+                wait_for_log(engine, registry.model_name, total_sent)
+                t_sent = time.perf_counter() - t_quarter
+                result = QuarterResult(q.label, q.start.isoformat(), len(ids), refused,
+                                       float(rows[TARGET].mean()) if len(rows) else math.nan,
+                                       [served] if served else [], labels_fed=n_fed)
+                verdict = None
+                try:
+                    verdict = run_monitor(project, registry,
+                                          MonitorWindow(by="count", size=max(len(ids), 100)),
+                                          report=(q.index % 4 == 3))
+                    result.drift_share = verdict.drift.share
+                    result.drift_detected = verdict.drift.detected
+                    result.drifted_features = verdict.drift.drifted_columns
+                    result.prediction_drift = verdict.prediction_drift
+                    result.labelled_window_auc = verdict.performance.roc_auc if verdict.performance else None
+                except MonitorError as exc:
+                    say(f"{q.label}: monitoring skipped: {exc}")
+                results.append(result)
+                decision = due_trigger(project, q.end, verdict, last_retrain)
+                say(f"{q.label}: {len(ids):,} loans, v{served}; "
+                    + (verdict.summary() if verdict else "no verdict")
+                    + (f"; trigger {decision.trigger}" if decision else "")
+                    + f" [{t_sent:.1f}s traffic+labels, "
+                      f"{time.perf_counter() - t_quarter - t_sent:.1f}s monitor]")
+                if decision is None:
+                    continue
+                t0 = time.perf_counter()
+                run = orchestrate(project, decision.trigger, decision.reason, q.end)
+                last_retrain = q.end
+                evaluation = run.outputs.get("evaluate", {})
+                retrains.append(Retrain(q.label, q.end.isoformat(), decision.trigger, decision.reason,
+                                        run.id, run.status, run.version, evaluation.get("passed"),
+                                        evaluation.get("summary", run.error or ""), run.promoted,
+                                        time.perf_counter() - t0))
+                say(f"  retrain -> v{run.version}: {'PROMOTED' if run.promoted else 'not promoted'} "
+                    f"({evaluation.get('summary', run.error)})")
+                if run.promoted and run.version is not None:
+                    server.wait_for_version(run.version)
+    finally:
+        server.stop()
+
+    # loop AUC from what the server logged
+    logged = _logged(engine, registry.model_name, set(sent_ids.values()))
+    frame["__record__"] = frame[data.id_column].astype(str).map(sent_ids)
+    joined = frame.merge(logged, left_on="__record__", right_on="record_id", how="inner")
+    say("waiting for the oracle's retrains")
+    oracle_values = oracle.result()
+    pool.shutdown()
+    for q, res in zip(qs, results, strict=True):
+        part = joined[joined["__quarter__"] == q.index]
+        all_rows = frame[frame["__quarter__"] == q.index]
+        res.loop_auc = auc(part[TARGET].to_numpy(), part["probability"].to_numpy())
+        res.static_auc = auc(all_rows[TARGET].to_numpy(), all_rows["__static__"].to_numpy())
+        res.oracle_auc = oracle_values[q.index]
+        res.served_versions = sorted(set(part["model_version"].astype(int)))
+    report = _report(project, results, retrains, n_quarters, time.perf_counter() - started)
+    write_report(report, out_dir)
+    return report
+
+
+def _logged(engine: sa.Engine, model_name: str, wanted: set[str]) -> pd.DataFrame:
+    query = sa.select(predictions.c.record_id, predictions.c.probability, predictions.c.model_version) \
+        .where(predictions.c.model_name == model_name)
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=["record_id", "probability", "model_version"])
+    return df[df["record_id"].isin(wanted)]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def _report(project: Project, results: list[QuarterResult], retrains: list[Retrain], n: int,
+            seconds: float) -> dict[str, Any]:
+    cfg = project.config
+    mean_static = _mean([r.static_auc for r in results])
+    mean_loop = _mean([r.loop_auc for r in results])
+    mean_oracle = _mean([r.oracle_auc for r in results])
+    return {
+        "generated_at": datetime.now().isoformat(timespec="seconds"),
+        "quarters": [asdict(r) for r in results],
+        "mean_static_auc": mean_static,
+        "mean_loop_auc": mean_loop,
+        "mean_oracle_auc": mean_oracle,
+        "loop_vs_oracle": (mean_loop / mean_oracle) if mean_loop and mean_oracle else None,
+        "loop_retrains": len(retrains),
+        "loop_promotions": sum(r.promoted for r in retrains),
+        "oracle_retrains": n,
+        "retrains": [asdict(r) for r in retrains],
+        "rules": {
+            "label": f"charged off within {cfg.data.target.months} months of approval; known "
+                     f"{cfg.data.target.months} months after approval; every model trains only on "
+                     "labels known at its training time" if hasattr(cfg.data.target, "months") else "column",
+            "lookback_months": cfg.retraining.lookback_months,
+            "triggers": cfg.retraining.triggers.model_dump(),
+            "drift_threshold": cfg.monitoring.drift_threshold,
+            "drift_share": cfg.monitoring.drift_share,
+            "max_auc_drop": cfg.monitoring.max_auc_drop,
+            "gate": cfg.gate.model_dump(),
+            "thresholds_fixed": "from data before FY2002 (scripts/calibrate_triggers.py), committed "
+                                "in flywheel.yaml before any replay ran; not tuned on the replay",
+        },
+        "seconds": seconds,
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    qs = report["quarters"]
+    x = np.arange(len(qs))
+    labels = [q["quarter"] for q in qs]
+
+    def series(key: str) -> list[float]:
+        return [q[key] if q[key] is not None else np.nan for q in qs]
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    ax.plot(x, series("static_auc"),
+            label=f"static FY1995-2001 model (mean {report['mean_static_auc']:.3f})",
+            color="#999999")
+    ax.plot(x, series("oracle_auc"),
+            label=f"oracle, retrained every quarter (mean {report['mean_oracle_auc']:.3f})",
+            color="#4C72B0", linestyle="--")
+    ax.plot(x, series("loop_auc"),
+            label=f"Flywheel loop, from logged predictions (mean {report['mean_loop_auc']:.3f})",
+            color="#DD8452", linewidth=2)
+    for r in report["retrains"]:
+        i = labels.index(r["quarter"])
+        ax.axvline(i + 0.5, color="#55A868" if r["promoted"] else "#C44E52", alpha=0.4, linestyle=":")
+    ax.axhline(0.5, color="black", linewidth=0.5)
+    ax.set_xticks(x[::2], labels[::2], rotation=60, fontsize=8)
+    ax.set_ylabel("ROC-AUC on the quarter")
+    ax.set_title("SBA loans FY2002-2010: ROC-AUC per quarter (dotted: retrain, green = promoted)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "auc_per_quarter.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax1 = plt.subplots(figsize=(11, 4))
+    ax1.bar(x, series("drift_share"), color="#8172B3", alpha=0.7, label="share of features drifted")
+    ax1.axhline(report["rules"]["drift_share"], color="#8172B3", linestyle="--", linewidth=1,
+                label="dataset drift threshold")
+    ax1.set_ylabel("share of features drifted")
+    ax2 = ax1.twinx()
+    ax2.plot(x, series("positive_rate"), color="#C44E52", label="charge-off rate (24 months)")
+    ax2.set_ylabel("charge-off rate")
+    ax1.set_xticks(x[::2], labels[::2], rotation=60, fontsize=8)
+    ax1.set_title("Drift against the serving champion's training reference, and the real default rate")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "drift_per_quarter.png", dpi=110)
+    plt.close(fig)
+    (out_dir / "report.md").write_text(markdown_report(report))
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [
+        "# SBA replay: static model vs the Flywheel loop vs a quarterly oracle", "",
+        f"Mean ROC-AUC over {len(report['quarters'])} quarters: static **{_f(report['mean_static_auc'])}**, "
+        f"loop **{_f(report['mean_loop_auc'])}**, oracle **{_f(report['mean_oracle_auc'])}** "
+        f"(loop / oracle = {_f(report['loop_vs_oracle'])}). Retrains: loop {report['loop_retrains']} "
+        f"({report['loop_promotions']} promoted), oracle {report['oracle_retrains']}.", "",
+        "![ROC-AUC per quarter](auc_per_quarter.png)", "", "![Drift per quarter](drift_per_quarter.png)", "",
+        "## Rules (fixed before the replay)", "", "```json", json.dumps(report["rules"], indent=2), "```", "",
+        "## Retrains", "", "| quarter | trigger | reason | version | gate | promoted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["retrains"]:
+        lines.append(f"| {r['quarter']} | {r['trigger']} | {r['reason'][:80]} | v{r['version']} | "
+                     f"{r['gate'][:90]} | {'yes' if r['promoted'] else 'no'} |")
+    lines += ["", "## Quarters", "",
+              "| quarter | loans | charge-off rate | served | static | loop | oracle | drift share |",
+              "|---|---|---|---|---|---|---|---|"]
+    for q in report["quarters"]:
+        lines.append(f"| {q['quarter']} | {q['rows']:,} | {q['positive_rate']:.3f} | "
+                     f"{','.join(f'v{v}' for v in q['served_versions'])} | {_f(q['static_auc'])} | "
+                     f"{_f(q['loop_auc'])} | {_f(q['oracle_auc'])} | {_f(q['drift_share'])} |")
+    return "\n".join(lines) + "\n"

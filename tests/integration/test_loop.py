@@ -1,0 +1,165 @@
+"""The closed loop end to end: real server, prediction log, monitoring, pipeline, alerts, Prefect.
+
+A weak first champion (2 trees on FY1995-2001) serves FY2002-2006 traffic from the committed
+sample; labels come back as feedback; monitoring finds the drift; the pipeline retrains on the
+newer data, a strict gate refuses, a normal gate promotes and the server hot-swaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import date
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flywheel.config import MonitorWindow, Project, load_project
+from flywheel.data import features as feats
+from flywheel.data.sources import extract_window
+from flywheel.demo.replay import feed_labels, records_of, send_quarter, wait_for_log
+from flywheel.monitoring.monitor import latest_verdict, run_monitor
+from flywheel.pipeline.prefect_flow import flow_run_states
+from flywheel.pipeline.retrain import list_runs, orchestrate
+from flywheel.pipeline.steps import open_registry, train_challenger
+from flywheel.registry import CHAMPION
+from flywheel.serving.process import ServerProcess
+from flywheel.state.db import open_state
+
+WEAK = {"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}}
+RETRAIN_AT = date(2006, 10, 1)
+
+
+class Receiver:
+    """A local stand-in for Slack's incoming webhook: records every JSON body posted to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers["content-length"])
+                outer.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}/services/T/B/X"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def titles(self) -> list[str]:
+        return [b["text"] for b in self.bodies]
+
+
+@pytest.fixture
+def slack(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    receiver = Receiver()
+    monkeypatch.setenv("FLYWHEEL_SLACK_WEBHOOK", receiver.url)
+    yield receiver
+    receiver.http.shutdown()
+
+
+def with_env(project: Project, **overrides: str) -> Project:
+    """The same project folder with FLYWHEEL_* overrides (another gate, another orchestrator)."""
+    env = {"FLYWHEEL_HOME": str(project.home), **{f"FLYWHEEL_{k}": v for k, v in overrides.items()}}
+    return load_project(project.path, env=env)
+
+
+def send_traffic(project: Project, server: ServerProcess, start: date, end: date) -> int:
+    data = project.config.data
+    inputs = feats.input_columns(project.config.features)
+    frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
+                           window=(start, end), as_of=date(2200, 1, 1)).frame()
+    with httpx.Client(timeout=60) as client:
+        ids, refused = send_quarter(client, server.url, records_of(frame, inputs, data.id_column,
+                                                                    data.time_column))
+        assert refused < len(frame) * 0.05
+        assert feed_labels(client, server.url, frame, ids, data.id_column) == len(ids)
+    wait_for_log(open_state(project.state_url), project.config.registered_model, len(ids))
+    return len(ids)
+
+
+def test_monitor_then_a_strict_gate_refuses_and_a_normal_gate_promotes_and_the_server_swaps(
+        loaded_project, slack):
+    project = loaded_project(WEAK)
+    assert train_challenger(project).promoted
+    registry = open_registry(project)
+    server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.3"})
+    try:
+        server.wait_ready()
+        sent = send_traffic(project, server, date(2002, 1, 1), date(2006, 10, 1))
+
+        verdict = run_monitor(project, window=MonitorWindow(by="count", size=sent), report=True)
+        assert verdict.drift.rows == sent and verdict.model_version == 1
+        assert "gr_appv" in verdict.drift.drifted_columns  # loan sizes moved after 2001
+        assert verdict.performance is not None and verdict.performance.rows >= 500
+        stored = latest_verdict(open_state(project.state_url), "sba-loans")
+        assert stored["id"] == verdict.id and len(stored["columns"]) == len(verdict.drift.columns)
+        assert verdict.report_path.is_file() and (verdict.report_path.parent / "report.json").is_file()
+        logged = registry.client.list_artifacts(verdict.mlflow_run_id, "evidently")
+        assert {Path(a.path).name for a in logged} == {"report.html", "report.json"}
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert f'flywheel_drift_share{{model_version="1"}} {verdict.drift.share}' in metrics
+        assert 'flywheel_feature_drifted{feature="gr_appv"} 1' in metrics
+
+        strict = orchestrate(with_env(project, GATE__MIN_IMPROVEMENT="0.5"), "drift",
+                             verdict.summary(), RETRAIN_AT, "local")
+        assert strict.status == "succeeded" and not strict.promoted
+        assert strict.outputs["promote"]["reason"].startswith("gate failed")
+        assert registry.alias_version(CHAMPION) == 1
+
+        normal = orchestrate(with_env(project, MODEL__PARAMS="{num_boost_round: 60}"), "drift",
+                             verdict.summary(), RETRAIN_AT, "local")
+        assert normal.status == "succeeded" and normal.promoted, normal.outputs.get("evaluate")
+        assert normal.outputs["extract"]["window_end"] == "2006-10-01"
+        assert registry.alias_version(CHAMPION) == normal.version == 3
+        server.wait_for_version(3)
+        r = httpx.post(f"{server.url}/v1/predict", json=records_of(
+            extract_window(project.source_url, project.config.data,
+                           feats.input_columns(project.config.features), project.snapshot_dir,
+                           window=(date(2006, 10, 1), date(2007, 1, 1)), as_of=date(2200, 1, 1))
+            .frame().head(3), feats.input_columns(project.config.features), "loan_nr", "approval_date"))
+        assert r.status_code == 200 and r.json()["version"] == 3
+    finally:
+        assert server.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
+    assert any("champion unchanged" in t for t in slack.titles())
+    assert any("v3 promoted to champion" in t for t in slack.titles())
+
+
+def test_a_failed_step_alerts_and_the_run_is_recorded_as_failed(loaded_project, slack):
+    project = loaded_project(WEAK)
+    train_challenger(project)
+    run = orchestrate(project, "schedule", "test", date(1980, 1, 1), "local")  # no rows back then
+    assert run.status == "failed" and run.step == "extract" and "nothing to retrain on" in run.error
+    [alert] = [b for b in slack.bodies if "failed" in b["text"]]
+    assert "extract" in alert["text"] and run.id in json.dumps(alert)
+
+
+def test_prefect_flow_runs_the_same_steps_and_keeps_its_state_under_the_project(loaded_project):
+    project = loaded_project({**WEAK, "retraining": {"orchestrator": "prefect"}})
+    train_challenger(project)
+    env = {**os.environ, "FLYWHEEL_HOME": str(project.home)}
+    env.pop("PREFECT_HOME", None)
+    done = subprocess.run([sys.executable, "-m", "flywheel.cli", "retrain", "--config", str(project.path),
+                           "--at", RETRAIN_AT.isoformat(), "--trigger", "schedule"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [flow_run] = flow_run_states(project)
+    assert flow_run["state_type"] == "COMPLETED" and flow_run["name"] == f"schedule-{RETRAIN_AT}"
+    [run] = list_runs(project)
+    assert run.status == "succeeded" and run.trigger == "schedule"
+    assert list(run.outputs) == ["clock", "pid", "extract", "features", "train", "evaluate", "promote",
+                                 "alert"]
+    assert (project.home / "prefect" / "prefect.db").is_file()
