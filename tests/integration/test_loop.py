@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import date
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -30,7 +32,7 @@ from flywheel.pipeline.prefect_flow import flow_run_states
 from flywheel.pipeline.retrain import list_runs, orchestrate
 from flywheel.pipeline.steps import open_registry, train_challenger
 from flywheel.registry import CHAMPION
-from flywheel.serving.process import ServerProcess
+from flywheel.serving.process import ServerProcess, free_port
 from flywheel.state.db import open_state
 
 WEAK = {"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}}
@@ -77,16 +79,16 @@ def with_env(project: Project, **overrides: str) -> Project:
     return load_project(project.path, env=env)
 
 
-def send_traffic(project: Project, server: ServerProcess, start: date, end: date) -> int:
+def send_traffic(project: Project, url: str, start: date, end: date) -> int:
     data = project.config.data
     inputs = feats.input_columns(project.config.features)
     frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
                            window=(start, end), as_of=date(2200, 1, 1)).frame()
     with httpx.Client(timeout=60) as client:
-        ids, refused = send_quarter(client, server.url, records_of(frame, inputs, data.id_column,
+        ids, refused = send_quarter(client, url, records_of(frame, inputs, data.id_column,
                                                                     data.time_column))
         assert refused < len(frame) * 0.05
-        assert feed_labels(client, server.url, frame, ids, data.id_column) == len(ids)
+        assert feed_labels(client, url, frame, ids, data.id_column) == len(ids)
     wait_for_log(open_state(project.state_url), project.config.registered_model, len(ids))
     return len(ids)
 
@@ -99,7 +101,7 @@ def test_monitor_then_a_strict_gate_refuses_and_a_normal_gate_promotes_and_the_s
     server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.3"})
     try:
         server.wait_ready()
-        sent = send_traffic(project, server, date(2002, 1, 1), date(2006, 10, 1))
+        sent = send_traffic(project, server.url, date(2002, 1, 1), date(2006, 10, 1))
 
         verdict = run_monitor(project, window=MonitorWindow(by="count", size=sent), report=True)
         assert verdict.drift.rows == sent and verdict.model_version == 1
@@ -163,3 +165,63 @@ def test_prefect_flow_runs_the_same_steps_and_keeps_its_state_under_the_project(
     assert list(run.outputs) == ["clock", "pid", "extract", "features", "train", "evaluate", "promote",
                                  "alert"]
     assert (project.home / "prefect" / "prefect.db").is_file()
+
+
+def test_flywheel_run_serves_monitors_and_triggers_on_its_timer(loaded_project, slack):
+    project = loaded_project({**WEAK, "monitoring": {"evidently_report": False}, "retraining": {
+        "orchestrator": "local", "check_interval_s": 1,
+        "triggers": {"drift": False, "performance_drop": False, "schedule_days": 30, "min_days_between": 0}}})
+    train_challenger(project)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FLYWHEEL_HOME": str(project.home), "FLYWHEEL_SERVING__PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "run", "--config", str(project.path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _ready(url), 120)
+        send_traffic(project, url, date(2002, 1, 1), date(2003, 1, 1))
+        wait_until(lambda: bool(list_runs(project)), 120)
+        run = list_runs(project)[0]
+        assert run.trigger == "schedule"
+        # the wall clock is 2026: the sample has no loans with known labels in the last six years,
+        # so the run fails at extract, alerts, and the server goes on serving
+        wait_until(lambda: list_runs(project)[0].status == "failed", 60)
+        assert "nothing to retrain on" in list_runs(project)[0].error
+        assert latest_verdict(open_state(project.state_url), "sba-loans") is not None
+        assert httpx.get(f"{url}/ready").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "monitor:" in out and "trigger schedule" in out
+    assert any("failed" in t for t in slack.titles())
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        time.sleep(0.3)
+
+
+def test_new_labelled_rows_are_counted_past_the_watermark(loaded_project, sba_sample):
+    from flywheel.pipeline.retrain import get_watermark, labelled_rows_since, set_watermark
+
+    project = loaded_project(WEAK)
+    assert get_watermark(project) is None
+    at = date(2006, 10, 1)
+    everything = labelled_rows_since(project, None, at)  # approvals before 2004-10-01
+    approved = sba_sample["approval_date"]
+    assert everything == int((approved < date(2004, 10, 1)).sum())
+    set_watermark(project, date(2005, 10, 1))  # labels known up to there were trained on
+    assert get_watermark(project) == date(2005, 10, 1)
+    new = labelled_rows_since(project, get_watermark(project), at)
+    assert new == int(((approved >= date(2003, 10, 1)) & (approved < date(2004, 10, 1))).sum()) > 0

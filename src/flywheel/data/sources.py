@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -158,7 +159,10 @@ def extract_window(
     content_hash = frame_hash(frame)
     snapshot_dir.mkdir(parents=True, exist_ok=True)
     path = snapshot_dir / f"{data.table}-{start}-{end}-{content_hash[:12]}.parquet"
-    frame.to_parquet(path, index=False)
+    # Written aside and renamed: a reader (another step, another process) never sees half a file.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    frame.to_parquet(partial, index=False)
+    os.replace(partial, path)
     snap = Snapshot(
         path=path,
         content_hash=content_hash,
@@ -169,7 +173,9 @@ def extract_window(
         immature_dropped=immature,
         positive_rate=float(frame[TARGET].mean()) if len(frame) else float("nan"),
     )
-    path.with_suffix(".json").write_text(json.dumps(asdict(snap), default=str, indent=2))
+    meta = path.with_name(f".{path.stem}.{os.getpid()}.json.partial")
+    meta.write_text(json.dumps(asdict(snap), default=str, indent=2))
+    os.replace(meta, path.with_suffix(".json"))
     return snap
 
 

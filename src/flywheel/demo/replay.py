@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -99,8 +101,10 @@ def auc(y: np.ndarray, p: np.ndarray) -> float | None:
 # ---- the oracle (runs in a second process while the loop replays) -------------------------------
 
 
-def oracle_aucs(config_path: str, home: str, first: date, n: int) -> list[float | None]:
-    """Retrain at the start of every quarter on the loop's lookback window; AUC on that quarter."""
+def oracle_aucs(config_path: str, home: str, first: date, n: int,
+                which: list[int] | None = None) -> dict[int, float | None]:
+    """Retrain at the start of each quarter (`which`, default all) on the loop's lookback window;
+    ROC-AUC on that quarter, by quarter index."""
     from flywheel.config import load_project
     from flywheel.pipeline.retrain import training_window
     from flywheel.training.evaluate import onnx_predict
@@ -111,11 +115,14 @@ def oracle_aucs(config_path: str, home: str, first: date, n: int) -> list[float 
     qs = quarters(first, n)
     cols = feats.input_columns(project.config.features)
     lo = training_window(project, qs[0].start)[0]
-    everything = extract_window(project.source_url, data, cols, project.snapshot_dir / "oracle",
+    folder = project.snapshot_dir / f"oracle-{os.getpid()}"
+    everything = extract_window(project.source_url, data, cols, folder,
                                 window=(lo, qs[-1].end), as_of=date(2200, 1, 1)).frame()
     when = everything[data.time_column]
-    out: list[float | None] = []
+    out: dict[int, float | None] = {}
     for q in qs:
+        if which is not None and q.index not in which:
+            continue
         start, end = training_window(project, q.start)
         known = everything[LABEL_KNOWN_AT] <= pd.Timestamp(q.start)
         train = everything[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(end)) & known]
@@ -123,7 +130,7 @@ def oracle_aucs(config_path: str, home: str, first: date, n: int) -> list[float 
         prepared = prepare_features(project, _FrameSnapshot(train.reset_index(drop=True)))  # type: ignore[arg-type]
         fitted = train_model(project.config.model, prepared.training_data())
         p = onnx_predict(fitted.onnx, feats.build_matrix(prepared.spec, test))
-        out.append(auc(test[TARGET].to_numpy(), p))
+        out[q.index] = auc(test[TARGET].to_numpy(), p)
     return out
 
 
@@ -198,6 +205,23 @@ def wait_for_log(engine: sa.Engine, model_name: str, expected: int, timeout: flo
 Progress = Callable[[str], None]
 
 
+class ReplayError(RuntimeError):
+    """The project is not in the state the replay starts from."""
+
+
+def replayed_before(project: Project) -> str | None:
+    """Why this project cannot be replayed again (its loop already ran), or None."""
+    from flywheel.pipeline.retrain import list_runs
+
+    runs = list_runs(project)
+    if runs:
+        return f"this project already has {len(runs)} retraining run(s)"
+    engine = open_state(project.state_url)
+    with engine.connect() as conn:
+        logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar() or 0
+    return f"its prediction log already holds {logged:,} predictions" if logged else None
+
+
 def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = None,
                progress: Progress | None = None) -> dict[str, Any]:
     """Replay, monitor, retrain, and write report.json / report.md / PNGs; return the report."""
@@ -215,14 +239,21 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     registry = open_registry(project)
     static_version = registry.alias_version(CHAMPION)
     if static_version is None:
-        raise RuntimeError("the replay needs a champion: train one first (flywheel demo does)")
+        raise ReplayError("the replay needs a champion: train one first (flywheel demo does)")
+    already = replayed_before(project)
+    if already:
+        raise ReplayError(f"{already}; the replay starts from the first FY1995-2001 champion: "
+                          f"start from a clean state (make clean-state, or another FLYWHEEL_HOME)")
     out_dir = out_dir or project.home / "replay"
     out_dir.mkdir(parents=True, exist_ok=True)
     qs = quarters(FIRST_QUARTER, n_quarters)
 
-    pool = ProcessPoolExecutor(max_workers=1)
-    oracle: Future[list[float | None]] = pool.submit(oracle_aucs, str(project.path), str(project.home),
-                                                     FIRST_QUARTER, n_quarters)
+    # The oracle's 36 trainings run in two processes beside the replay (the machine has 2 cores).
+    # "spawn", not fork: a child forked after LightGBM has used OpenMP in this process hangs in it.
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    oracle: list[Future[dict[int, float | None]]] = [
+        pool.submit(oracle_aucs, str(project.path), str(project.home), FIRST_QUARTER, n_quarters,
+                    list(range(part, n_quarters, 2))) for part in (0, 1)]
     inputs = feats.input_columns(cfg.features)
     frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
                            window=(qs[0].start, qs[-1].end), as_of=date(2200, 1, 1)).frame()
@@ -244,9 +275,6 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     sent_ids: dict[str, str] = {}
     last_retrain: date | None = None
     total_sent = 0
-    with engine.connect() as conn:
-        total_sent = conn.execute(sa.select(sa.func.count()).select_from(predictions)
-                                  .where(predictions.c.model_name == registry.model_name)).scalar() or 0
     server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
     try:
         server.wait_ready()
@@ -309,16 +337,24 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     frame["__record__"] = frame[data.id_column].astype(str).map(sent_ids)
     joined = frame.merge(logged, left_on="__record__", right_on="record_id", how="inner")
     say("waiting for the oracle's retrains")
-    oracle_values = oracle.result()
+    oracle_values: dict[int, float | None] = {}
+    oracle_error = None
+    for f in oracle:
+        try:
+            oracle_values.update(f.result())
+        except Exception as exc:  # report what the loop measured even if the comparison failed
+            oracle_error = f"{type(exc).__name__}: {exc}"
+            say(f"the oracle failed: {oracle_error}")
     pool.shutdown()
     for q, res in zip(qs, results, strict=True):
         part = joined[joined["__quarter__"] == q.index]
         all_rows = frame[frame["__quarter__"] == q.index]
         res.loop_auc = auc(part[TARGET].to_numpy(), part["probability"].to_numpy())
         res.static_auc = auc(all_rows[TARGET].to_numpy(), all_rows["__static__"].to_numpy())
-        res.oracle_auc = oracle_values[q.index]
+        res.oracle_auc = oracle_values.get(q.index)
         res.served_versions = sorted(set(part["model_version"].astype(int)))
     report = _report(project, results, retrains, n_quarters, time.perf_counter() - started)
+    report["oracle_error"] = oracle_error
     write_report(report, out_dir)
     return report
 

@@ -7,12 +7,15 @@ read there afterwards (`flow_run_states`). Set PREFECT_API_URL to use a Prefect 
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import Project
+
+log = logging.getLogger("flywheel.pipeline")
 
 
 def prefect_home(project: Project) -> Path:
@@ -25,6 +28,9 @@ def configure_prefect(project: Project) -> None:
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server starts in 7-13 s on an idle 2-core machine; beside the replay's server
+    # and oracle processes it took longer than Prefect's default 20 s, and the flow never ran.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
@@ -56,8 +62,13 @@ def run_prefect_pipeline(project: Project, trigger: str, reason: str,
     run_id = retrain.start_run(project, trigger, reason, clock)
     try:
         return retraining(run_id)
-    except Exception:
-        # The failed step has already been recorded and alerted on by run_step.
+    except Exception as exc:
+        # A failed step has been recorded and alerted on by run_step; anything else (Prefect could
+        # not start its server, say) is recorded here so the run never stays "running" silently.
+        run = retrain.load_run(project, run_id)
+        if run.status == "running":
+            log.exception("prefect flow of pipeline run %s failed outside the steps", run_id)
+            retrain.fail_run(project, run_id, f"prefect: {type(exc).__name__}: {exc}")
         return run_id, ""
 
 

@@ -135,6 +135,14 @@ def _save_step(project: Project, run_id: str, step: str, outputs: dict[str, Any]
         conn.execute(pipeline_runs.update().where(pipeline_runs.c.id == run_id).values(**values))
 
 
+def fail_run(project: Project, run_id: str, error: str) -> None:
+    """Mark a run failed from outside its steps (the orchestrator itself failed), and alert."""
+    run = load_run(project, run_id)
+    _save_step(project, run_id, run.step or "start", {}, "failed", error)
+    send_alert(Alert(f"{project.config.registered_model}: pipeline run failed", f"`{run_id}`: {error}",
+                     "error"))
+
+
 def get_watermark(project: Project) -> date | None:
     engine = open_state(project.state_url)
     with engine.connect() as conn:
