@@ -20,6 +20,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from flywheel.config import Project, load_project  # noqa: E402
 from flywheel.data.sources import write_table  # noqa: E402
 from flywheel.demo.sba import SOURCE_TYPES  # noqa: E402
+from flywheel.serving import process as serving_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "sba-loans" / "flywheel.yaml"
@@ -106,58 +107,14 @@ def prepared_sample(tmp_path_factory: pytest.TempPathFactory, sba_sample: pd.Dat
     return prepare_features(project, extract_training_window(project))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = serving_process.free_port
 
 
-class ServerProcess:
+class ServerProcess(serving_process.ServerProcess):
     """`flywheel serve` in a subprocess on 127.0.0.1, ready when /ready answers 200."""
 
     def __init__(self, project: Project, env: dict[str, str] | None = None, workers: int = 1,
                  wait_ready: bool = True):
-        import subprocess
-        import sys
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "flywheel"
-        self.log_path = project.home / f"server-{self.port}.log"
-        project.home.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--config", str(project.path), "--port", str(self.port),
-             "--workers", str(workers)],
-            env={**os.environ, "FLYWHEEL_HOME": str(project.home), **(env or {})},
-            stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(project, workers=workers, env=env)
         if wait_ready:
-            self.wait_until_ready()
-
-    def wait_until_ready(self, timeout: float = 90) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self, sig: int | None = None, timeout: float = 60) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig or signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self.log.close()
-        return code
+            self.wait_ready(90)

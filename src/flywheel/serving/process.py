@@ -75,9 +75,10 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()[-chars:]
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the server and wait; SIGKILL it if it has not exited in `timeout` seconds."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
