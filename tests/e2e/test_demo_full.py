@@ -54,7 +54,7 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
         ["FY2003Q1", "FY2003Q2"]
     assert report["oracle_retrains"] == 6 and report["loop_retrains"] == len(report["retrains"]) <= 2
     for q in report["quarters"]:
-        assert q["rows"] > 5000 and q["refused"] == 0
+        assert q["rows"] > 5000 and q["refused"] <= q["rows"] // 1000  # a null where training had none
         assert 0.4 < q["loop_auc"] < 0.9 and 0.4 < q["static_auc"] < 0.9 and 0.4 < q["oracle_auc"] < 0.9
         assert q["drift_share"] is not None
     # no retrain yet served anything in the first quarter: loop == static there (same model)
