@@ -79,7 +79,7 @@ def with_env(project: Project, **overrides: str) -> Project:
     return load_project(project.path, env=env)
 
 
-def send_traffic(project: Project, url: str, start: date, end: date) -> int:
+def send_traffic(project: Project, url: str, start: date, end: date, feedback: bool = True) -> int:
     data = project.config.data
     inputs = feats.input_columns(project.config.features)
     frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
@@ -88,7 +88,8 @@ def send_traffic(project: Project, url: str, start: date, end: date) -> int:
         ids, refused = send_quarter(client, url, records_of(frame, inputs, data.id_column,
                                                                     data.time_column))
         assert refused < len(frame) * 0.05
-        assert feed_labels(client, url, frame, ids, data.id_column) == len(ids)
+        if feedback:
+            assert feed_labels(client, url, frame, ids, data.id_column) == len(ids)
     wait_for_log(open_state(project.state_url), project.config.registered_model, len(ids))
     return len(ids)
 
@@ -225,3 +226,32 @@ def test_new_labelled_rows_are_counted_past_the_watermark(loaded_project, sba_sa
     assert get_watermark(project) == date(2005, 10, 1)
     new = labelled_rows_since(project, get_watermark(project), at)
     assert new == int(((approved >= date(2003, 10, 1)) & (approved < date(2004, 10, 1))).sum()) > 0
+
+
+def test_without_feedback_performance_comes_from_labels_the_source_db_knows_by_then(loaded_project):
+    from datetime import UTC, datetime
+
+    from sklearn.metrics import roc_auc_score
+
+    project = loaded_project({**WEAK, "monitoring": {"evidently_report": False}})
+    train_challenger(project)
+    with ServerProcess(project) as server:
+        server.wait_ready()
+        sent = send_traffic(project, server.url, date(2002, 1, 1), date(2004, 1, 1), feedback=False)
+    window = MonitorWindow(by="count", size=sent)
+    early = run_monitor(project, window=window, at=datetime(2003, 6, 1, tzinfo=UTC))
+    assert early.performance is None  # approved 2002-2003: no 24-month label known in mid-2003
+    late = run_monitor(project, window=window, at=datetime(2006, 6, 1, tzinfo=UTC))
+    assert late.performance is not None
+    assert late.performance.rows == min(sent, project.config.monitoring.performance_rows)
+    # the same AUC computed by hand from the log and the source's labels
+    frame = extract_window(project.source_url, project.config.data, ["loan_nr"], project.snapshot_dir,
+                           window=(date(2002, 1, 1), date(2004, 1, 1)), as_of=date(2006, 6, 1)).frame()
+    with open_state(project.state_url).connect() as conn:
+        import sqlalchemy as sa
+
+        rows = conn.execute(sa.text("SELECT meta, probability FROM predictions ORDER BY id DESC LIMIT :n"),
+                            {"n": late.performance.rows}).all()
+    truth = dict(zip(frame["loan_nr"].astype(str), frame["__target__"], strict=True))
+    y = [truth[json.loads(m)["entity_id"]] for m, _ in rows]
+    assert late.performance.roc_auc == pytest.approx(roc_auc_score(y, [p for _, p in rows]))

@@ -196,6 +196,28 @@ def _required_columns(data: DataConfig, feature_columns: list[str]) -> list[str]
     return list(dict.fromkeys(ordered))
 
 
+def labels_known_at(url: str, data: DataConfig, ids: list[str], as_of: date) -> pd.DataFrame:
+    """The 0/1 target of the rows with these ids whose label is known by `as_of` (id as text)."""
+    engine = make_engine(url)
+    tbl = sa.Table(data.table, sa.MetaData(), autoload_with=engine)
+    id_col = tbl.c[data.id_column]
+    numeric = isinstance(id_col.type, sa.Integer)
+    keys: list[Any] = [int(i) for i in ids if i.isdigit()] if numeric else list(ids)
+    cols = [tbl.c[c] for c in _required_columns(data, [])]
+    parts = []
+    with engine.connect() as conn:
+        for start in range(0, len(keys), 5000):
+            query = sa.select(*cols).where(id_col.in_(keys[start:start + 5000]))
+            parts.append(pd.read_sql(query, conn))
+    engine.dispose()
+    if not parts or not sum(len(p) for p in parts):
+        return pd.DataFrame(columns=["entity_id", "label"])
+    frame = pd.concat(parts, ignore_index=True)
+    frame[data.time_column] = pd.to_datetime(frame[data.time_column])
+    frame, _ = _attach_target(frame, data, as_of)
+    return pd.DataFrame({"entity_id": frame[data.id_column].astype(str), "label": frame[TARGET].astype(int)})
+
+
 def _attach_target(frame: pd.DataFrame, data: DataConfig, as_of: date) -> tuple[pd.DataFrame, int]:
     """Add the 0/1 target and when it became known; drop rows whose label is not yet known."""
     target = data.target

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -298,8 +298,10 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
                                        [served] if served else [], labels_fed=n_fed)
                 verdict = None
                 try:
+                    # the simulated clock: labels the source DB holds count only once known by then
                     verdict = run_monitor(project, registry,
                                           MonitorWindow(by="count", size=max(len(ids), 100)),
+                                          at=datetime.combine(q.end, datetime.min.time(), tzinfo=UTC),
                                           report=(q.index % 4 == 3))
                     result.drift_share = verdict.drift.share
                     result.drift_detected = verdict.drift.detected

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from flywheel.config import MonitorWindow, Project
 from flywheel.data.features import FeatureSpec, build_matrix
+from flywheel.data.sources import labels_known_at
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
 from flywheel.monitoring.reference import (
     PREDICTION,
@@ -135,6 +136,38 @@ def read_labelled(engine: sa.Engine, model_name: str, rows: int) -> pd.DataFrame
                             columns=["id", "model_version", "probability", "label"])
 
 
+def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, rows: int,
+                         at: datetime) -> pd.DataFrame:
+    """Labels from the source database for the latest predictions whose `meta.entity_id` names a
+    source row whose label is known by `at` (the target's own rule: 24 months after approval)."""
+    query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
+                       predictions.c.meta)
+             .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None))
+             .order_by(predictions.c.id.desc()).limit(rows))
+    with engine.connect() as conn:
+        found = conn.execute(query).all()
+    entity = [str((orjson.loads(r.meta) or {}).get("entity_id", "")) for r in found]
+    preds = pd.DataFrame({"id": [r.id for r in found], "model_version": [r.model_version for r in found],
+                          "probability": [r.probability for r in found], "entity_id": entity})
+    preds = preds[preds["entity_id"] != ""]
+    if preds.empty:
+        return pd.DataFrame(columns=["id", "model_version", "probability", "label"])
+    labels = labels_known_at(project.source_url, project.config.data, sorted(set(preds["entity_id"])),
+                             at.date())
+    joined = preds.merge(labels, on="entity_id", how="inner")
+    return joined[["id", "model_version", "probability", "label"]]
+
+
+def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: int,
+                    at: datetime) -> pd.DataFrame:
+    """The latest `rows` labelled predictions: feedback labels first, else the source database's."""
+    feedback_rows = read_labelled(engine, model_name, rows)
+    source_rows = read_source_labelled(project, engine, model_name, rows, at)
+    source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
+    both = pd.concat([feedback_rows, source_rows], ignore_index=True) if len(source_rows) else feedback_rows
+    return both.sort_values("id", ascending=False).head(rows).reset_index(drop=True)
+
+
 def expected_auc(registry: Registry, labelled: pd.DataFrame) -> float | None:
     """What the versions that served these predictions promised: their holdout ROC-AUC, row-weighted.
 
@@ -183,7 +216,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
-    labelled = read_labelled(engine, registry.model_name, cfg.performance_rows)
+    labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now())
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives)
     promised = expected_auc(registry, labelled) if perf is not None else None
     drop = bool(perf is not None and promised is not None and perf.roc_auc < promised - cfg.max_auc_drop)
