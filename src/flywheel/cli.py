@@ -27,7 +27,7 @@ from rich.table import Table
 from flywheel.config import ConfigError, Project, cache_dir, load_project
 
 app = typer.Typer(
-    help="Flywheel: train, track, register, evaluate and promote a model from one config file.",
+    help="Flywheel: train, register, serve, monitor, retrain and promote a model from one config file.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -401,7 +401,12 @@ AtOpt = Annotated[str | None, typer.Option("--at", help="The pipeline's clock (Y
 def _date(text: str | None) -> Any:
     from datetime import date
 
-    return date.fromisoformat(text) if text else None
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not a date YYYY-MM-DD ({exc})", param_hint="--at") from None
 
 
 @app.command()
@@ -439,8 +444,10 @@ def step(
     def body() -> None:
         from datetime import date
 
-        from flywheel.pipeline.retrain import run_step, start_run
+        from flywheel.pipeline.retrain import STEPS, PipelineError, run_step, start_run
 
+        if name not in STEPS:  # before a run record is created for it
+            raise PipelineError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")
         project = _project(config)
         start_run(project, trigger, reason, _date(at) or date.today(), run_id)
         result = run_step(project, name, run_id)

@@ -93,3 +93,16 @@ def test_the_installed_command_reports_a_bad_config_with_file_and_field(tmp_path
     assert res.returncode == 2
     assert "flywheel.yaml: model.type:" in res.stderr and "'torch-mlp'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_pipeline_commands_refuse_bad_input_with_the_option_named_and_record_nothing(cli_project):
+    from flywheel.pipeline.retrain import list_runs
+
+    cfg = str(cli_project.path)
+    bad_date = runner.invoke(app, ["retrain", "--config", cfg, "--at", "2006-13-01"])
+    assert bad_date.exit_code == 2 and "--at" in bad_date.output and "YYYY-MM-DD" in bad_date.output
+    bad_step = runner.invoke(app, ["step", "bogus", "--config", cfg, "--run-id", "r1"])
+    assert bad_step.exit_code == 1 and "unknown step 'bogus'" in bad_step.output
+    bad_orchestrator = runner.invoke(app, ["retrain", "--config", cfg, "--orchestrator", "cron"])
+    assert bad_orchestrator.exit_code == 1 and "unknown orchestrator 'cron'" in bad_orchestrator.output
+    assert list_runs(cli_project) == []
