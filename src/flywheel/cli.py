@@ -1,5 +1,5 @@
 """The `flywheel` command: demo, ingest, train, evaluate, promote, rollback, status, serve, predict,
-monitor, retrain, step, run."""
+monitor, retrain, step, run; finetune, export, publish for LoRA projects."""
 
 from __future__ import annotations
 
@@ -24,7 +24,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from flywheel.config import ConfigError, Project, cache_dir, load_project
+from flywheel.config import (
+    ConfigError,
+    Project,
+    cache_dir,
+    load_any_project,
+    load_llm_project,
+    load_project,
+)
 
 app = typer.Typer(
     help="Flywheel: train, register, serve, monitor, retrain and promote a model from one config file.",
@@ -78,6 +85,10 @@ def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.data.sources import SourceError
     from flywheel.demo.replay import ReplayError
     from flywheel.demo.sba import FetchError
+    from flywheel.llm.base import BaseModelError
+    from flywheel.llm.export import ExportError
+    from flywheel.llm.finetune import FinetuneError
+    from flywheel.llm.text import TextError
     from flywheel.monitoring.monitor import MonitorError
     from flywheel.pipeline.steps import PipelineError
     from flywheel.registry import RegistryError
@@ -86,7 +97,8 @@ def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.training.trainers import TrainerUnavailable
 
     return (DataCheckError, SourceError, FetchError, PipelineError, RegistryError, SplitError,
-            TrainerUnavailable, MonitorError, LockBusy, ReplayError)
+            TrainerUnavailable, MonitorError, LockBusy, ReplayError, TextError, BaseModelError,
+            FinetuneError, ExportError)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -260,7 +272,7 @@ def promote(
     def body() -> None:
         from flywheel.pipeline.steps import promote as do_promote
 
-        move = do_promote(_project(config), version, alias, reason)
+        move = do_promote(load_any_project(config), version, alias, reason)
         prev = f"v{move.previous_version}" if move.previous_version else "none"
         out.print(f"{move.model_name}@{move.alias}: {prev} → v{move.version}")
 
@@ -274,7 +286,7 @@ def rollback(config: ConfigOpt) -> None:
     def body() -> None:
         from flywheel.pipeline.steps import rollback as do_rollback
 
-        move = do_rollback(_project(config))
+        move = do_rollback(load_any_project(config))
         out.print(f"{move.model_name}@champion: v{move.previous_version} → v{move.version} (rollback)")
 
     _run(body)
@@ -290,9 +302,12 @@ def status(
     def body() -> None:
         from flywheel.pipeline.steps import project_status
 
-        st = project_status(_project(config))
+        st = project_status(load_any_project(config))
         if as_json:
             sys.stdout.write(json.dumps(st, indent=2, default=str) + "\n")
+            return
+        if st["kind"] == "lora":
+            _print_lora_status(st)
             return
         table = Table(title=f"{st['model']}  (--json for lineage: run, data hash, git SHA)")
         for col in ("alias", "v", "type", "ROC-AUC", "gate", "window", "rows"):
@@ -323,7 +338,7 @@ def serve(
     def body() -> None:
         from flywheel.serving.server import serve as run_server
 
-        run_server(_project(config), host, port, workers)
+        run_server(load_any_project(config), host, port, workers)
 
     _run(body)
 
@@ -466,6 +481,96 @@ def run(config: ConfigOpt) -> None:
         run_forever(_project(config), lambda msg: console.print(msg))
 
     _run(body)
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt = Path("examples/constitution-lora/flywheel.yaml"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Override training.steps.")] = None,
+) -> None:
+    """LoRA fine-tuning: train an adapter, log it to MLflow, register it, gate on held-out perplexity."""
+
+    def body() -> None:
+        from flywheel.llm.finetune import finetune as run_finetune
+
+        overrides = {"FLYWHEEL_TRAINING__STEPS": str(steps)} if steps else {}
+        project = load_llm_project(config, env={**os.environ, **overrides})
+        with _reporter() as rep:
+            r = run_finetune(project, rep)
+        table = Table(title=f"{project.config.registered_model} v{r.version}  (run {r.run_id[:8]})")
+        for col in ("held-out perplexity", "before", "after", "champion"):
+            table.add_column(col)
+        champ = ("—" if r.champion_perplexity is None
+                 else f"{r.champion_perplexity:.3f} (v{r.champion_version})")
+        table.add_row("lower is better", f"{r.perplexity_before:.3f}", f"{r.perplexity_after:.3f}",
+                      champ)
+        out.print(table)
+        out.print(f"{r.steps} steps on {r.device}: {r.seconds_per_step:.2f} s/step, "
+                  f"{r.tokens_per_second:,.0f} tokens/s; {r.trainable_parameters:,} trainable of "
+                  f"{r.total_parameters:,} parameters; wall time {r.wall_seconds:.0f} s.")
+        for g in r.generations:
+            out.print(f"[bold]{g['prompt']}[/]\n  before: {g['before'].strip()[:200]!r}\n"
+                      f"  after:  {g['after'].strip()[:200]!r}")
+        _print_gate(r.gate)
+        out.print(f"champion → v{r.version}" if r.promoted else "champion unchanged")
+
+    _run(body)
+
+
+@app.command()
+def export(
+    config: ConfigOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (must be empty).")],
+    merge: Annotated[bool, typer.Option(help="Merge the adapter into the base: a plain transformers "
+                                             "model folder (safetensors + tokenizer).")] = False,
+    version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write a LoRA version as files: the adapter, or with --merge a merged model folder."""
+
+    def body() -> None:
+        from flywheel.llm.export import export_version
+
+        done = export_version(load_llm_project(config), output, merge, version, overwrite)
+        kind = "merged model" if done.merged else "adapter"
+        out.print(f"v{done.version} as a {kind} in {done.folder}: {', '.join(done.files)}")
+
+    _run(body)
+
+
+@app.command()
+def publish(
+    config: ConfigOpt,
+    repo_id: Annotated[str, typer.Option("--repo-id",
+                                         help="HuggingFace repo, e.g. you/constitution-smollm2.")],
+    version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = True,
+) -> None:
+    """Push the merged model to the HuggingFace Hub (needs HF_TOKEN and a reachable hub)."""
+
+    def body() -> None:
+        from flywheel.llm.export import publish as do_publish
+
+        url = do_publish(load_llm_project(config), repo_id, version, private)
+        out.print(f"published to {url}")
+
+    _run(body)
+
+
+def _print_lora_status(st: dict[str, Any]) -> None:
+    table = Table(title=f"{st['model']}  (LoRA; --json for lineage: run, text hash, base, git SHA)")
+    for col in ("alias", "v", "perplexity before", "perplexity after", "gate", "s/step"):
+        table.add_column(col)
+    for alias in ("champion", "challenger"):
+        v = st[alias]
+        if v is None:
+            table.add_row(alias, "—", "", "", "", "")
+            continue
+        m = v["metrics"]
+        table.add_row(alias, str(v["version"]), _fmt(m.get("perplexity_before", float("nan"))),
+                      _fmt(m.get("perplexity_after", float("nan"))), v["gate"] or "",
+                      _fmt(m.get("seconds_per_step", float("nan"))))
+    out.print(table)
 
 
 def _print_pipeline_run(run: Any) -> None:

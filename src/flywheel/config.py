@@ -239,10 +239,22 @@ class RetrainingConfig(_Strict):
     check_interval_s: float = Field(default=300, gt=0)  # how often `flywheel run` checks triggers
 
 
-class Config(_Strict):
+class CommonConfig(_Strict):
+    """What every project has: a name, the three stores, and the registered model's name."""
+
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model_name: str | None = None
     stores: Stores = Stores()
+
+    @property
+    def registered_model(self) -> str:
+        return self.model_name or self.project
+
+
+class Config(CommonConfig):
+    """A tabular project: a source table, row-level features, a classifier."""
+
+    kind: Literal["tabular"] = "tabular"
     data: DataConfig
     features: list[Feature] = Field(min_length=1)
     checks: ChecksConfig = ChecksConfig()
@@ -261,17 +273,121 @@ class Config(_Strict):
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
         return self
 
-    @property
-    def registered_model(self) -> str:
-        return self.model_name or self.project
+
+# ---- LoRA fine-tuning projects (kind: lora) -----------------------------------------------------
+
+BUILTIN_BASE_MODEL = "smollm2-135m-instruct"
 
 
-class Project(BaseModel):
+class TextConfig(_Strict):
+    """The documents to fine-tune on, split by document into train and held-out.
+
+    `source: indian-constitution` is the Constitution's 465 articles (a PyPI wheel, fetched once);
+    `source: file` reads `path` (a JSON list or JSON Lines of objects). Each document is rendered
+    with `template` (Python format fields from the object) and identified by `id_field`.
+    """
+
+    source: Literal["indian-constitution", "file"] = "indian-constitution"
+    path: str | None = None
+    id_field: str = "article"
+    template: str = "Article {article}: {title}\n{description}"
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    # The split hashes "salt:id": the same documents land in held-out on every machine and run.
+    split_salt: str = "flywheel"
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> TextConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs 'path' (a .json or .jsonl file of objects)")
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(default=8, ge=1, le=512)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default=["q_proj", "v_proj"], min_length=1)
+
+
+class FinetuneTrainingConfig(_Strict):
+    steps: int = Field(default=100, ge=1, le=1_000_000)
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    # Documents are packed into blocks of this many tokens (no padding is trained on).
+    max_seq_length: int = Field(default=128, ge=8, le=32_768)
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 42
+    # Held-out perplexity over at most this many tokens (None: all of them), before and after.
+    eval_max_tokens: int | None = Field(default=None, ge=8)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class GenerationSamples(_Strict):
+    """Fixed prompts generated greedily before and after training, logged side by side."""
+
+    prompts: list[str] = []
+    max_new_tokens: int = Field(default=40, ge=1, le=2048)
+
+
+class LlmGateConfig(_Strict):
+    """The gate of a LoRA project: held-out perplexity, lower is better.
+
+    `floor` is the worst acceptable perplexity (a ceiling); `min_improvement` is how much lower
+    than the champion's (on the same held-out text) a challenger must be.
+    """
+
+    metric: Literal["perplexity"] = "perplexity"
+    floor: float = Field(gt=1)
+    min_improvement: float = Field(default=0.0, ge=0)
+    require_schema_compatible: bool = False  # prompts in, text out: nothing to compare
+
+
+class GenerateServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    max_body_bytes: int = Field(default=65_536, ge=1024)
+    max_prompt_chars: int = Field(default=4_000, ge=1)
+    max_prompt_tokens: int = Field(default=1_024, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)        # the largest a request may ask for
+    default_max_new_tokens: int = Field(default=64, ge=1)
+    max_temperature: float = Field(default=2.0, gt=0, le=10)
+    # Generations run at once per worker; more wait (up to max_waiting), beyond that 429.
+    max_concurrent: int = Field(default=1, ge=1, le=64)
+    max_waiting: int = Field(default=8, ge=0, le=10_000)
+    torch_threads: int | None = Field(default=None, ge=1)
+    access_log: bool = False
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> GenerateServingConfig:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+class LlmConfig(CommonConfig):
+    """A LoRA fine-tuning project: a base causal LM, documents, an adapter, the same gate."""
+
+    kind: Literal["lora"]
+    # The built-in SmolLM2-135M-Instruct (a PyPI wheel), a local model folder, or a hub id.
+    base_model: str = BUILTIN_BASE_MODEL
+    base_revision: str | None = None
+    text: TextConfig = TextConfig()
+    lora: LoraConfig = LoraConfig()
+    training: FinetuneTrainingConfig = FinetuneTrainingConfig()
+    samples: GenerationSamples = GenerationSamples()
+    gate: LlmGateConfig
+    serving: GenerateServingConfig = GenerateServingConfig()
+
+
+class ProjectBase(BaseModel):
     """A validated config plus where it lives: the folders and store URLs it resolves to."""
 
     model_config = ConfigDict(frozen=True)
 
-    config: Config
+    config: CommonConfig
     path: Path
     home: Path
 
@@ -307,6 +423,11 @@ class Project(BaseModel):
         canonical = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def resolve_path(self, value: str) -> Path:
+        """A path from the config: relative paths are relative to the config file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
     def _url(self, url: str | None, filename: str) -> str:
         if url is None:
             return f"sqlite:///{self.home / filename}"
@@ -314,6 +435,22 @@ class Project(BaseModel):
             rel = url.removeprefix("sqlite:///")
             return f"sqlite:///{(self.path.parent / rel).resolve()}"
         return url
+
+
+class Project(ProjectBase):
+    """A tabular project."""
+
+    config: Config
+
+
+class LlmProject(ProjectBase):
+    """A LoRA fine-tuning project."""
+
+    config: LlmConfig
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.home / "finetune"
 
 
 def cache_dir() -> Path:
@@ -325,8 +462,8 @@ def cache_dir() -> Path:
     return Path(base) / "flywheel"
 
 
-def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project:
-    """Read, override from FLYWHEEL_* variables, and validate a flywheel.yaml."""
+def load_any_project(path: str | Path, env: dict[str, str] | None = None) -> Project | LlmProject:
+    """Read, override from FLYWHEEL_* variables, and validate a flywheel.yaml of either kind."""
     path = Path(path)
     env = dict(os.environ) if env is None else env
     if not path.is_file():
@@ -338,12 +475,35 @@ def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
     raw = apply_env_overrides(raw, env)
+    kind = raw.get("kind", "tabular")
+    if kind not in ("tabular", "lora"):
+        raise ConfigError(f"{path.name}: kind: must be 'tabular' (default) or 'lora' (got {kind!r})")
+    home = Path(env["FLYWHEEL_HOME"]) if env.get("FLYWHEEL_HOME") else path.parent / ".flywheel"
     try:
-        config = Config.model_validate(raw)
+        if kind == "lora":
+            return LlmProject(config=LlmConfig.model_validate(raw), path=path.resolve(),
+                              home=home.resolve())
+        return Project(config=Config.model_validate(raw), path=path.resolve(), home=home.resolve())
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
-    home = Path(env["FLYWHEEL_HOME"]) if env.get("FLYWHEEL_HOME") else path.parent / ".flywheel"
-    return Project(config=config, path=path.resolve(), home=home.resolve())
+
+
+def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project:
+    """A tabular project; a LoRA project's config is refused with what to run instead."""
+    project = load_any_project(path, env)
+    if not isinstance(project, Project):
+        raise ConfigError(f"{Path(path).name}: a LoRA fine-tuning project (kind: lora); this command "
+                          "works on tabular projects. For this one use: finetune, serve, status, "
+                          "promote, rollback, export, publish.")
+    return project
+
+
+def load_llm_project(path: str | Path, env: dict[str, str] | None = None) -> LlmProject:
+    project = load_any_project(path, env)
+    if not isinstance(project, LlmProject):
+        raise ConfigError(f"{Path(path).name}: not a LoRA fine-tuning project; set `kind: lora` "
+                          "(see examples/constitution-lora/flywheel.yaml)")
+    return project
 
 
 def apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -353,7 +513,7 @@ def apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> dict[str, A
         if not key.startswith("FLYWHEEL_") or key in _NOT_CONFIG_ENV:
             continue
         parts = [p.lower() for p in key.removeprefix("FLYWHEEL_").split("__") if p]
-        if not parts or parts[0] not in Config.model_fields:
+        if not parts or (parts[0] not in Config.model_fields and parts[0] not in LlmConfig.model_fields):
             continue
         node = merged
         for part in parts[:-1]:

@@ -26,6 +26,7 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 MODEL_ARTIFACT = "model"
+ADAPTER_ARTIFACT = "adapter"
 SPEC_ARTIFACT = "feature_spec.json"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -142,6 +143,41 @@ class Registry:
                   "feature_spec_sha256": sha256(feature_spec.encode())},
         )
         return int(version.version)
+
+    def register_folder(self, run_id: str, folder: Path, artifact_path: str,
+                        tags: dict[str, str]) -> int:
+        """Log a folder of files (a LoRA adapter) as the run's model and register it.
+
+        Each file's SHA-256 is recorded on the version (`sha256:<name>`), checked again by
+        `download_verified` before anything loads it.
+        """
+        hashes = {f"sha256:{p.name}": sha256(p.read_bytes()) for p in sorted(folder.iterdir())
+                  if p.is_file()}
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        with contextlib.suppress(MlflowException):
+            self.client.create_registered_model(self.model_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        version = self.client.create_model_version(
+            self.model_name, source=source, run_id=run_id,
+            tags={**tags, **hashes, "artifact_path": artifact_path})
+        return int(version.version)
+
+    def download_verified(self, version: int, dst: Path) -> Path:
+        """The registered folder of a version, every file checked against its recorded hash."""
+        info = self.version(version)
+        artifact_path = info.tags.get("artifact_path")
+        expected = {k.removeprefix("sha256:"): v for k, v in info.tags.items() if k.startswith("sha256:")}
+        if not artifact_path or not expected:
+            raise RegistryError(f"{self.model_name} v{version} has no registered file folder "
+                                "(was it registered by flywheel finetune?)")
+        folder = Path(self.client.download_artifacts(info.run_id, artifact_path, str(dst)))
+        found = {p.name: sha256(p.read_bytes()) for p in folder.iterdir() if p.is_file()}
+        if found != expected:
+            bad = sorted(set(found.items()) ^ set(expected.items()))
+            raise RegistryError(
+                f"the files of {self.model_name} v{version} do not match the hashes recorded at "
+                f"registration ({', '.join(sorted({name for name, _ in bad}))}); refusing to load them")
+        return folder
 
     def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
         for k, v in tags.items():

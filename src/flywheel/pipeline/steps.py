@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from flywheel.config import CategoryFeature, Project
+from flywheel.config import CategoryFeature, LlmProject, Project, ProjectBase
 from flywheel.data import features as feats
 from flywheel.data.checks import DataCheckError, DataCheckReport, run_data_checks
 from flywheel.data.sources import TARGET, Snapshot, extract_window
@@ -102,7 +102,7 @@ def cardinalities(spec: feats.FeatureSpec) -> dict[int, int]:
             for i, f in enumerate(spec.features) if isinstance(f, CategoryFeature)}
 
 
-def open_registry(project: Project) -> Registry:
+def open_registry(project: ProjectBase) -> Registry:
     return Registry(project.tracking_url, project.artifact_root, project.config.project,
                     project.config.registered_model)
 
@@ -324,7 +324,7 @@ def move_champion(registry: Registry, state: Any, version: int, action: str, rea
     return move
 
 
-def promote(project: Project, version: int, alias: str = CHAMPION, reason: str = "manual") -> AliasMove:
+def promote(project: ProjectBase, version: int, alias: str = CHAMPION, reason: str = "manual") -> AliasMove:
     """Move an alias by hand (no gate): `champion` is recorded in the alias history."""
     registry = open_registry(project)
     state = open_state(project.state_url)
@@ -338,7 +338,7 @@ def promote(project: Project, version: int, alias: str = CHAMPION, reason: str =
     return move
 
 
-def rollback(project: Project) -> AliasMove:
+def rollback(project: ProjectBase) -> AliasMove:
     """Return `champion` to the version it replaced, from the alias history."""
     registry = open_registry(project)
     state = open_state(project.state_url)
@@ -356,9 +356,10 @@ def rollback(project: Project) -> AliasMove:
     return move_champion(registry, state, target, "rollback", f"rollback from v{current}")
 
 
-def project_status(project: Project) -> dict[str, Any]:
+def project_status(project: Project | LlmProject) -> dict[str, Any]:
     registry = open_registry(project)
     out: dict[str, Any] = {"model": registry.model_name, "project": project.config.project,
+                           "kind": project.config.kind, "gate_metric": project.config.gate.metric,
                            "tracking_uri": project.tracking_url}
     for alias in (CHAMPION, CHALLENGER):
         version = registry.alias_version(alias)
@@ -375,10 +376,15 @@ def project_status(project: Project) -> dict[str, Any]:
     return out
 
 
+_LORA_METRICS = ("perplexity_before", "perplexity_after", "champion_perplexity", "seconds_per_step",
+                 "tokens_per_second")
+
+
 def _describe(info: VersionInfo) -> dict[str, Any]:
     metrics = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
-    if "train_seconds" in info.metrics:
-        metrics["train_seconds"] = info.metrics["train_seconds"]
+    for name in ("train_seconds", *_LORA_METRICS):
+        if name in info.metrics:
+            metrics[name] = info.metrics[name]
     return {
         "version": info.version,
         "run_id": info.run_id,

@@ -22,11 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flywheel.config import Project, load_project
+from flywheel.config import Project, load_any_project, load_project
 from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
 from flywheel.serving.openapi import openapi_document
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
-from flywheel.serving.runtime import LoadedModel, ModelRuntime
+from flywheel.serving.runtime import LoadedModel, ModelRuntime, load_version
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
 from flywheel.state.db import open_state
 
@@ -92,8 +92,11 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
         metrics.model_version.set(new.version)
         _freeze_heap()
 
-    runtime = ModelRuntime(registry_factory, cfg.reload_interval_s, cfg.max_records,
-                           cfg.max_string_length, on_swap=on_swap)
+    def loader(registry: Any, version: int) -> LoadedModel:
+        return load_version(registry, version, cfg.max_records, cfg.max_string_length)
+
+    runtime: ModelRuntime[LoadedModel] = ModelRuntime(registry_factory, cfg.reload_interval_s,
+                                                      loader, on_swap=on_swap)
     engine = open_state(project.state_url, migrate=migrate)
     writer = PredictionLogWriter(project.state_url, cfg.log, on_dropped=metrics.log_dropped.inc,
                                  on_depth=metrics.log_depth.set)
@@ -257,14 +260,9 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
         return _json({"accepted": stored, "request_id": request_id})
 
     async def reload(request: Request) -> Response:
-        expected = os.environ.get(ADMIN_TOKEN_ENV)
-        if not expected:
-            return _json({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV}"}, 403)
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-            return _json({"detail": "a valid bearer token is required"}, 401,
-                         {"www-authenticate": "Bearer"})
+        refused = admin_refusal(request)
+        if refused is not None:
+            return refused
         swapped = await run_in_threadpool(runtime.check_now)
         model = runtime.current
         log.info("admin reload", extra={"event": "admin_reload", "swapped": swapped})
@@ -387,12 +385,29 @@ async def _receive_body(scope: Any, receive: Any, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def app_from_env() -> Starlette:
+def admin_refusal(request: Request) -> Response | None:
+    """None when the request carries the admin bearer token; else the 401/403 to answer."""
+    expected = os.environ.get(ADMIN_TOKEN_ENV)
+    if not expected:
+        return _json({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV}"}, 403)
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        return _json({"detail": "a valid bearer token is required"}, 401, {"www-authenticate": "Bearer"})
+    return None
+
+
+def app_from_env() -> Any:
     """Factory for uvicorn workers: the config path comes from FLYWHEEL_CONFIG."""
+    from flywheel.config import LlmProject
     from flywheel.serving.logs import configure_json_logging
 
-    project = load_project(os.environ["FLYWHEEL_CONFIG"])
+    project = load_any_project(os.environ["FLYWHEEL_CONFIG"])
     configure_json_logging(access_log=project.config.serving.access_log)
+    if isinstance(project, LlmProject):
+        from flywheel.serving.generate import create_generate_app
+
+        return create_generate_app(project, migrate=False)
     return create_app(project, migrate=False)
 
 

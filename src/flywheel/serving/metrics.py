@@ -10,10 +10,12 @@ import os
 from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Generation takes seconds to minutes on a CPU.
+GENERATION_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class ServingMetrics:
-    def __init__(self) -> None:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ and \
@@ -25,7 +27,7 @@ class ServingMetrics:
         self.requests = Counter("flywheel_requests_total", "HTTP requests",
                                 ["endpoint", "status", "model_version"], registry=reg)
         self.latency = Histogram("flywheel_request_latency_seconds", "Request latency",
-                                 ["endpoint", "status", "model_version"], buckets=LATENCY_BUCKETS,
+                                 ["endpoint", "status", "model_version"], buckets=buckets,
                                  registry=reg)
         self.predictions = Counter("flywheel_predictions_total", "Records scored",
                                    ["model_version"], registry=reg)
@@ -66,6 +68,26 @@ class ServingMetrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)
+
+
+class GenerationMetrics:
+    """What a text-generation server adds: tokens, generations in progress and waiting, refusals."""
+
+    def __init__(self, base: ServingMetrics) -> None:
+        from prometheus_client import Counter, Gauge
+
+        reg = base.own_registry
+        self.generated_tokens = Counter("flywheel_generated_tokens_total", "Tokens generated",
+                                        ["model_version"], registry=reg)
+        self.prompt_tokens = Counter("flywheel_prompt_tokens_total", "Prompt tokens read",
+                                     ["model_version"], registry=reg)
+        self.in_progress = Gauge("flywheel_generations_in_progress", "Generations running now",
+                                 registry=reg, multiprocess_mode="livesum")
+        self.waiting = Gauge("flywheel_generations_waiting", "Generations waiting for a slot",
+                             registry=reg, multiprocess_mode="livesum")
+        self.rejected = Counter("flywheel_generations_rejected_total",
+                                "Generations refused with 429 (all slots busy, queue full)",
+                                registry=reg)
 
 
 _VERDICT_CACHE: dict[str, tuple[float, bytes]] = {}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from flywheel.config import Project
+from flywheel.config import ProjectBase
 
 
 def free_port() -> int:
@@ -23,7 +23,7 @@ def free_port() -> int:
 class ServerProcess:
     """A server on 127.0.0.1 in a child process, ready when /ready answers 200."""
 
-    def __init__(self, project: Project, port: int | None = None, workers: int = 1,
+    def __init__(self, project: ProjectBase, port: int | None = None, workers: int = 1,
                  env: dict[str, str] | None = None, log_path: Path | None = None):
         self.project = project
         self.port = port or free_port()

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -98,18 +98,29 @@ def warm_up(model: LoadedModel, rounds: int = 20) -> None:
             model.predict([record] * size)
 
 
-class ModelRuntime:
-    """Holds the current champion and follows the alias from a background thread."""
+class Servable(Protocol):
+    @property
+    def version(self) -> int: ...
+
+
+M = TypeVar("M", bound=Servable)
+
+
+class ModelRuntime(Generic[M]):
+    """Holds the current champion and follows the alias from a background thread.
+
+    `loader(registry, version)` builds what is served: an ONNX model here, a merged LoRA
+    generator for fine-tuning projects.
+    """
 
     def __init__(self, registry_factory: Callable[[], Registry], interval_s: float,
-                 max_records: int, max_string_length: int,
-                 on_swap: Callable[[LoadedModel | None, LoadedModel], None] | None = None):
+                 loader: Callable[[Registry, int], M],
+                 on_swap: Callable[[M | None, M], None] | None = None):
         self._registry_factory = registry_factory
         self._registry: Registry | None = None
         self.interval_s = interval_s
-        self.max_records = max_records
-        self.max_string_length = max_string_length
-        self.current: LoadedModel | None = None
+        self.loader = loader
+        self.current: M | None = None
         self.on_swap = on_swap
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -135,7 +146,7 @@ class ModelRuntime:
             if target is None or (current is not None and current.version == target):
                 return False
             try:
-                new = load_version(self.registry, target, self.max_records, self.max_string_length)
+                new = self.loader(self.registry, target)
             except Exception as exc:
                 self.last_error = f"loading v{target}: {exc}"
                 log.error("model load failed", extra={"event": "load_failed", "version": target,

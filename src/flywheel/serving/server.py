@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from flywheel.config import Project
+from flywheel.config import LlmProject, Project
 
 
-def serve(project: Project, host: str | None = None, port: int | None = None,
+def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
           workers: int | None = None) -> None:
     cfg = project.config.serving
     # Set before anything imports prometheus_client: workers write their samples here.

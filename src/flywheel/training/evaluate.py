@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
-from flywheel.config import GateConfig
+from flywheel.config import GateConfig, LlmGateConfig
 from flywheel.training.trainers import ONNX_INPUT, ONNX_OUTPUT
 
-HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "log_loss": False, "brier": False}
+HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "log_loss": False, "brier": False,
+                    "perplexity": False}
 
 
 def holdout_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -84,7 +85,7 @@ class GateDecision:
 
 
 def decide_gate(
-    gate: GateConfig,
+    gate: GateConfig | LlmGateConfig,
     challenger: dict[str, float],
     champion: dict[str, float] | None,
     challenger_inputs: dict[str, str],

@@ -1,0 +1,145 @@
+"""`flywheel export` and `flywheel publish`: a registered adapter as files others can use.
+
+`export --merge` writes base + adapter merged into one model folder (config.json,
+model.safetensors, tokenizer files, generation config, a model card) that plain `transformers`
+loads with `AutoModelForCausalLM.from_pretrained(folder)`. Without `--merge` it writes the PEFT
+adapter folder (adapter_config.json + adapter_model.safetensors) and the base reference.
+`publish` exports merged and uploads the folder to the HuggingFace Hub; it needs a token and a
+reachable hub and fails with a message saying which is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flywheel.config import LlmProject
+from flywheel.llm.base import BaseRef, base_for_ref, load_model, load_tokenizer
+from flywheel.pipeline.steps import open_registry
+from flywheel.registry import CHAMPION, Registry, RegistryError
+
+
+class ExportError(RuntimeError):
+    """The export or the upload could not be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    folder: Path
+    version: int
+    merged: bool
+    files: list[str]
+
+
+def export_version(project: LlmProject, output: Path, merge: bool, version: int | None = None,
+                   overwrite: bool = False) -> Exported:
+    from flywheel.llm.finetune import BASE_REF_TAG
+
+    registry = open_registry(project)
+    version = _version(registry, version)
+    info = registry.version(version)
+    ref_text = info.run_tags.get(BASE_REF_TAG)
+    if ref_text is None:
+        raise ExportError(f"{registry.model_name} v{version} is not a LoRA adapter")
+    ref = BaseRef.from_json(ref_text)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{output} exists and is not empty; pass --overwrite or another --output")
+        shutil.rmtree(output)
+    work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = registry.download_verified(version, Path(tmp))
+            if merge:
+                from peft import PeftModel
+
+                base = base_for_ref(project, ref)
+                model = PeftModel.from_pretrained(load_model(base.folder), str(adapter))
+                merged = model.merge_and_unload()
+                merged.save_pretrained(work)  # safetensors
+                load_tokenizer(base.folder).save_pretrained(work)
+            else:
+                for f in adapter.iterdir():
+                    shutil.copy2(f, work / f.name)
+        (work / "flywheel.json").write_text(json.dumps({
+            "model": registry.model_name, "version": version, "run_id": info.run_id,
+            "merged": merge, "base": json.loads(ref.to_json()),
+            "metrics": {k: info.metrics[k] for k in ("perplexity_before", "perplexity_after")
+                        if k in info.metrics}}, indent=2))
+        (work / "README.md").write_text(_model_card(project, registry.model_name, version, ref,
+                                                    info.metrics, merge))
+        if output.exists():
+            output.rmdir()
+        os.replace(work, output)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Exported(output, version, merge, sorted(p.name for p in output.iterdir()))
+
+
+def publish(project: LlmProject, repo_id: str, version: int | None = None, private: bool = True,
+            token: str | None = None) -> str:
+    """Export merged and upload to the Hub; returns the URL of the commit. Never fakes success."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        raise ExportError("no HuggingFace token: set HF_TOKEN (a token with write access to "
+                          f"{repo_id}); nothing was uploaded")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ExportError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it to publish. "
+                          "Nothing was uploaded")
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_version(project, Path(tmp) / "model", merge=True, version=version)
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=str(exported.folder), repo_type="model",
+                commit_message=f"{project.config.registered_model} v{exported.version} (Flywheel)")
+        except OfflineModeIsEnabled:
+            raise ExportError("the HuggingFace client is in offline mode; nothing was uploaded") from None
+        except HfHubHTTPError as exc:
+            raise ExportError(f"the Hub refused the upload to {repo_id}: {exc}") from None
+        except Exception as exc:  # connection refused, DNS, TLS, timeouts (httpx2's own classes)
+            raise ExportError(f"could not reach the HuggingFace Hub to publish {repo_id}: "
+                              f"{type(exc).__name__}: {exc}. Nothing may have been uploaded; "
+                              "check the network and HF_ENDPOINT") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _version(registry: Registry, version: int | None) -> int:
+    if version is not None:
+        return version
+    champion = registry.alias_version(CHAMPION)
+    if champion is None:
+        raise RegistryError(f"{registry.model_name} has no champion: pass --version or run flywheel "
+                            "finetune first")
+    return champion
+
+
+def _model_card(project: LlmProject, name: str, version: int, ref: BaseRef,
+                metrics: dict[str, float], merged: bool) -> str:
+    cfg = project.config
+    ppl = ""
+    if "perplexity_before" in metrics and "perplexity_after" in metrics:
+        ppl = (f"Held-out perplexity: {metrics['perplexity_before']:.2f} (base) -> "
+               f"{metrics['perplexity_after']:.2f} (fine-tuned), on documents never trained on.\n\n")
+    usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+             "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
+             "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n" if merged else
+             "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, FOLDER)\n```\n")
+    return (f"# {name} v{version}\n\nA LoRA fine-tune of `{ref.base_model}` "
+            f"({'merged into the base weights' if merged else 'adapter only'}), trained by Flywheel "
+            f"on `{cfg.text.source}` text.\n\n"
+            f"LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, "
+            f"targets {', '.join(cfg.lora.target_modules)}; {cfg.training.steps} steps of "
+            f"{cfg.training.batch_size} x {cfg.training.max_seq_length} tokens, learning rate "
+            f"{cfg.training.learning_rate}.\n\n{ppl}Base weights sha256: `{ref.weights_sha256}`.\n\n"
+            f"## Use\n\n{usage}")

@@ -1,0 +1,71 @@
+"""A tiny causal LM and a tokenizer trained on the fly: LoRA tests in seconds, no download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_TEXT = REPO / "tests" / "fixtures" / "constitution_sample.jsonl"
+
+
+def texts() -> list[str]:
+    rows = [json.loads(line) for line in SAMPLE_TEXT.read_text().splitlines() if line.strip()]
+    return [f"Article {r['article']}: {r['title']}\n{r['description']}" for r in rows]
+
+
+def build_tiny_model(folder: Path, vocab_size: int = 384, seed: int = 0) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the sample articles."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True, initializer_range=0.2)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(base: Path, **patch: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "project": "tiny-lora", "kind": "lora", "base_model": str(base),
+        "text": {"source": "file", "path": str(SAMPLE_TEXT), "heldout_fraction": 0.2},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                    "down_proj"]},
+        "training": {"steps": 40, "batch_size": 4, "max_seq_length": 32, "learning_rate": 0.01,
+                     "warmup_steps": 2, "seed": 7},
+        "samples": {"prompts": ["Article 14:", "The State shall"], "max_new_tokens": 8},
+        "gate": {"floor": 1e6, "min_improvement": 0.0},
+        "serving": {"reload_interval_s": 0.5, "max_new_tokens": 64, "default_max_new_tokens": 8,
+                    "max_prompt_tokens": 64},
+    }
+    for key, value in patch.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) \
+            else value
+    return cfg
+
+
+def write_config(folder: Path, cfg: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flywheel.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
