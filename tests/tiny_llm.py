@@ -44,7 +44,7 @@ def build_tiny_model(folder: Path, vocab_size: int = 384, seed: int = 0) -> Path
     return folder
 
 
-def tiny_config(base: Path, **patch: Any) -> dict[str, Any]:
+def tiny_config(base: Path | str, **patch: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "project": "tiny-lora", "kind": "lora", "base_model": str(base),
         "text": {"source": "file", "path": str(SAMPLE_TEXT), "heldout_fraction": 0.2},

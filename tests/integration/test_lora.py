@@ -210,3 +210,28 @@ def test_finetune_cli_shows_progress_and_result(tiny_base: Path, tmp_path: Path)
     missing = write_config(tmp_path / "q", tiny_config(tiny_base, text={"path": "/nonexistent.jsonl"}))
     fail = cli("finetune", "--config", str(missing), env={"FLYWHEEL_HOME": str(tmp_path / "home2")})
     assert fail.returncode == 1 and "no such file" in fail.stderr
+
+
+def test_hub_id_base_from_the_offline_cache(tiny_base: Path, tmp_path: Path) -> None:
+    """A hub id resolves through the HuggingFace cache when offline; a missing one fails clearly."""
+    import shutil
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--flywheel-test--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in tiny_base.iterdir():
+        shutil.copy2(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"FLYWHEEL_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    path = write_config(tmp_path / "p", tiny_config("flywheel-test/tiny-llama", training={"steps": 2}))
+    done = cli("finetune", "--config", str(path), env=env)
+    assert done.returncode == 0, done.stderr
+    info = open_registry(load_llm_project(path, env=env)).version(1)
+    ref = json.loads(info.run_tags["base_ref"])
+    assert ref["kind"] == "hub" and ref["base_model"] == "flywheel-test/tiny-llama"
+    missing = write_config(tmp_path / "q", tiny_config("flywheel-test/not-cached"))
+    fail = cli("finetune", "--config", str(missing), env={**env, "FLYWHEEL_HOME": str(tmp_path / "h2")})
+    assert fail.returncode == 1 and "nor in the local HuggingFace cache" in " ".join(fail.stderr.split())
