@@ -474,10 +474,10 @@ def load_any_project(path: str | Path, env: dict[str, str] | None = None) -> Pro
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
-    raw = apply_env_overrides(raw, env)
-    kind = raw.get("kind", "tabular")
+    kind = env.get("FLYWHEEL_KIND", raw.get("kind", "tabular"))
     if kind not in ("tabular", "lora"):
         raise ConfigError(f"{path.name}: kind: must be 'tabular' (default) or 'lora' (got {kind!r})")
+    raw = apply_env_overrides(raw, env, LlmConfig if kind == "lora" else Config)
     home = Path(env["FLYWHEEL_HOME"]) if env.get("FLYWHEEL_HOME") else path.parent / ".flywheel"
     try:
         if kind == "lora":
@@ -506,14 +506,16 @@ def load_llm_project(path: str | Path, env: dict[str, str] | None = None) -> Llm
     return project
 
 
-def apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """FLYWHEEL_A__B=value sets field a.b; values are read as YAML scalars or lists."""
+def apply_env_overrides(raw: dict[str, Any], env: dict[str, str],
+                        model: type[CommonConfig] | None = None) -> dict[str, Any]:
+    """FLYWHEEL_A__B=value sets field a.b of `model`'s fields; values are read as YAML scalars or lists."""
+    fields = (model or Config).model_fields
     merged = json.loads(json.dumps(raw, default=str))
     for key, value in sorted(env.items()):
         if not key.startswith("FLYWHEEL_") or key in _NOT_CONFIG_ENV:
             continue
         parts = [p.lower() for p in key.removeprefix("FLYWHEEL_").split("__") if p]
-        if not parts or (parts[0] not in Config.model_fields and parts[0] not in LlmConfig.model_fields):
+        if not parts or parts[0] not in fields:
             continue
         node = merged
         for part in parts[:-1]:

@@ -91,3 +91,33 @@ def test_duplicate_feature_names_are_refused(tmp_path):
     cfg["features"].append(dict(cfg["features"][0]))
     with pytest.raises(ConfigError, match="repeated: gr_appv"):
         load_project(write(tmp_path, cfg), env={})
+
+
+def test_lora_config_overrides_apply_to_their_own_kind(tmp_path: Path) -> None:
+    from flywheel.config import LlmProject, load_any_project
+
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(yaml.safe_dump({"project": "x", "kind": "lora", "gate": {"floor": 50}}))
+    env = {"FLYWHEEL_LORA__R": "4", "FLYWHEEL_TRAINING__STEPS": "7", "FLYWHEEL_MODEL__TYPE": "sklearn"}
+    project = load_any_project(lora, env=env)
+    assert isinstance(project, LlmProject)
+    assert project.config.lora.r == 4 and project.config.training.steps == 7
+    assert project.config.lora.target_modules == ["q_proj", "v_proj"]
+    tabular = load_project(EXAMPLE, env=env)  # LoRA-only variables leave a tabular project alone
+    assert tabular.config.model.type == "sklearn"
+    with pytest.raises(ConfigError, match="kind"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"project": "x", "kind": "llm", "gate": {"floor": 50}}))
+        load_any_project(bad, env={})
+
+
+def test_lora_example_config_is_valid(tmp_path: Path) -> None:
+    from flywheel.config import BUILTIN_BASE_MODEL, load_llm_project
+
+    path = EXAMPLE.parent.parent / "constitution-lora" / "flywheel.yaml"
+    project = load_llm_project(path, env={"FLYWHEEL_HOME": str(tmp_path)})
+    cfg = project.config
+    assert cfg.base_model == BUILTIN_BASE_MODEL and cfg.text.source == "indian-constitution"
+    assert cfg.gate.metric == "perplexity" and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.serving.default_max_new_tokens <= cfg.serving.max_new_tokens
+    assert project.tracking_url == f"sqlite:///{tmp_path / 'mlflow.db'}"
