@@ -182,16 +182,21 @@ class PredictionLogConfig(_Strict):
     queue_wait_s: float = Field(default=0.25, ge=0, le=60)
 
 
-class ServingConfig(_Strict):
-    threshold: float = Field(default=0.5, ge=0, le=1)
+class ServerConfig(_Strict):
+    """What every `flywheel serve` has: where it listens, its workers, how often it checks the alias."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    access_log: bool = False
+
+
+class ServingConfig(ServerConfig):
+    threshold: float = Field(default=0.5, ge=0, le=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_records: int = Field(default=1_000, ge=1)
     max_string_length: int = Field(default=1_000, ge=1)
-    access_log: bool = False
     log: PredictionLogConfig = PredictionLogConfig()
 
 
@@ -343,11 +348,7 @@ class LlmGateConfig(_Strict):
     require_schema_compatible: bool = False  # prompts in, text out: nothing to compare
 
 
-class GenerateServingConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
-    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+class GenerateServingConfig(ServerConfig):
     max_body_bytes: int = Field(default=65_536, ge=1024)
     max_prompt_chars: int = Field(default=4_000, ge=1)
     max_prompt_tokens: int = Field(default=1_024, ge=1)
@@ -358,7 +359,6 @@ class GenerateServingConfig(_Strict):
     max_concurrent: int = Field(default=1, ge=1, le=64)
     max_waiting: int = Field(default=8, ge=0, le=10_000)
     torch_threads: int | None = Field(default=None, ge=1)
-    access_log: bool = False
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> GenerateServingConfig:

@@ -231,15 +231,6 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
         return _json({"models": [model.describe()] if model else [], "threshold": threshold,
                       "last_error": runtime.last_error})
 
-    async def health(request: Request) -> Response:
-        return _json({"status": "ok"})
-
-    async def ready(request: Request) -> Response:
-        model = runtime.current
-        if model is None:
-            return _json({"ready": False, "reason": runtime.last_error or "no champion loaded"}, 503)
-        return _json({"ready": True, "model": model.name, "version": model.version})
-
     async def prometheus(request: Request) -> Response:
         metrics.log_depth.set(writer.depth())  # the flusher's own update lags when the sink is slow
         body, content_type = metrics.render()
@@ -258,16 +249,6 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
         stored = await run_in_threadpool(store_feedback, engine, labels)
         metrics.observe("feedback", 200, 0, time.perf_counter() - started)
         return _json({"accepted": stored, "request_id": request_id})
-
-    async def reload(request: Request) -> Response:
-        refused = admin_refusal(request)
-        if refused is not None:
-            return refused
-        swapped = await run_in_threadpool(runtime.check_now)
-        model = runtime.current
-        log.info("admin reload", extra={"event": "admin_reload", "swapped": swapped})
-        return _json({"swapped": swapped, "version": model.version if model else None,
-                      "last_error": runtime.last_error})
 
     async def openapi(request: Request) -> Response:
         return _json(openapi_document(runtime.current, project.config.registered_model, cfg))
@@ -299,11 +280,9 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
         Route("/v2/models/{name}", oip_model, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
-        Route("/admin/reload", reload, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *runtime_routes(runtime),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.runtime = runtime
@@ -383,6 +362,32 @@ async def _receive_body(scope: Any, receive: Any, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def runtime_routes(runtime: ModelRuntime[Any]) -> list[Route]:
+    """/health, /ready and /admin/reload: the same for every kind of served model."""
+
+    async def health(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        model = runtime.current
+        if model is None:
+            return _json({"ready": False, "reason": runtime.last_error or "no champion loaded"}, 503)
+        return _json({"ready": True, "model": model.name, "version": model.version})
+
+    async def reload(request: Request) -> Response:
+        refused = admin_refusal(request)
+        if refused is not None:
+            return refused
+        swapped = await run_in_threadpool(runtime.check_now)
+        model = runtime.current
+        log.info("admin reload", extra={"event": "admin_reload", "swapped": swapped})
+        return _json({"swapped": swapped, "version": model.version if model else None,
+                      "last_error": runtime.last_error})
+
+    return [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+            Route("/admin/reload", reload, methods=["POST"])]
 
 
 def admin_refusal(request: Request) -> Response | None:

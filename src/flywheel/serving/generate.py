@@ -33,7 +33,7 @@ from flywheel.serving.app import (
     _json,
     _new_request_id,
     _read_body,
-    admin_refusal,
+    runtime_routes,
 )
 from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
 from flywheel.serving.runtime import ModelRuntime
@@ -212,28 +212,9 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
         model = runtime.current
         return _json({"models": [model.describe()] if model else [], "last_error": runtime.last_error})
 
-    async def health(request: Request) -> Response:
-        return _json({"status": "ok"})
-
-    async def ready(request: Request) -> Response:
-        model = runtime.current
-        if model is None:
-            return _json({"ready": False, "reason": runtime.last_error or "no champion loaded"}, 503)
-        return _json({"ready": True, "model": model.name, "version": model.version})
-
     async def prometheus(request: Request) -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
-
-    async def reload(request: Request) -> Response:
-        refused = admin_refusal(request)
-        if refused is not None:
-            return refused
-        swapped = await run_in_threadpool(runtime.check_now)
-        model = runtime.current
-        log.info("admin reload", extra={"event": "admin_reload", "swapped": swapped})
-        return _json({"swapped": swapped, "version": model.version if model else None,
-                      "last_error": runtime.last_error})
 
     async def openapi(request: Request) -> Response:
         return _json(generate_openapi(project.config.registered_model, cfg,
@@ -256,11 +237,9 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/generate", generate, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
-        Route("/admin/reload", reload, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *runtime_routes(runtime),
     ], lifespan=lifespan)
     app.state.runtime = runtime
     return app
