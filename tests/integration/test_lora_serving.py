@@ -201,3 +201,21 @@ def test_hot_swap_under_load_fails_nothing(server: ServerProcess, project: LlmPr
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     swaps = [line for line in metrics.splitlines() if line.startswith("flywheel_model_swaps_total")]
     assert swaps and float(swaps[0].split()[-1]) >= 2
+
+
+def test_two_workers_share_metrics_and_follow_the_champion(project: LlmProject) -> None:
+    srv = ServerProcess(project, workers=2)  # type: ignore[arg-type]
+    try:
+        for _ in range(8):
+            r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "Article 3", "max_new_tokens": 3},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        counts = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith('flywheel_requests_total{endpoint="generate"')]
+        assert sum(counts) == 8  # summed over both workers' files
+        versions = [line for line in metrics.splitlines() if line.startswith("flywheel_model_version{")]
+        pids = {line.split('pid="')[1].split('"')[0] for line in versions}
+        assert len(pids) == 2, versions
+    finally:
+        srv.stop()
