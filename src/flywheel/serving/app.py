@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,11 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flywheel.config import Project, load_any_project, load_project
+from flywheel.config import Project, ProjectBase, load_any_project, load_project
 from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
 from flywheel.serving.openapi import openapi_document
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
-from flywheel.serving.runtime import LoadedModel, ModelRuntime, load_version
+from flywheel.serving.runtime import LoadedModel, M, ModelRuntime, load_version
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
 from flywheel.state.db import open_state
 
@@ -81,22 +81,10 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
     cfg = project.config.serving
     metrics = ServingMetrics()
 
-    def registry_factory() -> Any:
-        from flywheel.pipeline.steps import open_registry
-
-        return open_registry(project)
-
-    def on_swap(old: LoadedModel | None, new: LoadedModel) -> None:
-        if old is not None:
-            metrics.swaps.inc()
-        metrics.model_version.set(new.version)
-        _freeze_heap()
-
     def loader(registry: Any, version: int) -> LoadedModel:
         return load_version(registry, version, cfg.max_records, cfg.max_string_length)
 
-    runtime: ModelRuntime[LoadedModel] = ModelRuntime(registry_factory, cfg.reload_interval_s,
-                                                      loader, on_swap=on_swap)
+    runtime = champion_runtime(project, cfg.reload_interval_s, metrics, loader, _freeze_heap)
     engine = open_state(project.state_url, migrate=migrate)
     writer = PredictionLogWriter(project.state_url, cfg.log, on_dropped=metrics.log_dropped.inc,
                                  on_depth=metrics.log_depth.set)
@@ -362,6 +350,26 @@ async def _receive_body(scope: Any, receive: Any, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def champion_runtime(project: ProjectBase, interval_s: float, metrics: ServingMetrics,
+                     loader: Callable[[Any, int], M], after_swap: Callable[[], None] | None = None,
+                     ) -> ModelRuntime[M]:
+    """The runtime that follows alias champion, counting swaps and the served version in metrics."""
+
+    def registry_factory() -> Any:
+        from flywheel.pipeline.steps import open_registry
+
+        return open_registry(project)
+
+    def on_swap(old: M | None, new: M) -> None:
+        if old is not None:
+            metrics.swaps.inc()
+        metrics.model_version.set(new.version)
+        if after_swap:
+            after_swap()
+
+    return ModelRuntime(registry_factory, interval_s, loader, on_swap=on_swap)
 
 
 def runtime_routes(runtime: ModelRuntime[Any]) -> list[Route]:

@@ -33,6 +33,7 @@ from flywheel.serving.app import (
     _json,
     _new_request_id,
     _read_body,
+    champion_runtime,
     runtime_routes,
 )
 from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
@@ -135,19 +136,9 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
     metrics = ServingMetrics(GENERATION_BUCKETS)
     gen_metrics = GenerationMetrics(metrics)
 
-    def registry_factory() -> Any:
-        from flywheel.pipeline.steps import open_registry
-
-        return open_registry(project)
-
-    def on_swap(old: LoadedGenerator | None, new: LoadedGenerator) -> None:
-        if old is not None:
-            metrics.swaps.inc()
-        metrics.model_version.set(new.version)
-
-    runtime: ModelRuntime[LoadedGenerator] = ModelRuntime(
-        registry_factory, cfg.reload_interval_s,
-        lambda registry, version: load_generator(project, registry, version), on_swap=on_swap)
+    runtime: ModelRuntime[LoadedGenerator] = champion_runtime(
+        project, cfg.reload_interval_s, metrics,
+        lambda registry, version: load_generator(project, registry, version))
     engine = open_state(project.state_url, migrate=migrate)  # alias history lives there
     slots = GenerationSlots(cfg.max_concurrent, cfg.max_waiting, gen_metrics)
 
