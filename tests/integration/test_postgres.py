@@ -33,3 +33,38 @@ def test_all_three_stores_on_one_postgresql_database(loaded_project, postgres_ur
     assert n_loans > 30000 and ours == head_revision() and moves == 1
     with pytest.raises(Exception, match="no earlier champion"):
         rollback(project)  # v2 became champion outside Flywheel: no history to return along
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migrations_build_exactly_the_declared_schema_and_step_back(backend, postgres_url, tmp_path):
+    """The Alembic chain and the tables the code declares (state/db.py) must not drift apart."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+
+    from flywheel.state.db import MIGRATIONS, VERSION_TABLE, metadata, open_state
+
+    url = postgres_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'state.db'}"
+    engine = open_state(url)
+
+    def differences() -> list:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return compare_metadata(context, metadata)
+
+    assert differences() == []
+    with engine.connect() as conn:
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("predictions")}
+    assert indexes == {"ix_predictions_record_id", "ix_predictions_model_time"}
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    command.downgrade(cfg, "0003")
+    with engine.connect() as conn:
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("predictions")}
+    assert indexes == {"ix_predictions_record_id", "ix_predictions_created_at",
+                       "ix_predictions_model_version"}
+    command.upgrade(cfg, "head")
+    assert differences() == []
+    engine.dispose()

@@ -5,7 +5,8 @@ from flywheel.serving.predlog import PredictionLogWriter, db_rows
 
 
 def row(i: int) -> tuple:
-    return (f"r{i}", "q", 1_700_000_000.0, "m", 1, {"a": 1.0, "meta": {"id": i}}, 0.2, False, 0.4)
+    return (f"r{i}", "q", 1_700_000_000_000_042 + i, "m", 1, {"a": 1.0, "meta": {"id": i}}, 0.2, False,
+            0.4)
 
 
 def test_a_full_buffer_waits_then_counts_the_drop():
@@ -22,7 +23,21 @@ def test_a_full_buffer_waits_then_counts_the_drop():
 
 def test_rows_become_database_parameters_with_inputs_and_meta_apart():
     [sqlite_row] = db_rows([list(row(7))], "sqlite")
-    assert sqlite_row[0] == "r7" and sqlite_row[2] == "2023-11-14 22:13:20.000000"
+    assert sqlite_row[0] == "r7" and sqlite_row[2] == "2023-11-14 22:13:20.000049"
     assert sqlite_row[5] == '{"a":1.0}' and sqlite_row[6] == '{"id":7}'
     [pg_row] = db_rows([list(row(7))], "postgresql")
-    assert pg_row[2].isoformat() == "2023-11-14T22:13:20+00:00"
+    assert pg_row[2].isoformat() == "2023-11-14T22:13:20.000049+00:00"
+
+
+def test_times_match_python_datetime_on_both_sides_of_a_second():
+    from datetime import UTC, datetime
+
+    stamps = [1_700_000_000_999_999, 1_700_000_001_000_000, 1_700_000_001_000_001, 1_700_000_000_999_998]
+    rows = [["r", "q", t, "m", 1, {"a": 1.0}, 0.2, False, 0.4] for t in stamps]
+    for dialect in ("sqlite", "postgresql"):
+        got = [r[2] for r in db_rows([list(r) for r in rows], dialect)]
+        want = [datetime.fromtimestamp(t // 1_000_000, UTC).replace(microsecond=t % 1_000_000)
+                for t in stamps]
+        if dialect == "sqlite":
+            want = [w.strftime("%Y-%m-%d %H:%M:%S.%f") for w in want]  # type: ignore[misc]
+        assert got == want

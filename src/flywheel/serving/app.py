@@ -110,7 +110,7 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Starlett
     async def score_and_log(model: LoadedModel, records: list[dict[str, Any]], request_id: str,
                             started: float) -> tuple[list[str], list[float], list[bool]]:
         probs = await batcher.submit(model, records)
-        now = time.time()
+        now = time.time_ns() // 1000
         latency_ms = (time.perf_counter() - started) * 1000
         ids = [f"{request_id}-{i}" for i in range(len(records))]
         decisions = [p >= threshold for p in probs]

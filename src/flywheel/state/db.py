@@ -46,8 +46,7 @@ predictions = sa.Table(
     sa.Column("decision", sa.Boolean, nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Index("ix_predictions_record_id", "record_id", unique=True),
-    sa.Index("ix_predictions_created_at", "created_at"),
-    sa.Index("ix_predictions_model_version", "model_name", "model_version"),
+    sa.Index("ix_predictions_model_time", "model_name", "created_at"),
 )
 feedback = sa.Table(
     "feedback",
@@ -81,6 +80,7 @@ monitor_runs = sa.Table(
     sa.Column("report_path", sa.Text, nullable=True),
     sa.Column("mlflow_run_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_monitor_runs_model", "model_name", "id"),
 )
 monitor_columns = sa.Table(
     "monitor_columns",
@@ -105,6 +105,7 @@ pipeline_runs = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("outputs", sa.Text, nullable=False),  # JSON: each finished step's outputs
     sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_pipeline_runs_model", "model_name", "started_at"),
 )
 locks = sa.Table(
     "locks",
