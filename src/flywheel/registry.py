@@ -35,6 +35,18 @@ STAGE_ALIASES = {"production": CHAMPION, "staging": CHALLENGER}
 ONNX_PIP_REQUIREMENTS = ["onnxruntime>=1.32,<1.33", "onnx>=1.23,<1.24", "numpy>=2.4,<2.5"]
 
 
+def onnx_signature(feature_spec: str) -> Any:
+    """The MLflow signature of an ONNX export: one float32 column per feature, one output."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from flywheel.data.features import FeatureSpec
+
+    names = FeatureSpec.from_json(feature_spec).names
+    return ModelSignature(inputs=Schema([ColSpec("float", n) for n in names]),
+                          outputs=Schema([ColSpec("float", "probability")]))
+
+
 class RegistryError(RuntimeError):
     """The registry does not hold what was asked for, or a stored artifact fails its hash."""
 
@@ -124,7 +136,11 @@ class Registry:
     def register_onnx(
         self, run_id: str, onnx_bytes: bytes, feature_spec: str, tags: dict[str, str]
     ) -> int:
-        """Log the ONNX export as the run's model, register it, and record both files' hashes."""
+        """Log the ONNX export as the run's model, register it, and record both files' hashes.
+
+        The model carries a signature (the feature columns in, `probability` out), so MLflow's UI
+        shows what the model takes and `mlflow.pyfunc` / `mlflow models serve` check the input.
+        """
         import onnx
 
         proto = onnx.load_from_string(onnx_bytes)
@@ -133,7 +149,7 @@ class Registry:
         with _active(run_id):
             info = mlflow.onnx.log_model(
                 proto, name=MODEL_ARTIFACT, pip_requirements=ONNX_PIP_REQUIREMENTS,
-                save_as_external_data=False,
+                save_as_external_data=False, signature=onnx_signature(feature_spec),
             )
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(self.model_name)

@@ -75,6 +75,32 @@ def test_a_run_records_params_curves_artifacts_and_lineage(loaded_project):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_registered_model_carries_its_signature_and_mlflow_pyfunc_checks_input(loaded_project):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.data.features import FeatureSpec, build_matrix
+    from tests.conftest import SAMPLE
+
+    project = loaded_project(QUICK)
+    result = train_challenger(project)
+    reg = open_registry(project)
+    spec = FeatureSpec.from_json(reg.load_artifacts(result.version).feature_spec)
+    mlflow.set_tracking_uri(reg.tracking_url)
+    model = mlflow.pyfunc.load_model(f"models:/sba-loans/{result.version}")
+    assert model.metadata.signature.inputs.input_names() == spec.names
+    assert model.metadata.signature.outputs.input_names() == ["probability"]
+    frame = pd.read_parquet(SAMPLE).iloc[:50]
+    features = pd.DataFrame(build_matrix(spec, frame), columns=spec.names).astype("float32")
+    served = np.asarray(model.predict(features)).ravel()
+    assert served.shape == (50,)
+    assert np.allclose(served, result.fitted.predict(features.to_numpy(dtype=np.float64)), atol=1e-4)
+    with pytest.raises(MlflowException, match=spec.names[0]):
+        model.predict(features.drop(columns=[spec.names[0]]))
+
+
 def test_floor_refuses_a_first_model_and_status_shows_no_champion(loaded_project):
     project = loaded_project({**QUICK, "gate": {"floor": 0.99}})
     result = train_challenger(project)
