@@ -68,3 +68,38 @@ def test_migrations_build_exactly_the_declared_schema_and_step_back(backend, pos
     command.upgrade(cfg, "head")
     assert differences() == []
     engine.dispose()
+
+
+def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplicates(postgres_url,
+                                                                                     tmp_path):
+    """PostgreSQL takes the log by COPY, SQLite by executemany: same rows back, duplicates skipped."""
+    from datetime import UTC
+
+    from flywheel.serving.logsink import write
+    from flywheel.serving.predlog import db_rows, insert_sql
+    from flywheel.state.db import open_state, predictions
+
+    def frame(ids: list[int]) -> list[list]:
+        text = 'tab\there "quoted" back\\slash'
+        return [[f"req{i}-0", f"req{i}", 1_764_000_000_123_456 + i, "m", 3,
+                 {"a": 1.5, "s": text, **({"meta": {"entity_id": i}} if i % 2 else {})},
+                 0.25 + i / 100, i % 2 == 0, 0.5] for i in ids]
+
+    stored = {}
+    for url in (postgres_url, f"sqlite:///{tmp_path / 'state.db'}"):
+        engine = open_state(url)
+        dialect = engine.dialect.name
+        assert write(engine, insert_sql(dialect), db_rows(frame([1, 2, 3]), dialect)) == (3, 0)
+        # a frame that repeats a stored record id: the others are still stored, nothing twice
+        assert write(engine, insert_sql(dialect), db_rows(frame([3, 4]), dialect)) == (1, 0)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(predictions).order_by(predictions.c.record_id)).all()
+        stored[dialect] = [(r.record_id, r.created_at.astimezone(UTC).replace(tzinfo=None)
+                            if r.created_at.tzinfo else r.created_at, r.model_version, r.inputs, r.meta,
+                            r.probability, r.decision, r.latency_ms) for r in rows]
+        engine.dispose()
+    assert [r[0] for r in stored["postgresql"]] == ["req1-0", "req2-0", "req3-0", "req4-0"]
+    assert stored["postgresql"] == stored["sqlite"]
+    assert stored["sqlite"][0][1].isoformat() == "2025-11-24T16:00:00.123457"
+    assert stored["sqlite"][0][3] == '{"a":1.5,"s":"tab\\there \\"quoted\\" back\\\\slash"}'
+    assert stored["sqlite"][0][4] == '{"entity_id":1}' and stored["sqlite"][1][4] is None

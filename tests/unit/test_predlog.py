@@ -41,3 +41,33 @@ def test_times_match_python_datetime_on_both_sides_of_a_second():
         if dialect == "sqlite":
             want = [w.strftime("%Y-%m-%d %H:%M:%S.%f") for w in want]  # type: ignore[misc]
         assert got == want
+
+
+def test_the_sink_takes_every_frame_already_in_the_pipe_as_one_batch_and_drops_a_torn_one(caplog):
+    import os
+    import threading
+
+    import orjson
+
+    from flywheel.serving.logsink import read_batches
+    from flywheel.serving.predlog import _FRAME_HEADER
+
+    def frame(ids: range) -> bytes:
+        body = orjson.dumps([list(row(i)) for i in ids])
+        return _FRAME_HEADER.pack(len(body)) + body
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, frame(range(0, 3)) + frame(range(3, 5)) + frame(range(5, 6)))
+    batches = read_batches(read_fd)
+    assert [r[0] for r in next(batches)] == [f"r{i}" for i in range(6)]  # three frames, one batch
+    later = frame(range(6, 8))
+    # a frame that arrives in two writes is waited for, not cut
+    writer = threading.Thread(target=lambda: (os.write(write_fd, later[:10]), time.sleep(0.2),
+                                              os.write(write_fd, later[10:] + frame(range(8, 9))[:7]),
+                                              os.close(write_fd)))
+    writer.start()
+    assert [r[0] for r in next(batches)] == ["r6", "r7"]
+    assert list(batches) == []  # end of input: the torn last frame is reported, not parsed
+    writer.join()
+    os.close(read_fd)
+    assert "truncated frame" in caplog.text
