@@ -1,13 +1,20 @@
 """Serving benchmark: flywheel serve vs mlflow models serve vs a constant Starlette endpoint.
 
 One run, one machine, printed as ratios. Each server runs one worker pinned to CPU 0; wrk (Debian
-package `wrk`) is pinned to CPU 1 with 8 connections and single-record bodies. Flywheel runs with
-its prediction log and metrics on, twice: its log-sink process sharing CPU 0 with the worker, and
-moved to CPU 1 (FLYWHEEL_LOG_SINK_CPUS=1). Then a hot-swap run (promotions and rollbacks under
-load; failed requests must be 0) and a logging run (requests answered vs rows stored, after
-SIGTERM and after SIGKILL).
+package `wrk`) is pinned to CPU 1 with 8 connections and single-record bodies. All servers are
+started first and then measured in interleaved rounds (the order rotates each round); the table
+gives each server's median over the rounds, and each ratio is the median of the per-round ratios,
+so a slow minute of this shared machine lands on every server alike.
 
-    .venv/bin/python benchmarks/serve_vs_mlflow.py [--seconds 15]
+MLflow is measured three ways: the registered version itself (ONNX with its signature, DataFrame
+input: "the same registered version"), v1's LightGBM booster logged the usual way (with a
+signature), and the same booster without a signature (MLflow's fastest DataFrame path we found).
+Flywheel runs with its prediction log and metrics on, twice: its log-sink process sharing CPU 0
+with the worker, and moved to CPU 1 (FLYWHEEL_LOG_SINK_CPUS=1). Then a hot-swap run (promotions
+and rollbacks under load; failed requests must be 0) and a logging run (requests answered vs
+rows stored, after SIGTERM and after SIGKILL).
+
+    .venv/bin/python benchmarks/serve_vs_mlflow.py [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pandas as pd
@@ -91,7 +100,8 @@ class Server:
 def setup(home: Path) -> tuple[Path, dict[str, str], dict, list[float]]:
     """A project on the committed SBA sample with two versions: v1 LightGBM, v2 scikit-learn."""
     cfg = yaml.safe_load((REPO / "examples" / "sba-loans" / "flywheel.yaml").read_text())
-    cfg["serving"]["reload_interval_s"] = 0.5
+    (home / "flywheel-throughput.yaml").write_text(yaml.safe_dump(cfg))  # alias checked every 2 s
+    cfg["serving"]["reload_interval_s"] = 0.5  # the hot-swap run: swaps within half a second
     config = home / "flywheel.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "FLYWHEEL_HOME": str(home / ".flywheel"), "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -114,30 +124,44 @@ def setup(home: Path) -> tuple[Path, dict[str, str], dict, list[float]]:
     record = {c: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v)
               for c, v in frame[spec.input_columns].iloc[0].items()}
     vector = [float(x) for x in build_matrix(spec, frame)[0]]
-    register_lightgbm_flavor(registry, spec.names)
+    sample = pd.DataFrame(build_matrix(spec, pd.read_parquet(SAMPLE).iloc[:200]), columns=spec.names)
+    register_lightgbm_flavor(registry, sample)
+    COLUMNS.extend(spec.names)
     return config, env, record, vector
 
 
-def register_lightgbm_flavor(registry, names: list[str]) -> None:  # type: ignore[no-untyped-def]
-    """The issue's anchor: v1's own booster as an MLflow LightGBM model (pandas + booster.predict)."""
+def register_lightgbm_flavor(registry, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    """v1's own booster as an MLflow LightGBM model, with a signature and without one."""
     import lightgbm as lgb
     import mlflow
+    from mlflow.models import infer_signature
 
     run_id = registry.version(1).run_id
     path = registry.client.download_artifacts(run_id, "native/model.lgb.txt", tempfile.mkdtemp())
     booster = lgb.Booster(model_file=path)
-    with mlflow.start_run(experiment_id=registry.experiment_id):
-        mlflow.lightgbm.log_model(booster, name="model", registered_model_name="sba-loans-lightgbm",
-                                  pip_requirements=["lightgbm"])
-    LGB_COLUMNS.extend(names)
+    for name, signature in (("sba-loans-lightgbm", infer_signature(sample, booster.predict(sample))),
+                            ("sba-loans-lightgbm-unsigned", None)):
+        with mlflow.start_run(experiment_id=registry.experiment_id):
+            mlflow.lightgbm.log_model(booster, name="model", registered_model_name=name,
+                                      signature=signature, pip_requirements=["lightgbm"])
 
 
-LGB_COLUMNS: list[str] = []
+COLUMNS: list[str] = []
+
+
+ANCHOR = "mlflow: registered version (ONNX + signature)"
+LGB = "mlflow: LightGBM booster + signature"
+FASTEST = "mlflow: LightGBM booster, no signature"
+SINK0 = "flywheel serve, log sink on CPU 0"
+SINK1 = "flywheel serve, log sink on CPU 1"
+SINKPG = "flywheel serve, PostgreSQL log, sink on CPU 0"
+FLOOR = "constant Starlette endpoint (floor)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per server per round")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -145,82 +169,113 @@ def main() -> None:
     config, env, record, vector = setup(home)
     body_fw = home / "record.json"
     body_fw.write_text(json.dumps(record))
-    # MLflow takes the model's own input: the 17-value feature vector (it has no feature step).
-    # DataFrame input is how MLflow is usually called (the issue's anchor); tensor input skips
-    # pandas and is MLflow's fastest path.
+    # MLflow takes the model's own input, the feature vector (it has no feature step), as the
+    # DataFrame its signature names; Flywheel takes the raw record and builds the features.
     body_df = home / "mlflow-dataframe.json"
-    body_df.write_text(json.dumps({"dataframe_split": {
-        "columns": [f"f{i}" for i in range(len(vector))], "data": [vector]}}))
-    body_tensor = home / "mlflow-tensor.json"
-    body_tensor.write_text(json.dumps({"inputs": [vector]}))
-    body_lgb = home / "mlflow-lightgbm.json"
-    body_lgb.write_text(json.dumps({"dataframe_split": {"columns": LGB_COLUMNS, "data": [vector]}}))
-    results: dict[str, dict[str, float]] = {}
-
-    port = free_port()
-    tracking = f"sqlite:///{home / '.flywheel' / 'mlflow.db'}"
-    srv = Server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/sba-loans/1", "--env-manager",
-                  "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 {**env, "MLFLOW_TRACKING_URI": tracking}, f"http://127.0.0.1:{port}/ping")
-    for label, body in (("mlflow models serve (ONNX, DataFrame input)", body_df),
-                        ("mlflow models serve (ONNX, tensor input)", body_tensor)):
-        check = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body.read_text(),
-                           headers={"content-type": "application/json"})
-        assert check.status_code == 200, check.text
-        results[label] = wrk(f"http://127.0.0.1:{port}/invocations", body, args.seconds)
-    srv.stop()
-    port = free_port()
-    srv = Server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/sba-loans-lightgbm/1",
-                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 {**env, "MLFLOW_TRACKING_URI": tracking}, f"http://127.0.0.1:{port}/ping")
-    check = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body_lgb.read_text(),
-                       headers={"content-type": "application/json"})
-    assert check.status_code == 200, check.text
-    results["mlflow models serve (LightGBM flavor, DataFrame)"] = wrk(
-        f"http://127.0.0.1:{port}/invocations", body_lgb, args.seconds)
-    srv.stop()
-
-    for label, extra in (("flywheel serve (log sink on CPU 0)", {}),
-                         ("flywheel serve (log sink on CPU 1)", {"FLYWHEEL_LOG_SINK_CPUS": "1"})):
+    body_df.write_text(json.dumps({"dataframe_split": {"columns": COLUMNS, "data": [vector]}}))
+    tracking = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.flywheel' / 'mlflow.db'}"}
+    throughput_config = home / "flywheel-throughput.yaml"
+    servers: dict[str, tuple[subprocess.Popen[str] | Server, str, Path]] = {}
+    try:
+        for label, model in ((ANCHOR, "models:/sba-loans/1"), (LGB, "models:/sba-loans-lightgbm/1"),
+                             (FASTEST, "models:/sba-loans-lightgbm-unsigned/1")):
+            port = free_port()
+            srv = Server([str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tracking,
+                         f"http://127.0.0.1:{port}/ping")
+            url = f"http://127.0.0.1:{port}/invocations"
+            check = httpx.post(url, content=body_df.read_text(), headers={"content-type": "application/json"})
+            assert check.status_code == 200, check.text
+            servers[label] = (srv, url, body_df)
+        flywheels: list[tuple[str, dict[str, str]]] = [(SINK0, {}), (SINK1, {"FLYWHEEL_LOG_SINK_CPUS": "1"})]
+        pg = postgres_database()
+        if pg:  # the production path: the database server does the inserts, the sink only COPYs
+            flywheels.append((SINKPG, {"FLYWHEEL_STORES__STATE": pg}))
+        for label, extra in flywheels:
+            port = free_port()
+            srv = Server([str(BIN / "flywheel"), "serve", "--config", str(throughput_config), "--port",
+                          str(port)], {**env, **extra}, f"http://127.0.0.1:{port}/ready")
+            servers[label] = (srv, f"http://127.0.0.1:{port}/v1/predict", body_fw)
         port = free_port()
-        srv = Server([str(BIN / "flywheel"), "serve", "--config", str(config), "--port", str(port)],
-                     {**env, **extra}, f"http://127.0.0.1:{port}/ready")
-        results[label] = wrk(f"http://127.0.0.1:{port}/v1/predict", body_fw, args.seconds)
-        depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
-                          httpx.get(f"http://127.0.0.1:{port}/metrics").text, re.M)
-        # A large depth would mean the log sink did not keep up and the buffer flattered the run.
-        results[label]["log_backlog"] = float(depth.group(1)) if depth else float("nan")
-        srv.stop()
-
-    port = free_port()
-    floor_proc = subprocess.Popen(
-        ["taskset", "-c", "0", str(BIN / "uvicorn"), "floor_app:app", "--port", str(port), "--loop",
-         "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-        env=env, cwd=REPO / "benchmarks", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port)
-    results["constant Starlette endpoint (floor)"] = wrk(f"http://127.0.0.1:{port}/v1/predict",
-                                                         body_fw, args.seconds)
-    floor_proc.terminate()
-    floor_proc.wait()
-
-    lgb = results["mlflow models serve (LightGBM flavor, DataFrame)"]["rps"]
-    base = results["mlflow models serve (ONNX, DataFrame input)"]["rps"]
-    tensor = results["mlflow models serve (ONNX, tensor input)"]["rps"]
-    floor = results["constant Starlette endpoint (floor)"]["rps"]
-    print(f"\nThroughput and latency, one worker on CPU 0, wrk -c8 on CPU 1, {args.seconds}s each. "
-          "Ratios: x lgb = vs MLflow's LightGBM flavor (the issue's anchor), x onnx-df / x onnx-t = "
-          "vs MLflow serving the same registered ONNX version with DataFrame / tensor input.")
-    print(f"{'server':50} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'x lgb':>6} {'x onnx-df':>9} "
-          f"{'x onnx-t':>8} {'% floor':>8} {'errors':>6} {'log backlog':>11}")
-    for name, r in results.items():
-        backlog = f"{r['log_backlog']:11.0f}" if "log_backlog" in r else f"{'-':>11}"
-        print(f"{name:50} {r['rps']:7.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['rps'] / lgb:6.1f} "
-              f"{r['rps'] / base:9.1f} {r['rps'] / tensor:8.1f} {100 * r['rps'] / floor:7.1f}% "
-              f"{r['non2xx'] + r['socket_errors']:6.0f} {backlog}")
-
+        floor = subprocess.Popen(
+            ["taskset", "-c", "0", str(BIN / "uvicorn"), "floor_app:app", "--port", str(port), "--loop",
+             "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+            env=env, cwd=REPO / "benchmarks", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        servers[FLOOR] = (floor, f"http://127.0.0.1:{port}/v1/predict", body_fw)
+        _wait_port(port)
+        rounds = measure(servers, args.seconds, args.rounds)
+    finally:
+        for srv, _, _ in servers.values():
+            if isinstance(srv, Server):
+                srv.stop()
+            else:
+                srv.terminate()
+                srv.wait()
+    report(rounds, args.seconds)
     hot_swap(config, env, body_fw)
     logging_run(config, env, record, home)
     print(f"\n(work folder: {home})")
+
+
+def postgres_database() -> str | None:
+    """A fresh database on the local PostgreSQL server (127.0.0.1:5432), or None without one."""
+    import sqlalchemy as sa
+
+    name = f"flywheel_bench_{os.getpid()}_{int(time.time())}"
+    try:
+        admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                                 isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        print(f"no PostgreSQL on 127.0.0.1:5432 ({exc.orig}); the PostgreSQL row is left out")
+        return None
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def measure(servers: dict[str, tuple[Any, str, Path]], seconds: int, n_rounds: int
+            ) -> list[dict[str, dict[str, float]]]:
+    names = list(servers)
+    rounds = []
+    for r in range(n_rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        result: dict[str, dict[str, float]] = {}
+        for name in order:
+            _, url, body = servers[name]
+            result[name] = wrk(url, body, seconds)
+            if name in (SINK0, SINK1, SINKPG):
+                depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
+                                  httpx.get(url.replace("/v1/predict", "/metrics")).text, re.M)
+                # A large backlog would mean the log sink did not keep up: the buffer flattered the run.
+                result[name]["log_backlog"] = float(depth.group(1)) if depth else float("nan")
+        print(f"round {r + 1}: " + ", ".join(f"{n.split(':')[0].split(',')[0]} "
+                                               f"{result[n]['rps']:.0f}/s p99 {result[n]['p99_ms']:.2f}"
+                                               for n in names), flush=True)
+        rounds.append(result)
+    return rounds
+
+
+def report(rounds: list[dict[str, dict[str, float]]], seconds: int) -> None:
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[name][key] for r in rounds)
+
+    def ratio(name: str, over: str) -> float:
+        return statistics.median(r[name]["rps"] / r[over]["rps"] for r in rounds)
+
+    print(f"\nOne worker on CPU 0, wrk -t1 -c8 on CPU 1, {seconds} s per server per round, "
+          f"{len(rounds)} interleaved rounds; medians. x anchor = vs MLflow serving the same "
+          "registered version; x lgb = vs the booster logged the usual way; x fastest = vs the "
+          "booster without a signature.")
+    print(f"{'server':42} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 max':>7} {'x anchor':>8} "
+          f"{'x lgb':>6} {'x fastest':>9} {'% floor':>8} {'errors':>6} {'backlog':>7}")
+    for name in rounds[0]:
+        errors = sum(r[name]["non2xx"] + r[name]["socket_errors"] for r in rounds)
+        backlog = (f"{max(r[name]['log_backlog'] for r in rounds):7.0f}" if "log_backlog" in rounds[0][name]
+                   else f"{'-':>7}")
+        print(f"{name:42} {med(name, 'rps'):7.0f} {med(name, 'p50_ms'):7.2f} {med(name, 'p99_ms'):7.2f} "
+              f"{max(r[name]['p99_ms'] for r in rounds):7.2f} {ratio(name, ANCHOR):8.1f} "
+              f"{ratio(name, LGB):6.1f} {ratio(name, FASTEST):9.1f} {100 * ratio(name, FLOOR):7.1f}% "
+              f"{errors:6.0f} {backlog}")
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
