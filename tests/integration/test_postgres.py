@@ -75,8 +75,10 @@ def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplic
     """PostgreSQL takes the log by COPY, SQLite by executemany: same rows back, duplicates skipped."""
     from datetime import UTC
 
+    import orjson
+
     from flywheel.serving.logsink import write
-    from flywheel.serving.predlog import db_rows, insert_sql
+    from flywheel.serving.predlog import insert_sql
     from flywheel.state.db import open_state, predictions
 
     def frame(ids: list[int]) -> list[list]:
@@ -89,9 +91,10 @@ def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplic
     for url in (postgres_url, f"sqlite:///{tmp_path / 'state.db'}"):
         engine = open_state(url)
         dialect = engine.dialect.name
-        assert write(engine, insert_sql(dialect), db_rows(frame([1, 2, 3]), dialect)) == (3, 0)
+        sql = insert_sql(dialect)
+        assert write(engine, sql, [orjson.dumps(frame([1, 2])), orjson.dumps(frame([3]))]) == (3, 0)
         # a frame that repeats a stored record id: the others are still stored, nothing twice
-        assert write(engine, insert_sql(dialect), db_rows(frame([3, 4]), dialect)) == (1, 0)
+        assert write(engine, sql, [orjson.dumps(frame([3, 4]))]) == (1, 0)
         with engine.connect() as conn:
             rows = conn.execute(sa.select(predictions).order_by(predictions.c.record_id)).all()
         stored[dialect] = [(r.record_id, r.created_at.astimezone(UTC).replace(tzinfo=None)

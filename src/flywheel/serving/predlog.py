@@ -161,7 +161,7 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
     sqlite = dialect == "sqlite"
     for rid, req, t_us, name, version, record, p, d, latency in rows:
         second, micro = divmod(t_us, 1_000_000)
-        base = seconds.get(second)
+        base: Any = seconds.get(second)
         if base is None:
             when = datetime.fromtimestamp(second, UTC)
             # SQLite: the text SQLAlchemy's DateTime type writes and reads back (UTC, no offset).
