@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pandas as pd
@@ -84,12 +83,27 @@ def _ms(out: str, pct: str) -> float:
 
 
 class Server:
-    def __init__(self, cmd: list[str], env: dict[str, str], ready_url: str, cwd: Path | None = None):
-        self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, cwd=cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_ready(ready_url)
+    """A server pinned to CPU 0, in its own process group so that it can be paused whole."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], ready_url: str | None, cwd: Path | None = None,
+                 port: int | None = None):
+        self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, cwd=cwd, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if ready_url:
+            wait_ready(ready_url)
+        elif port:
+            _wait_port(port)
+
+    def pause(self) -> None:
+        """SIGSTOP the server and its children (workers, log sink): an idle server's background
+        threads (alias watcher, metrics) then take nothing from the one being measured."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.resume()
         self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=60)
@@ -175,7 +189,7 @@ def main() -> None:
     body_df.write_text(json.dumps({"dataframe_split": {"columns": COLUMNS, "data": [vector]}}))
     tracking = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{home / '.flywheel' / 'mlflow.db'}"}
     throughput_config = home / "flywheel-throughput.yaml"
-    servers: dict[str, tuple[subprocess.Popen[str] | Server, str, Path]] = {}
+    servers: dict[str, tuple[Server, str, Path]] = {}
     try:
         for label, model in ((ANCHOR, "models:/sba-loans/1"), (LGB, "models:/sba-loans-lightgbm/1"),
                              (FASTEST, "models:/sba-loans-lightgbm-unsigned/1")):
@@ -197,20 +211,14 @@ def main() -> None:
                           str(port)], {**env, **extra}, f"http://127.0.0.1:{port}/ready")
             servers[label] = (srv, f"http://127.0.0.1:{port}/v1/predict", body_fw)
         port = free_port()
-        floor = subprocess.Popen(
-            ["taskset", "-c", "0", str(BIN / "uvicorn"), "floor_app:app", "--port", str(port), "--loop",
-             "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-            env=env, cwd=REPO / "benchmarks", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        floor = Server([str(BIN / "uvicorn"), "floor_app:app", "--port", str(port), "--loop", "uvloop",
+                        "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+                       env, None, cwd=REPO / "benchmarks", port=port)
         servers[FLOOR] = (floor, f"http://127.0.0.1:{port}/v1/predict", body_fw)
-        _wait_port(port)
         rounds = measure(servers, args.seconds, args.rounds)
     finally:
         for srv, _, _ in servers.values():
-            if isinstance(srv, Server):
-                srv.stop()
-            else:
-                srv.terminate()
-                srv.wait()
+            srv.stop()
     report(rounds, args.seconds)
     hot_swap(config, env, body_fw)
     logging_run(config, env, record, home)
@@ -233,21 +241,26 @@ def postgres_database() -> str | None:
     return f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
-def measure(servers: dict[str, tuple[Any, str, Path]], seconds: int, n_rounds: int
+def measure(servers: dict[str, tuple[Server, str, Path]], seconds: int, n_rounds: int
             ) -> list[dict[str, dict[str, float]]]:
     names = list(servers)
     rounds = []
+    for srv, _, _ in servers.values():
+        srv.pause()
     for r in range(n_rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         result: dict[str, dict[str, float]] = {}
         for name in order:
-            _, url, body = servers[name]
+            srv, url, body = servers[name]
+            srv.resume()
+            time.sleep(1)  # let it catch up on what its timers missed while paused
             result[name] = wrk(url, body, seconds)
             if name in (SINK0, SINK1, SINKPG):
                 depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
                                   httpx.get(url.replace("/v1/predict", "/metrics")).text, re.M)
                 # A large backlog would mean the log sink did not keep up: the buffer flattered the run.
                 result[name]["log_backlog"] = float(depth.group(1)) if depth else float("nan")
+            srv.pause()
         print(f"round {r + 1}: " + ", ".join(f"{n.split(':')[0].split(',')[0]} "
                                                f"{result[n]['rps']:.0f}/s p99 {result[n]['p99_ms']:.2f}"
                                                for n in names), flush=True)
