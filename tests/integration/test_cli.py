@@ -106,3 +106,10 @@ def test_pipeline_commands_refuse_bad_input_with_the_option_named_and_record_not
     bad_orchestrator = runner.invoke(app, ["retrain", "--config", cfg, "--orchestrator", "cron"])
     assert bad_orchestrator.exit_code == 1 and "unknown orchestrator 'cron'" in bad_orchestrator.output
     assert list_runs(cli_project) == []
+
+
+def test_serve_refuses_a_bad_log_sink_cpu_list_before_starting(cli_project, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_LOG_SINK_CPUS", "1;2")
+    res = runner.invoke(app, ["serve", "--config", str(cli_project.path)])
+    assert res.exit_code == 2
+    assert "FLYWHEEL_LOG_SINK_CPUS='1;2': expected CPU numbers" in " ".join(res.output.split())

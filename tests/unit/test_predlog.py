@@ -71,3 +71,19 @@ def test_the_sink_takes_every_frame_already_in_the_pipe_as_one_batch_and_drops_a
     writer.join()
     os.close(read_fd)
     assert "truncated frame" in caplog.text
+
+
+def test_the_sink_cpu_list_is_checked_with_a_clear_error():
+    import os
+
+    import pytest
+
+    from flywheel.config import ConfigError
+    from flywheel.serving.logsink import sink_cpus
+
+    assert sink_cpus({}) is None and sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": " "}) is None
+    assert sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": "0"}) == {0}
+    with pytest.raises(ConfigError, match="expected CPU numbers separated by commas"):
+        sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": "cpu1"})
+    with pytest.raises(ConfigError, match=f"no CPU {os.cpu_count()}"):
+        sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": f"0,{os.cpu_count()}"})

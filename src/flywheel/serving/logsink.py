@@ -13,7 +13,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -164,6 +164,33 @@ def write(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, int]:
     return 0, lost
 
 
+SINK_CPUS_ENV = "FLYWHEEL_LOG_SINK_CPUS"
+
+
+def sink_cpus(env: Mapping[str, str]) -> set[int] | None:
+    """The CPUs FLYWHEEL_LOG_SINK_CPUS pins the log sinks to ("3" or "2,3"), None when unset.
+
+    `flywheel serve` checks it before starting any worker, so a typo is a clear error there,
+    not a sink that dies at start and a log that counts every row as dropped.
+    """
+    from flywheel.config import ConfigError
+
+    value = env.get(SINK_CPUS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        cpus = {int(part) for part in value.split(",")}
+    except ValueError:
+        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: expected CPU numbers separated by commas, "
+                          "e.g. 3 or 2,3") from None
+    available = range(os.cpu_count() or 1)
+    missing = sorted(c for c in cpus if c not in available)
+    if missing:
+        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: this machine has CPUs 0-{available[-1]}; "
+                          f"no CPU {missing[0]}")
+    return cpus
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -173,9 +200,9 @@ def main() -> None:
     # buffer filled to 97,542 of 100,000 in 30 s) and backpressure then slowed every request.
     if hasattr(os, "SCHED_BATCH"):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    cpus = os.environ.get("FLYWHEEL_LOG_SINK_CPUS")  # e.g. "1": keep the sink off the worker's core
+    cpus = sink_cpus(os.environ)  # e.g. "1": keep the sink off the worker's core
     if cpus:
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+        os.sched_setaffinity(0, cpus)
     from flywheel.serving.logs import configure_json_logging
 
     configure_json_logging()

@@ -10,6 +10,9 @@ from flywheel.config import LlmProject, Project
 
 def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
           workers: int | None = None) -> None:
+    from flywheel.serving.logsink import sink_cpus
+
+    sink_cpus(os.environ)  # a bad CPU list fails here, before any worker starts
     cfg = project.config.serving
     # Set before anything imports prometheus_client: workers write their samples here.
     prom_dir = project.home / "prometheus"
