@@ -201,7 +201,12 @@ def main() -> None:
             check = httpx.post(url, content=body_df.read_text(), headers={"content-type": "application/json"})
             assert check.status_code == 200, check.text
             servers[label] = (srv, url, body_df)
-        flywheels: list[tuple[str, dict[str, str]]] = [(SINK0, {}), (SINK1, {"FLYWHEEL_LOG_SINK_CPUS": "1"})]
+        # Each server logs to a state database of its own: a paused server's sink must not hold
+        # a lock or an old snapshot (which stops checkpoints) of the database being measured.
+        flywheels: list[tuple[str, dict[str, str]]] = [
+            (SINK0, {"FLYWHEEL_STORES__STATE": f"sqlite:///{home / 'state-sink0.db'}"}),
+            (SINK1, {"FLYWHEEL_STORES__STATE": f"sqlite:///{home / 'state-sink1.db'}",
+                     "FLYWHEEL_LOG_SINK_CPUS": "1"})]
         pg = postgres_database()
         if pg:  # the production path: the database server does the inserts, the sink only COPYs
             flywheels.append((SINKPG, {"FLYWHEEL_STORES__STATE": pg}))
@@ -260,6 +265,7 @@ def measure(servers: dict[str, tuple[Server, str, Path]], seconds: int, n_rounds
                                   httpx.get(url.replace("/v1/predict", "/metrics")).text, re.M)
                 # A large backlog would mean the log sink did not keep up: the buffer flattered the run.
                 result[name]["log_backlog"] = float(depth.group(1)) if depth else float("nan")
+                time.sleep(1)  # the sink writes its last frames before the server is paused
             srv.pause()
         print(f"round {r + 1}: " + ", ".join(f"{n.split(':')[0].split(',')[0]} "
                                                f"{result[n]['rps']:.0f}/s p99 {result[n]['p99_ms']:.2f}"
