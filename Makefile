@@ -25,13 +25,17 @@ demo: $(STAMP)
 finetune: $(STAMP)
 	$(BIN)/flywheel finetune --config $(LORA_CONFIG)
 
+# Two passes: everything but `serial` tests on two workers (a module that shares one trained model
+# or server stays on one worker: xdist_group), then the `serial` tests alone.
 test: $(STAMP)
 	scripts/ensure-services.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks deploy
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Re-pin after changing pyproject.toml's bounds: fresh venv, install, freeze.
 lock:
@@ -41,12 +45,12 @@ lock:
 	$(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 	rm -rf $(VENV)-lock
 
-# Airflow's own environment (its DAG test makes it from this lock when missing).
+# Re-pin Airflow's own environment (its DAG test makes one from this lock, in the download cache).
 lock-airflow:
 	rm -rf .airflow-venv && $(PYTHON) -m venv .airflow-venv
 	.airflow-venv/bin/python -m pip install --quiet "apache-airflow>=3.3.2,<3.4"
 	.airflow-venv/bin/python -m pip freeze > deploy/airflow/requirements.lock
-	touch .airflow-venv/.installed
+	rm -rf .airflow-venv
 
 clean-state:
 	rm -rf examples/*/.flywheel

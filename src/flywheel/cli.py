@@ -32,6 +32,8 @@ from flywheel.config import (
     load_llm_project,
     load_project,
 )
+from flywheel.core.errors import FlywheelError
+from flywheel.core.progress import Advance
 
 app = typer.Typer(
     help="Flywheel: train (or LoRA fine-tune), register, serve, monitor, retrain and promote a model "
@@ -54,7 +56,7 @@ class RichReporter:
         self.progress = progress
 
     @contextlib.contextmanager
-    def step(self, name: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    def step(self, name: str, total: int | None = None) -> Iterator[Advance]:
         task = self.progress.add_task(name, total=total)
 
         def advance(done: int, of: int) -> None:
@@ -81,27 +83,6 @@ def _project(config: Path) -> Project:
     return load_project(config)
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from flywheel.data.checks import DataCheckError
-    from flywheel.data.sources import SourceError
-    from flywheel.demo.replay import ReplayError
-    from flywheel.fetch import FetchError
-    from flywheel.llm.base import BaseModelError
-    from flywheel.llm.export import ExportError
-    from flywheel.llm.finetune import FinetuneError
-    from flywheel.llm.text import TextError
-    from flywheel.monitoring.monitor import MonitorError
-    from flywheel.pipeline.steps import PipelineError
-    from flywheel.registry import RegistryError
-    from flywheel.state.locks import LockBusy
-    from flywheel.training.split import SplitError
-    from flywheel.training.trainers import TrainerUnavailable
-
-    return (DataCheckError, SourceError, FetchError, PipelineError, RegistryError, SplitError,
-            TrainerUnavailable, MonitorError, LockBusy, ReplayError, TextError, BaseModelError,
-            FinetuneError, ExportError)
-
-
 def _run(fn: Callable[[], Any]) -> Any:
     """Run a command body; known failures print a clear message and exit non-zero, no traceback."""
     try:
@@ -109,7 +90,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     except ConfigError as exc:
         console.print(f"[red]config error[/]\n{exc}")
         raise typer.Exit(2) from None
-    except _errors() as exc:
+    except FlywheelError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
 
@@ -128,7 +109,7 @@ def demo(
     def body() -> None:
         from flywheel.data.sources import write_table
         from flywheel.demo import sba
-        from flywheel.pipeline.steps import train_challenger
+        from flywheel.lifecycle import train_challenger
 
         project = _project(config)
         started = time.perf_counter()
@@ -224,7 +205,7 @@ def train(
     """Train a challenger on the configured window, register it, and promote it if the gate passes."""
 
     def body() -> None:
-        from flywheel.pipeline.steps import train_challenger
+        from flywheel.lifecycle import train_challenger
 
         overrides = {"FLYWHEEL_MODEL__TYPE": model_type} if model_type else {}
         project = load_project(config, env={**os.environ, **overrides})
@@ -244,7 +225,7 @@ def evaluate(
     """Score a version and the champion on the current holdout and show the gate's decision."""
 
     def body() -> None:
-        from flywheel.pipeline.steps import evaluate_version
+        from flywheel.lifecycle import evaluate_version
 
         project = _project(config)
         ev = evaluate_version(project, version)
@@ -271,7 +252,7 @@ def promote(
     """Move an alias to a version by hand (no gate); recorded in the alias history."""
 
     def body() -> None:
-        from flywheel.pipeline.steps import promote as do_promote
+        from flywheel.lifecycle import promote as do_promote
 
         move = do_promote(load_any_project(config), version, alias, reason)
         prev = f"v{move.previous_version}" if move.previous_version else "none"
@@ -285,7 +266,7 @@ def rollback(config: ConfigOpt) -> None:
     """Return champion to the version it replaced."""
 
     def body() -> None:
-        from flywheel.pipeline.steps import rollback as do_rollback
+        from flywheel.lifecycle import rollback as do_rollback
 
         move = do_rollback(load_any_project(config))
         out.print(f"{move.model_name}@champion: v{move.previous_version} → v{move.version} (rollback)")
@@ -301,7 +282,7 @@ def status(
     """The champion and challenger with their metrics and lineage."""
 
     def body() -> None:
-        from flywheel.pipeline.steps import project_status
+        from flywheel.lifecycle import project_status
 
         st = project_status(load_any_project(config))
         if as_json:
@@ -436,7 +417,7 @@ def retrain(
     """Run the retraining pipeline once: extract, features, train, evaluate, promote, alert."""
 
     def body() -> None:
-        from flywheel.pipeline.retrain import orchestrate
+        from flywheel.pipeline.orchestrate import orchestrate
 
         run = orchestrate(_project(config), trigger, reason, _date(at), orchestrator)
         _print_pipeline_run(run)
@@ -458,16 +439,19 @@ def step(
     """Run one pipeline step (what the Airflow DAG's tasks call); outputs go to the state DB."""
 
     def body() -> None:
+        from dataclasses import asdict
         from datetime import date
 
-        from flywheel.pipeline.retrain import STEPS, PipelineError, run_step, start_run
+        from flywheel.core.errors import PipelineError
+        from flywheel.pipeline.runner import run_step
+        from flywheel.pipeline.runs import STEPS, start_run
 
         if name not in STEPS:  # before a run record is created for it
             raise PipelineError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")
         project = _project(config)
         start_run(project, trigger, reason, _date(at) or date.today(), run_id)
         result = run_step(project, name, run_id)
-        out.print_json(json.dumps(result, default=str))
+        out.print_json(json.dumps(asdict(result), default=str))
 
     _run(body)
 
@@ -477,7 +461,7 @@ def run(config: ConfigOpt) -> None:
     """Serve the champion and, every retraining.check_interval_s, monitor and retrain when triggered."""
 
     def body() -> None:
-        from flywheel.pipeline.scheduler import run_forever
+        from flywheel.daemon import run_forever
 
         run_forever(_project(config), lambda msg: console.print(msg))
 
@@ -576,19 +560,23 @@ def _print_lora_status(st: dict[str, Any]) -> None:
 
 
 def _print_pipeline_run(run: Any) -> None:
+    from flywheel.pipeline import runs
+
     out.print(f"Pipeline run {run.id}: {run.status} (trigger {run.trigger}: {run.reason})")
-    for name in ("extract", "features", "train", "evaluate", "promote", "alert"):
-        o = run.outputs.get(name)
-        if o is None:
-            continue
-        detail = {"extract": lambda o: f"{o['rows']:,} rows {o['window_start']}..{o['window_end']}",
-                  "features": lambda o: f"{len(o['features'])} features, checks passed",
-                  "train": lambda o: f"v{o['version']} ROC-AUC {o['metrics']['roc_auc']:.4f}",
-                  "evaluate": lambda o: o["summary"],
-                  "promote": lambda o: ("PROMOTED: " if o.get("promoted") else "not promoted: ")
-                  + o["reason"],
-                  "alert": lambda o: f"sent to {o['sent_to']}"}[name](o)
-        out.print(f"  {name:9s} {detail}")
+    lines = {
+        "extract": (runs.ExtractResult,
+                    lambda o: f"{o.rows:,} rows {o.window_start}..{o.window_end}"),
+        "features": (runs.FeaturesResult, lambda o: f"{len(o.features)} features, checks passed"),
+        "train": (runs.TrainStepResult, lambda o: f"v{o.version} ROC-AUC {o.metrics['roc_auc']:.4f}"),
+        "evaluate": (runs.EvaluateResult, lambda o: o.summary),
+        "promote": (runs.PromoteResult,
+                    lambda o: ("PROMOTED: " if o.promoted else "not promoted: ") + o.reason),
+        "alert": (runs.AlertResult, lambda o: f"sent to {o.sent_to}"),
+    }
+    for name, (cls, describe) in lines.items():
+        result = run.result(name, cls)
+        if result is not None:
+            out.print(f"  {name:9s} {describe(result)}")
     if run.error:
         out.print(f"  [red]error:[/] {run.error}")
 

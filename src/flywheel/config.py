@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flywheel.core.errors import FlywheelError
+
 # Environment variables that are settings of the process, not fields of the config file.
 _NOT_CONFIG_ENV = {"FLYWHEEL_HOME", "FLYWHEEL_CACHE_DIR", "FLYWHEEL_SLACK_WEBHOOK",
                    "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_CONFIG"}
 
 
-class ConfigError(ValueError):
+class ConfigError(FlywheelError, ValueError):
     """A config file that cannot be used; the message names the file, the field and the fix."""
 
 

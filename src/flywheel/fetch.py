@@ -8,8 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+from flywheel.core.errors import FlywheelError
 
-class FetchError(RuntimeError):
+
+class FetchError(FlywheelError):
     """A download could not be had; the message says what to do."""
 
 

@@ -19,6 +19,9 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from flywheel.config import ProjectBase  # noqa: E402
+from flywheel.core.errors import FlywheelError  # noqa: E402
+from flywheel.data.features import FeatureSpec  # noqa: E402
 from flywheel.training.evaluate import sha256  # noqa: E402
 
 # MLflow logs each schema migration and model download at INFO; our steps report progress.
@@ -40,14 +43,12 @@ def onnx_signature(feature_spec: str) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from flywheel.data.features import FeatureSpec
-
     names = FeatureSpec.from_json(feature_spec).names
     return ModelSignature(inputs=Schema([ColSpec("float", n) for n in names]),
                           outputs=Schema([ColSpec("float", "probability")]))
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FlywheelError):
     """The registry does not hold what was asked for, or a stored artifact fails its hash."""
 
 
@@ -73,16 +74,33 @@ class ServedArtifacts:
     feature_spec: str
 
 
+_REGISTRIES: dict[tuple[int, str, str, str], Registry] = {}
+
+
 class Registry:
     """MLflow tracking and registry for one project: one experiment, one registered model."""
+
+    @classmethod
+    def for_project(cls, project: ProjectBase) -> Registry:
+        """This process's registry of the project (built once: the client, the experiment lookup
+        and the verified-artifact cache are shared by every step the process runs)."""
+        key = (os.getpid(), project.tracking_url, project.config.project,
+               project.config.registered_model)
+        registry = _REGISTRIES.get(key)
+        if registry is None:
+            registry = _REGISTRIES[key] = cls(project.tracking_url, project.artifact_root,
+                                              project.config.project, project.config.registered_model)
+        registry.activate()
+        return registry
 
     def __init__(self, tracking_url: str, artifact_root: Path, experiment: str, model_name: str):
         if tracking_url.startswith("postgresql://"):
             tracking_url = "postgresql+psycopg://" + tracking_url.removeprefix("postgresql://")
         self.tracking_url = tracking_url
         self.model_name = model_name
-        mlflow.set_tracking_uri(tracking_url)
-        mlflow.set_registry_uri(tracking_url)
+        self.downloads = 0  # model-version downloads from the store (each hash-checked)
+        self._artifacts: dict[int, ServedArtifacts] = {}
+        self.activate()
         self.client = MlflowClient(tracking_uri=tracking_url, registry_uri=tracking_url)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -93,11 +111,17 @@ class Registry:
         else:
             self.experiment_id = found.experiment_id
 
+    def activate(self) -> None:
+        """Point MLflow's fluent API (runs, model logging) at this registry's store."""
+        mlflow.set_tracking_uri(self.tracking_url)
+        mlflow.set_registry_uri(self.tracking_url)
+
     # ---- runs ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
         """An MLflow run; ends FAILED if the block raises, so a crash is visible in the UI."""
+        self.activate()
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags) as r:
             yield r.info.run_id
 
@@ -239,7 +263,17 @@ class Registry:
         return target
 
     def load_artifacts(self, version: int) -> ServedArtifacts:
-        """The ONNX model and feature spec of a version, refused if either fails its hash."""
+        """The ONNX model and feature spec of a version, refused if either fails its hash.
+
+        Downloaded once per registry object: a registered version's files never change, and the
+        bytes kept are the ones that passed the hash check."""
+        cached = self._artifacts.get(version)
+        if cached is None:
+            cached = self._artifacts[version] = self._download_artifacts(version)
+        return cached
+
+    def _download_artifacts(self, version: int) -> ServedArtifacts:
+        self.downloads += 1
         info = self.version(version)
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(mlflow.artifacts.download_artifacts(

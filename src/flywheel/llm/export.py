@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.config import LlmProject
-from flywheel.llm.base import BaseRef, base_for_ref, load_model, load_tokenizer
-from flywheel.pipeline.steps import open_registry
+from flywheel.core.errors import FlywheelError
+from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
 from flywheel.registry import CHAMPION, Registry, RegistryError
 
 
-class ExportError(RuntimeError):
+class ExportError(FlywheelError):
     """The export or the upload could not be done; the message says why."""
 
 
@@ -37,9 +37,7 @@ class Exported:
 
 def export_version(project: LlmProject, output: Path, merge: bool, version: int | None = None,
                    overwrite: bool = False) -> Exported:
-    from flywheel.llm.finetune import BASE_REF_TAG
-
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     version = _version(registry, version)
     info = registry.version(version)
     ref_text = info.run_tags.get(BASE_REF_TAG)

@@ -20,17 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import LlmProject
-from flywheel.llm.base import BaseFiles, BaseRef, load_model, load_tokenizer, pick_device, resolve_base
+from flywheel.core.errors import FlywheelError
+from flywheel.core.lineage import git_sha
+from flywheel.core.progress import QuietReporter, Reporter
+from flywheel.lifecycle.aliases import promote_if_passed
+from flywheel.llm.base import (
+    BASE_REF_TAG,
+    BaseFiles,
+    BaseRef,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_base,
+)
 from flywheel.llm.text import Document, TextSplit, load_split, pack, token_stream
-from flywheel.pipeline.steps import QuietReporter, Reporter, git_sha, move_champion, open_registry
 from flywheel.registry import ADAPTER_ARTIFACT, CHALLENGER, CHAMPION, Registry
 from flywheel.state.db import open_state
 from flywheel.training.evaluate import GateDecision, decide_gate
 
-BASE_REF_TAG = "base_ref"
 
-
-class FinetuneError(RuntimeError):
+class FinetuneError(FlywheelError):
     """The fine-tuning run could not go on; the message says why and what to change."""
 
 
@@ -56,18 +65,47 @@ class FinetuneResult:
     generations: list[dict[str, str]] = field(repr=False)
 
 
+@dataclass
+class _Session:
+    """What the phases of one fine-tuning run share."""
+
+    project: LlmProject
+    registry: Registry
+    reporter: Reporter
+    base: BaseFiles
+    device: str
+    tokenizer: Any
+    model: Any
+    train_blocks: list[list[int]]
+    eval_blocks: list[list[int]]
+    split: TextSplit
+    tags: dict[str, str]
+
+
 def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneResult:
     """The whole fine-tuning run; see the module's docstring."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     started = time.perf_counter()
-    reporter = reporter or QuietReporter()
-    cfg, t = project.config, project.config.training
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     champion = registry.alias_version(CHAMPION)
-    _seed_everything(t.seed)
+    run = _load(project, registry, reporter or QuietReporter())
+    t = project.config.training
+    with registry.run(f"lora-{project.config.base_model.replace('/', '-')}", run.tags) as run_id:
+        trained = _train(run, run_id)
+        version, champ_ppl, gate = _register_and_gate(run, run_id, trained, champion)
+    with run.reporter.step("Promote: move alias champion" if gate.passed else "Gate failed"):
+        outcome = promote_if_passed(registry, open_state(project.state_url), version, gate.passed,
+                                    gate.summary(), champion)
+    m = trained.metrics
+    return FinetuneResult(
+        run_id, version, m["perplexity_before"], m["perplexity_after"], champion, champ_ppl, gate,
+        outcome.promoted, t.steps, m["seconds_per_step"], m["tokens_per_second"], m["train_seconds"],
+        time.perf_counter() - started, run.device, trained.trainable, trained.total, trained.losses,
+        trained.generations)
 
+
+def _load(project: LlmProject, registry: Registry, reporter: Reporter) -> _Session:
+    cfg, t = project.config, project.config.training
+    _seed_everything(t.seed)
     with reporter.step("Prepare the text: split by document"):
         split = load_split(project)
     with reporter.step(f"Load the base model ({cfg.base_model})"):
@@ -80,88 +118,106 @@ def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneR
     if not train_blocks:
         raise FinetuneError(f"the training documents make no block of {t.max_seq_length} tokens; "
                             "lower training.max_seq_length or add text")
-
     tags = {"model_type": "lora", "base_model": cfg.base_model, BASE_REF_TAG: base.ref.to_json(),
             "data_hash": split.source_sha256, "git_sha": git_sha(project.path.parent),
             "config_hash": project.config_hash(), "device": device}
-    with registry.run(f"lora-{cfg.base_model.replace('/', '-')}", tags) as run_id:
-        total_params = sum(p.numel() for p in model.parameters())
-        registry.log_params(run_id, {
-            **{f"lora.{k}": v for k, v in cfg.lora.model_dump().items()},
-            **{f"training.{k}": v for k, v in t.model_dump().items()},
-            **{f"text.{k}": v for k, v in split.describe().items()},
-            "text.source": cfg.text.source, "base_model": cfg.base_model,
-            "base_revision": cfg.base_revision, "base_weights_sha256": base.ref.weights_sha256,
-            "train_blocks": len(train_blocks), "heldout_blocks": len(eval_blocks),
-            "heldout_tokens": sum(len(b) - 1 for b in eval_blocks), "device": device,
-        })
-        with reporter.step("Held-out perplexity before", total=len(eval_blocks)) as adv:
-            before = perplexity(model, eval_blocks, t.batch_size, device, adv)
-        with reporter.step("Generate the fixed prompts before"):
-            gens_before = generate_samples(model, tokenizer, cfg.samples.prompts,
-                                           cfg.samples.max_new_tokens, device)
+    return _Session(project, registry, reporter, base, device, tokenizer, model, train_blocks,
+                    eval_blocks, split, tags)
 
-        peft_model = get_peft_model(model, PeftLoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT takes floats lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM"))
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        registry.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total_params})
 
-        with reporter.step(f"Train the LoRA adapter ({t.steps} steps, {device})", total=t.steps) as adv:
-            losses, train_seconds = train_adapter(peft_model, train_blocks, project, device,
-                                                  _MetricBuffer(registry, run_id), adv)
-        with reporter.step("Held-out perplexity after", total=len(eval_blocks)) as adv:
-            after = perplexity(peft_model, eval_blocks, t.batch_size, device, adv)
-        with reporter.step("Generate the fixed prompts after"):
-            gens_after = generate_samples(peft_model, tokenizer, cfg.samples.prompts,
-                                          cfg.samples.max_new_tokens, device)
+@dataclass(frozen=True)
+class _Trained:
+    peft_model: Any
+    metrics: dict[str, float]
+    losses: list[float]
+    generations: list[dict[str, str]]
+    trainable: int
+    total: int
 
-        tokens_per_step = t.batch_size * t.max_seq_length
-        metrics = {
-            "perplexity_before": before, "perplexity_after": after,
-            "heldout_loss_before": math.log(before), "heldout_loss_after": math.log(after),
-            "holdout_perplexity": after, "train_seconds": train_seconds,
-            "seconds_per_step": train_seconds / t.steps,
-            "tokens_per_second": tokens_per_step * t.steps / train_seconds,
-            "final_loss": losses[-1],
-        }
-        registry.log_metrics(run_id, metrics)
-        generations = [{"prompt": p, "before": b, "after": a}
-                       for p, b, a in zip(cfg.samples.prompts, gens_before, gens_after, strict=True)]
-        _log_pictures_and_text(registry, run_id, losses, before, after, generations)
 
-        with reporter.step("Register the adapter; gate against the champion"), \
-                tempfile.TemporaryDirectory() as tmp:
-            adapter_dir = Path(tmp) / ADAPTER_ARTIFACT
-            peft_model.save_pretrained(str(adapter_dir))
-            version = registry.register_folder(run_id, adapter_dir, ADAPTER_ARTIFACT,
-                                               {**tags, "run_id": run_id})
-            registry.set_alias(CHALLENGER, version)
-            champ_ppl, reason = None, None
-            if champion is not None:
-                champ_ppl, reason = _champion_perplexity(registry, champion, base, peft_model,
-                                                         eval_blocks, t.batch_size, device, Path(tmp))
-            if champ_ppl is not None:
-                registry.log_metrics(run_id, {"champion_perplexity": champ_ppl})
-            if reason is not None:
-                gate = GateDecision(False, [reason])
-            else:
-                gate = decide_gate(cfg.gate, {"perplexity": after},
-                                   None if champ_ppl is None else {"perplexity": champ_ppl}, {}, None)
-            registry.set_version_tags(version, {
-                "gate": "passed" if gate.passed else "failed", "gate_reasons": " | ".join(gate.reasons),
-                "champion_at_evaluation": str(champion) if champion else "none"})
-            registry.set_run_tags(run_id, {"gate": "passed" if gate.passed else "failed"})
+def _train(run: _Session, run_id: str) -> _Trained:
+    """Perplexity and samples before, LoRA training, perplexity and samples after; all logged."""
+    from peft import LoraConfig as PeftLoraConfig  # heavy (torch): only fine-tuning needs it
+    from peft import get_peft_model
 
-    promoted = False
-    if gate.passed:
-        with reporter.step("Promote: move alias champion"):
-            move_champion(registry, open_state(project.state_url), version, "promote", gate.summary())
-            promoted = True
-    return FinetuneResult(
-        run_id, version, before, after, champion, champ_ppl, gate, promoted, t.steps,
-        metrics["seconds_per_step"], metrics["tokens_per_second"], train_seconds,
-        time.perf_counter() - started, device, trainable, total_params, losses, generations)
+    cfg, t, registry, rep = run.project.config, run.project.config.training, run.registry, run.reporter
+    total = sum(p.numel() for p in run.model.parameters())
+    _log_params(run, run_id)
+    with rep.step("Held-out perplexity before", total=len(run.eval_blocks)) as adv:
+        before = perplexity(run.model, run.eval_blocks, t.batch_size, run.device, adv)
+    with rep.step("Generate the fixed prompts before"):
+        gens_before = generate_samples(run.model, run.tokenizer, cfg.samples.prompts,
+                                       cfg.samples.max_new_tokens, run.device)
+    peft_model = get_peft_model(run.model, PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT takes floats
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    registry.log_params(run_id, {"trainable_parameters": trainable, "total_parameters": total})
+    with rep.step(f"Train the LoRA adapter ({t.steps} steps, {run.device})", total=t.steps) as adv:
+        losses, train_seconds = train_adapter(peft_model, run.train_blocks, run.project, run.device,
+                                              _MetricBuffer(registry, run_id), adv)
+    with rep.step("Held-out perplexity after", total=len(run.eval_blocks)) as adv:
+        after = perplexity(peft_model, run.eval_blocks, t.batch_size, run.device, adv)
+    with rep.step("Generate the fixed prompts after"):
+        gens_after = generate_samples(peft_model, run.tokenizer, cfg.samples.prompts,
+                                      cfg.samples.max_new_tokens, run.device)
+    tokens_per_step = t.batch_size * t.max_seq_length
+    metrics = {
+        "perplexity_before": before, "perplexity_after": after,
+        "heldout_loss_before": math.log(before), "heldout_loss_after": math.log(after),
+        "holdout_perplexity": after, "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / t.steps,
+        "tokens_per_second": tokens_per_step * t.steps / train_seconds, "final_loss": losses[-1],
+    }
+    registry.log_metrics(run_id, metrics)
+    generations = [{"prompt": p, "before": b, "after": a}
+                   for p, b, a in zip(cfg.samples.prompts, gens_before, gens_after, strict=True)]
+    _log_pictures_and_text(registry, run_id, losses, before, after, generations)
+    return _Trained(peft_model, metrics, losses, generations, trainable, total)
+
+
+def _log_params(run: _Session, run_id: str) -> None:
+    cfg, t, split = run.project.config, run.project.config.training, run.split
+    run.registry.log_params(run_id, {
+        **{f"lora.{k}": v for k, v in cfg.lora.model_dump().items()},
+        **{f"training.{k}": v for k, v in t.model_dump().items()},
+        **{f"text.{k}": v for k, v in split.describe().items()},
+        "text.source": cfg.text.source, "base_model": cfg.base_model,
+        "base_revision": cfg.base_revision, "base_weights_sha256": run.base.ref.weights_sha256,
+        "train_blocks": len(run.train_blocks), "heldout_blocks": len(run.eval_blocks),
+        "heldout_tokens": sum(len(b) - 1 for b in run.eval_blocks), "device": run.device,
+    })
+
+
+def _register_and_gate(run: _Session, run_id: str, trained: _Trained,
+                       champion: int | None) -> tuple[int, float | None, GateDecision]:
+    """Register the adapter as `challenger`; score the champion adapter on the same held-out
+    blocks; decide the gate once and record it on the version."""
+    registry, t = run.registry, run.project.config.training
+    with run.reporter.step("Register the adapter; gate against the champion"), \
+            tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = Path(tmp) / ADAPTER_ARTIFACT
+        trained.peft_model.save_pretrained(str(adapter_dir))
+        version = registry.register_folder(run_id, adapter_dir, ADAPTER_ARTIFACT,
+                                           {**run.tags, "run_id": run_id})
+        registry.set_alias(CHALLENGER, version)
+        champ_ppl, reason = None, None
+        if champion is not None:
+            champ_ppl, reason = _champion_perplexity(registry, champion, run.base, trained.peft_model,
+                                                     run.eval_blocks, t.batch_size, run.device,
+                                                     Path(tmp))
+        if champ_ppl is not None:
+            registry.log_metrics(run_id, {"champion_perplexity": champ_ppl})
+        after = trained.metrics["perplexity_after"]
+        gate = GateDecision(False, [reason]) if reason is not None else decide_gate(
+            run.project.config.gate, {"perplexity": after},
+            None if champ_ppl is None else {"perplexity": champ_ppl}, {}, None)
+        registry.set_version_tags(version, {
+            "gate": "passed" if gate.passed else "failed", "gate_reasons": " | ".join(gate.reasons),
+            "champion_at_evaluation": str(champion) if champion else "none"})
+        registry.set_run_tags(run_id, {"gate": "passed" if gate.passed else "failed"})
+    return version, champ_ppl, gate
 
 
 # ---- pieces -------------------------------------------------------------------------------------

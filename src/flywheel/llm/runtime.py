@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import LlmProject
-from flywheel.llm.base import BaseRef, base_for_ref, load_model, load_tokenizer
+from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
 from flywheel.registry import Registry, RegistryError
 
 # torch's global generator is what `generate` samples from: seeded (or any sampling) generations
@@ -80,8 +80,6 @@ class LoadedGenerator:
 def load_generator(project: LlmProject, registry: Registry, version: int) -> LoadedGenerator:
     """Base (weights hash checked) + adapter (file hashes checked), merged, warmed."""
     from peft import PeftModel
-
-    from flywheel.llm.finetune import BASE_REF_TAG
 
     info = registry.version(version)
     ref_text = info.run_tags.get(BASE_REF_TAG)

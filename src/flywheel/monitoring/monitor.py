@@ -20,6 +20,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel.config import MonitorWindow, Project
+from flywheel.core.errors import FlywheelError
 from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
@@ -35,7 +36,7 @@ from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open
 from flywheel.training.evaluate import holdout_metrics
 
 
-class MonitorError(RuntimeError):
+class MonitorError(FlywheelError):
     """Monitoring cannot run: no champion, no reference, or too few predictions."""
 
 
@@ -195,11 +196,9 @@ def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int
 def run_monitor(project: Project, registry: Registry | None = None, window: MonitorWindow | None = None,
                 at: datetime | None = None, report: bool | None = None) -> MonitorVerdict:
     """Monitor the latest window of predictions of the champion's model; store the verdicts."""
-    from flywheel.pipeline.steps import open_registry
-
     cfg = project.config.monitoring
     window = window or cfg.window
-    registry = registry or open_registry(project)
+    registry = registry or Registry.for_project(project)
     engine = open_state(project.state_url)
     version = registry.alias_version(CHAMPION)
     if version is None:
@@ -259,18 +258,6 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
 
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
-
-
-def latest_verdict(engine: sa.Engine, model_name: str) -> dict[str, Any] | None:
-    """The newest monitoring run with its per-column scores (for /metrics and status)."""
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(monitor_runs).where(monitor_runs.c.model_name == model_name)
-                           .order_by(monitor_runs.c.id.desc()).limit(1)).mappings().first()
-        if row is None:
-            return None
-        cols = conn.execute(sa.select(monitor_columns).where(monitor_columns.c.run_id == row["id"])
-                            ).mappings().all()
-    return {**dict(row), "columns": [dict(c) for c in cols]}
 
 
 def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, folder: Path,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import Project
+from flywheel.pipeline.runner import recover, run_step
+from flywheel.pipeline.runs import STEPS, fail_run, load_run, start_run
 
 log = logging.getLogger("flywheel.pipeline")
 
@@ -40,42 +43,38 @@ def run_prefect_pipeline(project: Project, trigger: str, reason: str,
                          at: date | None = None) -> tuple[str, str]:
     """Run the pipeline as a Prefect flow run; return (pipeline run id, Prefect flow run id)."""
     configure_prefect(project)
-    from prefect import flow, task
+    from prefect import flow, task  # heavy and optional: imported after PREFECT_HOME is set
     from prefect.runtime import flow_run
-
-    from flywheel.pipeline import retrain
 
     clock = at or date.today()
 
     @task(name="step", task_run_name="{name}", retries=0)
-    def step(name: str, run_id: str) -> dict[str, Any]:
-        return retrain.run_step(project, name, run_id, clock)
+    def step(name: str, run_id: str) -> None:
+        run_step(project, name, run_id, clock)
 
     @flow(name=f"retrain-{project.config.registered_model}", flow_run_name=f"{trigger}-{clock}",
           log_prints=False, persist_result=False)
     def retraining(run_id: str) -> tuple[str, str]:
-        for name in retrain.STEPS:
+        for name in STEPS:
             step(name, run_id)
         return run_id, str(flow_run.id)
 
-    retrain.reconcile(project)
-    run_id = retrain.start_run(project, trigger, reason, clock)
+    recover(project)
+    run_id = start_run(project, trigger, reason, clock)
     try:
         return retraining(run_id)
     except Exception as exc:
         # A failed step has been recorded and alerted on by run_step; anything else (Prefect could
         # not start its server, say) is recorded here so the run never stays "running" silently.
-        run = retrain.load_run(project, run_id)
+        run = load_run(project, run_id)
         if run.status == "running":
             log.exception("prefect flow of pipeline run %s failed outside the steps", run_id)
-            retrain.fail_run(project, run_id, f"prefect: {type(exc).__name__}: {exc}")
+            fail_run(project, run_id, f"prefect: {type(exc).__name__}: {exc}")
         return run_id, ""
 
 
 def flow_run_states(project: Project) -> list[dict[str, Any]]:
     """Flow runs recorded in the embedded Prefect database (read straight from its SQLite file)."""
-    import sqlite3
-
     db = prefect_home(project) / "prefect.db"
     if not db.is_file():
         return []

@@ -11,6 +11,7 @@ from datetime import date
 from typing import Any
 
 from flywheel.config import Project
+from flywheel.pipeline.runs import list_runs
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,6 @@ def due_trigger(project: Project, at: date, verdict: Any | None, last_retrain: d
 
 def last_retrain_clock(project: Project) -> date | None:
     """The clock of the newest pipeline run (its simulated date in a replay)."""
-    from flywheel.pipeline.retrain import list_runs
-
     clocks = [r.outputs.get("clock") for r in list_runs(project)]
     dated = [date.fromisoformat(c) for c in clocks if c]
     return max(dated) if dated else None

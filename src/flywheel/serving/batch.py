@@ -9,9 +9,10 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel.config import Project
+from flywheel.core.errors import PipelineError
 from flywheel.data.features import build_matrix
 from flywheel.data.sources import SourceError, make_engine
-from flywheel.registry import CHAMPION
+from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.runtime import load_version
 
 
@@ -24,9 +25,7 @@ class BatchResult:
 
 def predict_batch(project: Project, source: str, output: Path, version: int | None = None) -> BatchResult:
     """Score every row of a parquet/CSV file, or of a table in the source database."""
-    from flywheel.pipeline.steps import PipelineError, open_registry
-
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     version = version if version is not None else registry.alias_version(CHAMPION)
     if version is None:
         raise PipelineError("no champion to predict with: run flywheel train first")

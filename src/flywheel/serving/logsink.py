@@ -19,8 +19,11 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from flywheel.config import ConfigError
 from flywheel.data.sources import make_engine
-from flywheel.serving.predlog import _COLUMNS, _FRAME_HEADER, db_rows, insert_sql
+from flywheel.serving.logs import configure_json_logging
+from flywheel.serving.metrics import ServingMetrics
+from flywheel.serving.predlog import FRAME_HEADER, LOG_COLUMNS, db_rows, insert_sql
 
 log = logging.getLogger("flywheel.logsink")
 SLICE_ROWS = 16
@@ -47,12 +50,12 @@ def read_batches(fd: int, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[byt
             buffer += chunk
         frames: list[bytes] = []
         offset = 0
-        while len(buffer) - offset >= _FRAME_HEADER.size:
-            (size,) = _FRAME_HEADER.unpack_from(buffer, offset)
-            end = offset + _FRAME_HEADER.size + size
+        while len(buffer) - offset >= FRAME_HEADER.size:
+            (size,) = FRAME_HEADER.unpack_from(buffer, offset)
+            end = offset + FRAME_HEADER.size + size
             if end > len(buffer):
                 break
-            frames.append(bytes(buffer[offset + _FRAME_HEADER.size : end]))
+            frames.append(bytes(buffer[offset + FRAME_HEADER.size : end]))
             offset = end
         del buffer[:offset]
         if frames:
@@ -64,15 +67,13 @@ def read_batches(fd: int, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[byt
 
 
 def _complete_frames(buffer: bytearray) -> bool:
-    if len(buffer) < _FRAME_HEADER.size:
+    if len(buffer) < FRAME_HEADER.size:
         return False
-    (size,) = _FRAME_HEADER.unpack_from(buffer, 0)
-    return len(buffer) >= _FRAME_HEADER.size + size
+    (size,) = FRAME_HEADER.unpack_from(buffer, 0)
+    return len(buffer) >= FRAME_HEADER.size + size
 
 
 def run(state_url: str, fd: int) -> tuple[int, int]:
-    from flywheel.serving.metrics import ServingMetrics
-
     metrics = ServingMetrics()
     engine = make_engine(state_url)
     sql = insert_sql(engine.dialect.name)
@@ -121,7 +122,7 @@ def _insert(conn: sa.Connection, sql: str, frames: list[bytes]) -> int:
     return n
 
 
-_COPY_SQL = f"COPY predictions ({', '.join(_COLUMNS)}) FROM STDIN"
+_COPY_SQL = f"COPY predictions ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 
 
 def _duplicate(exc: Exception) -> bool:
@@ -173,8 +174,6 @@ def sink_cpus(env: Mapping[str, str]) -> set[int] | None:
     `flywheel serve` checks it before starting any worker, so a typo is a clear error there,
     not a sink that dies at start and a log that counts every row as dropped.
     """
-    from flywheel.config import ConfigError
-
     value = env.get(SINK_CPUS_ENV, "").strip()
     if not value:
         return None
@@ -203,8 +202,6 @@ def main() -> None:
     cpus = sink_cpus(os.environ)  # e.g. "1": keep the sink off the worker's core
     if cpus:
         os.sched_setaffinity(0, cpus)
-    from flywheel.serving.logs import configure_json_logging
-
     configure_json_logging()
     written, dropped = run(sys.argv[1], sys.stdin.fileno())
     log.info("log sink finished", extra={"event": "log_sink_stopped", "logged": written,

@@ -7,7 +7,10 @@ each worker writes its samples to memory-mapped files there and /metrics sums th
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+from flywheel.state.verdicts import latest_verdict
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Generation takes seconds to minutes on a CPU.
@@ -99,13 +102,9 @@ def monitoring_gauges(engine: Any, model_name: str, max_age_s: float = 5.0) -> b
     Monitoring runs in another process (`flywheel monitor`, `flywheel run`); the state database is
     where its verdicts are, so every worker reads them from there at scrape time.
     """
-    import time
-
     cached = _VERDICT_CACHE.get(model_name)
     if cached and time.monotonic() - cached[0] < max_age_s:
         return cached[1]
-    from flywheel.monitoring.monitor import latest_verdict
-
     try:
         verdict = latest_verdict(engine, model_name)
     except Exception:  # the scrape must answer even if the state database does not

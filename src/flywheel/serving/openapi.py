@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flywheel.config import ServingConfig
+from flywheel.config import GenerateServingConfig, ServingConfig
 from flywheel.serving.validation import MAX_META_KEYS
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def record_schema(model: LoadedModel | None, cfg: ServingConfig) -> dict[str, An
 
 
 def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -> dict[str, Any]:
+    # long: one OpenAPI document, a literal; cut into pieces its paths would no longer read as one
     record = record_schema(model, cfg)
     json_body = {"required": True, "content": {"application/json": {"schema": {
         "oneOf": [record, {"type": "array", "items": record, "minItems": 1,
@@ -104,6 +105,63 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
                 "operationId": "reload", "security": [{"bearer": []}],
                 "responses": {"200": ok, "401": {"description": "missing or wrong token"},
                               "403": {"description": "admin disabled (no token configured)"}}}},
+        },
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+MAX_SEED = 2**63 - 1
+
+
+def generate_openapi(name: str, cfg: GenerateServingConfig, version: int | None) -> dict[str, Any]:
+    error = {"type": "object", "properties": {"detail": {}, "request_id": {"type": "string"}}}
+    body = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": cfg.max_prompt_chars,
+                   "description": f"at most {cfg.max_prompt_tokens} tokens"},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_new_tokens,
+                           "default": cfg.default_max_new_tokens},
+        "temperature": {"type": "number", "minimum": 0, "maximum": cfg.max_temperature, "default": 0,
+                        "description": "0 = greedy (deterministic); above 0 = sampling"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                 "description": "makes sampling reproducible"}}}
+    ok = {"type": "object", "properties": {
+        "model": {"type": "string"}, "version": {"type": "integer"}, "request_id": {"type": "string"},
+        "text": {"type": "string"}, "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                   "completion_tokens": {"type": "integer"}}},
+        "parameters": {"type": "object"}}}
+
+    def simple(summary: str, op: str) -> dict[str, Any]:
+        return {"get": {"summary": summary, "operationId": op, "responses": {"200": {
+            "description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": f"Flywheel: {name}", "version": str(version) if version else "none",
+                 "description": "Text generation from the LoRA adapter behind alias champion "
+                                "(merged into its base model at load time)."},
+        "paths": {
+            "/v1/generate": {"post": {
+                "summary": "Continue a prompt", "operationId": "generate",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {"schema": ok}}},
+                    "413": {"description": "body larger than serving.max_body_bytes"},
+                    "422": {"description": "a field is missing, unknown, of the wrong type or out of "
+                                           "bounds", "content": {"application/json": {"schema": error}}},
+                    "429": {"description": "every generation slot busy and the queue full"},
+                    "503": {"description": "no champion loaded yet"}}}},
+            "/v1/models": simple("What is served, with its lineage", "models"),
+            "/health": simple("Alive", "health"),
+            "/ready": simple("A champion is loaded and warm", "ready"),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                                 "responses": {"200": {"description": "text exposition format"}}}},
+            "/admin/reload": {"post": {"summary": "Check the champion alias now (bearer token)",
+                                       "operationId": "reload", "security": [{"bearer": []}],
+                                       "responses": {"200": {"description": "OK"},
+                                                     "401": {"description": "no or wrong token"},
+                                                     "403": {"description": "admin disabled"}}}},
         },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -39,7 +39,7 @@ log = logging.getLogger("flywheel.predlog")
 #  model_version, record, probability, decision, latency_ms); `record` holds the inputs plus an
 #  optional meta object.
 Row = tuple[str, str, int, str, int, dict[str, Any], float, bool, float]
-_FRAME_HEADER = struct.Struct(">I")
+FRAME_HEADER = struct.Struct(">I")
 
 
 class PredictionLogWriter:
@@ -126,7 +126,7 @@ class PredictionLogWriter:
         frame = orjson.dumps(rows)
         try:
             assert self._sink is not None and self._sink.stdin is not None
-            self._sink.stdin.write(_FRAME_HEADER.pack(len(frame)) + frame)
+            self._sink.stdin.write(FRAME_HEADER.pack(len(frame)) + frame)
             self._sink.stdin.flush()
             self.sent += len(rows)
         except (BrokenPipeError, OSError, AssertionError) as exc:
@@ -139,13 +139,13 @@ class PredictionLogWriter:
 
 # ---- the sink (runs in its own process) --------------------------------------------------------
 
-_COLUMNS = ("record_id", "request_id", "created_at", "model_name", "model_version", "inputs",
+LOG_COLUMNS = ("record_id", "request_id", "created_at", "model_name", "model_version", "inputs",
             "meta", "probability", "decision", "latency_ms")
 
 
 def insert_sql(dialect: str) -> str:
     mark = "?" if dialect == "sqlite" else "%s"
-    return f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * 10)})"
+    return f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join([mark] * 10)})"
 
 
 def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:

@@ -19,7 +19,7 @@ import numpy as np
 from flywheel.data.features import FeatureSpec, RowFn, row_function
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.validation import RecordValidator
-from flywheel.training.trainers import ONNX_INPUT, ONNX_OUTPUT
+from flywheel.training.onnx import ONNX_INPUT, ONNX_OUTPUT, new_session
 
 log = logging.getLogger("flywheel.serving")
 
@@ -53,17 +53,6 @@ class LoadedModel:
                        for n, t in self.spec.input_types.items()],
             "features": self.spec.names,
         }
-
-
-def new_session(onnx_bytes: bytes) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # one thread per worker: workers, not threads, use the cores
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def load_version(registry: Registry, version: int, max_records: int = 1000,

@@ -5,32 +5,35 @@ from __future__ import annotations
 import os
 import shutil
 
+import uvicorn
+
 from flywheel.config import LlmProject, Project
+from flywheel.lifecycle.aliases import reconcile_aliases
+from flywheel.registry import Registry
+from flywheel.serving.logs import configure_json_logging
+from flywheel.serving.logsink import sink_cpus
+from flywheel.state.db import close_state, open_state
 
 
 def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
           workers: int | None = None) -> None:
-    from flywheel.serving.logsink import sink_cpus
-
     sink_cpus(os.environ)  # a bad CPU list fails here, before any worker starts
     cfg = project.config.serving
-    # Set before anything imports prometheus_client: workers write their samples here.
+    # Workers write their metric samples here; prometheus_client reads the variable when it is
+    # first imported, which nothing above does.
     prom_dir = project.home / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
     os.environ["FLYWHEEL_CONFIG"] = str(project.path)
     os.environ["FLYWHEEL_HOME"] = str(project.home)
-
-    import uvicorn
-
-    from flywheel.serving.logs import configure_json_logging
-    from flywheel.state.db import open_state
-
     configure_json_logging(access_log=cfg.access_log)
-    open_state(project.state_url).dispose()  # migrate once, before the workers start
+    # Migrate once, before the workers start; finish any alias move a dead process left, so the
+    # workers load the champion the state database records.
+    reconcile_aliases(Registry.for_project(project), open_state(project.state_url))
+    close_state(project.state_url)
     uvicorn.run(
-        "flywheel.serving.app:app_from_env", factory=True,
+        "flywheel.serving.asgi:app_from_env", factory=True,
         host=host or cfg.host, port=port or cfg.port, workers=workers or cfg.workers,
         loop="uvloop", http="httptools", access_log=cfg.access_log, log_config=None,
         timeout_graceful_shutdown=30, server_header=False,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from flywheel.core.errors import FlywheelError
 from flywheel.data.features import FeatureSpec
 
 META = "meta"
@@ -27,7 +29,7 @@ class FieldError:
         return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
 
 
-class RequestInvalid(Exception):
+class RequestInvalid(FlywheelError):
     """A request that fails validation; `errors` name every field that is wrong."""
 
     def __init__(self, errors: list[FieldError]):
@@ -172,3 +174,50 @@ def _path_to(node: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...] | N
         if found is not None:
             return found
     return None
+
+
+MAX_FEEDBACK_LABELS = 10_000
+
+
+def feedback_labels(body: Any) -> list[dict[str, Any]]:
+    """{"labels": [{"record_id", "label" (0/1 or true/false), "observed_at"?}]}, validated."""
+    labels = body.get("labels") if isinstance(body, dict) else None
+    if not isinstance(labels, list) or not labels:
+        raise RequestInvalid([FieldError(("body", "labels"), "a non-empty list of labels is required",
+                                         "missing")])
+    if len(labels) > MAX_FEEDBACK_LABELS:
+        raise RequestInvalid([FieldError(("body", "labels"), f"at most {MAX_FEEDBACK_LABELS} labels",
+                                         "too_long")])
+    errors: list[FieldError] = []
+    out = [_feedback_label(item, ("body", "labels", i), errors) for i, item in enumerate(labels)]
+    if errors:
+        raise RequestInvalid(errors)
+    return [label for label in out if label is not None]
+
+
+def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldError]) -> dict[str, Any] | None:
+    """One label, its problems appended to `errors`."""
+    if not isinstance(item, dict):
+        errors.append(FieldError(loc, "a label must be an object", "type_error"))
+        return None
+    extra = set(item) - {"record_id", "label", "observed_at"}
+    if extra:
+        errors.append(FieldError((*loc, sorted(extra)[0]), "unknown field", "extra_forbidden"))
+    rid = item.get("record_id")
+    if not isinstance(rid, str) or not 0 < len(rid) <= 100:
+        errors.append(FieldError((*loc, "record_id"), "a string of 1 to 100 characters", "type_error"))
+    label = item.get("label")
+    if label not in (0, 1) or isinstance(label, float):
+        errors.append(FieldError((*loc, "label"), "must be 0, 1, true or false", "type_error"))
+    observed = item.get("observed_at")
+    parsed = _iso_datetime(observed) if observed is not None else None
+    if observed is not None and parsed is None:
+        errors.append(FieldError((*loc, "observed_at"), "an ISO 8601 date-time", "type_error"))
+    return {"record_id": rid, "label": int(label) if label in (0, 1) else 0, "observed_at": parsed}
+
+
+def _iso_datetime(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None

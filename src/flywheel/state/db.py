@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +29,19 @@ alias_history = sa.Table(
     sa.Column("action", sa.String(20), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("moved_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("token", sa.Integer, nullable=True),  # the alias_state token this move set
+    sa.Column("actor", sa.String(300), nullable=True),  # user@host:pid
+    sa.Column("applied", sa.Boolean, nullable=False, server_default=sa.true()),  # MLflow followed
     sa.Index("ix_alias_history_model_alias", "model_name", "alias"),
+)
+alias_state = sa.Table(
+    "alias_state",
+    metadata,
+    sa.Column("model_name", sa.String(200), primary_key=True),
+    sa.Column("alias", sa.String(50), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("token", sa.Integer, nullable=False),  # fencing token: +1 on every move
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 predictions = sa.Table(
     "predictions",
@@ -124,27 +137,39 @@ watermarks = sa.Table(
 )
 
 
-@dataclass(frozen=True)
-class AliasMove:
-    model_name: str
-    alias: str
-    version: int
-    previous_version: int | None
-    action: str  # "promote" (gate passed), "manual" (flywheel promote), "rollback"
-    reason: str
-    moved_at: datetime
+_ENGINES: dict[tuple[int, str], sa.Engine] = {}
+_MIGRATED: set[tuple[int, str]] = set()
+_OPEN_LOCK = threading.Lock()
 
 
 def open_state(url: str, migrate: bool = True) -> sa.Engine:
-    """An engine on the state database, migrated to the latest schema unless told not to."""
-    engine = make_engine(url)
-    if not migrate:
-        return engine
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["engine"] = engine
-    command.upgrade(cfg, "head")
+    """The engine on the state database: one per process and URL, migrated once.
+
+    Everything that reads or writes Flywheel's own tables gets its engine here (or is handed it),
+    so a process builds one connection pool per state database and runs Alembic's upgrade at most
+    once. The key includes the process id: a forked child builds its own pool.
+    """
+    key = (os.getpid(), url)
+    with _OPEN_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = make_engine(url)
+        if migrate and key not in _MIGRATED:
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["engine"] = engine
+            command.upgrade(cfg, "head")
+            _MIGRATED.add(key)
     return engine
+
+
+def close_state(url: str) -> None:
+    """Close this process's pool on `url` (a server worker stopping; a test dropping the database)."""
+    with _OPEN_LOCK:
+        engine = _ENGINES.pop((os.getpid(), url), None)
+        _MIGRATED.discard((os.getpid(), url))
+    if engine is not None:
+        engine.dispose()
 
 
 def head_revision() -> str:
@@ -156,23 +181,6 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(cfg).get_current_head()
     assert head is not None
     return head
-
-
-def record_alias_move(engine: sa.Engine, move: AliasMove) -> None:
-    with engine.begin() as conn:
-        conn.execute(alias_history.insert().values(**move.__dict__))
-
-
-def alias_moves(engine: sa.Engine, model_name: str, alias: str) -> list[AliasMove]:
-    """Every move of `alias`, oldest first."""
-    query = (
-        sa.select(alias_history)
-        .where(alias_history.c.model_name == model_name, alias_history.c.alias == alias)
-        .order_by(alias_history.c.id)
-    )
-    with engine.connect() as conn:
-        rows = conn.execute(query).mappings().all()
-    return [AliasMove(**{k: v for k, v in r.items() if k != "id"}) for r in rows]
 
 
 def now() -> datetime:

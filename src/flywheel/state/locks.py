@@ -17,10 +17,11 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from flywheel.core.errors import FlywheelError
 from flywheel.state.db import locks, now
 
 
-class LockBusy(RuntimeError):
+class LockBusy(FlywheelError):
     """Another process holds the lock."""
 
 

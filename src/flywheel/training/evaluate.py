@@ -1,4 +1,4 @@
-"""Holdout metrics, the calibration plot, ONNX scoring, and the promotion gate."""
+"""Holdout metrics, the calibration plot, and the promotion gate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from flywheel.config import GateConfig, LlmGateConfig
-from flywheel.training.trainers import ONNX_INPUT, ONNX_OUTPUT
 
 HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "log_loss": False, "brier": False,
                     "perplexity": False}
@@ -28,18 +27,6 @@ def holdout_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "positive_rate": float(np.mean(y)),
         "rows": float(len(y)),
     }
-
-
-def onnx_predict(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
-    """P(positive) from an exported model, with one intra-op thread as in serving."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    out = session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, dtype=np.float32)})[0]
-    return np.asarray(out).astype(np.float64)
 
 
 def sha256(data: bytes) -> str:

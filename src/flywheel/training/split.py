@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.config import SplitConfig
+from flywheel.core.errors import FlywheelError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class TimeSplit:
         }
 
 
-class SplitError(ValueError):
+class SplitError(FlywheelError, ValueError):
     """The window cannot be split by time into three non-empty parts."""
 
 

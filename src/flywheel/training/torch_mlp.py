@@ -12,14 +12,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from flywheel.config import ModelConfig
-from flywheel.training.trainers import (
-    _BOTH_CLASSES,
-    ONNX_INPUT,
-    FittedModel,
-    ProgressFn,
-    TrainingData,
-    positive_class_output,
-)
+from flywheel.core.progress import Advance
+from flywheel.training.model import FittedModel, TrainingData
+from flywheel.training.onnx import BOTH_CLASSES, ONNX_INPUT, positive_class_output
 
 MLP_DEFAULTS: dict[str, Any] = {
     "hidden": [64, 32],
@@ -83,7 +78,7 @@ class TabularMLP(nn.Module):
         return torch.cat([1 - p, p], dim=1)
 
 
-def train_mlp(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+def train_mlp(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
     params = {**MLP_DEFAULTS, **model.params}
     torch.manual_seed(model.seed)
     np.random.seed(model.seed)
@@ -132,7 +127,7 @@ def train_mlp(model: ModelConfig, data: TrainingData, progress: ProgressFn | Non
     torch.onnx.export(
         net, (torch.zeros(2, data.X_train.shape[1]),), buf,  # type: ignore[arg-type]
         input_names=[ONNX_INPUT],
-        output_names=[_BOTH_CLASSES], dynamic_axes={ONNX_INPUT: {0: "n"}, _BOTH_CLASSES: {0: "n"}},
+        output_names=[BOTH_CLASSES], dynamic_axes={ONNX_INPUT: {0: "n"}, BOTH_CLASSES: {0: "n"}},
         opset_version=17, dynamo=False,
     )
     state = io.BytesIO()

@@ -1,58 +1,27 @@
-"""Trainers: LightGBM (default), a scikit-learn pipeline, a PyTorch MLP. Each exports to ONNX.
-
-Every exported model takes one float32 input named `input` (the feature vector, NaN for
-missing, category codes as numbers) and has exactly one output, `probability`: P(positive) of
-shape (n,). One 1-D output also lets `mlflow models serve` answer DataFrame requests with it.
-"""
+"""Trainers: LightGBM (default), a scikit-learn pipeline, a PyTorch MLP. Each exports to ONNX in
+the format of `training.onnx` (one 1-D output also lets `mlflow models serve` answer DataFrame
+requests with it)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from flywheel.config import ModelConfig
-
-ProgressFn = Callable[[int, int], None]
-ONNX_INPUT = "input"
-ONNX_OUTPUT = "probability"
-_BOTH_CLASSES = "probabilities"  # what the converters produce: (n, 2)
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    feature_names: list[str]
-    # index of each categorical feature -> number of codes it can take (vocabulary + "other")
-    cardinalities: dict[int, int]
+from flywheel.core.errors import FlywheelError
+from flywheel.core.progress import Advance
+from flywheel.training.model import FittedModel, TrainingData
+from flywheel.training.onnx import ONNX_INPUT, positive_class_output
 
 
-@dataclass
-class FittedModel:
-    """A trained model: native scoring, its ONNX bytes, and what to log about its training."""
-
-    kind: str
-    predict: Callable[[np.ndarray], np.ndarray]
-    onnx: bytes
-    params: dict[str, Any]
-    history: dict[str, list[float]] = field(default_factory=dict)
-    best_iteration: int = 0
-    native_files: dict[str, bytes] = field(default_factory=dict)
-    train_seconds: float = 0.0
-
-
-class TrainerUnavailable(RuntimeError):
+class TrainerUnavailable(FlywheelError):
     """The chosen trainer needs a package that is not installed; the message says how to add it."""
 
 
 def train_model(
-    model: ModelConfig, data: TrainingData, progress: ProgressFn | None = None
+    model: ModelConfig, data: TrainingData, progress: Advance | None = None
 ) -> FittedModel:
     """Train the configured model type with early stopping on the validation slice."""
     started = time.perf_counter()
@@ -62,7 +31,7 @@ def train_model(
         fitted = _train_sklearn(model, data, progress)
     else:
         try:
-            from flywheel.training import torch_mlp
+            from flywheel.training import torch_mlp  # imports torch: heavy and optional
         except ImportError as exc:
             raise TrainerUnavailable(
                 "model.type 'torch-mlp' needs PyTorch, which is not installed in this "
@@ -94,7 +63,7 @@ LIGHTGBM_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
     import lightgbm as lgb
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
@@ -143,7 +112,7 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: ProgressFn
 SKLEARN_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 1000}
 
 
-def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn | None) -> FittedModel:
+def _train_sklearn(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.compose import ColumnTransformer
@@ -185,25 +154,3 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: ProgressFn 
         history[f"{split}_logloss"] = [float(log_loss(y, p, labels=[0, 1]))]
     return FittedModel(kind="sklearn", predict=predict, onnx=positive_class_output(onnx_model),
                        params=params, history=history, best_iteration=1)
-
-
-def positive_class_output(onnx_model: Any) -> bytes:
-    """Replace the graph's outputs with one: `probability` = column 1 of the (n, 2) probabilities."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = onnx_model.graph
-    names = [o.name for o in graph.output]
-    if _BOTH_CLASSES not in names:
-        raise RuntimeError(f"ONNX export has outputs {names}, expected one named '{_BOTH_CLASSES}'")
-    graph.node.extend([
-        helper.make_node("Constant", [], ["positive_class"],
-                         value=helper.make_tensor("positive_class", TensorProto.INT64, [], [1])),
-        helper.make_node("Gather", [_BOTH_CLASSES, "positive_class"], [ONNX_OUTPUT], axis=1),
-    ])
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None]))
-    if not any(op.domain in ("", "ai.onnx") for op in onnx_model.opset_import):
-        onnx_model.opset_import.append(helper.make_opsetid("", 15))
-    onnx.checker.check_model(onnx_model)
-    return onnx_model.SerializeToString()

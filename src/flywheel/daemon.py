@@ -1,0 +1,32 @@
+"""`flywheel run`: the long-running process that serves and, on a timer, monitors and retrains."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+from flywheel.config import Project
+from flywheel.pipeline.scheduler import check_once
+from flywheel.serving.process import ServerProcess
+
+
+def run_forever(project: Project, say: Callable[[str], None] = print) -> None:
+    """Serve in a child process and check triggers every `check_interval_s` until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    cfg = project.config
+    server = ServerProcess(project, port=cfg.serving.port, workers=cfg.serving.workers)
+    try:
+        server.wait_ready()
+        say(f"serving on {server.url}; checking triggers every {cfg.retraining.check_interval_s:g}s")
+        while not stop.wait(cfg.retraining.check_interval_s):
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{server.tail()}")
+            try:
+                check_once(project, say=say)
+            except Exception as exc:  # a failed tick is alerted by the step; keep serving
+                say(f"check failed: {type(exc).__name__}: {exc}")
+    finally:
+        server.stop()

@@ -1,0 +1,45 @@
+"""The model lifecycle as plain functions: the use cases the CLI, the pipeline, the servers and a
+notebook call. Train a challenger, evaluate it against the champion, promote, roll back, show the
+status; every alias move goes through `move_alias`.
+
+    from flywheel.config import load_project
+    from flywheel import lifecycle
+
+    project = load_project("flywheel.yaml")
+    result = lifecycle.train_challenger(project)
+    lifecycle.project_status(project)["champion"]
+"""
+
+from flywheel.lifecycle.aliases import (
+    PromotionOutcome,
+    move_alias,
+    promote,
+    promote_if_passed,
+    reconcile_aliases,
+    rollback,
+)
+from flywheel.lifecycle.challenger import Challenger, train_on_features
+from flywheel.lifecycle.evaluation import (
+    Evaluation,
+    evaluate_against_champion,
+    evaluate_version,
+    load_champion,
+    score_version,
+)
+from flywheel.lifecycle.features import (
+    PreparedData,
+    check_data,
+    extract_training_window,
+    prepare_features,
+    prepare_frame,
+)
+from flywheel.lifecycle.status import project_status
+from flywheel.lifecycle.train import TrainResult, train_challenger
+
+__all__ = [
+    "Challenger", "Evaluation", "PreparedData", "PromotionOutcome", "TrainResult", "check_data",
+    "evaluate_against_champion", "evaluate_version", "extract_training_window", "load_champion",
+    "move_alias", "prepare_features", "prepare_frame", "project_status", "promote",
+    "promote_if_passed", "reconcile_aliases", "rollback", "score_version", "train_challenger",
+    "train_on_features",
+]

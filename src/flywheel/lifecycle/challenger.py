@@ -1,0 +1,137 @@
+"""Train a challenger on prepared data: fit, check the ONNX export, log the run, register it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flywheel.config import Project
+from flywheel.core.errors import PipelineError
+from flywheel.core.lineage import git_sha
+from flywheel.core.progress import QuietReporter, Reporter
+from flywheel.data.checks import DataCheckReport
+from flywheel.lifecycle.features import PreparedData
+from flywheel.monitoring.reference import reference_artifacts
+from flywheel.registry import CHALLENGER, Registry
+from flywheel.training.evaluate import calibration_plot, holdout_metrics
+from flywheel.training.model import FittedModel
+from flywheel.training.onnx import onnx_predict
+from flywheel.training.trainers import train_model
+
+ONNX_PARITY_TOLERANCE = 1e-4
+# ONNX tree ensembles hold split thresholds as float32, LightGBM as float64: a row whose feature
+# value lies between the two roundings of a threshold takes the other branch. That is a property
+# of the format, not a broken export, and touches a handful of rows; a broken export moves most of
+# them. So: at most this share of rows may differ by more than the tolerance, and none by more
+# than ONNX_MAX_DIFF.
+ONNX_PARITY_MAX_SHARE = 0.001
+ONNX_MAX_DIFF = 0.01
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A trained, registered model version with alias `challenger` (not gated yet)."""
+
+    run_id: str
+    version: int
+    model_type: str
+    metrics: dict[str, float]  # on the holdout, from the ONNX export
+    holdout_p: np.ndarray
+    fitted: FittedModel
+    onnx_max_abs_diff: float
+
+
+def training_tags(project: Project, prepared: PreparedData) -> dict[str, str]:
+    """Lineage recorded on the run and the version: data snapshot, code, config, model type."""
+    snapshot_tags = prepared.snapshot.lineage() if prepared.snapshot else {}
+    return {**snapshot_tags, "git_sha": git_sha(project.path.parent),
+            "config_hash": project.config_hash(), "model_type": project.config.model.type}
+
+
+def train_on_features(project: Project, prepared: PreparedData, checks: DataCheckReport,
+                      registry: Registry, reporter: Reporter | None = None) -> Challenger:
+    """Train, check the export's parity, log everything to MLflow, register as `challenger`."""
+    reporter = reporter or QuietReporter()
+    cfg = project.config
+    tags = training_tags(project, prepared)
+    window = f"{tags.get('window_start')}-{tags.get('window_end')}"
+    with registry.run(f"{cfg.model.type}-{window}", tags) as run_id:
+        total = expected_iterations(cfg.model.type, cfg.model.params)
+        with reporter.step(f"Train challenger ({cfg.model.type})", total=total) as advance:
+            fitted = train_model(cfg.model, prepared.training_data(), advance)
+        with reporter.step("Evaluate on the holdout, log to MLflow"):
+            hold = prepared.split.holdout
+            exported, max_diff, share_over = onnx_parity(fitted, prepared.X[hold])
+            metrics = holdout_metrics(prepared.y[hold], exported)
+            log_training(registry, run_id, project, prepared, checks, fitted, metrics, exported,
+                         max_diff, share_over)
+        with reporter.step("Register the challenger"):
+            version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
+                                             {**tags, "run_id": run_id})
+            registry.set_alias(CHALLENGER, version)
+    return Challenger(run_id, version, cfg.model.type, metrics, exported, fitted, max_diff)
+
+
+def onnx_parity(fitted: FittedModel, X_hold: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The export's holdout predictions, its largest difference from the native model, and the
+    share of rows over the tolerance; raises when the export is broken."""
+    native = fitted.predict(X_hold)
+    exported = onnx_predict(fitted.onnx, X_hold)
+    diff = np.abs(native - exported)
+    max_diff = float(np.max(diff)) if len(X_hold) else 0.0
+    share_over = float(np.mean(diff > ONNX_PARITY_TOLERANCE)) if len(X_hold) else 0.0
+    if share_over > ONNX_PARITY_MAX_SHARE or max_diff > ONNX_MAX_DIFF:
+        raise PipelineError(
+            f"ONNX export differs from the native model: {share_over:.2%} of holdout rows by "
+            f"more than {ONNX_PARITY_TOLERANCE} (allowed {ONNX_PARITY_MAX_SHARE:.1%}), at most by "
+            f"{max_diff:.2e} (allowed {ONNX_MAX_DIFF}); not registering it")
+    return exported, max_diff, share_over
+
+
+def log_training(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
+                 checks: DataCheckReport, fitted: FittedModel, metrics: dict[str, float],
+                 holdout_p: np.ndarray, max_diff: float, share_over: float) -> None:
+    """Params, curves, metrics, data checks, calibration plot, native files, monitoring reference."""
+    params = {**{f"model.{k}": v for k, v in fitted.params.items()},
+              **{f"split.{k}": v for k, v in prepared.split.describe().items()},
+              "model.type": fitted.kind, "features": ",".join(prepared.spec.names),
+              "target": project.config.data.target.model_dump_json()}
+    registry.log_params(run_id, params)
+    registry.log_history(run_id, fitted.history)
+    snapshot = prepared.snapshot
+    registry.log_metrics(run_id, {
+        **{f"holdout_{k}": v for k, v in metrics.items()},
+        "best_iteration": fitted.best_iteration, "train_seconds": fitted.train_seconds,
+        "onnx_max_abs_diff": max_diff, "onnx_share_over_tolerance": share_over,
+        "snapshot_rows": snapshot.rows if snapshot else len(prepared.frame),
+        "immature_rows_dropped": snapshot.immature_dropped if snapshot else 0,
+    })
+    registry.log_text(run_id, json.dumps(checks.__dict__, indent=2, default=str), "data_checks.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = calibration_plot(prepared.y[prepared.split.holdout], holdout_p,
+                               Path(tmp) / "calibration.png",
+                               f"{fitted.kind} on the holdout (ROC-AUC {metrics['roc_auc']:.3f})")
+        registry.log_artifact(run_id, png)
+        for name, data in fitted.native_files.items():
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            registry.log_artifact(run_id, path, "native")
+        # the training reference that monitoring compares windows with
+        folder = Path(tmp) / "reference"
+        folder.mkdir()
+        for path in reference_artifacts(prepared.spec, prepared.X[prepared.split.train], holdout_p,
+                                        folder):
+            registry.log_artifact(run_id, path, "reference")
+
+
+def expected_iterations(model_type: str, params: dict[str, Any]) -> int:
+    if model_type == "lightgbm":
+        return int(params.get("num_boost_round", 300))
+    if model_type == "torch-mlp":
+        return int(params.get("max_epochs", 30))
+    return 1

@@ -1,0 +1,69 @@
+"""`flywheel train` as one call: extract, check, train, register, gate, promote.
+
+Each piece runs once: the champion is loaded once (its input columns shape the extract, its
+ONNX session scores the holdout), the features are built once, the gate is decided once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flywheel.config import Project
+from flywheel.core.progress import QuietReporter, Reporter
+from flywheel.data.checks import DataCheckReport
+from flywheel.lifecycle.aliases import promote_if_passed
+from flywheel.lifecycle.challenger import train_on_features
+from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champion
+from flywheel.lifecycle.features import (
+    PreparedData,
+    check_data,
+    extract_training_window,
+    prepare_features,
+)
+from flywheel.registry import Registry
+from flywheel.state.db import open_state
+from flywheel.training.evaluate import GateDecision
+from flywheel.training.model import FittedModel
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    version: int
+    model_type: str
+    metrics: dict[str, float]
+    champion_version: int | None
+    champion_metrics: dict[str, float] | None
+    gate: GateDecision
+    promoted: bool
+    prepared: PreparedData
+    checks: DataCheckReport
+    fitted: FittedModel
+    onnx_max_abs_diff: float
+    promotion: str = ""  # why it was or was not promoted
+
+
+def train_challenger(project: Project, reporter: Reporter | None = None,
+                     registry: Registry | None = None) -> TrainResult:
+    """The whole training use case; see the module's docstring."""
+    reporter = reporter or QuietReporter()
+    registry = registry or Registry.for_project(project)
+    champion = load_champion(registry)
+    with reporter.step("Extract the training window"):
+        snapshot = extract_training_window(project, list(champion.inputs) if champion else [])
+    with reporter.step("Build features on DuckDB"):
+        prepared = prepare_features(project, snapshot)
+    with reporter.step("Data checks and leakage screen"):
+        checks = check_data(project, prepared)
+    challenger = train_on_features(project, prepared, checks, registry, reporter)
+    with reporter.step("Score the champion on the same holdout; gate"):
+        evaluation = evaluate_against_champion(project, registry, prepared, challenger.version,
+                                               challenger.metrics, challenger.run_id, champion)
+    with reporter.step("Promote: move alias champion" if evaluation.gate.passed else "Gate failed"):
+        outcome = promote_if_passed(registry, open_state(project.state_url), challenger.version,
+                                    evaluation.gate.passed, evaluation.gate.summary(),
+                                    evaluation.champion_version)
+    return TrainResult(challenger.run_id, challenger.version, challenger.model_type,
+                       challenger.metrics, evaluation.champion_version, evaluation.champion_metrics,
+                       evaluation.gate, outcome.promoted, prepared, checks, challenger.fitted,
+                       challenger.onnx_max_abs_diff, outcome.reason)

@@ -1,0 +1,223 @@
+"""What every Flywheel server shares over HTTP, whatever it serves (ONNX or a merged LoRA model):
+request ids, bounded bodies, JSON answers counted in the metrics, admin auth, the champion runtime,
+and the routes /health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hmac
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from flywheel.config import ProjectBase
+from flywheel.registry import Registry
+from flywheel.serving.metrics import ServingMetrics
+from flywheel.serving.runtime import M, ModelRuntime
+
+log = logging.getLogger("flywheel.serving")
+ADMIN_TOKEN_ENV = "FLYWHEEL_ADMIN_TOKEN"
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the configured limit (answered 413)."""
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+class RequestIds:
+    """Unique ids without a syscall per request: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):012x}"
+
+
+new_request_id = RequestIds()
+
+
+async def receive_body(scope: Any, receive: Any, limit: int) -> bytes:
+    """The whole body of a raw ASGI request, refused (BodyTooLarge) past `limit` bytes: declared
+    (content-length) or streamed."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise BodyTooLarge
+            break
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return await receive_body(request.scope, request.receive, limit)
+
+
+class Answers:
+    """JSON answers of one endpoint family, each counted in the request metrics."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def send(self, endpoint: str, status: int, payload: dict[str, Any], request_id: str,
+             started: float, version: int = 0, headers: dict[str, str] | None = None) -> Response:
+        self.metrics.observe(endpoint, status, version, time.perf_counter() - started)
+        if status != 200:
+            payload = {**payload, "request_id": request_id}
+            if status >= 500 or status == 413:
+                log.warning("request refused", extra={"event": "request_error", "status": status,
+                                                       "request_id": request_id, "endpoint": endpoint})
+        return json_response(payload, status, {"x-request-id": request_id, **(headers or {})})
+
+
+def admin_refusal(request: Request) -> Response | None:
+    """None when the request carries the admin bearer token; else the 401/403 to answer."""
+    expected = os.environ.get(ADMIN_TOKEN_ENV)
+    if not expected:
+        return json_response({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV}"}, 403)
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        return json_response({"detail": "a valid bearer token is required"}, 401,
+                             {"www-authenticate": "Bearer"})
+    return None
+
+
+def champion_runtime(project: ProjectBase, interval_s: float, metrics: ServingMetrics,
+                     loader: Callable[[Registry, int], M],
+                     after_swap: Callable[[], None] | None = None) -> ModelRuntime[M]:
+    """The runtime that follows alias champion, counting swaps and the served version in metrics."""
+
+    def on_swap(old: M | None, new: M) -> None:
+        if old is not None:
+            metrics.swaps.inc()
+        metrics.model_version.set(new.version)
+        if after_swap:
+            after_swap()
+
+    return ModelRuntime(lambda: Registry.for_project(project), interval_s, loader, on_swap=on_swap)
+
+
+def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
+                  openapi: Callable[[], dict[str, Any]], models_extra: dict[str, Any] | None = None,
+                  metrics_extra: Callable[[], Awaitable[bytes]] | None = None) -> list[Route]:
+    """/health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json."""
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        model = runtime.current
+        if model is None:
+            return json_response({"ready": False, "reason": runtime.last_error or "no champion loaded"},
+                                 503)
+        return json_response({"ready": True, "model": model.name, "version": model.version})
+
+    async def reload(request: Request) -> Response:
+        refused = admin_refusal(request)
+        if refused is not None:
+            return refused
+        swapped = await run_in_threadpool(runtime.check_now)
+        model = runtime.current
+        log.info("admin reload", extra={"event": "admin_reload", "swapped": swapped})
+        return json_response({"swapped": swapped, "version": model.version if model else None,
+                              "last_error": runtime.last_error})
+
+    async def models(request: Request) -> Response:
+        model = runtime.current
+        return json_response({"models": [model.describe()] if model else [], **(models_extra or {}),
+                              "last_error": runtime.last_error})
+
+    async def prometheus(request: Request) -> Response:
+        extra = await metrics_extra() if metrics_extra else b""  # may update gauges: first
+        body, content_type = metrics.render()
+        return Response(body + extra, media_type=content_type)
+
+    async def openapi_json(request: Request) -> Response:
+        return json_response(openapi())
+
+    return [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"]),
+            Route("/admin/reload", reload, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"])]
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (MLflow, pandas, the model) out of the collector's sight.
+
+    Full collections scan every tracked object; with the libraries a worker imports that took
+    tens of milliseconds and showed up as the p99 latency. Request garbage is short-lived and is
+    still collected in the young generations.
+    """
+    gc.collect()
+    gc.freeze()
+    # The prediction-log thread must never hold the event loop for the default 5 ms.
+    sys.setswitchinterval(0.0005)
+
+
+def worker_lifespan(runtime: ModelRuntime[Any], start: Callable[[], None] | None = None,
+                    stop: Callable[[], dict[str, Any]] | None = None,
+                    after_load: Callable[[], None] | None = None,
+                    ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """Load the champion before taking traffic, follow the alias, and stop cleanly (SIGTERM)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if start:
+            start()
+        await run_in_threadpool(runtime.check_now)
+        if after_load:
+            after_load()
+        runtime.start()
+        log.info("worker ready", extra={"event": "worker_started", "version":
+                                         runtime.current.version if runtime.current else None})
+        try:
+            yield
+        finally:
+            runtime.stop()
+            stopped = stop() if stop else {}
+            ServingMetrics.worker_exited(os.getpid())
+            log.info("worker stopped", extra={"event": "worker_stopped", **stopped})
+
+    return lifespan
+
+
+class HotPathDispatch:
+    """Sends one route (method + path) straight to a raw ASGI handler and the rest to Starlette."""
+
+    def __init__(self, app: Starlette, method: str, path: str, handler: Any):
+        self.app = app
+        self.state = app.state
+        self.method, self.path, self.handler = method, path, handler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == self.method:
+            await self.handler(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -1,0 +1,67 @@
+"""The Open Inference Protocol (KServe v2) over the served model: request tensors to records,
+and the model's metadata and response tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flywheel.serving.runtime import LoadedModel
+from flywheel.serving.validation import FieldError, RequestInvalid
+
+_DATATYPE = {"number": "FP64", "string": "BYTES"}
+
+
+def oip_records(body: Any, model: LoadedModel) -> list[dict[str, Any]]:
+    """Open Inference Protocol columns (one tensor per input field) as validated records."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
+        raise RequestInvalid([FieldError(("body", "inputs"), "a non-empty list of input tensors "
+                                         "({name, shape, datatype, data}) is required", "missing")])
+    columns: dict[str, list[Any]] = {}
+    errors: list[FieldError] = []
+    for i, tensor in enumerate(body["inputs"]):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) \
+                or not isinstance(tensor.get("data"), list):
+            errors.append(FieldError(("body", "inputs", i), "each input needs a string 'name' and a "
+                                     "'data' list", "type_error"))
+            continue
+        data = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in tensor["data"]]
+        columns[tensor["name"]] = data
+    if errors:
+        raise RequestInvalid(errors)
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise RequestInvalid([FieldError(("body", "inputs"), "every input needs the same, non-zero "
+                                         "number of values", "shape_mismatch")])
+    n = lengths.pop()
+    records = [{name: values[i] for name, values in columns.items()} for i in range(n)]
+    try:
+        return model.validator.records(records)
+    except RequestInvalid as exc:
+        # (body, i, field) -> (body, inputs, field, i): point at the tensor and the element
+        raise RequestInvalid([
+            FieldError(("body", "inputs", e.loc[2], e.loc[1]) if len(e.loc) == 3 else e.loc,
+                       e.msg, e.type) for e in exc.errors]) from None
+
+
+def oip_metadata(model: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": model.name, "versions": [str(model.version)], "platform": "onnxruntime",
+        "inputs": [{"name": n, "datatype": _DATATYPE[t], "shape": [-1]}
+                   for n, t in model.spec.input_types.items()],
+        "outputs": [{"name": "probability", "datatype": "FP64", "shape": [-1]},
+                    {"name": "decision", "datatype": "BOOL", "shape": [-1]}],
+    }
+
+
+def oip_response(model: LoadedModel, body: dict[str, Any], request_id: str, ids: list[str],
+                 probs: list[float], decisions: list[bool], threshold: float) -> dict[str, Any]:
+    n = len(ids)
+    return {
+        "model_name": model.name, "model_version": str(model.version),
+        "id": body.get("id") if isinstance(body.get("id"), str) else request_id,
+        "parameters": {"request_id": request_id, "record_ids": ids, "threshold": threshold},
+        "outputs": [
+            {"name": "probability", "shape": [n], "datatype": "FP64", "data": probs},
+            {"name": "decision", "shape": [n], "datatype": "BOOL", "data": decisions},
+        ],
+    }

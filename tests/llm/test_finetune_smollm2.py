@@ -1,0 +1,34 @@
+"""A few LoRA steps on the real SmolLM2-135M-Instruct weights and the real Constitution articles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel.config import load_llm_project
+from flywheel.llm.finetune import finetune
+from flywheel.registry import Registry
+from tests.tiny_llm import write_config
+
+
+@pytest.mark.slow
+def test_real_smollm2_heldout_loss_falls(tmp_path: Path) -> None:
+    cfg = {
+        "project": "constitution-smoke", "kind": "lora",  # base_model and text: the defaults
+        "training": {"steps": 12, "batch_size": 2, "max_seq_length": 64, "learning_rate": 0.001,
+                     "warmup_steps": 0, "eval_max_tokens": 1024, "seed": 42},
+        "samples": {"prompts": ["Article 21: Protection of life and personal liberty\n"],
+                    "max_new_tokens": 12},
+        "gate": {"floor": 100.0},
+    }
+    project = load_llm_project(write_config(tmp_path, cfg), env={"FLYWHEEL_HOME": str(tmp_path / "home")})
+    r = finetune(project)
+    assert r.total_parameters == 134_515_008  # SmolLM2-135M
+    assert r.trainable_parameters == 460_800  # r=8 on q_proj and v_proj of 30 layers
+    assert 5 < r.perplexity_before < 60  # a real pretrained model reads this text well already
+    assert r.perplexity_after < r.perplexity_before  # and a few LoRA steps make it read it better
+    assert r.promoted
+    info = Registry.for_project(project).version(r.version)
+    assert info.run_tags["base_model"] == "smollm2-135m-instruct"
+    assert len(r.generations[0]["after"]) > 0

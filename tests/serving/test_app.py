@@ -1,0 +1,365 @@
+"""The prediction server over real HTTP on 127.0.0.1, with a real registry and state database."""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from flywheel.data.features import build_matrix
+from flywheel.data.sources import make_engine
+from flywheel.lifecycle import promote, rollback, train_challenger
+from flywheel.registry import Registry
+from flywheel.serving.runtime import load_version
+from tests.conftest import SOURCE_TYPES, ServerProcess, load_project, write_table
+
+# One worker builds this module's shared fixture (a trained model, a server) once.
+pytestmark = pytest.mark.xdist_group("serving-test_app")
+
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, sba_sample):
+    """v1 LightGBM (champion) and v2 scikit-learn (challenger, refused by the gate)."""
+    import yaml
+
+    from tests.conftest import example_config
+
+    folder = tmp_path_factory.mktemp("serving")
+    cfg = example_config()
+    cfg["model"]["params"] = {"num_boost_round": 60}
+    cfg["serving"]["reload_interval_s"] = 0.3
+    cfg["gate"]["min_improvement"] = 0.5  # v2 never becomes champion by the gate
+    (folder / "flywheel.yaml").write_text(yaml.safe_dump(cfg))
+    project = load_project(folder / "flywheel.yaml", env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+    write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
+    assert train_challenger(project).promoted
+    import os
+
+    os.environ["FLYWHEEL_MODEL__TYPE"] = "sklearn"
+    try:
+        sk = load_project(project.path, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})
+        assert not train_challenger(sk).promoted
+    finally:
+        del os.environ["FLYWHEEL_MODEL__TYPE"]
+    return project
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    srv = ServerProcess(project, env={"FLYWHEEL_ADMIN_TOKEN": TOKEN})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def records(project, sba_sample):
+    spec = load_version(Registry.for_project(project), 1).spec
+    rows = sba_sample[spec.input_columns].head(50)
+    out = []
+    for _, row in rows.iterrows():
+        out.append({c: (None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                        (v.item() if hasattr(v, "item") else v)) for c, v in row.items()})
+    return out
+
+
+def test_predict_one_and_many_names_model_version_and_ids(server, records):
+    one = httpx.post(f"{server.url}/v1/predict", json=records[0])
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert (body["model"], body["version"]) == ("sba-loans", 1)
+    assert body["request_id"] and one.headers["x-request-id"] == body["request_id"]
+    [pred] = body["predictions"]
+    assert pred["record_id"] == f"{body['request_id']}-0"
+    assert 0 <= pred["probability"] <= 1
+    assert pred["decision"] == (pred["probability"] >= body["threshold"])
+    many = httpx.post(f"{server.url}/v1/predict",
+                      json=[{**r, "meta": {"entity_id": f"L{i}"}} for i, r in enumerate(records[:10])])
+    assert many.status_code == 200
+    assert [p["record_id"][-2:] for p in many.json()["predictions"]][:3] == ["-0", "-1", "-2"]
+    assert many.json()["predictions"][0]["probability"] == pytest.approx(pred["probability"])
+
+
+def test_served_probabilities_equal_the_batch_path(server, project, records, sba_sample):
+    served = httpx.post(f"{server.url}/v1/predict", json=records).json()["predictions"]
+    model = load_version(Registry.for_project(project), 1)
+    batch = model.predict_matrix(build_matrix(model.spec, sba_sample.head(len(records))))
+    assert np.allclose([p["probability"] for p in served], batch, atol=1e-6)
+
+
+@pytest.mark.parametrize(("mutate", "loc", "kind"), [
+    (lambda r: r.pop("state"), ["body", "state"], "missing"),
+    (lambda r: r.update(favourite_colour="red"), ["body", "favourite_colour"], "extra_forbidden"),
+    (lambda r: r.update(gr_appv="a lot"), ["body", "gr_appv"], "type_error"),
+    (lambda r: r.update(gr_appv=True), ["body", "gr_appv"], "type_error"),
+    (lambda r: r.update(state=7), ["body", "state"], "type_error"),
+    (lambda r: r.update(bank=None), ["body", "bank"], "null_forbidden"),
+    (lambda r: r.update(meta="not an object"), ["body", "meta"], "type_error"),
+])
+def test_invalid_records_get_422_naming_the_field(server, records, mutate, loc, kind):
+    record = dict(records[0])
+    mutate(record)
+    r = httpx.post(f"{server.url}/v1/predict", json=record)
+    assert r.status_code == 422
+    assert {"loc": loc, "type": kind} in [{"loc": e["loc"], "type": e["type"]} for e in r.json()["detail"]]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinity_are_refused_with_the_field_named(server, records, literal):
+    text = json.dumps({**records[0], "gr_appv": 12345.5}).replace("12345.5", literal)
+    r = httpx.post(f"{server.url}/v1/predict", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "gr_appv"]
+
+
+def test_list_limits_and_bad_json(server, records):
+    assert httpx.post(f"{server.url}/v1/predict", json=[]).status_code == 422
+    too_many = httpx.post(f"{server.url}/v1/predict", json=[records[0]] * 1001)
+    assert too_many.status_code == 422 and "at most 1000" in too_many.text
+    bad = httpx.post(f"{server.url}/v1/predict", content=b"{not json",
+                     headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "json_invalid"
+    errors = httpx.post(f"{server.url}/v1/predict", json=[records[0], {"state": 1}]).json()["detail"]
+    assert all(e["loc"][1] == 1 for e in errors)  # only the second record is wrong
+
+
+def test_oversized_bodies_get_413_declared_or_streamed(server):
+    big = b"[" + b" " * 1_100_000 + b"]"
+    assert httpx.post(f"{server.url}/v1/predict", content=big).status_code == 413
+    assert httpx.post(f"{server.url}/v1/feedback", content=big).status_code == 413
+    assert httpx.post(f"{server.url}/v2/models/sba-loans/infer", content=big).status_code == 413
+
+    def chunks():  # no content-length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 50_000
+
+    assert httpx.post(f"{server.url}/v1/predict", content=chunks()).status_code == 413
+
+
+def test_open_inference_protocol_matches_v1(server, records):
+    rows = records[:3]
+    inputs = [{"name": k, "shape": [3],
+               "datatype": "FP64" if isinstance(rows[0][k], int | float) else "BYTES",
+               "data": [r[k] for r in rows]} for k in rows[0]]
+    r = httpx.post(f"{server.url}/v2/models/sba-loans/infer", json={"id": "abc", "inputs": inputs})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == "sba-loans" and out["model_version"] == "1" and out["id"] == "abc"
+    probs = out["outputs"][0]["data"]
+    v1 = [p["probability"] for p in httpx.post(f"{server.url}/v1/predict", json=rows).json()["predictions"]]
+    assert probs == pytest.approx(v1)
+    assert httpx.post(f"{server.url}/v2/models/other/infer", json={"inputs": inputs}).status_code == 404
+    meta = httpx.get(f"{server.url}/v2/models/sba-loans").json()
+    assert {i["name"] for i in meta["inputs"]} == set(rows[0])
+
+
+def test_models_health_ready_and_openapi(server):
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert models[0]["version"] == 1 and models[0]["lineage"]["trained_on"]["from"] == "1994-10-01"
+    assert len(models[0]["lineage"]["data_hash"]) == 64
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json()["ready"] is True
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/predict", "/v2/models/{name}/infer", "/v1/models", "/health", "/ready", "/metrics",
+            "/v1/feedback", "/admin/reload"} <= set(doc["paths"])
+    body = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]
+    record = body["schema"]["oneOf"][0]
+    assert record["additionalProperties"] is False and "gr_appv" in record["required"]
+
+
+def test_admin_reload_needs_the_bearer_token(server):
+    assert httpx.post(f"{server.url}/admin/reload").status_code == 401
+    wrong = httpx.post(f"{server.url}/admin/reload", headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    ok = httpx.post(f"{server.url}/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["version"] == 1
+
+
+def test_feedback_is_idempotent_and_accepts_late_labels(server, project, records):
+    rid = httpx.post(f"{server.url}/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
+    label = {"record_id": rid, "label": 1, "observed_at": "2003-05-01T00:00:00+00:00"}
+    for _ in range(2):
+        r = httpx.post(f"{server.url}/v1/feedback", json={"labels": [label]})
+        assert r.status_code == 200 and r.json()["accepted"] == 1
+    late = httpx.post(f"{server.url}/v1/feedback",
+                      json={"labels": [{"record_id": "from-last-year-0", "label": 0}]})
+    assert late.status_code == 200
+    bad = httpx.post(f"{server.url}/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "labels", 0, "label"]
+    with make_engine(project.state_url).connect() as conn:
+        rows = conn.execute(sa.text("SELECT record_id, label FROM feedback")).all()
+    assert sorted(rows) == sorted([(rid, 1), ("from-last-year-0", 0)])
+
+
+def test_metrics_count_requests_by_endpoint_status_and_version(server, records):
+    httpx.post(f"{server.url}/v1/predict", json={"nope": 1})
+    httpx.post(f"{server.url}/v1/predict", json=records[0])
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="200"}' in text
+    assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="422"}' in text
+    assert "flywheel_request_latency_seconds_bucket" in text
+    assert "flywheel_prediction_log_queue_depth" in text
+    assert "flywheel_prediction_log_dropped_total 0.0" in text
+
+
+def test_hot_swap_under_concurrent_load_fails_no_request(server, project, records):
+    """Promote v2, then roll back to v1, while 8 clients send requests: every one succeeds."""
+    stop = threading.Event()
+    statuses: list[int] = []
+    versions: set[int] = set()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json=records[0])
+                with lock:
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        versions.add(r.json()["version"])
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        promote(project, 2, reason="test hot swap")
+        _wait_for(lambda: 2 in versions)
+        rollback(project)
+        _wait_for(lambda: httpx.get(f"{server.url}/ready").json()["version"] == 1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(statuses) > 200
+    assert set(statuses) == {200}
+    assert versions == {1, 2}
+    swaps = httpx.get(f"{server.url}/metrics").text
+    assert "flywheel_model_swaps_total 2.0" in swaps
+
+
+def count_predictions(url: str) -> int:
+    with make_engine(url).connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar())
+
+
+def _wait_for(cond, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_sigterm_flushes_every_prediction_to_the_log(project, records):
+    srv = ServerProcess(project)
+    before = count_predictions(project.state_url)
+    sent = 0
+    with httpx.Client(base_url=srv.url) as c:
+        for i in range(300):
+            batch = records[: 1 + i % 5]
+            assert c.post("/v1/predict", json=batch).status_code == 200
+            sent += len(batch)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught: -15 is a clean stop
+    assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    after = count_predictions(project.state_url)
+    with make_engine(project.state_url).connect() as conn:
+        last = conn.execute(sa.text(
+            "SELECT model_version, inputs, meta FROM predictions ORDER BY id DESC LIMIT 1")).one()
+    assert after - before == sent
+    assert last.model_version == 1 and json.loads(last.inputs)["state"] == records[0]["state"]
+    log = srv.log_path.read_text().splitlines()
+    events = [json.loads(line).get("event") for line in log if line.startswith("{")]
+    assert "worker_stopped" in events and "log_sink_stopped" in events
+
+
+@pytest.mark.postgres
+def test_two_workers_with_postgresql_state_aggregate_metrics_and_log_everything(project, records,
+                                                                               postgres_url):
+    import yaml
+
+    cfg = yaml.safe_load(project.path.read_text())
+    cfg["stores"] = {"source": project.source_url, "tracking": project.tracking_url, "state": postgres_url}
+    pg_path = project.path.parent / "flywheel-pg.yaml"
+    pg_path.write_text(yaml.safe_dump(cfg))
+    pg_project = load_project(pg_path, env={"FLYWHEEL_HOME": str(project.home)})
+    srv = ServerProcess(pg_project, workers=2)
+    sent = 0
+    pids = set()
+    try:
+        def client(n: int) -> None:
+            nonlocal sent
+            with httpx.Client(base_url=srv.url) as c:
+                for _ in range(n):
+                    assert c.post("/v1/predict", json=records[:2]).status_code == 200
+        threads = [threading.Thread(target=client, args=(100,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sent = 4 * 100 * 2
+        text = httpx.get(f"{srv.url}/metrics").text
+        ok_line = 'flywheel_requests_total{endpoint="predict",model_version="1",status="200"}'
+        total = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(ok_line))
+        assert total == 400  # summed over both workers, whichever answered the scrape
+        assert httpx.post(f"{srv.url}/admin/reload").status_code == 403  # no token configured
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM)
+    for line in srv.log_path.read_text().splitlines():
+        if '"worker_started"' in line:
+            pids.add(json.loads(line)["pid"])
+    assert len(pids) == 2
+    assert count_predictions(postgres_url) == sent
+
+
+def test_flywheel_predict_scores_a_file_and_a_source_table_like_the_server(server, project, records,
+                                                                          sba_sample, tmp_path,
+                                                                          monkeypatch):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(project.home))
+    file = tmp_path / "batch.parquet"
+    sba_sample.head(len(records)).to_parquet(file)
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", str(file),
+                              "--output", str(tmp_path / "scored.parquet")])
+    assert res.exit_code == 0, res.output
+    scored = pd.read_parquet(tmp_path / "scored.parquet")
+    served = httpx.post(f"{server.url}/v1/predict", json=records).json()["predictions"]
+    assert list(scored["loan_nr"]) == list(sba_sample.head(len(records))["loan_nr"])
+    assert np.allclose(scored["probability"], [p["probability"] for p in served], atol=1e-6)
+    assert (scored["model_version"] == 1).all()
+    res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", "loans",
+                              "--output", str(tmp_path / "all.csv")])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "all.csv")) == len(sba_sample)
+    res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", "no_such_table",
+                              "--output", str(tmp_path / "x.csv")])
+    assert res.exit_code == 1 and "neither a file nor a table" in res.output
+
+
+def test_sigkill_loses_at_most_the_unflushed_buffer_and_the_sink_survives(project, records):
+    srv = ServerProcess(project)
+    before = count_predictions(project.state_url)
+    answered = 0
+    with httpx.Client(base_url=srv.url) as c:
+        started = time.time()
+        while time.time() - started < 2:
+            assert c.post("/v1/predict", json=records[0]).status_code == 200
+            answered += 1
+    srv.stop(signal.SIGKILL)
+    _wait_for(lambda: '"log_sink_stopped"' in srv.log_path.read_text(), timeout=30)
+    stored = count_predictions(project.state_url) - before
+    # one client, one request at a time: a 50 ms flush interval holds a few dozen at most
+    assert stored <= answered
+    assert answered - stored <= max(50, answered // 20), (answered, stored)

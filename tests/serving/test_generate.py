@@ -1,0 +1,224 @@
+"""`flywheel serve` on a LoRA project: /v1/generate over real HTTP, against transformers' own output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.config import LlmProject, load_llm_project
+from flywheel.lifecycle import promote
+from flywheel.llm.finetune import finetune
+from tests.conftest import ServerProcess
+from tests.tiny_llm import build_tiny_model, tiny_config, write_config
+
+# One worker builds this module's shared fixture (a trained model, a server) once.
+pytestmark = pytest.mark.xdist_group("serving-test_generate")
+
+TOKEN = "s3cret-admin-token"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> LlmProject:
+    """Two registered adapters: v1 (40 steps, champion) and v2 (a different seed, by hand later)."""
+    base = build_tiny_model(tmp_path_factory.mktemp("tiny-base") / "model")
+    folder = tmp_path_factory.mktemp("lora-serve")
+    cfg = tiny_config(base, serving={"max_concurrent": 1, "max_waiting": 1, "reload_interval_s": 0.5,
+                                     "max_new_tokens": 64, "default_max_new_tokens": 8,
+                                     "max_prompt_tokens": 64, "max_body_bytes": 2048})
+    path = write_config(folder, cfg)
+    env = {"FLYWHEEL_HOME": str(folder / ".flywheel")}
+    p = load_llm_project(path, env=env)
+    finetune(p)
+    # v2: another seed and fewer steps; registered as challenger (the gate refuses it)
+    finetune(load_llm_project(path, env={**env, "FLYWHEEL_TRAINING__STEPS": "5",
+                                         "FLYWHEEL_TRAINING__SEED": "11"}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def server(project: LlmProject) -> Iterator[ServerProcess]:
+    srv = ServerProcess(project, env={"FLYWHEEL_ADMIN_TOKEN": TOKEN})  # type: ignore[arg-type]
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def reference_generation(project: LlmProject, tmp: Path, version: int, prompt: str, max_new: int,
+                         temperature: float, seed: int) -> str:
+    """What plain transformers generates from the merged export of `version` (in another process)."""
+    out = tmp / f"merged-v{version}"
+    if not out.exists():
+        done = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "export", "--config", str(project.path), "--merge",
+             "--version", str(version), "--output", str(out)],
+            capture_output=True, text=True, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})
+        assert done.returncode == 0, done.stderr
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    kwargs = {"max_new_tokens": max_new, "pad_token_id": tokenizer.eos_token_id,
+              "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        if temperature > 0:
+            gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, **kwargs)
+        else:
+            gen = model.generate(ids, do_sample=False, **kwargs)
+    return str(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def test_generation_equals_transformers_own(server: ServerProcess, project: LlmProject,
+                                            tmp_path: Path) -> None:
+    prompt = "Article 21: Protection of life"
+    for temperature, seed in ((0.0, 0), (0.9, 1234), (1.3, 99)):
+        body = {"prompt": prompt, "max_new_tokens": 24, "temperature": temperature, "seed": seed}
+        r = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["version"] == 1 and got["model"] == "tiny-lora"
+        assert got["usage"]["completion_tokens"] >= 1
+        expected = reference_generation(project, tmp_path, 1, prompt, 24, temperature, seed)
+        assert got["text"] == expected, (temperature, seed)
+    # the same seed gives the same sample twice; another seed (almost surely) another one
+    body = {"prompt": prompt, "max_new_tokens": 24, "temperature": 1.3, "seed": 5}
+    a, b = (httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).json()["text"] for _ in range(2))
+    c = httpx.post(f"{server.url}/v1/generate", json={**body, "seed": 6}, timeout=60).json()["text"]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(("body", "loc"), [
+    ({}, ["body", "prompt"]),
+    ({"prompt": ""}, ["body", "prompt"]),
+    ({"prompt": 3}, ["body", "prompt"]),
+    ({"prompt": "x", "max_new_tokens": 65}, ["body", "max_new_tokens"]),
+    ({"prompt": "x", "max_new_tokens": 0}, ["body", "max_new_tokens"]),
+    ({"prompt": "x", "max_new_tokens": 2.5}, ["body", "max_new_tokens"]),
+    ({"prompt": "x", "temperature": -0.1}, ["body", "temperature"]),
+    ({"prompt": "x", "temperature": 2.5}, ["body", "temperature"]),
+    ({"prompt": "x", "temperature": True}, ["body", "temperature"]),
+    ({"prompt": "x", "top_p": 0}, ["body", "top_p"]),
+    ({"prompt": "x", "seed": -1}, ["body", "seed"]),
+    ({"prompt": "x", "stream": True}, ["body", "stream"]),
+    ({"prompt": "Article " * 60}, ["body", "prompt"]),  # over max_prompt_tokens (64)
+])
+def test_invalid_requests_name_the_field(server: ServerProcess, body: dict[str, object],
+                                         loc: list[str]) -> None:
+    r = httpx.post(f"{server.url}/v1/generate", json=body, timeout=30)
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"] for e in r.json()["detail"]]
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_bounds_body_size_nan_and_admin(server: ServerProcess) -> None:
+    big = httpx.post(f"{server.url}/v1/generate", content=b'{"prompt": "' + b"a" * 4000 + b'"}',
+                     headers={"content-type": "application/json"}, timeout=30)
+    assert big.status_code == 413
+    nan = httpx.post(f"{server.url}/v1/generate", content=b'{"prompt": "x", "temperature": NaN}',
+                     headers={"content-type": "application/json"}, timeout=30)
+    assert nan.status_code == 422 and ["body", "temperature"] in [e["loc"] for e in nan.json()["detail"]]
+    assert httpx.post(f"{server.url}/admin/reload", timeout=30).status_code == 401
+    wrong = httpx.post(f"{server.url}/admin/reload", headers={"authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    ok = httpx.post(f"{server.url}/admin/reload", headers={"authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["version"] == 1
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]["max_new_tokens"]["maximum"] == 64
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
+    models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["models"][0]
+    assert models["merged"] is True and models["lineage"]["perplexity_after"] > 0
+
+
+def test_concurrency_limit_answers_429_and_counts(server: ServerProcess) -> None:
+    """One generation at a time, one waiting: of 6 at once, some are refused, none fail otherwise."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        r = httpx.post(f"{server.url}/v1/generate", timeout=120,
+                       json={"prompt": "Article 1", "max_new_tokens": 64, "temperature": 1.0, "seed": 1})
+        with lock:
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    rejected = [line for line in metrics.splitlines()
+                if line.startswith("flywheel_generations_rejected_total")]
+    assert rejected and float(rejected[0].split()[-1]) >= statuses.count(429)
+    assert 'flywheel_requests_total{endpoint="generate",model_version="1",status="200"}' in metrics
+    assert "flywheel_generated_tokens_total" in metrics
+
+
+def test_hot_swap_under_load_fails_nothing(server: ServerProcess, project: LlmProject) -> None:
+    """Promote v2, then roll back to v1, while clients generate: every request answers 200 or 429."""
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "Article 5", "max_new_tokens": 4},
+                           timeout=120)
+            with lock:
+                if r.status_code == 200:
+                    seen[r.json()["version"]] = seen.get(r.json()["version"], 0) + 1
+                elif r.status_code != 429:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for target in (2, 1):
+            promote(project, target, reason="swap test")
+            deadline = time.monotonic() + 60
+            while server.served_version() != target and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert server.served_version() == target
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
+    assert seen.get(2, 0) > 0 and seen.get(1, 0) > 0, seen
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    swaps = [line for line in metrics.splitlines() if line.startswith("flywheel_model_swaps_total")]
+    assert swaps and float(swaps[0].split()[-1]) >= 2
+
+
+def test_two_workers_share_metrics_and_follow_the_champion(project: LlmProject) -> None:
+    srv = ServerProcess(project, workers=2)  # type: ignore[arg-type]
+    try:
+        for _ in range(8):
+            r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "Article 3", "max_new_tokens": 3},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        counts = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith('flywheel_requests_total{endpoint="generate"')]
+        assert sum(counts) == 8  # summed over both workers' files
+        versions = [line for line in metrics.splitlines() if line.startswith("flywheel_model_version{")]
+        pids = {line.split('pid="')[1].split('"')[0] for line in versions}
+        assert len(pids) == 2, versions
+    finally:
+        srv.stop()

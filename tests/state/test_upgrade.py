@@ -1,0 +1,99 @@
+"""A project made by an earlier release opens, migrates and serves with today's code.
+
+`tests/fixtures/upgrade/*.tar.gz` each hold a project's state database and MLflow store as a
+release left them (made by scripts/make_upgrade_fixture.py through the CLI only: ingest, train,
+serve + traffic + feedback, monitor, retrain, promote, rollback). A later change to the schema adds
+its migration and extends these checks; it never edits an archive.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from flywheel.config import Project, load_project
+from flywheel.lifecycle import project_status, rollback
+from flywheel.pipeline.runs import EvaluateResult, PromoteResult, list_runs
+from flywheel.registry import CHAMPION, Registry
+from flywheel.state.aliases import alias_moves, pointer
+from flywheel.state.db import VERSION_TABLE, head_revision, open_state
+from tests.conftest import SAMPLE, ServerProcess
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "upgrade"
+MADE_UNDER = "/tmp/flywheel-upgrade-fixture/.flywheel"  # where the release wrote it
+ARCHIVES = sorted(FIXTURES.glob("*.tar.gz"))
+
+
+def unpack(archive: Path, folder: Path) -> Project:
+    """Unpack beside a config, and point MLflow's recorded artifact paths at the new place."""
+    home = folder / ".flywheel"
+    home.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(home, filter="data")
+    (home / "flywheel.yaml").rename(folder / "flywheel.yaml")
+    with sqlite3.connect(home / "mlflow.db") as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = '
+                               f'REPLACE("{column[1]}", ?, ?)', (MADE_UNDER, str(home)))
+    return load_project(folder / "flywheel.yaml", env={"FLYWHEEL_HOME": str(home)})
+
+
+@pytest.fixture(params=ARCHIVES, ids=[a.name.removesuffix(".tar.gz") for a in ARCHIVES])
+def upgraded(request, tmp_path) -> Project:
+    return unpack(request.param, tmp_path / "project")
+
+
+def test_there_is_a_fixture_of_the_first_schema():
+    assert any(a.name.startswith("state-0004-") for a in ARCHIVES)
+
+
+def test_state_migrates_to_head_and_keeps_its_rows(upgraded):
+    engine = open_state(upgraded.state_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == \
+            head_revision()
+        assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 300
+        assert conn.execute(sa.text("SELECT count(*) FROM feedback")).scalar() == 300
+        assert conn.execute(sa.text("SELECT count(*) FROM monitor_runs")).scalar() == 1
+    moves = alias_moves(engine, "sba-loans", CHAMPION)
+    assert [(m.version, m.action, m.applied) for m in moves] == \
+        [(1, "promote", True), (2, "promote", True), (1, "manual", True), (2, "rollback", True)]
+    [run] = list_runs(upgraded)  # an older run's outputs read as today's typed results
+    assert run.status == "succeeded" and run.version == 2
+    assert run.result("evaluate", EvaluateResult).passed
+    assert run.result("promote", PromoteResult).promoted
+
+
+def test_status_and_the_alias_path_work_on_the_upgraded_store(upgraded):
+    status = project_status(upgraded)
+    assert status["champion"]["version"] == 2 and status["champion"]["model_type"] == "lightgbm"
+    assert len(status["champion_history"]) == 4
+    back = rollback(upgraded)  # the state DB has no alias row yet: it adopts MLflow's champion
+    assert (back.version, back.previous_version, back.action) == (1, 2, "rollback")
+    assert Registry.for_project(upgraded).alias_version(CHAMPION) == 1
+    assert pointer(open_state(upgraded.state_url), "sba-loans", CHAMPION).version == 1
+
+
+def test_the_upgraded_project_serves_its_champion(upgraded):
+    record = pd.read_parquet(SAMPLE).iloc[0]
+    fields = ["gr_appv", "sba_appv", "no_emp", "create_job", "retained_job", "new_exist",
+              "franchise_code", "state", "bank_state", "urban_rural", "rev_line_cr", "low_doc",
+              "naics", "bank"]
+    body = {f: (None if pd.isna(record[f]) else record[f].item() if hasattr(record[f], "item")
+                else record[f]) for f in fields}
+    with ServerProcess(upgraded) as server:
+        answer = httpx.post(f"{server.url}/v1/predict", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == 2
+        model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
+        assert model["lineage"]["gate"] == "passed"
+    with open_state(upgraded.state_url).connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 301
