@@ -14,7 +14,11 @@ with the worker, and moved to CPU 1 (FLYWHEEL_LOG_SINK_CPUS=1). Then a hot-swap 
 and rollbacks under load; failed requests must be 0) and a logging run (requests answered vs
 rows stored, after SIGTERM and after SIGKILL).
 
-    .venv/bin/python benchmarks/serve_vs_mlflow.py [--seconds 10] [--rounds 3]
+    .venv/bin/python benchmarks/serve_vs_mlflow.py [--seconds 10] [--rounds 3] [--baseline SRC]
+
+`--baseline SRC` adds two rows served by another source tree of Flywheel (its `src` folder, e.g. a
+checkout of the previous release) on the same project, store and settings, measured in the same
+interleaved rounds: a before/after of a change in one run.
 """
 
 from __future__ import annotations
@@ -129,10 +133,10 @@ def setup(home: Path) -> tuple[Path, dict[str, str], dict, list[float]]:
     os.environ["FLYWHEEL_HOME"] = env["FLYWHEEL_HOME"]
     from flywheel.config import load_project
     from flywheel.data.features import FeatureSpec, build_matrix
-    from flywheel.pipeline.steps import open_registry
+    from flywheel.registry import Registry
 
     project = load_project(config)
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     spec = FeatureSpec.from_json(registry.load_artifacts(1).feature_spec)
     frame = pd.read_parquet(SAMPLE).iloc[[5]]
     record = {c: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v)
@@ -169,6 +173,8 @@ FASTEST = "mlflow: LightGBM booster, no signature"
 SINK0 = "flywheel serve, log sink on CPU 0"
 SINK1 = "flywheel serve, log sink on CPU 1"
 SINKPG = "flywheel serve, PostgreSQL log, sink on CPU 0"
+BASE0 = "baseline tree, log sink on CPU 0"
+BASE1 = "baseline tree, log sink on CPU 1"
 FLOOR = "constant Starlette endpoint (floor)"
 
 
@@ -176,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per server per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another Flywheel src folder to measure too")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -210,6 +217,12 @@ def main() -> None:
         pg = postgres_database()
         if pg:  # the production path: the database server does the inserts, the sink only COPYs
             flywheels.append((SINKPG, {"FLYWHEEL_STORES__STATE": pg}))
+        if args.baseline:  # the same two setups served by the other source tree
+            base = {"PYTHONPATH": str(args.baseline.resolve())}
+            flywheels += [
+                (BASE0, {**base, "FLYWHEEL_STORES__STATE": f"sqlite:///{home / 'state-base0.db'}"}),
+                (BASE1, {**base, "FLYWHEEL_STORES__STATE": f"sqlite:///{home / 'state-base1.db'}",
+                         "FLYWHEEL_LOG_SINK_CPUS": "1"})]
         for label, extra in flywheels:
             port = free_port()
             srv = Server([str(BIN / "flywheel"), "serve", "--config", str(throughput_config), "--port",
@@ -260,7 +273,7 @@ def measure(servers: dict[str, tuple[Server, str, Path]], seconds: int, n_rounds
             srv.resume()
             time.sleep(1)  # let it catch up on what its timers missed while paused
             result[name] = wrk(url, body, seconds)
-            if name in (SINK0, SINK1, SINKPG):
+            if name in (SINK0, SINK1, SINKPG, BASE0, BASE1):
                 depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
                                   httpx.get(url.replace("/v1/predict", "/metrics")).text, re.M)
                 # A large backlog would mean the log sink did not keep up: the buffer flattered the run.
@@ -295,6 +308,12 @@ def report(rounds: list[dict[str, dict[str, float]]], seconds: int) -> None:
               f"{max(r[name]['p99_ms'] for r in rounds):7.2f} {ratio(name, ANCHOR):8.1f} "
               f"{ratio(name, LGB):6.1f} {ratio(name, FASTEST):9.1f} {100 * ratio(name, FLOOR):7.1f}% "
               f"{errors:6.0f} {backlog}")
+    for now, before in ((SINK0, BASE0), (SINK1, BASE1)):
+        if before in rounds[0]:
+            rps = statistics.median(r[now]["rps"] / r[before]["rps"] for r in rounds)
+            p99 = statistics.median(r[now]["p99_ms"] / r[before]["p99_ms"] for r in rounds)
+            print(f"this tree / baseline tree ({now.split(', ')[-1]}): req/s x{rps:.3f}, "
+                  f"p99 x{p99:.3f} (medians of per-round ratios)")
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
@@ -310,7 +329,7 @@ def _wait_port(port: int, timeout: float = 30) -> None:
 def hot_swap(config: Path, env: dict[str, str], body: Path, moves: int = 6) -> None:
     """wrk for long enough for 50,000+ requests while champion moves between v1 and v2."""
     from flywheel.config import load_project
-    from flywheel.pipeline.steps import promote
+    from flywheel.lifecycle import promote
 
     port = free_port()
     srv = Server([str(BIN / "flywheel"), "serve", "--config", str(config), "--port", str(port)], env,

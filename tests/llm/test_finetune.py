@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from flywheel.cli import app
 from flywheel.config import LlmProject, load_llm_project
 from flywheel.lifecycle import project_status
 from flywheel.llm.finetune import FinetuneResult, finetune
@@ -31,6 +34,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> tuple[
     path = write_config(folder, tiny_config(tiny_base))
     project = load_llm_project(path, env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
     return project, finetune(project)
+
+
+def in_process(*args: str, env: dict[str, str] | None = None) -> Result:
+    """The command in this process: for failure paths, which need no process of their own."""
+    return CliRunner().invoke(app, list(args), env=env)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -183,8 +191,8 @@ def test_config_errors_are_named(tmp_path: Path, tiny_base: Path) -> None:
     good = write_config(tmp_path / "good", tiny_config(tiny_base))
     with pytest.raises(ConfigError, match="LoRA fine-tuning project"):
         load_project(good, env={})
-    done = cli("train", "--config", str(good))
-    assert done.returncode == 2 and "finetune" in done.stderr
+    done = in_process("train", "--config", str(good))
+    assert done.exit_code == 2 and "finetune" in done.stderr
 
 
 def test_text_split_is_by_document_and_stable(tiny_base: Path, tmp_path: Path) -> None:
@@ -211,8 +219,8 @@ def test_finetune_cli_shows_progress_and_result(tiny_base: Path, tmp_path: Path)
     assert "Train the LoRA adapter (3 steps" in done.stderr
     assert "held-out perplexity" in done.stdout and "champion → v1" in done.stdout
     missing = write_config(tmp_path / "q", tiny_config(tiny_base, text={"path": "/nonexistent.jsonl"}))
-    fail = cli("finetune", "--config", str(missing), env={"FLYWHEEL_HOME": str(tmp_path / "home2")})
-    assert fail.returncode == 1 and "no such file" in fail.stderr
+    fail = in_process("finetune", "--config", str(missing), env={"FLYWHEEL_HOME": str(tmp_path / "home2")})
+    assert fail.exit_code == 1 and "no such file" in fail.stderr
 
 
 def test_hub_id_base_from_the_offline_cache(tiny_base: Path, tmp_path: Path) -> None:
@@ -236,5 +244,6 @@ def test_hub_id_base_from_the_offline_cache(tiny_base: Path, tmp_path: Path) -> 
     ref = json.loads(info.run_tags["base_ref"])
     assert ref["kind"] == "hub" and ref["base_model"] == "flywheel-test/tiny-llama"
     missing = write_config(tmp_path / "q", tiny_config("flywheel-test/not-cached"))
-    fail = cli("finetune", "--config", str(missing), env={**env, "FLYWHEEL_HOME": str(tmp_path / "h2")})
-    assert fail.returncode == 1 and "nor in the local HuggingFace cache" in " ".join(fail.stderr.split())
+    fail = in_process("finetune", "--config", str(missing),
+                      env={**env, "FLYWHEEL_HOME": str(tmp_path / "h2")})
+    assert fail.exit_code == 1 and "nor in the local HuggingFace cache" in " ".join(fail.stderr.split())

@@ -1,7 +1,12 @@
-"""The prediction server over real HTTP on 127.0.0.1, with a real registry and state database."""
+"""The prediction server with a real registry and state database: in-process (Starlette's
+TestClient runs the app, its lifespan and its log sink) for validation, protocols and error paths;
+over real HTTP on 127.0.0.1 for what needs a process (hot swap under load, signals, workers)."""
 
+import gc
 import json
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -9,11 +14,14 @@ import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from starlette.testclient import TestClient
 
 from flywheel.data.features import build_matrix
 from flywheel.data.sources import make_engine
 from flywheel.lifecycle import promote, rollback, train_challenger
 from flywheel.registry import Registry
+from flywheel.serving.app import create_app
+from flywheel.serving.http import ADMIN_TOKEN_ENV
 from flywheel.serving.runtime import load_version
 from tests.conftest import SOURCE_TYPES, ServerProcess, load_project, write_table
 
@@ -58,6 +66,20 @@ def server(project):
 
 
 @pytest.fixture(scope="module")
+def client(project):
+    """The same app in this process; the worker's GC freeze and switch interval are undone after."""
+    switch = sys.getswitchinterval()
+    os.environ[ADMIN_TOKEN_ENV] = TOKEN
+    try:
+        with TestClient(create_app(project), base_url="http://testserver") as test_client:
+            yield test_client
+    finally:
+        del os.environ[ADMIN_TOKEN_ENV]
+        gc.unfreeze()
+        sys.setswitchinterval(switch)
+
+
+@pytest.fixture(scope="module")
 def records(project, sba_sample):
     spec = load_version(Registry.for_project(project), 1).spec
     rows = sba_sample[spec.input_columns].head(50)
@@ -68,8 +90,8 @@ def records(project, sba_sample):
     return out
 
 
-def test_predict_one_and_many_names_model_version_and_ids(server, records):
-    one = httpx.post(f"{server.url}/v1/predict", json=records[0])
+def test_predict_one_and_many_names_model_version_and_ids(client, records):
+    one = client.post("/v1/predict", json=records[0])
     assert one.status_code == 200, one.text
     body = one.json()
     assert (body["model"], body["version"]) == ("sba-loans", 1)
@@ -78,15 +100,15 @@ def test_predict_one_and_many_names_model_version_and_ids(server, records):
     assert pred["record_id"] == f"{body['request_id']}-0"
     assert 0 <= pred["probability"] <= 1
     assert pred["decision"] == (pred["probability"] >= body["threshold"])
-    many = httpx.post(f"{server.url}/v1/predict",
+    many = client.post("/v1/predict",
                       json=[{**r, "meta": {"entity_id": f"L{i}"}} for i, r in enumerate(records[:10])])
     assert many.status_code == 200
     assert [p["record_id"][-2:] for p in many.json()["predictions"]][:3] == ["-0", "-1", "-2"]
     assert many.json()["predictions"][0]["probability"] == pytest.approx(pred["probability"])
 
 
-def test_served_probabilities_equal_the_batch_path(server, project, records, sba_sample):
-    served = httpx.post(f"{server.url}/v1/predict", json=records).json()["predictions"]
+def test_served_probabilities_equal_the_batch_path(client, project, records, sba_sample):
+    served = client.post("/v1/predict", json=records).json()["predictions"]
     model = load_version(Registry.for_project(project), 1)
     batch = model.predict_matrix(build_matrix(model.spec, sba_sample.head(len(records))))
     assert np.allclose([p["probability"] for p in served], batch, atol=1e-6)
@@ -101,70 +123,70 @@ def test_served_probabilities_equal_the_batch_path(server, project, records, sba
     (lambda r: r.update(bank=None), ["body", "bank"], "null_forbidden"),
     (lambda r: r.update(meta="not an object"), ["body", "meta"], "type_error"),
 ])
-def test_invalid_records_get_422_naming_the_field(server, records, mutate, loc, kind):
+def test_invalid_records_get_422_naming_the_field(client, records, mutate, loc, kind):
     record = dict(records[0])
     mutate(record)
-    r = httpx.post(f"{server.url}/v1/predict", json=record)
+    r = client.post("/v1/predict", json=record)
     assert r.status_code == 422
     assert {"loc": loc, "type": kind} in [{"loc": e["loc"], "type": e["type"]} for e in r.json()["detail"]]
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
-def test_nan_and_infinity_are_refused_with_the_field_named(server, records, literal):
+def test_nan_and_infinity_are_refused_with_the_field_named(client, records, literal):
     text = json.dumps({**records[0], "gr_appv": 12345.5}).replace("12345.5", literal)
-    r = httpx.post(f"{server.url}/v1/predict", content=text, headers={"content-type": "application/json"})
+    r = client.post("/v1/predict", content=text, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "gr_appv"]
 
 
-def test_list_limits_and_bad_json(server, records):
-    assert httpx.post(f"{server.url}/v1/predict", json=[]).status_code == 422
-    too_many = httpx.post(f"{server.url}/v1/predict", json=[records[0]] * 1001)
+def test_list_limits_and_bad_json(client, records):
+    assert client.post("/v1/predict", json=[]).status_code == 422
+    too_many = client.post("/v1/predict", json=[records[0]] * 1001)
     assert too_many.status_code == 422 and "at most 1000" in too_many.text
-    bad = httpx.post(f"{server.url}/v1/predict", content=b"{not json",
+    bad = client.post("/v1/predict", content=b"{not json",
                      headers={"content-type": "application/json"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "json_invalid"
-    errors = httpx.post(f"{server.url}/v1/predict", json=[records[0], {"state": 1}]).json()["detail"]
+    errors = client.post("/v1/predict", json=[records[0], {"state": 1}]).json()["detail"]
     assert all(e["loc"][1] == 1 for e in errors)  # only the second record is wrong
 
 
-def test_oversized_bodies_get_413_declared_or_streamed(server):
+def test_oversized_bodies_get_413_declared_or_streamed(client):
     big = b"[" + b" " * 1_100_000 + b"]"
-    assert httpx.post(f"{server.url}/v1/predict", content=big).status_code == 413
-    assert httpx.post(f"{server.url}/v1/feedback", content=big).status_code == 413
-    assert httpx.post(f"{server.url}/v2/models/sba-loans/infer", content=big).status_code == 413
+    assert client.post("/v1/predict", content=big).status_code == 413
+    assert client.post("/v1/feedback", content=big).status_code == 413
+    assert client.post("/v2/models/sba-loans/infer", content=big).status_code == 413
 
     def chunks():  # no content-length: the limit is enforced while reading
         for _ in range(40):
             yield b" " * 50_000
 
-    assert httpx.post(f"{server.url}/v1/predict", content=chunks()).status_code == 413
+    assert client.post("/v1/predict", content=chunks()).status_code == 413
 
 
-def test_open_inference_protocol_matches_v1(server, records):
+def test_open_inference_protocol_matches_v1(client, records):
     rows = records[:3]
     inputs = [{"name": k, "shape": [3],
                "datatype": "FP64" if isinstance(rows[0][k], int | float) else "BYTES",
                "data": [r[k] for r in rows]} for k in rows[0]]
-    r = httpx.post(f"{server.url}/v2/models/sba-loans/infer", json={"id": "abc", "inputs": inputs})
+    r = client.post("/v2/models/sba-loans/infer", json={"id": "abc", "inputs": inputs})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["model_name"] == "sba-loans" and out["model_version"] == "1" and out["id"] == "abc"
     probs = out["outputs"][0]["data"]
-    v1 = [p["probability"] for p in httpx.post(f"{server.url}/v1/predict", json=rows).json()["predictions"]]
+    v1 = [p["probability"] for p in client.post("/v1/predict", json=rows).json()["predictions"]]
     assert probs == pytest.approx(v1)
-    assert httpx.post(f"{server.url}/v2/models/other/infer", json={"inputs": inputs}).status_code == 404
-    meta = httpx.get(f"{server.url}/v2/models/sba-loans").json()
+    assert client.post("/v2/models/other/infer", json={"inputs": inputs}).status_code == 404
+    meta = client.get("/v2/models/sba-loans").json()
     assert {i["name"] for i in meta["inputs"]} == set(rows[0])
 
 
-def test_models_health_ready_and_openapi(server):
-    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+def test_models_health_ready_and_openapi(client):
+    models = client.get("/v1/models").json()["models"]
     assert models[0]["version"] == 1 and models[0]["lineage"]["trained_on"]["from"] == "1994-10-01"
     assert len(models[0]["lineage"]["data_hash"]) == 64
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    assert httpx.get(f"{server.url}/ready").json()["ready"] is True
-    doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["ready"] is True
+    doc = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v2/models/{name}/infer", "/v1/models", "/health", "/ready", "/metrics",
             "/v1/feedback", "/admin/reload"} <= set(doc["paths"])
     body = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]
@@ -172,34 +194,34 @@ def test_models_health_ready_and_openapi(server):
     assert record["additionalProperties"] is False and "gr_appv" in record["required"]
 
 
-def test_admin_reload_needs_the_bearer_token(server):
-    assert httpx.post(f"{server.url}/admin/reload").status_code == 401
-    wrong = httpx.post(f"{server.url}/admin/reload", headers={"authorization": "Bearer nope"})
+def test_admin_reload_needs_the_bearer_token(client):
+    assert client.post("/admin/reload").status_code == 401
+    wrong = client.post("/admin/reload", headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-    ok = httpx.post(f"{server.url}/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
+    ok = client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
     assert ok.status_code == 200 and ok.json()["version"] == 1
 
 
-def test_feedback_is_idempotent_and_accepts_late_labels(server, project, records):
-    rid = httpx.post(f"{server.url}/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
+def test_feedback_is_idempotent_and_accepts_late_labels(client, project, records):
+    rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
     label = {"record_id": rid, "label": 1, "observed_at": "2003-05-01T00:00:00+00:00"}
     for _ in range(2):
-        r = httpx.post(f"{server.url}/v1/feedback", json={"labels": [label]})
+        r = client.post("/v1/feedback", json={"labels": [label]})
         assert r.status_code == 200 and r.json()["accepted"] == 1
-    late = httpx.post(f"{server.url}/v1/feedback",
+    late = client.post("/v1/feedback",
                       json={"labels": [{"record_id": "from-last-year-0", "label": 0}]})
     assert late.status_code == 200
-    bad = httpx.post(f"{server.url}/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
+    bad = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "labels", 0, "label"]
     with make_engine(project.state_url).connect() as conn:
         rows = conn.execute(sa.text("SELECT record_id, label FROM feedback")).all()
     assert sorted(rows) == sorted([(rid, 1), ("from-last-year-0", 0)])
 
 
-def test_metrics_count_requests_by_endpoint_status_and_version(server, records):
-    httpx.post(f"{server.url}/v1/predict", json={"nope": 1})
-    httpx.post(f"{server.url}/v1/predict", json=records[0])
-    text = httpx.get(f"{server.url}/metrics").text
+def test_metrics_count_requests_by_endpoint_status_and_version(client, records):
+    client.post("/v1/predict", json={"nope": 1})
+    client.post("/v1/predict", json=records[0])
+    text = client.get("/metrics").text
     assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="200"}' in text
     assert 'flywheel_requests_total{endpoint="predict",model_version="1",status="422"}' in text
     assert "flywheel_request_latency_seconds_bucket" in text
