@@ -47,7 +47,6 @@ def project(tmp_path_factory, sba_sample):
     project = load_project(folder / "flywheel.yaml", env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
     write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
     assert train_challenger(project).promoted
-    import os
 
     os.environ["FLYWHEEL_MODEL__TYPE"] = "sklearn"
     try:
@@ -69,12 +68,10 @@ def server(project):
 def client(project):
     """The same app in this process; the worker's GC freeze and switch interval are undone after."""
     switch = sys.getswitchinterval()
-    os.environ[ADMIN_TOKEN_ENV] = TOKEN
     try:
         with TestClient(create_app(project), base_url="http://testserver") as test_client:
             yield test_client
     finally:
-        del os.environ[ADMIN_TOKEN_ENV]
         gc.unfreeze()
         sys.setswitchinterval(switch)
 
@@ -194,7 +191,8 @@ def test_models_health_ready_and_openapi(client):
     assert record["additionalProperties"] is False and "gr_appv" in record["required"]
 
 
-def test_admin_reload_needs_the_bearer_token(client):
+def test_admin_reload_needs_the_bearer_token(client, monkeypatch):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)  # read per request; never leaks into server processes
     assert client.post("/admin/reload").status_code == 401
     wrong = client.post("/admin/reload", headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"

@@ -104,17 +104,41 @@ def write_table(
         sa.Index(f"ix_{table}_{col}", tbl.c[col])
     # NaN/NaT/pd.NA become SQL NULL; object dtype keeps ints as ints.
     records = frame.astype(object).mask(frame.isna(), None)
+    sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
         tbl.drop(conn, checkfirst=True)
         tbl.create(conn)
         total = len(records)
         for start in range(0, total, chunk_rows):
-            chunk = records.iloc[start : start + chunk_rows].to_dict("records")
-            conn.execute(tbl.insert(), [{str(k): v for k, v in row.items()} for row in chunk])
+            chunk = records.iloc[start : start + chunk_rows]
+            if sqlite:
+                _insert_sqlite(conn, tbl, chunk)
+            else:
+                rows = chunk.to_dict("records")
+                conn.execute(tbl.insert(), [{str(k): v for k, v in row.items()} for row in rows])
             if progress:
                 progress(min(start + chunk_rows, total), total)
     engine.dispose()
     return len(frame)
+
+
+def _insert_sqlite(conn: sa.Connection, tbl: sa.Table, chunk: pd.DataFrame) -> None:
+    """Tuples through the driver's executemany: a quarter of the time of SQLAlchemy's per-row
+    bind processing (897k SBA rows: the demo's load). Dates and datetimes are written as the text
+    SQLAlchemy's SQLite types write and read back."""
+    values = []
+    for name in chunk.columns:
+        column = chunk[name].tolist()
+        kind = tbl.c[str(name)].type
+        if isinstance(kind, sa.DateTime):
+            column = [None if v is None else v.strftime("%Y-%m-%d %H:%M:%S.%f") for v in column]
+        elif isinstance(kind, sa.Date):
+            column = [None if v is None else v.isoformat()[:10] for v in column]
+        values.append(column)
+    names = ", ".join(conn.dialect.identifier_preparer.quote(str(n)) for n in chunk.columns)
+    marks = ", ".join("?" * len(chunk.columns))
+    sql = f"INSERT INTO {conn.dialect.identifier_preparer.quote(tbl.name)} ({names}) VALUES ({marks})"
+    conn.exec_driver_sql(sql, list(zip(*values, strict=True)))
 
 
 def extract_window(
