@@ -14,7 +14,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	# CPU build of PyTorch first: any other order lets pip pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	# The lock pins every package: no resolver run; modules are compiled when first imported.
+	$(BIN)/python -m pip install --quiet --no-deps --no-compile -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -29,7 +30,7 @@ finetune: $(STAMP)
 # or server stays on one worker: xdist_group), then the `serial` tests alone.
 test: $(STAMP)
 	scripts/ensure-services.sh
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial" --durations=15
 	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
