@@ -23,8 +23,7 @@ from flywheel.demo.replay import quarters
 from flywheel.monitoring.drift import detect_drift
 from flywheel.monitoring.monitor import reference_of
 from flywheel.monitoring.reference import feature_frame
-from flywheel.pipeline.steps import open_registry
-from flywheel.registry import CHAMPION
+from flywheel.registry import CHAMPION, Registry
 
 REPLAY_START = date(2001, 10, 1)
 
@@ -34,7 +33,7 @@ def main() -> None:
     parser.add_argument("--config", default="examples/sba-loans/flywheel.yaml")
     args = parser.parse_args()
     project = load_project(args.config)
-    registry = open_registry(project)
+    registry = Registry.for_project(project)
     version = registry.alias_version(CHAMPION)
     assert version is not None, "train the FY1995-2001 champion first: flywheel demo --no-replay"
     profile, _ = reference_of(registry, version, project.home / "cache")

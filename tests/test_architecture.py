@@ -108,3 +108,19 @@ def test_no_function_is_longer_than_60_lines_without_a_reason():
             if length > MAX_LINES and not reason:
                 too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
     assert too_long == []
+
+
+def test_scripts_and_benchmarks_import_names_that_exist():
+    """They are not type-checked with src/: a moved name must not break them silently."""
+    import importlib
+
+    missing = []
+    for folder in ("scripts", "benchmarks"):
+        for path in sorted((REPO / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flywheel"):
+                    module = importlib.import_module(node.module or "")
+                    missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name)
+                                and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert missing == []

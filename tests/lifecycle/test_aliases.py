@@ -148,7 +148,6 @@ def test_pipeline_killed_at_each_step_boundary_and_inside_promote(loaded_project
     assert champion in versions and len(versions) in (2, 3)  # a crash before train leaves no version
 
 
-@pytest.mark.serial  # two pipelines racing for the lock: timing is theirs alone, not the suite's
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_two_pipeline_processes_at_once_never_both_promote(make_project, sba_sample, request, store):
     patch = dict(WEAK)

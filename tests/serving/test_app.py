@@ -368,6 +368,7 @@ def test_flywheel_predict_scores_a_file_and_a_source_table_like_the_server(serve
     assert res.exit_code == 1 and "neither a file nor a table" in res.output
 
 
+@pytest.mark.serial  # a bound in time (one flush interval): the suite's load must not stretch it
 def test_sigkill_loses_at_most_the_unflushed_buffer_and_the_sink_survives(project, records):
     srv = ServerProcess(project)
     before = count_predictions(project.state_url)
