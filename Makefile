@@ -14,8 +14,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	# CPU build of PyTorch first: any other order lets pip pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	# The lock pins every package: no resolver run; modules are compiled when first imported.
-	$(BIN)/python -m pip install --quiet --no-deps --no-compile -r requirements.lock
+	# The lock pins every package: no resolver run. (Not --no-compile: where PYTHONDONTWRITEBYTECODE
+	# is set, nothing would ever be compiled and every process would compile MLflow again.)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
