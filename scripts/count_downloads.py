@@ -48,6 +48,10 @@ def main() -> None:
     MlflowClient.download_artifacts = counting("run artifact", MlflowClient.download_artifacts)
 
     def run(*args: str) -> dict[str, int]:
+        import flywheel.registry
+
+        # each command as in a fresh process: no registry (and no artifact cache) carried over
+        getattr(flywheel.registry, "_REGISTRIES", {}).clear()
         calls.clear()
         try:
             app([*args, "--config", str(config)], standalone_mode=False)
@@ -61,7 +65,8 @@ def main() -> None:
                         ("train, with a champion", ("train",)),
                         ("retrain (local), with a champion", ("retrain", "--at", "2006-10-01"))):
         counted = run(*args)
-        print(f"{label:34} {sum(counted.values()):2d} downloads  {counted}")
+        loads = counted.get("run artifact", 0)  # one per version load (the feature spec)
+        print(f"RESULT {label:34} {loads} version loads  ({counted})")
 
 
 if __name__ == "__main__":

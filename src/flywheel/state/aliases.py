@@ -82,14 +82,7 @@ def claim_move(engine: sa.Engine, model_name: str, alias: str, version: int, exp
             raise AliasConflict(
                 f"{model_name}@{alias} moved: it points at {_v(previous)}, the move expected "
                 f"{_v(expected)}; not moving it to v{version}")
-        token = (here.token if here else 0) + 1
-        at = now()
-        values = {"version": version, "token": token, "updated_at": at}
-        if here is None:
-            conn.execute(alias_state.insert().values(model_name=model_name, alias=alias, **values))
-        else:
-            conn.execute(alias_state.update().where(alias_state.c.model_name == model_name,
-                                                    alias_state.c.alias == alias).values(**values))
+        token, at = _point(conn, model_name, alias, version, here)
         move = AliasMove(model_name, alias, version, previous, action, reason, at, token, actor, False)
         row_id = conn.execute(alias_history.insert().values(
             **{k: v for k, v in move.__dict__.items() if k != "id"})).inserted_primary_key[0]
@@ -100,6 +93,19 @@ def claim_move(engine: sa.Engine, model_name: str, alias: str, version: int, exp
     finally:
         conn.close()
     return AliasMove(**{**move.__dict__, "id": int(row_id)})
+
+
+def _point(conn: sa.Connection, model_name: str, alias: str, version: int,
+           here: AliasPointer | None) -> tuple[int, datetime]:
+    """Point the alias at `version` with the next fencing token; return the token and the time."""
+    token, at = (here.token if here else 0) + 1, now()
+    values = {"version": version, "token": token, "updated_at": at}
+    if here is None:
+        conn.execute(alias_state.insert().values(model_name=model_name, alias=alias, **values))
+    else:
+        conn.execute(alias_state.update().where(alias_state.c.model_name == model_name,
+                                                alias_state.c.alias == alias).values(**values))
+    return token, at
 
 
 def mark_applied(engine: sa.Engine, move_ids: list[int]) -> None:
@@ -115,16 +121,7 @@ def record_adopted(engine: sa.Engine, model_name: str, alias: str, version: int,
     """Take MLflow's alias as it is (moved outside Flywheel, or never recorded here)."""
     conn = _begin_write(engine)
     try:
-        here = current(conn, model_name, alias)
-        token = (here.token if here else 0) + 1
-        at = now()
-        if here is None:
-            conn.execute(alias_state.insert().values(model_name=model_name, alias=alias,
-                                                     version=version, token=token, updated_at=at))
-        else:
-            conn.execute(alias_state.update().where(alias_state.c.model_name == model_name,
-                                                    alias_state.c.alias == alias)
-                         .values(version=version, token=token, updated_at=at))
+        token, at = _point(conn, model_name, alias, version, current(conn, model_name, alias))
         if previous != version:
             conn.execute(alias_history.insert().values(
                 model_name=model_name, alias=alias, version=version, previous_version=previous,
