@@ -8,6 +8,8 @@ applied. A process that dies in between leaves an intent that reconciliation fin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,14 +58,23 @@ def pointer(engine: sa.Engine, model_name: str, alias: str) -> AliasPointer | No
         return current(conn, model_name, alias)
 
 
-def _begin_write(engine: sa.Engine) -> Any:
-    """A transaction that holds the write lock from its first statement (SQLite: BEGIN IMMEDIATE)."""
-    conn = engine.connect()
-    if engine.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        conn.begin()
-    return conn
+@contextlib.contextmanager
+def _write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A transaction that holds the write lock from its first statement (SQLite: BEGIN IMMEDIATE;
+    PostgreSQL: the alias_state table locked), committed when the block ends, rolled back if it
+    raises."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.begin()
+            conn.execute(sa.text("LOCK TABLE alias_state IN SHARE ROW EXCLUSIVE MODE"))
+        try:
+            yield conn
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
 
 
 def claim_move(engine: sa.Engine, model_name: str, alias: str, version: int, expected: Any,
@@ -72,10 +83,7 @@ def claim_move(engine: sa.Engine, model_name: str, alias: str, version: int, exp
     token, and record the move as an intent. `adopt` is where MLflow's alias points now, taken as
     the starting point when the state database has no record of this alias yet (an older store).
     Raises AliasConflict when the alias is not at `expected`."""
-    conn = _begin_write(engine)
-    try:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("LOCK TABLE alias_state IN SHARE ROW EXCLUSIVE MODE"))
+    with _write_transaction(engine) as conn:
         here = current(conn, model_name, alias)
         previous = here.version if here else adopt
         if expected is not ANY and expected != previous:
@@ -85,13 +93,7 @@ def claim_move(engine: sa.Engine, model_name: str, alias: str, version: int, exp
         token, at = _point(conn, model_name, alias, version, here)
         move = AliasMove(model_name, alias, version, previous, action, reason, at, token, actor, False)
         row_id = conn.execute(alias_history.insert().values(
-            **{k: v for k, v in move.__dict__.items() if k != "id"})).inserted_primary_key[0]
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
+            **{k: v for k, v in move.__dict__.items() if k != "id"})).inserted_primary_key[0]  # type: ignore[index]
     return AliasMove(**{**move.__dict__, "id": int(row_id)})
 
 
@@ -119,19 +121,12 @@ def mark_applied(engine: sa.Engine, move_ids: list[int]) -> None:
 def record_adopted(engine: sa.Engine, model_name: str, alias: str, version: int,
                    previous: int | None, reason: str, actor: str) -> None:
     """Take MLflow's alias as it is (moved outside Flywheel, or never recorded here)."""
-    conn = _begin_write(engine)
-    try:
+    with _write_transaction(engine) as conn:
         token, at = _point(conn, model_name, alias, version, current(conn, model_name, alias))
         if previous != version:
             conn.execute(alias_history.insert().values(
                 model_name=model_name, alias=alias, version=version, previous_version=previous,
                 action="adopt", reason=reason, moved_at=at, token=token, actor=actor, applied=True))
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
 
 
 def pending_moves(engine: sa.Engine, model_name: str) -> list[AliasMove]:
