@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -22,11 +23,11 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from flywheel.config import ProjectBase  # noqa: E402
 from flywheel.core.errors import FlywheelError  # noqa: E402
 from flywheel.data.features import FeatureSpec  # noqa: E402
-from flywheel.training.evaluate import sha256  # noqa: E402
 
 # MLflow logs each schema migration and model download at INFO; our steps report progress.
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
 
 MODEL_ARTIFACT = "model"
 ADAPTER_ARTIFACT = "adapter"
@@ -36,6 +37,10 @@ CHALLENGER = "challenger"
 # Users who speak in stages: Production is champion, Staging is challenger.
 STAGE_ALIASES = {"production": CHAMPION, "staging": CHALLENGER}
 ONNX_PIP_REQUIREMENTS = ["onnxruntime>=1.32,<1.33", "onnx>=1.23,<1.24", "numpy>=2.4,<2.5"]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def onnx_signature(feature_spec: str) -> Any:

@@ -10,31 +10,63 @@ status; every alias move goes through `move_alias`.
     lifecycle.project_status(project)["champion"]
 """
 
-from flywheel.lifecycle.aliases import (
-    PromotionOutcome,
-    move_alias,
-    promote,
-    promote_if_passed,
-    reconcile_aliases,
-    rollback,
-)
-from flywheel.lifecycle.challenger import Challenger, train_on_features
-from flywheel.lifecycle.evaluation import (
-    Evaluation,
-    evaluate_against_champion,
-    evaluate_version,
-    load_champion,
-    score_version,
-)
-from flywheel.lifecycle.features import (
-    PreparedData,
-    check_data,
-    extract_training_window,
-    prepare_features,
-    prepare_frame,
-)
-from flywheel.lifecycle.status import project_status
-from flywheel.lifecycle.train import TrainResult, train_challenger
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.lifecycle.aliases import (
+        PromotionOutcome,
+        move_alias,
+        promote,
+        promote_if_passed,
+        reconcile_aliases,
+        rollback,
+    )
+    from flywheel.lifecycle.challenger import Challenger, train_on_features
+    from flywheel.lifecycle.evaluation import (
+        Evaluation,
+        evaluate_against_champion,
+        evaluate_version,
+        load_champion,
+        score_version,
+    )
+    from flywheel.lifecycle.features import (
+        PreparedData,
+        check_data,
+        extract_training_window,
+        prepare_features,
+        prepare_frame,
+    )
+    from flywheel.lifecycle.status import project_status
+    from flywheel.lifecycle.train import TrainResult, train_challenger
+
+# Each name is imported on first use, so that a process which needs only the alias path (a server
+# reconciling aliases before its workers start) does not import the training stack.
+_HOME = {
+    "Challenger": "challenger",
+    "Evaluation": "evaluation",
+    "PreparedData": "features",
+    "PromotionOutcome": "aliases",
+    "TrainResult": "train",
+    "check_data": "features",
+    "evaluate_against_champion": "evaluation",
+    "evaluate_version": "evaluation",
+    "extract_training_window": "features",
+    "load_champion": "evaluation",
+    "move_alias": "aliases",
+    "prepare_features": "features",
+    "prepare_frame": "features",
+    "project_status": "status",
+    "promote": "aliases",
+    "promote_if_passed": "aliases",
+    "reconcile_aliases": "aliases",
+    "rollback": "aliases",
+    "score_version": "evaluation",
+    "train_challenger": "train",
+    "train_on_features": "challenger",
+}
 
 __all__ = [
     "Challenger", "Evaluation", "PreparedData", "PromotionOutcome", "TrainResult", "check_data",
@@ -43,3 +75,15 @@ __all__ = [
     "promote_if_passed", "reconcile_aliases", "rollback", "score_version", "train_challenger",
     "train_on_features",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'flywheel.lifecycle' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"flywheel.lifecycle.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

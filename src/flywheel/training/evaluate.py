@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +26,6 @@ def holdout_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "positive_rate": float(np.mean(y)),
         "rows": float(len(y)),
     }
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def calibration_plot(y: np.ndarray, p: np.ndarray, path: Path, title: str, bins: int = 10) -> Path:
