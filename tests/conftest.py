@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,13 +57,22 @@ def make_project(tmp_path: Path) -> MakeProject:
     """Write a flywheel.yaml (the SBA example plus `patch`) into a fresh folder and load it."""
 
     def make(patch: dict[str, Any] | None = None, name: str = "proj") -> Project:
-        folder = tmp_path / name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "flywheel.yaml"
-        path.write_text(yaml.safe_dump(_merge(example_config(), patch or {}), sort_keys=False))
-        return load_project(path, env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+        return new_project(tmp_path / name, patch)
 
     return make
+
+
+def new_project(folder: Path, patch: dict[str, Any] | None = None) -> Project:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flywheel.yaml"
+    path.write_text(yaml.safe_dump(_merge(example_config(), patch or {}), sort_keys=False))
+    return load_project(path, env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+
+
+def load_sample(project: Project, sample: pd.DataFrame) -> Project:
+    write_table(sample, project.source_url, project.config.data.table, SOURCE_TYPES,
+                index_columns=("approval_date",))
+    return project
 
 
 @pytest.fixture
@@ -69,12 +80,28 @@ def loaded_project(make_project: MakeProject, sba_sample: pd.DataFrame) -> MakeP
     """A project whose source database already holds the SBA sample."""
 
     def make(patch: dict[str, Any] | None = None, name: str = "proj") -> Project:
-        project = make_project(patch, name)
-        write_table(sba_sample, project.source_url, project.config.data.table, SOURCE_TYPES,
-                    index_columns=("approval_date",))
-        return project
+        return load_sample(make_project(patch, name), sba_sample)
 
     return make
+
+
+def repoint_mlflow(mlflow_db: Path, old: str, new: str) -> None:
+    """MLflow records absolute artifact paths: rewrite `old` to `new` in every text column."""
+    with sqlite3.connect(mlflow_db) as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = '
+                               f'REPLACE("{column[1]}", ?, ?)', (old, str(new)))
+
+
+def clone_project(project: Project, folder: Path, env: dict[str, str] | None = None) -> Project:
+    """A copy of an embedded-default project (SQLite stores, file artifacts) in `folder`: tests that
+    each need a trained project start from one made once, not from a training of their own."""
+    shutil.copytree(project.path.parent, folder)
+    home = folder / project.home.relative_to(project.path.parent)
+    repoint_mlflow(home / "mlflow.db", str(project.home), str(home))
+    return load_project(folder / project.path.name, env={"FLYWHEEL_HOME": str(home), **(env or {})})
 
 
 @pytest.fixture

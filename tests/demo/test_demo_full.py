@@ -46,13 +46,13 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     assert status["challenger"]["data_hash"] == champ["data_hash"]  # same snapshot, same hash
 
 
-    # The loop on the real data, shortened to six quarters (the README's demo replays 36).
-    replay = flywheel("replay", "--config", str(config), "--quarters", "6", env=env)
+    # The loop on the real data, shortened to three quarters (the README's demo replays 36; the
+    # first drift retrain comes in the third).
+    replay = flywheel("replay", "--config", str(config), "--quarters", "3", env=env)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     report = json.loads((tmp_path / ".flywheel" / "replay" / "report.json").read_text())
-    assert [q["quarter"] for q in report["quarters"]] == [f"FY2002Q{i}" for i in (1, 2, 3, 4)] + \
-        ["FY2003Q1", "FY2003Q2"]
-    assert report["oracle_retrains"] == 6 and report["loop_retrains"] == len(report["retrains"]) <= 2
+    assert [q["quarter"] for q in report["quarters"]] == ["FY2002Q1", "FY2002Q2", "FY2002Q3"]
+    assert report["oracle_retrains"] == 3 and report["loop_retrains"] == len(report["retrains"]) <= 1
     for q in report["quarters"]:
         assert q["rows"] > 5000 and q["refused"] <= q["rows"] // 1000  # a null where training had none
         assert 0.4 < q["loop_auc"] < 0.9 and 0.4 < q["static_auc"] < 0.9 and 0.4 < q["oracle_auc"] < 0.9

@@ -8,6 +8,9 @@ move and before MLflow followed (`alias:after-claim`), or after MLflow followed 
 move was marked applied (`alias:after-mlflow`). Then: the state database already names the new
 version; reconciliation (which every move, pipeline run and `flywheel serve` starts with) brings
 MLflow to it and leaves no pending intent; the next move works.
+
+Each test starts from a copy of a project trained once per module (`clone_project`): the crash is
+what is under test, not the training before it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ import pytest
 
 from flywheel.config import Project, load_llm_project, load_project
 from flywheel.core.lineage import CRASH_ENV
-from flywheel.data.sources import write_table
-from flywheel.demo.sba import SOURCE_TYPES
 from flywheel.lifecycle import promote, reconcile_aliases, train_challenger
 from flywheel.pipeline.runner import run_pipeline
 from flywheel.pipeline.runs import list_runs
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.aliases import alias_moves, pending_moves, pointer
 from flywheel.state.db import open_state
+from tests.conftest import clone_project, load_sample, new_project
 from tests.tiny_llm import build_tiny_model, tiny_config, write_config
 
 WEAK = {"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}}
@@ -66,18 +68,31 @@ def assert_crashed_then_recovered(project: Project, done: subprocess.CompletedPr
     assert views(project) == (new, new, new, 0)
 
 
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, sba_sample) -> dict[str, Project]:
+    """Made once per module: the sample loaded; v1 champion; v1 champion and v2 not promoted."""
+    root = tmp_path_factory.mktemp("bases")
+    loaded = load_sample(new_project(root / "loaded", WEAK), sba_sample)
+    one = clone_project(loaded, root / "one")
+    assert train_challenger(one).promoted
+    two = clone_project(one, root / "two")
+    assert not train_challenger(two).promoted  # same data: no improvement
+    return {"loaded": loaded, "one": one, "two": two}
+
+
 @pytest.fixture
-def two_versions(loaded_project) -> Project:
-    """v1 champion, v2 registered but not promoted (same data: no improvement)."""
-    project = loaded_project(WEAK)
-    assert train_challenger(project).promoted
-    assert not train_challenger(project).promoted
-    return project
+def copy_of(bases, tmp_path):
+    return lambda name: clone_project(bases[name], tmp_path / name)
+
+
+@pytest.fixture
+def two_versions(copy_of) -> Project:
+    return copy_of("two")
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_train_killed_inside_its_promotion(loaded_project, point):
-    project = loaded_project(WEAK)
+def test_train_killed_inside_its_promotion(copy_of, point):
+    project = copy_of("loaded")
     done = flywheel(project.path, project.home, "train", crash=point)  # the first champion
     assert_crashed_then_recovered(project, done, point, None, 1)
     again = train_challenger(project)  # gated against the recovered champion
@@ -125,9 +140,8 @@ def retrain_process(project: Project, extra_env: dict[str, str] | None = None) -
 
 @pytest.mark.parametrize("point", ["after:extract", "after:features", "after:train", "after:evaluate",
                                    *POINTS, "after:promote"])
-def test_pipeline_killed_at_each_step_boundary_and_inside_promote(loaded_project, point):
-    project = loaded_project(WEAK)
-    assert train_challenger(project).promoted
+def test_pipeline_killed_at_each_step_boundary_and_inside_promote(copy_of, point):
+    project = copy_of("one")
     proc = retrain_process(project, {CRASH_ENV: point})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out
@@ -149,14 +163,14 @@ def test_pipeline_killed_at_each_step_boundary_and_inside_promote(loaded_project
 
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_two_pipeline_processes_at_once_never_both_promote(make_project, sba_sample, request, store):
-    patch = dict(WEAK)
+def test_two_pipeline_processes_at_once_never_both_promote(make_project, sba_sample, copy_of, request,
+                                                          store):
     if store == "postgresql":
         url = request.getfixturevalue("postgres_url")
-        patch["stores"] = {"state": url, "tracking": url}
-    project = make_project(patch)
-    write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES, index_columns=("approval_date",))
-    assert train_challenger(project).promoted
+        project = load_sample(make_project({**WEAK, "stores": {"state": url, "tracking": url}}), sba_sample)
+        assert train_challenger(project).promoted
+    else:
+        project = copy_of("one")
     first, second = retrain_process(project), retrain_process(project)
     outs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outs

@@ -8,7 +8,6 @@ its migration and extends these checks; it never edits an archive.
 
 from __future__ import annotations
 
-import sqlite3
 import tarfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from flywheel.pipeline.runs import EvaluateResult, PromoteResult, list_runs
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.aliases import alias_moves, pointer
 from flywheel.state.db import VERSION_TABLE, head_revision, open_state
-from tests.conftest import SAMPLE, ServerProcess
+from tests.conftest import SAMPLE, ServerProcess, repoint_mlflow
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "upgrade"
 MADE_UNDER = "/tmp/flywheel-upgrade-fixture/.flywheel"  # where the release wrote it
@@ -37,12 +36,7 @@ def unpack(archive: Path, folder: Path) -> Project:
     with tarfile.open(archive) as tar:
         tar.extractall(home, filter="data")
     (home / "flywheel.yaml").rename(folder / "flywheel.yaml")
-    with sqlite3.connect(home / "mlflow.db") as db:
-        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
-            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
-                if column[2].upper().startswith(("VARCHAR", "TEXT")):
-                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = '
-                               f'REPLACE("{column[1]}", ?, ?)', (MADE_UNDER, str(home)))
+    repoint_mlflow(home / "mlflow.db", MADE_UNDER, str(home))
     return load_project(folder / "flywheel.yaml", env={"FLYWHEEL_HOME": str(home)})
 
 
