@@ -89,3 +89,23 @@ def test_choosing_the_mlp_without_torch_says_how_to_install_it(prepared_sample, 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(TrainerUnavailable, match=r"pip install torch==2\.13\.0"):
         train_model(ModelConfig(type="torch-mlp"), prepared_sample.training_data())
+
+
+def test_float32_thresholds_change_no_native_prediction_and_give_onnx_exact_splits():
+    import lightgbm as lgb
+
+    from flywheel.training.trainers import float32_thresholds
+
+    rng = np.random.default_rng(3)
+    X = np.column_stack([rng.gamma(2.0, 30.0, 4000).round(2), rng.integers(18, 80, 4000)]).astype(np.float32)
+    y = (X[:, 0] / 60 - X[:, 1] / 50 + rng.normal(0, 1, 4000) > 0).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 63, "min_data_in_leaf": 2},
+                        lgb.Dataset(X, y), num_boost_round=30)
+    lowered = lgb.Booster(model_str=float32_thresholds(booster.model_to_string()))
+    assert np.array_equal(booster.predict(X), lowered.predict(X))
+    thresholds = [float(v) for line in lowered.model_to_string().splitlines()
+                  if line.startswith("threshold=") for v in line.split("=", 1)[1].split()]
+    assert thresholds and all(float(np.float32(t)) == t for t in thresholds)
+    before = [float(v) for line in booster.model_to_string().splitlines()
+              if line.startswith("threshold=") for v in line.split("=", 1)[1].split()]
+    assert any(float(np.float32(t)) != t for t in before)  # the case it exists for

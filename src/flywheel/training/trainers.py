@@ -89,7 +89,7 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | 
     )
     best = booster.best_iteration or booster.current_iteration()
     # Keep exactly the trees that scored best on validation, natively and in ONNX.
-    booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+    booster = lgb.Booster(model_str=float32_thresholds(booster.model_to_string(num_iteration=best)))
     onnx_model = convert_lightgbm(
         booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, data.X_train.shape[1]]))],
         zipmap=False, target_opset=15,
@@ -105,6 +105,26 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | 
         best_iteration=best,
         native_files={"model.lgb.txt": booster.model_to_string().encode()},
     )
+
+
+def float32_thresholds(model_str: str) -> str:
+    """Each split threshold lowered to the largest float32 at or below it. LightGBM compares in
+    double, ONNX Runtime's tree ensemble in float32: a threshold that rounds up onto a value the data
+    holds sends that value the other way in ONNX (seen on prices with cents: 0.4% of rows off by up
+    to 0.013). For float32 inputs, which both are given, `x <= t` and `x <= floor32(t)` agree for
+    every x, so the native model's predictions do not change and ONNX's now match them."""
+    out = []
+    for line in model_str.splitlines():
+        if line.startswith("tree_sizes="):
+            continue  # byte offsets of the trees, which change: LightGBM then reads them in order
+        if line.startswith("threshold="):
+            values = np.array(line.removeprefix("threshold=").split(), dtype=np.float64)
+            low = values.astype(np.float32)
+            above = low.astype(np.float64) > values
+            low[above] = np.nextafter(low[above], np.float32(-np.inf))
+            line = "threshold=" + " ".join(repr(float(v)) for v in low)
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 # ---- scikit-learn ------------------------------------------------------------------------------
