@@ -77,7 +77,7 @@ def test_ingest_loads_a_parquet_file_into_the_source_table(make_project, sba_sam
     sba_sample.to_parquet(file)
     res = runner.invoke(app, ["ingest", "--config", str(project.path), "--input", str(file)])
     assert res.exit_code == 0, res.output
-    assert f"Loaded {len(sba_sample):,} rows" in res.output
+    assert f"loaded {len(sba_sample):,} rows into loans" in res.output
     assert runner.invoke(app, ["train", "--config", str(project.path),
                                "--model-type", "sklearn"]).exit_code == 0
 

@@ -40,10 +40,26 @@ app = typer.Typer(
          "from one config file.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 console = Console(stderr=True)
 out = Console()
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        out.print(f"flywheel {version('mlflywheel')} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
 
 DEFAULT_CONFIG = Path("examples/sba-loans/flywheel.yaml")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the project's flywheel.yaml.")]
@@ -173,26 +189,22 @@ def _replay(project: Project, quarters: int) -> None:
 def ingest(
     config: ConfigOpt,
     input: Annotated[Path, typer.Option("--input", "-i", help="A .parquet or .csv file.")],
+    append: Annotated[bool, typer.Option(
+        "--append", help="Add the rows, replacing those whose data.id_column they carry, instead of "
+                         "replacing the table.")] = False,
 ) -> None:
-    """Replace the source table (data.table) with the rows of a parquet or CSV file."""
+    """Load a parquet or CSV file into the source table (data.table): replace it, or --append."""
 
     def body() -> None:
-        import pandas as pd
-
-        from flywheel.data.sources import SourceError, infer_sql_types, write_table
+        from flywheel.lifecycle import ingest as ingest_file
 
         project = _project(config)
-        if not input.is_file():
-            raise SourceError(f"{input}: no such file")
-        frame = pd.read_parquet(input) if input.suffix == ".parquet" else pd.read_csv(input)
-        time_col = project.config.data.time_column
-        if time_col not in frame.columns:
-            raise SourceError(f"{input}: no column '{time_col}' (data.time_column)")
-        frame[time_col] = pd.to_datetime(frame[time_col])
-        with _reporter() as rep, rep.step(f"Load {len(frame):,} rows", total=len(frame)) as adv:
-            write_table(frame, project.source_url, project.config.data.table, infer_sql_types(frame),
-                        index_columns=(time_col,), progress=adv)
-        out.print(f"Loaded {len(frame):,} rows into {project.config.data.table}.")
+        with _reporter() as rep, rep.step(f"Load {input.name}", total=1) as adv:
+            done = ingest_file(project, input, append=append, progress=adv)
+        what = (f"added {done.added:,} and replaced {done.replaced:,} rows of" if append
+                else f"loaded {done.rows:,} rows into")
+        out.print(f"Ingest {what} {done.table} ({project.config.data.time_column} "
+                  f"{done.time_from} .. {done.time_to}).")
 
     _run(body)
 

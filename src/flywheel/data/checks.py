@@ -114,9 +114,10 @@ def run_data_checks(
                 failures.append(
                     f"possible target leakage: feature '{name}' alone reaches ROC-AUC "
                     f"{aucs[name]:.3f} (threshold checks.leakage_auc_threshold = "
-                    f"{checks.leakage_auc_threshold}). A value known only after the outcome "
-                    f"(like SBA's Term) must not be a feature: remove '{name}', or, if it is "
-                    f"truly known at prediction time, list it under checks.accept_leaky"
+                    f"{checks.leakage_auc_threshold}). A value recorded only after the outcome (how "
+                    f"long a loan actually ran, a closing date, a status code) must not be a "
+                    f"feature: remove '{name}'; if it is truly known when a prediction is made "
+                    f"(and simply that strong), list it under checks.accept_leaky"
                 )
     return DataCheckReport(
         rows=rows,

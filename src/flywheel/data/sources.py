@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from flywheel.config import DataConfig, PerformanceWindowTarget
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import Advance
+from flywheel.data.timecol import sql_bounds, to_timestamps
 
 TARGET = "__target__"
 LABEL_KNOWN_AT = "__label_known_at__"
@@ -24,6 +25,10 @@ LABEL_KNOWN_AT = "__label_known_at__"
 
 class SourceError(FlywheelError):
     """The source database cannot give what the config asks for."""
+
+
+class EmptyWindowError(SourceError):
+    """No rows (or none with a known label) in the window: nothing may be trained on it."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,44 @@ def write_table(
     return len(frame)
 
 
+def upsert_table(frame: pd.DataFrame, url: str, table: str, id_column: str,
+                 types: dict[str, sa.types.TypeEngine], index_columns: tuple[str, ...] = (),
+                 progress: Advance | None = None) -> tuple[int, int]:
+    """Add `frame` to `table`, replacing the rows whose id it carries, in one transaction (the
+    table is made when missing). Returns (rows added, rows replaced)."""
+    engine = make_engine(url)
+    try:
+        existing = sa.Table(table, sa.MetaData(), autoload_with=engine)
+    except sa.exc.NoSuchTableError:
+        engine.dispose()
+        return write_table(frame, url, table, types, index_columns, progress=progress), 0
+    have, come = set(existing.c.keys()), set(frame.columns)
+    if have != come:
+        engine.dispose()
+        raise SourceError(f"cannot append to '{table}': the file's columns differ from the table's "
+                          f"(only in the file: {sorted(come - have) or 'none'}; only in the table: "
+                          f"{sorted(have - come) or 'none'}); ingest without --append replaces it")
+    if frame[id_column].isna().any() or frame[id_column].duplicated().any():
+        engine.dispose()
+        raise SourceError(f"cannot append: '{id_column}' (data.id_column) must be unique and non-null "
+                          "in the file, since it says which rows to replace")
+    numeric = isinstance(existing.c[id_column].type, sa.Integer)
+    ids = [int(i) if numeric else str(i) for i in frame[id_column].tolist()]
+    records = frame.astype(object).mask(frame.isna(), None)[list(existing.c.keys())]
+    replaced = 0
+    with engine.begin() as conn:
+        for start in range(0, len(ids), 5000):
+            gone = conn.execute(existing.delete().where(existing.c[id_column].in_(ids[start:start + 5000])))
+            replaced += gone.rowcount or 0
+        for start in range(0, len(records), 50_000):
+            rows = records.iloc[start:start + 50_000].to_dict("records")
+            conn.execute(existing.insert(), [{str(k): v for k, v in r.items()} for r in rows])
+            if progress:
+                progress(min(start + 50_000, len(records)), len(records))
+    engine.dispose()
+    return len(frame) - replaced, replaced
+
+
 def _insert_sqlite(conn: sa.Connection, tbl: sa.Table, chunk: pd.DataFrame) -> None:
     """Tuples through the driver's executemany: a quarter of the time of SQLAlchemy's per-row
     bind processing (897k SBA rows: the demo's load). Dates and datetimes are written as the text
@@ -149,36 +192,81 @@ def extract_window(
     window: tuple[date, date] | None = None,
     as_of: date | None = None,
 ) -> Snapshot:
-    """Rows of the window whose label is known by `as_of`, with the target, saved as a snapshot."""
+    """Rows of the window whose label is known by `as_of`, with the target, saved as a snapshot.
+
+    Never empty: a window with no rows, or none whose label is known yet, is an `EmptyWindowError`
+    that says what the table holds."""
     start, end = window or (data.window.start, data.window.end)
     as_of = as_of or data.as_of or end
     engine = make_engine(url)
+    try:
+        tbl = _source_table(engine, data, columns)
+        frame = _read_window(engine, tbl, data, _required_columns(data, columns), start, end)
+        if frame.empty:
+            raise EmptyWindowError(_empty_window_message(engine, tbl, data, start, end,
+                                                         configured=window is None))
+    finally:
+        engine.dispose()
+    frame, immature = _attach_target(frame, data, as_of)
+    if frame.empty:
+        raise EmptyWindowError(
+            f"{immature:,} rows of '{data.table}' in [{start}, {end}), but none has a label known by "
+            f"{as_of} (data.as_of, or the clock of the run): move the window earlier or as_of later")
+    return _save_snapshot(frame.reset_index(drop=True), data, snapshot_dir, start, end, as_of, immature)
+
+
+def _source_table(engine: sa.Engine, data: DataConfig, columns: list[str]) -> sa.Table:
     try:
         tbl = sa.Table(data.table, sa.MetaData(), autoload_with=engine)
     except sa.exc.NoSuchTableError:
         raise SourceError(
             f"table '{data.table}' not found in the source database {engine.url!r}; "
-            "load it first (flywheel demo does this for the SBA example)"
+            "load it first with flywheel ingest (flywheel demo does this for the SBA example)"
         ) from None
-    needed = _required_columns(data, columns)
-    missing = [c for c in needed if c not in tbl.c]
+    missing = [c for c in _required_columns(data, columns) if c not in tbl.c]
     if missing:
         raise SourceError(
             f"table '{data.table}' has no column(s) {', '.join(missing)}; "
             f"it has: {', '.join(tbl.c.keys())}"
         )
+    return tbl
+
+
+def _read_window(engine: sa.Engine, tbl: sa.Table, data: DataConfig, needed: list[str],
+                 start: date, end: date) -> pd.DataFrame:
+    """[start, end) on the time column, ordered by time then id, the time column as timestamps."""
     time_col = tbl.c[data.time_column]
-    query = (
-        sa.select(*[tbl.c[c] for c in needed])
-        .where(time_col >= start, time_col < end)
-        .order_by(time_col, tbl.c[data.id_column])
-    )
+    query = sa.select(*[tbl.c[c] for c in needed])
+    bounds = sql_bounds(start, end, data)
+    if bounds is not None:
+        query = query.where(time_col >= bounds[0], time_col < bounds[1])
+        query = query.order_by(time_col, tbl.c[data.id_column])
     with engine.connect() as conn:
         frame = pd.read_sql(query, conn)
-    engine.dispose()
-    frame[data.time_column] = pd.to_datetime(frame[data.time_column])
-    frame, immature = _attach_target(frame, data, as_of)
-    frame = frame.reset_index(drop=True)
+    frame[data.time_column] = to_timestamps(frame[data.time_column], data)
+    if bounds is None:  # dates as text in a format SQL cannot compare: filter and order here
+        when = frame[data.time_column]
+        frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(end))]
+        frame = frame.sort_values([data.time_column, data.id_column], kind="stable")
+    return frame
+
+
+def _empty_window_message(engine: sa.Engine, tbl: sa.Table, data: DataConfig, start: date,
+                          end: date, configured: bool) -> str:
+    time_col = tbl.c[data.time_column]
+    with engine.connect() as conn:
+        rows, low, high = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(time_col), sa.func.max(time_col))).one()
+    if not rows:
+        return f"table '{data.table}' is empty: load rows first (flywheel ingest)"
+    fix = ("set data.window inside that span" if configured else
+           "a retrain's window ends at its clock (--at) and reaches back retraining.lookback_months")
+    return (f"0 rows of '{data.table}' have {data.time_column} in [{start}, {end}); the table's "
+            f"{rows:,} rows span {low} .. {high} (time_unit {data.time_unit}): {fix}")
+
+
+def _save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, start: date, end: date,
+                   as_of: date, immature: int) -> Snapshot:
     content_hash = frame_hash(frame)
     snapshot_dir.mkdir(parents=True, exist_ok=True)
     path = snapshot_dir / f"{data.table}-{start}-{end}-{content_hash[:12]}.parquet"
@@ -194,7 +282,7 @@ def extract_window(
         as_of=as_of,
         rows=len(frame),
         immature_dropped=immature,
-        positive_rate=float(frame[TARGET].mean()) if len(frame) else float("nan"),
+        positive_rate=float(frame[TARGET].mean()),
     )
     meta = path.with_name(f".{path.stem}.{os.getpid()}.json.partial")
     meta.write_text(json.dumps(asdict(snap), default=str, indent=2))
@@ -236,7 +324,7 @@ def labels_known_at(url: str, data: DataConfig, ids: list[str], as_of: date) -> 
     if not parts or not sum(len(p) for p in parts):
         return pd.DataFrame(columns=["entity_id", "label"])
     frame = pd.concat(parts, ignore_index=True)
-    frame[data.time_column] = pd.to_datetime(frame[data.time_column])
+    frame[data.time_column] = to_timestamps(frame[data.time_column], data)
     frame, _ = _attach_target(frame, data, as_of)
     return pd.DataFrame({"entity_id": frame[data.id_column].astype(str), "label": frame[TARGET].astype(int)})
 

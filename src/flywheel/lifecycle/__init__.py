@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         prepare_features,
         prepare_frame,
     )
+    from flywheel.lifecycle.ingest import IngestResult, ingest
     from flywheel.lifecycle.status import project_status
     from flywheel.lifecycle.train import TrainResult, train_challenger
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 _HOME = {
     "Challenger": "challenger",
     "Evaluation": "evaluation",
+    "IngestResult": "ingest",
     "PreparedData": "features",
     "PromotionOutcome": "aliases",
     "TrainResult": "train",
@@ -54,6 +56,7 @@ _HOME = {
     "evaluate_against_champion": "evaluation",
     "evaluate_version": "evaluation",
     "extract_training_window": "features",
+    "ingest": "ingest",
     "load_champion": "evaluation",
     "move_alias": "aliases",
     "prepare_features": "features",
@@ -69,8 +72,10 @@ _HOME = {
 }
 
 __all__ = [
-    "Challenger", "Evaluation", "PreparedData", "PromotionOutcome", "TrainResult", "check_data",
-    "evaluate_against_champion", "evaluate_version", "extract_training_window", "load_champion",
+    "Challenger", "Evaluation", "IngestResult", "PreparedData", "PromotionOutcome", "TrainResult",
+    "check_data",
+    "evaluate_against_champion", "evaluate_version", "extract_training_window", "ingest",
+    "load_champion",
     "move_alias", "prepare_features", "prepare_frame", "project_status", "promote",
     "promote_if_passed", "reconcile_aliases", "rollback", "score_version", "train_challenger",
     "train_on_features",

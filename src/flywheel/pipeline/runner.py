@@ -10,7 +10,7 @@ from typing import Any
 
 from flywheel.alerts import Alert, send_alert
 from flywheel.config import Project
-from flywheel.core.errors import PipelineError
+from flywheel.core.errors import FlywheelError, PipelineError
 from flywheel.core.lineage import crash_point
 from flywheel.core.progress import Reporter
 from flywheel.lifecycle.aliases import reconcile_aliases
@@ -92,7 +92,9 @@ def run_pipeline(project: Project, trigger: str = "manual", reason: str = "reque
     for name in STEPS:
         try:
             run_step(project, name, run_id, clock, reporter)
+        except FlywheelError:
+            break  # said in the run's record, which the caller shows: no traceback for it
         except Exception:
-            traceback.print_exc()
+            traceback.print_exc()  # a bug of ours or a library's: the trace helps whoever fixes it
             break
     return load_run(project, run_id)

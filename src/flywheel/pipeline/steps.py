@@ -19,7 +19,8 @@ from flywheel.alerts import Alert, send_alert
 from flywheel.config import PerformanceWindowTarget, Project
 from flywheel.core.errors import PipelineError
 from flywheel.core.progress import Reporter
-from flywheel.data.sources import Snapshot, make_engine
+from flywheel.data.sources import EmptyWindowError, Snapshot, make_engine
+from flywheel.data.timecol import sql_bounds, to_timestamps
 from flywheel.lifecycle.aliases import promote_if_passed
 from flywheel.lifecycle.challenger import train_on_features
 from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champion
@@ -64,9 +65,14 @@ def labelled_rows_since(project: Project, since: date | None, at: date) -> int:
     engine = make_engine(project.source_url)
     tbl = sa.Table(data.table, sa.MetaData(), autoload_with=engine)
     col = tbl.c[data.time_column]
+    bounds = sql_bounds(lower, upper, data)
     with engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).select_from(tbl)
-                         .where(col >= lower, col < upper)).scalar()
+        if bounds is not None:
+            n = conn.execute(sa.select(sa.func.count()).select_from(tbl)
+                             .where(col >= bounds[0], col < bounds[1])).scalar()
+        else:  # dates as text in a format SQL cannot compare
+            when = to_timestamps(pd.read_sql(sa.select(col), conn)[data.time_column], data)
+            n = int(((when >= pd.Timestamp(lower)) & (when < pd.Timestamp(upper))).sum())
     engine.dispose()
     return int(n or 0)
 
@@ -74,8 +80,11 @@ def labelled_rows_since(project: Project, since: date | None, at: date) -> int:
 def step_extract(project: Project, registry: Registry, at: date) -> ExtractResult:
     champion = load_champion(registry)
     window = training_window(project, at)
-    snap = extract_training_window(project, list(champion.inputs) if champion else [],
-                                   window=window, as_of=at)
+    try:
+        snap = extract_training_window(project, list(champion.inputs) if champion else [],
+                                       window=window, as_of=at)
+    except EmptyWindowError as exc:
+        raise PipelineError(f"nothing to retrain on: {exc}") from None
     if snap.rows < project.config.checks.min_rows:
         raise PipelineError(f"only {snap.rows:,} rows with known labels in {window[0]}..{window[1]} "
                             f"(checks.min_rows is {project.config.checks.min_rows:,}): nothing to retrain on")

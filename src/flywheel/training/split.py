@@ -47,8 +47,16 @@ def split_by_time(times: pd.Series, config: SplitConfig) -> TimeSplit:
     validation = order[(ts >= val_cut) & (ts < hold_cut)]
     holdout = order[ts >= hold_cut]
     if min(len(train), len(validation), len(holdout)) == 0:
+        distinct = len(np.unique(ts))
+        if distinct < 3:
+            raise SplitError(
+                f"cannot split {n:,} rows by time: they fall on {distinct} distinct time(s), and rows "
+                "that share a time always stay in one part (never split at random), so train, "
+                "validation and holdout need at least three; widen data.window or use a finer "
+                "time column (a date rather than a year)")
         raise SplitError(
-            f"cannot split {n} rows by time into train/validation/holdout "
-            f"({len(train)}/{len(validation)}/{len(holdout)}): widen data.window or change split"
+            f"cannot split {n:,} rows by time into train/validation/holdout "
+            f"({len(train)}/{len(validation)}/{len(holdout)}) over {distinct} distinct times (rows that "
+            "share a time stay in one part): widen data.window or change split's fractions"
         )
     return TimeSplit(train, validation, holdout, pd.Timestamp(val_cut), pd.Timestamp(hold_cut))
