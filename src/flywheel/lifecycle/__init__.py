@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         prepare_frame,
     )
     from flywheel.lifecycle.ingest import IngestResult, ingest
+    from flywheel.lifecycle.init import Proposal, propose_project, render_config
     from flywheel.lifecycle.status import project_status
     from flywheel.lifecycle.train import TrainResult, train_challenger
 
@@ -49,6 +50,7 @@ _HOME = {
     "Challenger": "challenger",
     "Evaluation": "evaluation",
     "IngestResult": "ingest",
+    "Proposal": "init",
     "PreparedData": "features",
     "PromotionOutcome": "aliases",
     "TrainResult": "train",
@@ -62,6 +64,8 @@ _HOME = {
     "prepare_features": "features",
     "prepare_frame": "features",
     "project_status": "status",
+    "propose_project": "init",
+    "render_config": "init",
     "promote": "aliases",
     "promote_if_passed": "aliases",
     "reconcile_aliases": "aliases",
@@ -72,11 +76,12 @@ _HOME = {
 }
 
 __all__ = [
-    "Challenger", "Evaluation", "IngestResult", "PreparedData", "PromotionOutcome", "TrainResult",
+    "Challenger", "Evaluation", "IngestResult", "PreparedData", "Proposal", "PromotionOutcome", "TrainResult",
     "check_data",
     "evaluate_against_champion", "evaluate_version", "extract_training_window", "ingest",
     "load_champion",
-    "move_alias", "prepare_features", "prepare_frame", "project_status", "promote",
+    "move_alias", "prepare_features", "prepare_frame", "project_status", "promote", "propose_project",
+    "render_config",
     "promote_if_passed", "reconcile_aliases", "rollback", "score_version", "train_challenger",
     "train_on_features",
 ]

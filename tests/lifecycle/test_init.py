@@ -1,0 +1,84 @@
+"""`flywheel init` on a file it has never seen: the config it writes trains as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import yaml
+from typer.testing import CliRunner
+
+from flywheel.cli import app
+from flywheel.lifecycle import propose_project
+
+runner = CliRunner()
+
+
+def tickets(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    opened = pd.Timestamp("2021-01-01") + pd.to_timedelta(rng.integers(0, 900, n), "D")
+    priority = rng.choice(["low", "normal", "high", "urgent"], n)
+    words = rng.integers(5, 400, n)
+    escalated = (rng.normal(0, 1, n) + 0.004 * words + 0.8 * (priority == "urgent") > 1.3)
+    return pd.DataFrame({
+        "Ticket ID": [f"T-{i:05d}" for i in range(n)],
+        "opened_on": opened.strftime("%Y-%m-%d"),
+        "priority": priority, "words": words, "customer_tier": rng.choice(["a", "b", "c"], n),
+        "region": "emea",                                   # constant: not a feature
+        "notes": [f"free text {i}" for i in range(n)],      # unique text: not a feature
+        # recorded after the outcome: the team that finally handled it
+        "resolver_team": np.where(escalated, "tier-2", rng.choice(["tier-1", "bot"], n)),
+        "escalated": np.where(escalated, "yes", "no"),
+    })
+
+
+def invoke(*args: str, home):
+    done = runner.invoke(app, list(args), env={"FLYWHEEL_HOME": str(home), "COLUMNS": "200"})
+    return done.exit_code, " ".join(done.output.split())
+
+
+def test_init_profiles_screens_and_writes_a_config_that_trains_as_it_is(tmp_path):
+    data = tmp_path / "support-tickets.csv"
+    tickets().to_csv(data, index=False)
+    config, home = tmp_path / "proj" / "flywheel.yaml", tmp_path / "proj" / ".flywheel"
+    code, said = invoke("init", "--from", str(data), "--target", "escalated", "--output", str(config),
+                        home=home)
+    assert code == 0, said
+    assert "loaded 3,000 rows into support_tickets" in said and "likely leak, left out" in said
+    written = yaml.safe_load(config.read_text())
+    d = written["data"]
+    assert (d["id_column"], d["time_column"], d["time_unit"]) == ("Ticket ID", "opened_on", "text")
+    assert d["target"] == {"kind": "column", "column": "escalated", "positive": "yes"}
+    assert {f["column"] for f in written["features"]} == {"priority", "words", "customer_tier"}
+    text = config.read_text()
+    assert "left out: resolver_team alone reaches ROC-AUC" in text
+    assert "not a feature: region (constant)" in text and "not a feature: notes (3,000 distinct" in text
+
+    code, said = invoke("train", "--config", str(config), home=home)
+    assert code == 0, said
+    assert "3,000 labelled rows" in said and "Gate PASSED" in said
+
+    again = invoke("init", "--from", str(data), "--target", "escalated", "--output", str(config), home=home)
+    assert again[0] == 1 and "exists" in again[1] and "--force" in again[1]
+
+
+def test_data_without_a_time_or_a_two_valued_target_is_refused_with_what_to_add():
+    frame = tickets(500).drop(columns="opened_on")
+    try:
+        propose_project(frame, "escalated")
+    except ValueError as err:
+        assert "no column says when each row happened" in str(err) and "--time" in str(err)
+    else:
+        raise AssertionError("no time column was accepted")
+    try:
+        propose_project(tickets(500), "priority")
+    except ValueError as err:
+        assert "'priority' has 4 distinct values" in str(err)
+    else:
+        raise AssertionError("a four-valued target was accepted")
+
+
+def test_a_year_column_is_found_by_its_name_and_values():
+    frame = tickets(800).drop(columns="opened_on").assign(
+        fiscal_year=np.random.default_rng(1).integers(2015, 2023, 800))
+    p = propose_project(frame, "escalated")
+    assert (p.time_column, p.time_unit, p.window) == ("fiscal_year", "year", ("2015", "2023"))
