@@ -43,7 +43,7 @@ lint: $(STAMP)
 lock:
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV)-lock/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)-lock/bin/python -m pip install --quiet -e ".[all,dev]"
 	$(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 	rm -rf $(VENV)-lock
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -104,10 +105,10 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except ConfigError as exc:
-        console.print(f"[red]config error[/]\n{exc}")
+        console.print(f"[red]config error[/]\n{escape(str(exc))}")
         raise typer.Exit(2) from None
     except FlywheelError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")  # messages may hold [brackets]
         raise typer.Exit(1) from None
 
 
@@ -183,6 +184,63 @@ def _replay(project: Project, quarters: int) -> None:
     table.add_row("oracle (every quarter)", _fmt(report["mean_oracle_auc"]), str(report["oracle_retrains"]))
     out.print(table)
     out.print(f"Report: {folder / 'report.md'} (plots beside it), figures in {folder / 'report.json'}")
+
+
+@app.command()
+def init(
+    source: Annotated[str, typer.Option("--from", help="A .csv or .parquet file, or a database URL "
+                                                        "(with --table).")],
+    target: Annotated[str, typer.Option("--target", help="The column to predict (two values).")],
+    time: Annotated[str | None, typer.Option("--time", help="The column that says when each row "
+                                                            "happened (default: found).")] = None,
+    table: Annotated[str | None, typer.Option("--table", help="Table name (a URL's table to read; "
+                                                              "for a file, the name to load it as).")] = None,
+    id_column: Annotated[str | None, typer.Option("--id", help="The unique row id (default: found).")] = None,
+    project_name: Annotated[str | None, typer.Option("--project", help="Project name.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")] =
+        Path("flywheel.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Profile your data and write a commented flywheel.yaml that `flywheel train` accepts; a file is
+    also loaded into the project's source database."""
+
+    def body() -> None:
+        from flywheel.lifecycle.init import InitError
+        from flywheel.lifecycle.init import init_project as make
+
+        if output.exists() and not force:
+            raise InitError(f"{output} exists: choose another --output, or --force to overwrite it")
+        with _reporter() as rep:
+            made = make(source, target, output, time=time, table=table, id_column=id_column,
+                        project=project_name, reporter=rep)
+        _print_proposal(made.proposal)
+        out.print(f"Wrote {output}" + (f"; loaded {made.loaded:,} rows into {made.proposal.table}"
+                                        if made.loaded else "") + ". Next:")
+        out.print(f"  flywheel train --config {output}\n  flywheel serve --config {output}")
+
+    _run(body)
+
+
+def _print_proposal(p: Any) -> None:
+    table = Table(title=f"{p.rows:,} rows: what each column becomes")
+    for col in ("column", "type", "empty", "distinct", "role", "standalone ROC-AUC / why"):
+        table.add_column(col)
+    names = {f["column"]: f["name"] for f in p.features}
+    for c in p.columns:
+        score = p.scores.get(names.get(c.name, ""), None)
+        note = f"{score:.3f}" if score is not None else c.why
+        if c.role in ("numeric", "category") and c.name not in names:
+            note, role = f"{p.leaky.get(_feature_name(c.name), 0):.3f}: likely leak, left out", "left out"
+        else:
+            role = c.role
+        table.add_row(c.name, c.dtype, f"{c.nulls:.0%}", f"{c.distinct:,}", role, note)
+    out.print(table)
+
+
+def _feature_name(column: str) -> str:
+    import re
+
+    return re.sub(r"\W+", "_", column).strip("_").lower()
 
 
 @app.command()
@@ -590,7 +648,7 @@ def _print_pipeline_run(run: Any) -> None:
         if result is not None:
             out.print(f"  {name:9s} {describe(result)}")
     if run.error:
-        out.print(f"  [red]error:[/] {run.error}")
+        out.print(f"  [red]error:[/] {escape(run.error)}")
 
 
 def _metrics_table(name: str, metrics: dict[str, float], champ_version: int | None,

@@ -272,7 +272,8 @@ class MonitoringConfig(_Strict):
     max_auc_drop: float = Field(default=0.05, ge=0, le=1)
     # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
     report_sample_rows: int = Field(default=10_000, ge=100)
-    evidently_report: bool = True
+    # null: when Evidently (the `reports` extra) is installed
+    evidently_report: bool | None = None
 
 
 class TriggersConfig(_Strict):
@@ -290,7 +291,8 @@ class RetrainingConfig(_Strict):
     # The training window of a retrain: this many months of rows whose labels are known by now.
     lookback_months: int = Field(default=72, ge=1, le=600)
     triggers: TriggersConfig = TriggersConfig()
-    orchestrator: Literal["local", "prefect"] = "prefect"
+    # null: Prefect when its extra is installed, else the local runner
+    orchestrator: Literal["local", "prefect"] | None = None
     check_interval_s: float = Field(default=300, gt=0)  # how often `flywheel run` checks triggers
 
 

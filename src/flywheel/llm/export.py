@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flywheel.config import LlmProject
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
 from flywheel.registry import CHAMPION, Registry, RegistryError
 
@@ -37,6 +38,7 @@ class Exported:
 
 def export_version(project: LlmProject, output: Path, merge: bool, version: int | None = None,
                    overwrite: bool = False) -> Exported:
+    require("llm", "flywheel export")
     registry = Registry.for_project(project)
     version = _version(registry, version)
     info = registry.version(version)

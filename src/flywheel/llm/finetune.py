@@ -21,6 +21,7 @@ from typing import Any
 
 from flywheel.config import LlmProject
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import require
 from flywheel.core.lineage import git_sha
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.lifecycle.aliases import promote_if_passed
@@ -84,6 +85,7 @@ class _Session:
 
 def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneResult:
     """The whole fine-tuning run; see the module's docstring."""
+    require("llm", "flywheel finetune")
     started = time.perf_counter()
     registry = Registry.for_project(project)
     champion = registry.alias_version(CHAMPION)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import LlmProject
+from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
 from flywheel.registry import Registry, RegistryError
 
@@ -79,6 +80,7 @@ class LoadedGenerator:
 
 def load_generator(project: LlmProject, registry: Registry, version: int) -> LoadedGenerator:
     """Base (weights hash checked) + adapter (file hashes checked), merged, warmed."""
+    require("llm", "serving a LoRA project")
     from peft import PeftModel
 
     info = registry.version(version)

@@ -8,6 +8,7 @@ them as gauges; an Evidently report (HTML + JSON) on samples of both sides goes 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 
 from flywheel.config import MonitorWindow, Project
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import installed, require, without
 from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
@@ -34,6 +36,8 @@ from flywheel.monitoring.reference import (
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open_state, predictions
 from flywheel.training.evaluate import holdout_metrics
+
+log = logging.getLogger("flywheel.monitoring")
 
 
 class MonitorError(FlywheelError):
@@ -224,7 +228,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
                         pred.score, perf, drop, seconds)
     report_path, mlflow_run = None, None
-    if cfg.evidently_report if report is None else report:
+    if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
         report_path = evidently_report(pd.read_parquet(sample_path), current, spec, folder,
                                        cfg.report_sample_rows, cfg.drift_threshold)
@@ -254,6 +258,18 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             for c in drift.columns
         ])
     return int(verdict_id)
+
+
+def _report_wanted(setting: bool | None) -> bool:
+    """Evidently's report: when asked for (an error naming the extra if it is missing), or by
+    default when its extra is installed."""
+    if setting is None:
+        if not installed("reports"):
+            log.warning(without("reports", "monitoring without Evidently's HTML report"))
+        return installed("reports")
+    if setting:
+        require("reports", "monitoring.evidently_report: true")
+    return setting
 
 
 def _finite(x: float) -> float | None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from flywheel.config import ModelConfig
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import how_to_install
 from flywheel.core.progress import Advance
 from flywheel.training.model import FittedModel, TrainingData
 from flywheel.training.onnx import ONNX_INPUT, positive_class_output
@@ -34,9 +35,8 @@ def train_model(
             from flywheel.training import torch_mlp  # imports torch: heavy and optional
         except ImportError as exc:
             raise TrainerUnavailable(
-                "model.type 'torch-mlp' needs PyTorch, which is not installed in this "
-                f"environment ({exc}). Install the CPU build with: "
-                "pip install torch==2.13.0   (or choose model.type lightgbm or sklearn)"
+                f"model.type 'torch-mlp' needs PyTorch, which is not installed here ({exc}): "
+                f"{how_to_install('mlp')}   (or choose model.type lightgbm or sklearn)"
             ) from None
         fitted = torch_mlp.train_mlp(model, data, progress)
     fitted.train_seconds = time.perf_counter() - started
