@@ -401,13 +401,15 @@ def predict(
     input: Annotated[str, typer.Option("--input", "-i", help="A .parquet/.csv file or a source table.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (.parquet or .csv).")],
     version: Annotated[int | None, typer.Option(help="Version to use (default: champion).")] = None,
+    keep: Annotated[list[str] | None, typer.Option(
+        "--keep", help="A column to copy to the output besides the id and time (repeat it).")] = None,
 ) -> None:
     """Score a batch with the served runtime and features (backfills, offline evaluation)."""
 
     def body() -> None:
         from flywheel.serving.batch import predict_batch
 
-        res = predict_batch(_project(config), input, output, version)
+        res = predict_batch(_project(config), input, output, version, tuple(keep or ()))
         out.print(f"Scored {res.rows:,} rows with v{res.version} -> {res.output}")
 
     _run(body)
@@ -421,7 +423,9 @@ def monitor(
     config: ConfigOpt,
     size: Annotated[int | None, typer.Option(help="Window: the latest N predictions.")] = None,
     hours: Annotated[float | None, typer.Option(help="Window: the latest H hours of predictions.")] = None,
-    report: Annotated[bool, typer.Option(help="Write the Evidently HTML/JSON report to MLflow.")] = True,
+    report: Annotated[bool | None, typer.Option(
+        "--report/--no-report", help="Write Evidently's HTML/JSON report to MLflow (default: when "
+                                     "Evidently is installed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
     """Drift and performance of a window of the prediction log against the training reference."""

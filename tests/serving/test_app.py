@@ -360,9 +360,16 @@ def test_flywheel_predict_scores_a_file_and_a_source_table_like_the_server(serve
     assert np.allclose(scored["probability"], [p["probability"] for p in served], atol=1e-6)
     assert (scored["model_version"] == 1).all()
     res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", "loans",
-                              "--output", str(tmp_path / "all.csv")])
+                              "--output", str(tmp_path / "all.csv"), "--keep", "mis_status"])
     assert res.exit_code == 0, res.output
-    assert len(pd.read_csv(tmp_path / "all.csv")) == len(sba_sample)
+    scored_all = pd.read_csv(tmp_path / "all.csv")
+    assert len(scored_all) == len(sba_sample)
+    assert list(scored_all.columns) == ["loan_nr", "approval_date", "mis_status", "probability", "decision",
+                                        "model_version"]  # the label kept for an offline evaluation
+    assert sorted(scored_all["mis_status"].dropna().unique()) == ["CHGOFF", "P I F"]
+    res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", "loans",
+                              "--output", str(tmp_path / "x.csv"), "--keep", "no_such_column"])
+    assert res.exit_code == 1 and "no column(s) no_such_column to keep" in " ".join(res.output.split())
     res = runner.invoke(app, ["predict", "--config", str(project.path), "--input", "no_such_table",
                               "--output", str(tmp_path / "x.csv")])
     assert res.exit_code == 1 and "neither a file nor a table" in res.output

@@ -23,14 +23,20 @@ class BatchResult:
     output: Path
 
 
-def predict_batch(project: Project, source: str, output: Path, version: int | None = None) -> BatchResult:
-    """Score every row of a parquet/CSV file, or of a table in the source database."""
+def predict_batch(project: Project, source: str, output: Path, version: int | None = None,
+                  keep: tuple[str, ...] = ()) -> BatchResult:
+    """Score every row of a parquet/CSV file, or of a table in the source database; the output has
+    the id and time columns, the `keep` columns (a label to evaluate with, say) and the scores."""
     registry = Registry.for_project(project)
     version = version if version is not None else registry.alias_version(CHAMPION)
     if version is None:
         raise PipelineError("no champion to predict with: run flywheel train first")
     model = load_version(registry, version)
     frame = _read(project, source)
+    absent = [c for c in keep if c not in frame.columns]
+    if absent:
+        raise SourceError(f"{source}: no column(s) {', '.join(absent)} to keep; it has: "
+                          f"{', '.join(map(str, frame.columns))}")
     missing = [c for c in model.spec.input_columns if c not in frame.columns]
     if missing:
         raise SourceError(f"{source}: missing input column(s) {', '.join(missing)} that "
@@ -38,8 +44,9 @@ def predict_batch(project: Project, source: str, output: Path, version: int | No
     # The batch path (DuckDB SQL) gives exactly the per-row path's features (tested).
     probs = model.predict_matrix(build_matrix(model.spec, frame))
     threshold = project.config.serving.threshold
-    keep = [c for c in (project.config.data.id_column, project.config.data.time_column) if c in frame]
-    out = frame[keep].copy()
+    data = project.config.data
+    columns = [c for c in dict.fromkeys((data.id_column, data.time_column, *keep)) if c in frame]
+    out = frame[columns].copy()
     out["probability"] = probs.astype(float)
     out["decision"] = out["probability"] >= threshold
     out["model_version"] = version
