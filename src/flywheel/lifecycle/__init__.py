@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         prepare_features,
         prepare_frame,
     )
-    from flywheel.lifecycle.ingest import IngestResult, ingest
+    from flywheel.lifecycle.intake import IngestResult, ingest
     from flywheel.lifecycle.init import Proposal, propose_project, render_config
     from flywheel.lifecycle.status import project_status
     from flywheel.lifecycle.train import TrainResult, train_challenger
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 _HOME = {
     "Challenger": "challenger",
     "Evaluation": "evaluation",
-    "IngestResult": "ingest",
+    "IngestResult": "intake",
     "Proposal": "init",
     "PreparedData": "features",
     "PromotionOutcome": "aliases",
@@ -58,7 +58,7 @@ _HOME = {
     "evaluate_against_champion": "evaluation",
     "evaluate_version": "evaluation",
     "extract_training_window": "features",
-    "ingest": "ingest",
+    "ingest": "intake",
     "load_champion": "evaluation",
     "move_alias": "aliases",
     "prepare_features": "features",

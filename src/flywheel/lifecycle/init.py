@@ -18,7 +18,7 @@ from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data import features as feats
 from flywheel.data.checks import standalone_auc
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle.ingest import ingest, read_rows
+from flywheel.lifecycle.intake import ingest, read_rows
 
 LEAK_AUC = 0.9  # the default of checks.leakage_auc_threshold
 MAX_CATEGORIES = 50
