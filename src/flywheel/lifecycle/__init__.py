@@ -39,8 +39,8 @@ if TYPE_CHECKING:
         prepare_features,
         prepare_frame,
     )
-    from flywheel.lifecycle.intake import IngestResult, ingest
     from flywheel.lifecycle.init import Proposal, propose_project, render_config
+    from flywheel.lifecycle.intake import IngestResult, ingest
     from flywheel.lifecycle.status import project_status
     from flywheel.lifecycle.train import TrainResult, train_challenger
 
