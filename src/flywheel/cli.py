@@ -214,9 +214,11 @@ def init(
             made = make(source, target, output, time=time, table=table, id_column=id_column,
                         project=project_name, reporter=rep)
         _print_proposal(made.proposal)
+        # soft_wrap: paths stay whole, to be copied
         out.print(f"Wrote {output}" + (f"; loaded {made.loaded:,} rows into {made.proposal.table}"
-                                        if made.loaded else "") + ". Next:")
-        out.print(f"  flywheel train --config {output}\n  flywheel serve --config {output}")
+                                        if made.loaded else "") + ". Next:", soft_wrap=True)
+        out.print(f"  flywheel train --config {output}\n  flywheel serve --config {output}",
+                  soft_wrap=True)
 
     _run(body)
 
