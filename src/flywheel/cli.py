@@ -374,7 +374,7 @@ def status(
             t = v["trained_on"]
             table.add_row(alias, str(v["version"]), v["model_type"] or "",
                           f"{v['metrics'].get('roc_auc', float('nan')):.4f}", v["gate"] or "",
-                          f"{t['from']}..{t['to']}", f"{t['rows']:,}" if t["rows"] else "")
+                          f"{t['from']}..{t['to']}", _rows_text(t))
         out.print(table)
 
     _run(body)
@@ -635,13 +635,21 @@ def _print_lora_status(st: dict[str, Any]) -> None:
     out.print(table)
 
 
+def _rows_text(trained_on: dict[str, Any]) -> str:
+    if not trained_on["rows"]:
+        return ""
+    fed = trained_on.get("feedback_rows") or 0
+    return f"{trained_on['rows']:,}" + (f" ({fed:,} from feedback)" if fed else "")
+
+
 def _print_pipeline_run(run: Any) -> None:
     from flywheel.pipeline import runs
 
     out.print(f"Pipeline run {run.id}: {run.status} (trigger {run.trigger}: {run.reason})")
     lines = {
         "extract": (runs.ExtractResult,
-                    lambda o: f"{o.rows:,} rows {o.window_start}..{o.window_end}"),
+                    lambda o: f"{o.rows:,} rows {o.window_start}..{o.window_end}" + (
+                        "" if o.rows_from == "source" else f" ({o.feedback_rows:,} from feedback)")),
         "features": (runs.FeaturesResult, lambda o: f"{len(o.features)} features, checks passed"),
         "train": (runs.TrainStepResult, lambda o: f"v{o.version} ROC-AUC {o.metrics['roc_auc']:.4f}"),
         "evaluate": (runs.EvaluateResult, lambda o: o.summary),

@@ -290,6 +290,10 @@ class TriggersConfig(_Strict):
 class RetrainingConfig(_Strict):
     # The training window of a retrain: this many months of rows whose labels are known by now.
     lookback_months: int = Field(default=72, ge=1, le=600)
+    # Where a retrain's rows come from: the source table, the served predictions whose labels came
+    # back through /v1/feedback, or both (a served row whose meta.entity_id is a source id is
+    # learnt once, from the source). `flywheel train` always reads the source table.
+    train_from: Literal["source", "feedback", "both"] = "source"
     triggers: TriggersConfig = TriggersConfig()
     # null: Prefect when its extra is installed, else the local runner
     orchestrator: Literal["local", "prefect"] | None = None

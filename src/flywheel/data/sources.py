@@ -43,6 +43,10 @@ class Snapshot:
     rows: int
     immature_dropped: int
     positive_rate: float
+    # Where the rows came from: "source" (the source table), "feedback" (served predictions
+    # joined with the labels posted back) or "both"; and how many came from the feedback.
+    origin: str = "source"
+    feedback_rows: int = 0
 
     def frame(self) -> pd.DataFrame:
         return pd.read_parquet(self.path)
@@ -59,7 +63,8 @@ class Snapshot:
                    window_end=date.fromisoformat(meta["window_end"]),
                    as_of=date.fromisoformat(meta["as_of"]), rows=int(meta["rows"]),
                    immature_dropped=int(meta["immature_dropped"]),
-                   positive_rate=float(meta["positive_rate"]))
+                   positive_rate=float(meta["positive_rate"]),
+                   origin=meta.get("origin", "source"), feedback_rows=int(meta.get("feedback_rows", 0)))
 
     def lineage(self) -> dict[str, str]:
         return {
@@ -68,6 +73,8 @@ class Snapshot:
             "window_end": self.window_end.isoformat(),
             "as_of": self.as_of.isoformat(),
             "rows": str(self.rows),
+            "rows_from": self.origin,
+            "feedback_rows": str(self.feedback_rows),
         }
 
 
@@ -198,13 +205,20 @@ def extract_window(
     that says what the table holds."""
     start, end = window or (data.window.start, data.window.end)
     as_of = as_of or data.as_of or end
+    frame, immature = read_labelled_window(url, data, columns, start, end, as_of, configured=window is None)
+    return save_snapshot(frame, data, snapshot_dir, start, end, as_of, immature)
+
+
+def read_labelled_window(url: str, data: DataConfig, columns: list[str], start: date, end: date,
+                         as_of: date, configured: bool = False) -> tuple[pd.DataFrame, int]:
+    """The source rows of [start, end) whose label is known by `as_of`, with the target and when it
+    became known; and how many rows were left out because their label was not known yet."""
     engine = make_engine(url)
     try:
         tbl = _source_table(engine, data, columns)
         frame = _read_window(engine, tbl, data, _required_columns(data, columns), start, end)
         if frame.empty:
-            raise EmptyWindowError(_empty_window_message(engine, tbl, data, start, end,
-                                                         configured=window is None))
+            raise EmptyWindowError(_empty_window_message(engine, tbl, data, start, end, configured))
     finally:
         engine.dispose()
     frame, immature = _attach_target(frame, data, as_of)
@@ -212,7 +226,7 @@ def extract_window(
         raise EmptyWindowError(
             f"{immature:,} rows of '{data.table}' in [{start}, {end}), but none has a label known by "
             f"{as_of} (data.as_of, or the clock of the run): move the window earlier or as_of later")
-    return _save_snapshot(frame.reset_index(drop=True), data, snapshot_dir, start, end, as_of, immature)
+    return frame.reset_index(drop=True), immature
 
 
 def _source_table(engine: sa.Engine, data: DataConfig, columns: list[str]) -> sa.Table:
@@ -265,8 +279,9 @@ def _empty_window_message(engine: sa.Engine, tbl: sa.Table, data: DataConfig, st
             f"{rows:,} rows span {low} .. {high} (time_unit {data.time_unit}): {fix}")
 
 
-def _save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, start: date, end: date,
-                   as_of: date, immature: int) -> Snapshot:
+def save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, start: date, end: date,
+                  as_of: date, immature: int, origin: str = "source", feedback_rows: int = 0) -> Snapshot:
+    """Write labelled rows (with the target) as an immutable, content-hashed parquet snapshot."""
     content_hash = frame_hash(frame)
     snapshot_dir.mkdir(parents=True, exist_ok=True)
     path = snapshot_dir / f"{data.table}-{start}-{end}-{content_hash[:12]}.parquet"
@@ -283,6 +298,8 @@ def _save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, st
         rows=len(frame),
         immature_dropped=immature,
         positive_rate=float(frame[TARGET].mean()),
+        origin=origin,
+        feedback_rows=feedback_rows,
     )
     meta = path.with_name(f".{path.stem}.{os.getpid()}.json.partial")
     meta.write_text(json.dumps(asdict(snap), default=str, indent=2))

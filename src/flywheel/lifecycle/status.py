@@ -52,7 +52,9 @@ def describe(info: VersionInfo) -> dict[str, Any]:
         "git_sha": info.run_tags.get("git_sha"),
         "config_hash": info.run_tags.get("config_hash"),
         "trained_on": {"from": info.run_tags.get("window_start"), "to": info.run_tags.get("window_end"),
-                       "as_of": info.run_tags.get("as_of"), "rows": _int(info.run_tags.get("rows"))},
+                       "as_of": info.run_tags.get("as_of"), "rows": _int(info.run_tags.get("rows")),
+                       "rows_from": info.run_tags.get("rows_from", "source"),
+                       "feedback_rows": _int(info.run_tags.get("feedback_rows")) or 0},
     }
 
 

@@ -32,6 +32,8 @@ class ExtractResult:
     positive_rate: float
     previous_watermark: str | None = None
     champion_version: int | None = None  # the champion whose inputs were extracted too
+    rows_from: str = "source"  # retraining.train_from
+    feedback_rows: int = 0  # of `rows`, those learnt from labels posted back
 
 
 @dataclass(frozen=True)

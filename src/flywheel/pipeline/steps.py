@@ -27,10 +27,10 @@ from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champi
 from flywheel.lifecycle.features import (
     PreparedData,
     check_data,
-    extract_training_window,
     load_checks,
     prepare_features,
 )
+from flywheel.lifecycle.learning import extract_retraining_rows, feedback_labels_between
 from flywheel.pipeline.runs import (
     AlertResult,
     EvaluateResult,
@@ -57,7 +57,14 @@ def training_window(project: Project, at: date) -> tuple[date, date]:
 
 
 def labelled_rows_since(project: Project, since: date | None, at: date) -> int:
-    """Rows whose label became known after `since` and by `at` (what 'new data' means)."""
+    """Rows whose label became known after `since` and by `at` (what 'new data' means): in the
+    source table, the labels posted back, or both (`retraining.train_from`)."""
+    origin = project.config.retraining.train_from
+    fed = feedback_labels_between(project, since, at) if origin != "source" else 0
+    return fed + (_source_rows_since(project, since, at) if origin != "feedback" else 0)
+
+
+def _source_rows_since(project: Project, since: date | None, at: date) -> int:
     data = project.config.data
     shift = data.target.months if isinstance(data.target, PerformanceWindowTarget) else 0
     upper = (pd.Timestamp(at) - pd.DateOffset(months=shift)).date()
@@ -81,18 +88,20 @@ def step_extract(project: Project, registry: Registry, at: date) -> ExtractResul
     champion = load_champion(registry)
     window = training_window(project, at)
     try:
-        snap = extract_training_window(project, list(champion.inputs) if champion else [],
-                                       window=window, as_of=at)
+        snap = extract_retraining_rows(project, list(champion.inputs) if champion else [], window, at)
     except EmptyWindowError as exc:
         raise PipelineError(f"nothing to retrain on: {exc}") from None
     if snap.rows < project.config.checks.min_rows:
-        raise PipelineError(f"only {snap.rows:,} rows with known labels in {window[0]}..{window[1]} "
-                            f"(checks.min_rows is {project.config.checks.min_rows:,}): nothing to retrain on")
+        origin = {"source": "", "feedback": " (from feedback)",
+                  "both": f" ({snap.feedback_rows:,} from feedback)"}[snap.origin]
+        raise PipelineError(f"only {snap.rows:,} rows with known labels{origin} in "
+                            f"{window[0]}..{window[1]} (checks.min_rows is "
+                            f"{project.config.checks.min_rows:,}): nothing to retrain on")
     watermark = get_watermark(project)
     return ExtractResult(str(snap.path), snap.rows, window[0].isoformat(), window[1].isoformat(),
                          at.isoformat(), snap.positive_rate,
                          watermark.isoformat() if watermark else None,
-                         champion.version if champion else None)
+                         champion.version if champion else None, snap.origin, snap.feedback_rows)
 
 
 def step_features(project: Project, run_id: str, extract: ExtractResult) -> FeaturesResult:

@@ -1,0 +1,167 @@
+"""Rows to learn from: the source table, the labels posted back to `/v1/feedback`, or both.
+
+A feedback row is a served prediction joined with its label: the inputs exactly as they were
+served (the prediction log), the label as it was received. Its time is the row's own time when the
+model reads the time column, else `meta.event_time` when the client sent one, else the moment it
+was served. Label timing is respected as for the source: a label counts only if it was received
+by the clock of the run (through the end of that day).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+
+import numpy as np
+import orjson
+import pandas as pd
+import sqlalchemy as sa
+
+from flywheel.config import Project
+from flywheel.data import features as feats
+from flywheel.data.sources import (
+    LABEL_KNOWN_AT,
+    TARGET,
+    EmptyWindowError,
+    Snapshot,
+    read_labelled_window,
+    save_snapshot,
+)
+from flywheel.data.timecol import to_timestamps
+from flywheel.state.db import feedback, open_state, predictions
+
+EVENT_TIME = "event_time"  # the key of `meta` that carries a served row's own time
+ENTITY_ID = "entity_id"  # the key of `meta` that names the row's id in the source table
+
+
+def end_of_day(day: date) -> datetime:
+    return datetime.combine(day + timedelta(days=1), datetime.min.time())
+
+
+def feedback_rows(project: Project, columns: Sequence[str], start: date, at: date) -> pd.DataFrame:
+    """Served rows of the project's model with a label received by the end of day `at`, whose time
+    lies in [start, end of `at`): the `columns` as served, the id, the time, the target and when
+    the label arrived. Empty (with those columns) when there are none."""
+    data = project.config.data
+    upper = end_of_day(at)
+    query = (sa.select(predictions.c.record_id, predictions.c.created_at, predictions.c.inputs,
+                       predictions.c.meta, feedback.c.label, feedback.c.received_at)
+             .join(feedback, feedback.c.record_id == predictions.c.record_id)
+             .where(predictions.c.model_name == project.config.registered_model,
+                    predictions.c.created_at < upper, feedback.c.received_at < upper)
+             .order_by(predictions.c.id))
+    with open_state(project.state_url).connect() as conn:
+        found = conn.execute(query).all()
+    wanted = list(dict.fromkeys([data.id_column, data.time_column, *columns]))
+    if not found:
+        return pd.DataFrame(columns=[*wanted, TARGET, LABEL_KNOWN_AT])
+    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in found])
+    metas = [orjson.loads(r.meta) if r.meta else {} for r in found]
+    missing = [c for c in columns if c not in inputs.columns and c != data.time_column]
+    if missing:
+        raise EmptyWindowError(
+            f"the served predictions lack input column(s) {', '.join(missing)} that the features "
+            "need, so the feedback cannot be learnt from; retrain from the source table "
+            "(retraining.train_from: source) or serve a model whose inputs include them")
+    frame = inputs.reindex(columns=[c for c in wanted if c in inputs.columns])
+    frame[data.id_column] = [str(m.get(ENTITY_ID) or r.record_id) for m, r in zip(metas, found, strict=True)]
+    frame[data.time_column] = _row_times(inputs, metas, [r.created_at for r in found], project)
+    frame[TARGET] = np.array([r.label for r in found], dtype=np.int8)
+    frame[LABEL_KNOWN_AT] = _naive(pd.Series([r.received_at for r in found]))
+    frame = frame.drop_duplicates(data.id_column, keep="last")  # an id served twice: its latest
+    when = frame[data.time_column]
+    frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(upper))]
+    return frame.sort_values([data.time_column, data.id_column], kind="stable").reset_index(drop=True)
+
+
+def _row_times(inputs: pd.DataFrame, metas: list[dict[str, object]], served: list[datetime],
+               project: Project) -> pd.Series:
+    data = project.config.data
+    served_at = _naive(pd.Series(served))
+    if data.time_column in inputs.columns:  # the model reads the time column: it is the row's time
+        own = to_timestamps(inputs[data.time_column], data)
+        return own.fillna(served_at)
+    event = pd.to_datetime(pd.Series([m.get(EVENT_TIME) for m in metas], dtype=object),
+                           errors="coerce", format="mixed")
+    if getattr(event.dt, "tz", None) is not None:
+        event = event.dt.tz_convert(None)
+    return event.astype("datetime64[ns]").fillna(served_at)
+
+
+def _naive(values: pd.Series) -> pd.Series:
+    """Timestamps in UTC without a zone (the state database stores UTC; SQLite drops the zone)."""
+    out = pd.to_datetime(values, utc=True)
+    return out.dt.tz_convert(None).astype("datetime64[ns]")
+
+
+def extract_retraining_rows(project: Project, extra_columns: Sequence[str], window: tuple[date, date],
+                            at: date) -> Snapshot:
+    """A retrain's rows by `retraining.train_from`, saved as one snapshot whose lineage says how
+    many came from the feedback. Never empty (`EmptyWindowError` says what was found)."""
+    origin = project.config.retraining.train_from
+    data = project.config.data
+    cols = list(dict.fromkeys(feats.input_columns(project.config.features) + list(extra_columns)))
+    start, end = window
+    source, immature = pd.DataFrame(), 0
+    if origin in ("source", "both"):
+        try:
+            source, immature = read_labelled_window(project.source_url, data, cols, start, end, at)
+        except EmptyWindowError:
+            if origin == "source":
+                raise
+    served = pd.DataFrame()
+    if origin in ("feedback", "both"):
+        served = feedback_rows(project, cols, start, at)
+        if served.empty and source.empty:
+            raise EmptyWindowError(
+                f"no labelled rows in [{start}, {at}]: no served prediction of "
+                f"'{project.config.registered_model}' has a label received by the end of {at} "
+                "(POST them to /v1/feedback)" + (" and the source table has none in the window"
+                                                 if origin == "both" else ""))
+    frame = _combine(source, served, data.id_column, data.time_column) if origin == "both" \
+        else served if origin == "feedback" else source
+    return save_snapshot(frame.reset_index(drop=True), data, project.snapshot_dir, start,
+                         at if origin == "feedback" else end, at, immature, origin,
+                         feedback_rows=int(len(frame) - len(source)) if origin == "both" else len(served))
+
+
+def _combine(source: pd.DataFrame, served: pd.DataFrame, id_col: str, time_col: str) -> pd.DataFrame:
+    """Source rows plus served rows whose id the source does not hold (a row is learnt once),
+    the served columns read with the source's types; the target columns of served rows stay
+    empty (TARGET holds their label)."""
+    if served.empty:
+        return source
+    if source.empty:
+        return served
+    served = served.copy()
+    as_served = (id_col, time_col, TARGET, LABEL_KNOWN_AT)
+    for name in source.columns:
+        if name not in served.columns:
+            served[name] = None
+        elif name not in as_served and pd.api.types.is_numeric_dtype(source[name]):
+            served[name] = pd.to_numeric(served[name], errors="coerce")
+    numeric_ids = pd.api.types.is_integer_dtype(source[id_col]) and served[id_col].str.fullmatch(r"\d+").all()
+    if numeric_ids:
+        served[id_col] = served[id_col].astype(np.int64)
+    else:
+        source = source.assign(**{id_col: source[id_col].astype(str)})
+    served = served.loc[~served[id_col].isin(source[id_col]), list(source.columns)]
+    both = pd.concat([source, served], ignore_index=True)
+    for name in both.columns:  # a text column with numbers from one side: text throughout
+        if both[name].dtype == object:
+            both[name] = both[name].map(lambda v: v if v is None or isinstance(v, str) else
+                                        (None if isinstance(v, float) and np.isnan(v) else str(v)))
+    return both.sort_values([time_col, id_col], kind="stable").reset_index(drop=True)
+
+
+def feedback_labels_between(project: Project, after: date | None, at: date) -> int:
+    """Labels of the project's served predictions received after the end of day `after` (the
+    watermark) and by the end of day `at`: the feedback side of 'new labelled rows'."""
+    query = (sa.select(sa.func.count()).select_from(
+        feedback.join(predictions, feedback.c.record_id == predictions.c.record_id))
+        .where(predictions.c.model_name == project.config.registered_model,
+               feedback.c.received_at < end_of_day(at)))
+    if after is not None:
+        query = query.where(feedback.c.received_at >= end_of_day(after))
+    with open_state(project.state_url).connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
