@@ -17,6 +17,7 @@ from flywheel.data.sources import TARGET, make_engine
 from flywheel.demo.replay import wait_for_log
 from flywheel.lifecycle import project_status
 from flywheel.lifecycle.learning import extract_retraining_rows
+from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state
 from tests.lifecycle.test_own_data import cli, config, customers
@@ -89,6 +90,12 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
         one = client.post(f"{server.url}/v1/predict", json=[{"age": 30, "monthly_spend": 10.0,
                                                              "plan": "basic"}])
         assert one.json()["version"] == 2
+
+    # the new_labelled_rows trigger counts labels received after the watermark's day
+    today = date.today()
+    assert labelled_rows_since(project, None, today) == total
+    assert labelled_rows_since(project, today - timedelta(days=1), today) == total
+    assert labelled_rows_since(project, today, today) == 0  # the retrain's watermark: all consumed
 
     champion = project_status(project)["champion"]
     assert champion["version"] == 2
