@@ -50,7 +50,7 @@ def post(client: httpx.Client, url: str, rows: pd.DataFrame, days: list[str]) ->
 def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     path = config(tmp_path / "churn")
     raw = yaml.safe_load(path.read_text())
-    raw["retraining"] = {"train_from": "feedback", "lookback_months": 240}
+    raw["retraining"] = {"train_from": "feedback", "lookback_months": 240, "orchestrator": "local"}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     home = tmp_path / "churn" / ".flywheel"
     history = tmp_path / "history.csv"
