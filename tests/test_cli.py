@@ -113,3 +113,9 @@ def test_serve_refuses_a_bad_log_sink_cpu_list_before_starting(cli_project, monk
     res = runner.invoke(app, ["serve", "--config", str(cli_project.path)])
     assert res.exit_code == 2
     assert "FLYWHEEL_LOG_SINK_CPUS='1;2': expected CPU numbers" in " ".join(res.output.split())
+
+
+def test_serve_refuses_an_unknown_log_level_before_starting(cli_project):
+    res = runner.invoke(app, ["serve", "--config", str(cli_project.path), "--log-level", "loud"])
+    assert res.exit_code == 2
+    assert "--log-level must be one of debug, info, warning, error" in " ".join(res.output.split())

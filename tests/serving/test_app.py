@@ -191,6 +191,19 @@ def test_models_health_ready_and_openapi(client):
     assert record["additionalProperties"] is False and "gr_appv" in record["required"]
 
 
+def test_docs_page_is_swagger_ui_on_the_served_document_from_local_files(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="docs/swagger-ui-bundle.js"' in page.text and "http" not in page.text.split("<body>")[1]
+    assert 'url: "openapi.json"' in client.get("/docs/init.js").text
+    bundle = client.get("/docs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert b"SwaggerUIBundle" in bundle.content and len(bundle.content) > 500_000
+    assert client.get("/docs/swagger-ui.css").headers["content-type"].startswith("text/css")
+    for other in ("index.html", "swagger-ui-bundle.js.map", "..%2f..%2fpyproject.toml"):
+        assert client.get(f"/docs/{other}").status_code == 404
+
+
 def test_admin_reload_needs_the_bearer_token(client, monkeypatch):
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)  # read per request; never leaks into server processes
     assert client.post("/admin/reload").status_code == 401

@@ -1,6 +1,7 @@
 """What every Flywheel server shares over HTTP, whatever it serves (ONNX or a merged LoRA model):
 request ids, bounded bodies, JSON answers counted in the metrics, admin auth, the champion runtime,
-and the routes /health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json."""
+and the routes /health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json and /docs
+(Swagger UI on the served OpenAPI document, its assets from the installed package: no network)."""
 
 from __future__ import annotations
 
@@ -165,7 +166,40 @@ def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
             Route("/admin/reload", reload, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
-            Route("/openapi.json", openapi_json, methods=["GET"])]
+            Route("/openapi.json", openapi_json, methods=["GET"]), *docs_routes()]
+
+
+# The interactive API page: Swagger UI's own files, shipped by the swagger-ui-bundle package.
+DOCS_PAGE = b"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="UTF-8"><title>Flywheel API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css"><link rel="icon" href="docs/favicon-32x32.png"></head>
+<body><div id="swagger-ui"></div><script src="docs/swagger-ui-bundle.js"></script>
+<script src="docs/init.js"></script></body></html>
+"""
+DOCS_INIT = b'window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true});\n'
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "favicon-32x32.png": "image/png"}
+
+
+def docs_routes() -> list[Route]:
+    """/docs and the few files it loads (read once, cached by browsers for a day)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    cache: dict[str, bytes] = {"init.js": DOCS_INIT}
+    types = {**DOCS_ASSETS, "init.js": "text/javascript"}
+
+    async def page(request: Request) -> Response:
+        return Response(DOCS_PAGE, media_type="text/html")
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in types:
+            return json_response({"detail": "not found"}, 404)
+        if name not in cache:
+            cache[name] = (swagger_ui_path / name).read_bytes()
+        return Response(cache[name], media_type=types[name], headers={"cache-control": "max-age=86400"})
+
+    return [Route("/docs", page, methods=["GET"]), Route("/docs/{name}", asset, methods=["GET"])]
 
 
 def freeze_heap() -> None:

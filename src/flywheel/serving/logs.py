@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 
@@ -26,7 +27,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_json_logging(level: int = logging.INFO, access_log: bool = False) -> None:
+LOG_LEVEL_ENV = "FLYWHEEL_LOG_LEVEL"  # what `flywheel serve --log-level` passes to its workers
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_json_logging(level: int | None = None, access_log: bool = False) -> None:
+    """JSON lines on stderr for every logger; the level from `level`, else FLYWHEEL_LOG_LEVEL, else
+    info."""
+    if level is None:
+        name = os.environ.get(LOG_LEVEL_ENV, "info").lower()
+        level = getattr(logging, name.upper()) if name in LEVELS else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -10,13 +10,13 @@ import uvicorn
 from flywheel.config import LlmProject, Project
 from flywheel.lifecycle.aliases import reconcile_aliases
 from flywheel.registry import Registry
-from flywheel.serving.logs import configure_json_logging
+from flywheel.serving.logs import LOG_LEVEL_ENV, configure_json_logging
 from flywheel.serving.logsink import sink_cpus
 from flywheel.state.db import close_state, open_state
 
 
 def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
-          workers: int | None = None) -> None:
+          workers: int | None = None, log_level: str | None = None) -> None:
     sink_cpus(os.environ)  # a bad CPU list fails here, before any worker starts
     cfg = project.config.serving
     # Workers write their metric samples here; prometheus_client reads the variable when it is
@@ -27,6 +27,8 @@ def serve(project: Project | LlmProject, host: str | None = None, port: int | No
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
     os.environ["FLYWHEEL_CONFIG"] = str(project.path)
     os.environ["FLYWHEEL_HOME"] = str(project.home)
+    if log_level:
+        os.environ[LOG_LEVEL_ENV] = log_level  # the workers read it too
     configure_json_logging(access_log=cfg.access_log)
     # Migrate once, before the workers start; finish any alias move a dead process left, so the
     # workers load the champion the state database records.
