@@ -386,13 +386,19 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default serving.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default serving.port).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default serving.workers).")] = None,
+    log_level: Annotated[str, typer.Option(
+        "--log-level", help="debug | info | warning | error (JSON lines on stderr).")] = "info",
 ) -> None:
-    """Serve the champion over HTTP; follows the alias and hot-swaps. Admin token: FLYWHEEL_ADMIN_TOKEN."""
+    """Serve the champion over HTTP (interactive API page at /docs); follows the alias and
+    hot-swaps. Admin token: FLYWHEEL_ADMIN_TOKEN."""
 
     def body() -> None:
+        from flywheel.serving.logs import LEVELS
         from flywheel.serving.server import serve as run_server
 
-        run_server(load_any_project(config), host, port, workers)
+        if log_level.lower() not in LEVELS:
+            raise typer.BadParameter(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}")
+        run_server(load_any_project(config), host, port, workers, log_level.lower())
 
     _run(body)
 
@@ -425,6 +431,11 @@ def monitor(
     config: ConfigOpt,
     size: Annotated[int | None, typer.Option(help="Window: the latest N predictions.")] = None,
     hours: Annotated[float | None, typer.Option(help="Window: the latest H hours of predictions.")] = None,
+    start: Annotated[str | None, typer.Option(
+        "--from", help="Window by event time from DATE (with --to): the rows' own time, as in a backfill."
+    )] = None,
+    end: Annotated[str | None, typer.Option(
+        "--to", help="Window by event time: up to DATE (excluded).")] = None,
     report: Annotated[bool | None, typer.Option(
         "--report/--no-report", help="Write Evidently's HTML/JSON report to MLflow (default: when "
                                      "Evidently is installed).")] = None,
@@ -433,15 +444,10 @@ def monitor(
     """Drift and performance of a window of the prediction log against the training reference."""
 
     def body() -> None:
-        from flywheel.config import MonitorWindow
         from flywheel.monitoring.monitor import run_monitor
 
         project = _project(config)
-        window = project.config.monitoring.window
-        if size is not None:
-            window = MonitorWindow(by="count", size=size)
-        elif hours is not None:
-            window = MonitorWindow(by="time", hours=hours)
+        window = _monitor_window(project.config.monitoring.window, size, hours, start, end)
         v = run_monitor(project, window=window, report=report)
         if as_json:
             perf = v.performance.__dict__ if v.performance else None
@@ -453,7 +459,8 @@ def monitor(
                 "report": str(v.report_path) if v.report_path else None, "mlflow_run_id": v.mlflow_run_id,
             }, default=str))
             return
-        table = Table(title=f"Drift of {v.drift.rows:,} predictions vs the training reference of "
+        when = f" with event time in [{start}, {end})" if start else ""
+        table = Table(title=f"Drift of {v.drift.rows:,} predictions{when} vs the training reference of "
                             f"v{v.model_version}")
         for col in ("feature", "test", "score", "threshold", "drift"):
             table.add_column(col)
@@ -633,6 +640,30 @@ def _print_lora_status(st: dict[str, Any]) -> None:
                       _fmt(m.get("perplexity_after", float("nan"))), v["gate"] or "",
                       _fmt(m.get("seconds_per_step", float("nan"))))
     out.print(table)
+
+
+def _monitor_window(configured: Any, size: int | None, hours: float | None, start: str | None,
+                    end: str | None) -> Any:
+    """The window the options ask for, else the configured one."""
+    from pydantic import ValidationError
+
+    from flywheel.config import MonitorWindow
+
+    if (start is None) != (end is None):
+        raise typer.BadParameter("a window by event time needs both --from and --to")
+    if sum(x is not None for x in (size, hours, start)) > 1:
+        raise typer.BadParameter("choose one window: --size, --hours, or --from/--to")
+    if size is not None:
+        return MonitorWindow(by="count", size=size)
+    if hours is not None:
+        return MonitorWindow(by="time", hours=hours)
+    if start is None:
+        return configured
+    try:
+        return MonitorWindow(by="event", start=start, end=end)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(f"{e['msg']} ({e['input']!r})" if e["loc"] else e["msg"]
+                                           for e in exc.errors())) from None
 
 
 def _rows_text(trained_on: dict[str, Any]) -> str:

@@ -251,11 +251,22 @@ class ServingConfig(ServerConfig):
 
 
 class MonitorWindow(_Strict):
-    """Which predictions a monitoring run looks at: the latest `size` rows, or the latest `hours`."""
+    """Which predictions a monitoring run looks at: the latest `size` rows, those served in the
+    latest `hours`, or those whose event time (the time column when the model reads it, else the
+    request's meta.event_time, else when it was served) lies in [start, end)."""
 
-    by: Literal["count", "time"] = "count"
+    by: Literal["count", "time", "event"] = "count"
     size: int = Field(default=10_000, ge=100)
     hours: float = Field(default=24.0, gt=0)
+    start: date | None = None
+    end: date | None = None
+
+    @model_validator(mode="after")
+    def _event_bounds(self) -> MonitorWindow:
+        if self.by == "event" and (self.start is None or self.end is None or self.end <= self.start):
+            raise ValueError("a window by event time needs start and end, start before end "
+                             "(flywheel monitor --from DATE --to DATE)")
+        return self
 
 
 class MonitoringConfig(_Strict):

@@ -4,6 +4,7 @@ says where the rows came from. Also: label timing, and `both` learning each row 
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
 
 import httpx
@@ -90,6 +91,20 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
         one = client.post(f"{server.url}/v1/predict", json=[{"age": 30, "monthly_spend": 10.0,
                                                              "plan": "basic"}])
         assert one.json()["version"] == 2
+
+    # monitoring by event time: the rows whose meta.event_time lies in the first half of 2021,
+    # however recently they were served, and the labels among them
+    code, said = cli("monitor", "--config", str(path), "--from", "2021-01-01", "--to", "2021-07-01",
+                     "--no-report", "--json", home=home)
+    assert code == 0, said
+    verdict = json.loads(said)
+    inside = [d for d in days if "2021-01-01" <= d < "2021-07-01"]
+    assert verdict["rows"] == len(inside) and verdict["performance"]["rows"] == len(inside)
+    code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)
+    assert code == 2 and "needs both --from and --to" in said
+    code, said = cli("monitor", "--config", str(path), "--from", "2030-01-01", "--to", "2031-01-01",
+                     "--no-report", home=home)
+    assert code == 1 and "only 0 predictions in the window (event time in [2030-01-01, 2031-01-01))" in said
 
     # the new_labelled_rows trigger counts labels received after the watermark's day
     today = date.today()

@@ -16,6 +16,8 @@ import pandas as pd
 from flywheel.config import DataConfig
 from flywheel.core.errors import FlywheelError
 
+EVENT_TIME = "event_time"  # the key of a request's `meta` that carries the row's own time
+
 
 class TimeColumnError(FlywheelError, ValueError):
     """The time column holds values that the configured `data.time_unit` cannot read."""
@@ -97,3 +99,21 @@ def _first_month_from(d: date) -> int:
     """The first month (YYYYMM) whose first day is on or after `d`."""
     year, month = (d.year, d.month) if d.day == 1 else (d.year + (d.month == 12), d.month % 12 + 1)
     return year * 100 + month
+
+
+def served_row_times(inputs: pd.DataFrame, metas: list[dict[str, Any]], served_at: pd.Series,
+                     data: DataConfig) -> pd.Series:
+    """When each served row happened: the time column when the model reads it (it is among the
+    inputs), else the request's `meta.event_time`, else the moment it was served (`served_at`,
+    naive UTC). What learning from feedback and monitoring by event time both go by."""
+    served_at = served_at.reset_index(drop=True)
+    if data.time_column in inputs.columns:
+        return to_timestamps(inputs[data.time_column].reset_index(drop=True), data).fillna(served_at)
+    event = pd.to_datetime(pd.Series([m.get(EVENT_TIME) for m in metas], dtype=object),
+                           errors="coerce", format="mixed", utc=True)
+    return event.dt.tz_convert(None).astype("datetime64[ns]").fillna(served_at)
+
+
+def naive_utc(values: pd.Series) -> pd.Series:
+    """Timestamps in UTC without a zone (the state database stores UTC; SQLite drops the zone)."""
+    return pd.to_datetime(values, utc=True).dt.tz_convert(None).astype("datetime64[ns]")

@@ -27,10 +27,9 @@ from flywheel.data.sources import (
     read_labelled_window,
     save_snapshot,
 )
-from flywheel.data.timecol import to_timestamps
+from flywheel.data.timecol import naive_utc, served_row_times
 from flywheel.state.db import feedback, open_state, predictions
 
-EVENT_TIME = "event_time"  # the key of `meta` that carries a served row's own time
 ENTITY_ID = "entity_id"  # the key of `meta` that names the row's id in the source table
 
 
@@ -65,33 +64,14 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
             "(retraining.train_from: source) or serve a model whose inputs include them")
     frame = inputs.reindex(columns=[c for c in wanted if c in inputs.columns])
     frame[data.id_column] = [str(m.get(ENTITY_ID) or r.record_id) for m, r in zip(metas, found, strict=True)]
-    frame[data.time_column] = _row_times(inputs, metas, [r.created_at for r in found], project)
+    served_at = naive_utc(pd.Series([r.created_at for r in found]))
+    frame[data.time_column] = served_row_times(inputs, metas, served_at, data)
     frame[TARGET] = np.array([r.label for r in found], dtype=np.int8)
-    frame[LABEL_KNOWN_AT] = _naive(pd.Series([r.received_at for r in found]))
+    frame[LABEL_KNOWN_AT] = naive_utc(pd.Series([r.received_at for r in found]))
     frame = frame.drop_duplicates(data.id_column, keep="last")  # an id served twice: its latest
     when = frame[data.time_column]
     frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(upper))]
     return frame.sort_values([data.time_column, data.id_column], kind="stable").reset_index(drop=True)
-
-
-def _row_times(inputs: pd.DataFrame, metas: list[dict[str, object]], served: list[datetime],
-               project: Project) -> pd.Series:
-    data = project.config.data
-    served_at = _naive(pd.Series(served))
-    if data.time_column in inputs.columns:  # the model reads the time column: it is the row's time
-        own = to_timestamps(inputs[data.time_column], data)
-        return own.fillna(served_at)
-    event = pd.to_datetime(pd.Series([m.get(EVENT_TIME) for m in metas], dtype=object),
-                           errors="coerce", format="mixed")
-    if getattr(event.dt, "tz", None) is not None:
-        event = event.dt.tz_convert(None)
-    return event.astype("datetime64[ns]").fillna(served_at)
-
-
-def _naive(values: pd.Series) -> pd.Series:
-    """Timestamps in UTC without a zone (the state database stores UTC; SQLite drops the zone)."""
-    out = pd.to_datetime(values, utc=True)
-    return out.dt.tz_convert(None).astype("datetime64[ns]")
 
 
 def extract_retraining_rows(project: Project, extra_columns: Sequence[str], window: tuple[date, date],

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import orjson
 import pandas as pd
 import sqlalchemy as sa
 
-from flywheel.config import MonitorWindow, Project
+from flywheel.config import DataConfig, MonitorWindow, Project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import installed, require, without
 from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
+from flywheel.data.timecol import naive_utc, served_row_times
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
 from flywheel.monitoring.reference import (
     PREDICTION,
@@ -107,15 +108,18 @@ def _version_facts(registry: Registry, version: int,
 
 
 def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
-                at: datetime | None = None) -> pd.DataFrame:
-    """The window's predictions: inputs (parsed), probability, model version, time."""
+                at: datetime | None = None, data: DataConfig | None = None) -> pd.DataFrame:
+    """The window's predictions: inputs (parsed), probability, model version, time. A window by
+    event time needs `data` (which column is the time column)."""
     cols = [predictions.c.id, predictions.c.created_at, predictions.c.model_version,
-            predictions.c.inputs, predictions.c.probability]
+            predictions.c.inputs, predictions.c.probability, predictions.c.meta]
     query = sa.select(*cols).where(predictions.c.model_name == model_name)
     if window.by == "time":
         end = at or now()
         query = query.where(predictions.c.created_at >= end - timedelta(hours=window.hours),
                             predictions.c.created_at < end)
+    elif window.by == "event":  # a row is served at or after it happened: a bound that SQL can use
+        query = query.where(predictions.c.created_at >= _utc_midnight(window.start))
     else:
         query = query.order_by(predictions.c.id.desc()).limit(window.size)
     with engine.connect() as conn:
@@ -126,35 +130,60 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
     meta = pd.DataFrame({"id": [r.id for r in rows], "created_at": [r.created_at for r in rows],
                          "model_version": [r.model_version for r in rows],
                          "probability": [r.probability for r in rows]})
-    return pd.concat([meta, inputs], axis=1).sort_values("id").reset_index(drop=True)
+    frame = pd.concat([meta, inputs], axis=1)
+    if window.by == "event":
+        if data is None:
+            raise ValueError("a window by event time needs the project's data config")
+        metas = [orjson.loads(r.meta) if r.meta else {} for r in rows]
+        when = served_row_times(inputs, metas, naive_utc(meta["created_at"]), data)
+        inside = (when >= pd.Timestamp(_utc_midnight(window.start).replace(tzinfo=None))) & \
+            (when < pd.Timestamp(_utc_midnight(window.end).replace(tzinfo=None)))
+        frame = frame.loc[inside.to_numpy()]
+    return frame.sort_values("id").reset_index(drop=True)
 
 
-def read_labelled(engine: sa.Engine, model_name: str, rows: int) -> pd.DataFrame:
-    """The latest `rows` predictions that have a label (feedback), with the version that served them."""
+def _utc_midnight(day: date | None) -> datetime:
+    return datetime.combine(day or date.min, datetime.min.time(), tzinfo=UTC)
+
+
+def _in_window(query: sa.Select[Any], within: pd.Series | None) -> sa.Select[Any]:
+    """The latest rows, or (for an event window) the rows of the window's id range."""
+    if within is None:
+        return query.order_by(predictions.c.id.desc())
+    return query.where(predictions.c.id.between(int(within.min()), int(within.max())))
+
+
+def read_labelled(engine: sa.Engine, model_name: str, rows: int,
+                  within: pd.Series | None = None) -> pd.DataFrame:
+    """The latest `rows` predictions that have a label (feedback), with the version that served
+    them; or every labelled one among the prediction ids `within`."""
     query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
                        feedback.c.label)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
-             .where(predictions.c.model_name == model_name)
-             .order_by(predictions.c.id.desc()).limit(rows))
+             .where(predictions.c.model_name == model_name))
+    query = _in_window(query, within)
     with engine.connect() as conn:
-        return pd.DataFrame(conn.execute(query).all(),
-                            columns=["id", "model_version", "probability", "label"])
+        found = pd.DataFrame(conn.execute(query if within is not None else query.limit(rows)).all(),
+                             columns=["id", "model_version", "probability", "label"])
+    return found if within is None else found[found["id"].isin(within)]
 
 
 def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, rows: int,
-                         at: datetime) -> pd.DataFrame:
-    """Labels from the source database for the latest predictions whose `meta.entity_id` names a
-    source row whose label is known by `at` (the target's own rule: 24 months after approval)."""
+                         at: datetime, within: pd.Series | None = None) -> pd.DataFrame:
+    """Labels from the source database for the latest predictions (or those `within`) whose
+    `meta.entity_id` names a source row whose label is known by `at` (the target's own rule)."""
     query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
                        predictions.c.meta)
-             .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None))
-             .order_by(predictions.c.id.desc()).limit(rows))
+             .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None)))
+    query = _in_window(query, within)
     with engine.connect() as conn:
-        found = conn.execute(query).all()
+        found = conn.execute(query if within is not None else query.limit(rows)).all()
     entity = [str((orjson.loads(r.meta) or {}).get("entity_id", "")) for r in found]
     preds = pd.DataFrame({"id": [r.id for r in found], "model_version": [r.model_version for r in found],
                           "probability": [r.probability for r in found], "entity_id": entity})
     preds = preds[preds["entity_id"] != ""]
+    if within is not None:
+        preds = preds[preds["id"].isin(within)]
     if preds.empty:
         return pd.DataFrame(columns=["id", "model_version", "probability", "label"])
     labels = labels_known_at(project.source_url, project.config.data, sorted(set(preds["entity_id"])),
@@ -164,13 +193,15 @@ def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, r
 
 
 def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: int,
-                    at: datetime) -> pd.DataFrame:
-    """The latest `rows` labelled predictions: feedback labels first, else the source database's."""
-    feedback_rows = read_labelled(engine, model_name, rows)
-    source_rows = read_source_labelled(project, engine, model_name, rows, at)
+                    at: datetime, within: pd.Series | None = None) -> pd.DataFrame:
+    """The latest `rows` labelled predictions (or every labelled one among the ids `within`):
+    feedback labels first, else the source database's."""
+    feedback_rows = read_labelled(engine, model_name, rows, within)
+    source_rows = read_source_labelled(project, engine, model_name, rows, at, within)
     source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
     both = pd.concat([feedback_rows, source_rows], ignore_index=True) if len(source_rows) else feedback_rows
-    return both.sort_values("id", ascending=False).head(rows).reset_index(drop=True)
+    both = both.sort_values("id", ascending=False)
+    return (both if within is not None else both.head(rows)).reset_index(drop=True)
 
 
 def expected_auc(registry: Registry, labelled: pd.DataFrame) -> float | None:
@@ -209,9 +240,10 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
         raise MonitorError("no champion: nothing is served, so there is nothing to monitor")
     started = time.perf_counter()
     profile, sample_path, spec = _version_facts(registry, version, project.home / "cache")
-    frame = read_window(engine, registry.model_name, window, at)
+    frame = read_window(engine, registry.model_name, window, at, project.config.data)
     if len(frame) < 100:
-        raise MonitorError(f"only {len(frame)} predictions in the window; monitoring needs at least 100")
+        raise MonitorError(f"only {len(frame)} predictions in the window{_described(window)}; "
+                           "monitoring needs at least 100")
     missing = [c for c in spec.input_columns if c not in frame.columns]
     if missing:
         raise MonitorError(f"logged inputs lack column(s) {', '.join(missing)} that v{version} uses")
@@ -219,12 +251,14 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
-    labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now())
+    labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now(),
+                               frame["id"] if window.by == "event" else None)
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives)
     promised = expected_auc(registry, labelled) if perf is not None else None
     drop = bool(perf is not None and promised is not None and perf.roc_auc < promised - cfg.max_auc_drop)
     seconds = time.perf_counter() - started
-    w_start, w_end = frame["created_at"].min(), frame["created_at"].max()
+    w_start, w_end = (frame["created_at"].min(), frame["created_at"].max()) if window.by != "event" \
+        else (_utc_midnight(window.start), _utc_midnight(window.end))
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
                         pred.score, perf, drop, seconds)
     report_path, mlflow_run = None, None
@@ -258,6 +292,12 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             for c in drift.columns
         ])
     return int(verdict_id)
+
+
+def _described(window: MonitorWindow) -> str:
+    if window.by == "event":
+        return f" (event time in [{window.start}, {window.end}))"
+    return f" (the latest {window.hours:g} hours)" if window.by == "time" else ""
 
 
 def _report_wanted(setting: bool | None) -> bool:
