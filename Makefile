@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts benchmarks deploy
+	$(BIN)/ruff check src tests scripts benchmarks deploy examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -13,6 +13,7 @@ import pandas as pd
 import sqlalchemy as sa
 import yaml
 
+from flywheel import api
 from flywheel.config import load_project
 from flywheel.data.sources import TARGET, make_engine
 from flywheel.demo.replay import wait_for_log
@@ -100,6 +101,8 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     verdict = json.loads(said)
     inside = [d for d in days if "2021-01-01" <= d < "2021-07-01"]
     assert verdict["rows"] == len(inside) and verdict["performance"]["rows"] == len(inside)
+    same = api.monitor(project, start="2021-01-01", end="2021-07-01")  # the Python API's way
+    assert same.drift.rows == len(inside) and same.window_kind == "event"
     code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)
     assert code == 2 and "needs both --from and --to" in said
     code, said = cli("monitor", "--config", str(path), "--from", "2030-01-01", "--to", "2031-01-01",

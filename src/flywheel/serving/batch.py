@@ -27,35 +27,43 @@ def predict_batch(project: Project, source: str, output: Path, version: int | No
                   keep: tuple[str, ...] = ()) -> BatchResult:
     """Score every row of a parquet/CSV file, or of a table in the source database; the output has
     the id and time columns, the `keep` columns (a label to evaluate with, say) and the scores."""
+    scored = score_frame(project, _read(project, source), version, keep, source)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".csv":
+        scored.to_csv(output, index=False)
+    else:
+        scored.to_parquet(output, index=False)
+    return BatchResult(rows=len(scored), version=int(scored.attrs["model_version"]), output=output)
+
+
+def score_frame(project: Project, frame: pd.DataFrame, version: int | None = None,
+                keep: tuple[str, ...] = (), what: str = "the frame") -> pd.DataFrame:
+    """The rows of `frame` scored by `version` (default: the champion), exactly as the server
+    scores them: the id and time columns (where present), the `keep` columns, probability,
+    decision and model_version. `attrs["model_version"]` names the version."""
     registry = Registry.for_project(project)
     version = version if version is not None else registry.alias_version(CHAMPION)
     if version is None:
         raise PipelineError("no champion to predict with: run flywheel train first")
     model = load_version(registry, version)
-    frame = _read(project, source)
     absent = [c for c in keep if c not in frame.columns]
     if absent:
-        raise SourceError(f"{source}: no column(s) {', '.join(absent)} to keep; it has: "
+        raise SourceError(f"{what}: no column(s) {', '.join(absent)} to keep; it has: "
                           f"{', '.join(map(str, frame.columns))}")
     missing = [c for c in model.spec.input_columns if c not in frame.columns]
     if missing:
-        raise SourceError(f"{source}: missing input column(s) {', '.join(missing)} that "
+        raise SourceError(f"{what}: missing input column(s) {', '.join(missing)} that "
                           f"{model.name} v{version} needs")
     # The batch path (DuckDB SQL) gives exactly the per-row path's features (tested).
     probs = model.predict_matrix(build_matrix(model.spec, frame))
-    threshold = project.config.serving.threshold
     data = project.config.data
     columns = [c for c in dict.fromkeys((data.id_column, data.time_column, *keep)) if c in frame]
     out = frame[columns].copy()
     out["probability"] = probs.astype(float)
-    out["decision"] = out["probability"] >= threshold
+    out["decision"] = out["probability"] >= project.config.serving.threshold
     out["model_version"] = version
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".csv":
-        out.to_csv(output, index=False)
-    else:
-        out.to_parquet(output, index=False)
-    return BatchResult(rows=len(out), version=version, output=output)
+    out.attrs["model_version"] = version
+    return out
 
 
 def _read(project: Project, source: str) -> pd.DataFrame:
