@@ -1,4 +1,7 @@
-"""Make the churn example's data: `python examples/churn/make_data.py [OUT.csv] [--rows N]`.
+"""Make the churn example's data: `python examples/churn/make_data.py [FOLDER] [--rows N]`.
+
+Writes FOLDER/customers.csv (the customers who signed up in 2019-2022: the history to train on)
+and FOLDER/arriving.csv (those of 2023: the traffic a served model meets, with their labels).
 
 Synthetic subscription customers, 2019-2023, one row per customer: who signed up when, on which
 plan, from which channel, how much they spend and how often they called support, and whether they
@@ -45,12 +48,16 @@ def customers(rows: int = 8000, seed: int = 7) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default="customers.csv", type=Path)
+    parser.add_argument("folder", nargs="?", default=".", type=Path)
     parser.add_argument("--rows", type=int, default=8000)
     args = parser.parse_args()
     frame = customers(args.rows)
-    frame.to_csv(args.out, index=False)
-    print(f"wrote {len(frame):,} customers ({(frame.churned == 'yes').mean():.1%} churned) to {args.out}")
+    args.folder.mkdir(parents=True, exist_ok=True)
+    late = frame["signup_date"] >= "2023-01-01"
+    for name, part in (("customers.csv", frame[~late]), ("arriving.csv", frame[late])):
+        part.to_csv(args.folder / name, index=False)
+        print(f"wrote {len(part):,} customers ({(part.churned == 'yes').mean():.1%} churned) "
+              f"to {args.folder / name}")
 
 
 if __name__ == "__main__":
