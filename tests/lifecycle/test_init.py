@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from flywheel.cli import app
 from flywheel.lifecycle import propose_project
+from flywheel.lifecycle.init import InitError
 
 runner = CliRunner()
 
@@ -83,3 +85,28 @@ def test_a_year_column_is_found_by_its_name_and_values():
         fiscal_year=np.random.default_rng(1).integers(2015, 2023, 800))
     p = propose_project(frame, "escalated")
     assert (p.time_column, p.time_unit, p.window) == ("fiscal_year", "year", ("2015", "2023"))
+
+
+def test_text_dates_in_another_shape_than_iso_get_their_format_and_train(tmp_path):
+    frame = tickets()
+    opened = pd.to_datetime(frame["opened_on"])
+    data = tmp_path / "eu.csv"
+    frame.assign(opened_on=opened.dt.strftime("%d/%m/%Y")).to_csv(data, index=False)
+    config, home = tmp_path / "eu" / "flywheel.yaml", tmp_path / "eu" / ".flywheel"
+    code, said = invoke("init", "--from", str(data), "--target", "escalated", "--output", str(config),
+                        home=home)
+    assert code == 0, said
+    d = yaml.safe_load(config.read_text())["data"]
+    assert (d["time_unit"], d["time_format"]) == ("text", "%d/%m/%Y")
+    assert d["window"] == {"start": opened.min().date(), "end": (opened.max() + pd.Timedelta(days=1)).date()}
+    code, said = invoke("train", "--config", str(config), home=home)
+    assert code == 0 and "3,000 labelled rows" in said, said
+
+    # only days up to 12: day-first and month-first both read them; the config says to check
+    days = [f"{d:02d}/{m:02d}/2022" for d, m in zip(range(1, 13), [1, 2, 3] * 4, strict=True)]
+    early = frame.head(50).assign(opened_on=days * 4 + ["01/01/2022"] * 2)
+    p = propose_project(early, "escalated", time="opened_on")
+    assert p.time_format == "%d/%m/%Y" and "%m/%d/%Y also reads every value: check" in p.time_why
+    mixed = frame.head(50).assign(opened_on=["2022-01-05"] * 25 + ["05.01.2022"] * 25)
+    with pytest.raises(InitError, match="no single date format reads every value .*2022-01-05, 05.01.2022"):
+        propose_project(mixed, "escalated", time="opened_on")

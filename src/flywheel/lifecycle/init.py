@@ -58,6 +58,7 @@ class Proposal:
     features: list[dict[str, Any]] = field(default_factory=list)
     leaky: dict[str, float] = field(default_factory=dict)  # proposed, then left out
     scores: dict[str, float] = field(default_factory=dict)  # standalone ROC-AUC of each feature
+    time_format: str | None = None  # for dates written as text in another shape than ISO
 
 
 def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, project: str = "my-project",
@@ -69,7 +70,9 @@ def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, p
     positive, rate = _positive_class(frame[target], target)
     ident = id_column or _find_id(frame, exclude={target, time})
     when, unit, why = _find_time(frame, time, exclude={target, ident})
-    times = _as_time(frame[when], unit)
+    fmt, doubt = _text_format(frame[when]) if unit == "text" else (None, "")
+    times = _as_time(frame[when], unit, fmt)
+    why += doubt
     profiles, features = _profile_features(frame, exclude={target, ident, when})
     low, high = times.min(), times.max()
     end = high + (pd.DateOffset(years=1) if unit == "year" else
@@ -81,7 +84,7 @@ def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, p
                  ColumnProfile(target, str(frame[target].dtype), float(frame[target].isna().mean()),
                                int(frame[target].nunique()), "target")]
     proposal = Proposal(project, table, len(frame), ident, when, unit, why, window, target, positive,
-                        rate, profiles, features)
+                        rate, profiles, features, time_format=fmt)
     _screen(proposal, frame)
     return proposal
 
@@ -117,6 +120,11 @@ def _find_time(frame: pd.DataFrame, time: str | None, exclude: set[str | None]) 
         if time not in frame.columns:
             raise InitError(f"--time {time}: no such column")
         unit = _time_unit(frame[time], str(time))
+        if unit is None and frame[time].dtype == object:
+            seen = list(dict.fromkeys(frame[time].dropna().astype(str)))[:3]
+            raise InitError(f"--time {time}: no single date format reads every value (for example "
+                            f"{', '.join(seen)}); write the dates in one format (ISO: 2023-01-31), "
+                            "or give data.time_format by hand")
         if unit is None:
             raise InitError(f"--time {time}: its values are neither dates, nor years, nor YYYYMM months")
         return time, unit, "chosen with --time"
@@ -152,15 +160,45 @@ def _time_unit(values: pd.Series, name: str) -> str | None:
         parsed = pd.to_datetime(sample, errors="coerce", format="ISO8601")
         if parsed.notna().mean() >= 0.99 and sample.str.match(r"^\d{4}-\d{2}-\d{2}").all():
             return "text"
+        if _formats_reading(sample):
+            return "text"
     return None
 
 
-def _as_time(values: pd.Series, unit: str) -> pd.Series:
+# Dates as text in the shapes that spreadsheets and exports write, day-first before month-first.
+_DAYS = ["%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y", "%Y/%m/%d", "%d/%m/%y",
+         "%m/%d/%y", "%d-%b-%Y", "%d-%b-%y", "%d %b %Y", "%b %d, %Y", "%d %B %Y", "%B %d, %Y"]
+TEXT_FORMATS = [d + t for d in _DAYS for t in ("", " %H:%M", " %H:%M:%S")]
+
+
+def _formats_reading(values: pd.Series) -> list[str]:
+    """The text date formats that read every value."""
+    text = values.dropna().astype(str)
+    return [f for f in TEXT_FORMATS
+            if pd.to_datetime(text, format=f, errors="coerce").notna().all()]
+
+
+def _text_format(values: pd.Series) -> tuple[str | None, str]:
+    """The format of a text date column (None for ISO), and a note when another format reads
+    every value too (01/02/2023: 1 February or 2 January?)."""
+    text = values.dropna().astype(str)
+    if text.str.match(r"^\d{4}-\d{2}-\d{2}").all():
+        return None, ""
+    found = [f for f in _formats_reading(text.head(500))  # the sample narrows, the column decides
+             if pd.to_datetime(text, format=f, errors="coerce").notna().all()]
+    if not found:
+        raise InitError(f"time column '{values.name}': no single date format reads every value "
+                        f"(for example {', '.join(text.head(3))}); give data.time_format by hand")
+    doubt = f"; {found[1]} also reads every value: check time_format" if len(found) > 1 else ""
+    return found[0], f"; dates as text in {found[0]}{doubt}"
+
+
+def _as_time(values: pd.Series, unit: str, fmt: str | None = None) -> pd.Series:
     if unit == "year":
         return pd.to_datetime(values.astype("Int64").astype(str) + "-01-01")
     if unit == "month":
         return pd.to_datetime(values.astype("Int64").astype(str) + "01", format="%Y%m%d")
-    return pd.to_datetime(values, format="ISO8601" if unit == "text" else None)
+    return pd.to_datetime(values, format=(fmt or "ISO8601") if unit == "text" else None)
 
 
 def _in_unit(t: pd.Timestamp, unit: str) -> str:
@@ -246,6 +284,7 @@ def render_config(p: Proposal, source: str | None = None) -> str:
         f"  id_column: {scalar(p.id_column)}",
         f"  time_column: {scalar(p.time_column)}    # {p.time_why}",
         f"  time_unit: {p.time_unit}",
+        *([f"  time_format: {scalar(p.time_format)}"] if p.time_format else []),
         f"  window: {{start: {p.window[0]}, end: {p.window[1]}}}   # all the rows; end is exclusive",
         "  target:",
         "    kind: column   # the label is known as soon as the row exists",
