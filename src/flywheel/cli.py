@@ -454,7 +454,8 @@ def monitor(
             out.print_json(json.dumps({
                 "id": v.id, "model_version": v.model_version, "rows": v.drift.rows,
                 "drift_share": v.drift.share, "drift_detected": v.drift.detected,
-                "columns": [c.__dict__ for c in v.drift.columns], "prediction_drift": v.prediction_drift,
+                "columns": [{**c.__dict__, "unseen_rows": v.unseen.get(c.column)} for c in v.drift.columns],
+                "prediction_drift": v.prediction_drift,
                 "performance": perf, "performance_drop": v.performance_drop, "seconds": v.seconds,
                 "report": str(v.report_path) if v.report_path else None, "mlflow_run_id": v.mlflow_run_id,
             }, default=str))
@@ -462,11 +463,12 @@ def monitor(
         when = f" with event time in [{start}, {end})" if start else ""
         table = Table(title=f"Drift of {v.drift.rows:,} predictions{when} vs the training reference of "
                             f"v{v.model_version}")
-        for col in ("feature", "test", "score", "threshold", "drift"):
+        for col in ("feature", "test", "score", "threshold", "drift", "unseen"):
             table.add_column(col)
         for c in v.drift.columns:
             table.add_row(c.column, c.stattest, f"{c.score:.4f}", f"{c.threshold:g}",
-                          "[red]DRIFT[/]" if c.drifted else "")
+                          "[red]DRIFT[/]" if c.drifted else "",
+                          f"{v.unseen[c.column]:,}" if c.column in v.unseen else "")
         out.print(table)
         out.print(v.summary() + f" ({v.seconds:.2f}s)")
         if v.report_path:

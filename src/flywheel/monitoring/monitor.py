@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,8 @@ class MonitorVerdict:
     seconds: float
     report_path: Path | None
     mlflow_run_id: str | None
+    # category feature -> rows of the window whose value the model never learnt (scored as "other")
+    unseen: dict[str, int] = field(default_factory=dict)
 
     @property
     def drift_detected(self) -> bool:
@@ -78,6 +80,9 @@ class MonitorVerdict:
         parts = [f"v{self.model_version}: {self.drift.rows:,} predictions, "
                  f"{len(self.drift.drifted_columns)}/{len(self.drift.columns)} features drifted "
                  f"(share {self.drift.share:.2f}, dataset drift {'YES' if self.drift.detected else 'no'})"]
+        if any(self.unseen.values()):
+            parts.append("categories the model never learnt: " + ", ".join(
+                f"{name} {n:,} rows" for name, n in self.unseen.items() if n))
         if self.performance is not None:
             parts.append(f"ROC-AUC {self.performance.roc_auc:.3f} on {self.performance.rows:,} labelled"
                          + (" (DROP)" if self.performance_drop else ""))
@@ -247,7 +252,9 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     missing = [c for c in spec.input_columns if c not in frame.columns]
     if missing:
         raise MonitorError(f"logged inputs lack column(s) {', '.join(missing)} that v{version} uses")
-    current = feature_frame(spec, build_matrix(spec, frame))
+    X = build_matrix(spec, frame)
+    current = feature_frame(spec, X)
+    unseen = unseen_categories(spec, frame, X)
     current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
@@ -260,7 +267,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     w_start, w_end = (frame["created_at"].min(), frame["created_at"].max()) if window.by != "event" \
         else (_utc_midnight(window.start), _utc_midnight(window.end))
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
-                        pred.score, perf, drop, seconds)
+                        pred.score, perf, drop, seconds, unseen)
     report_path, mlflow_run = None, None
     if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
@@ -271,12 +278,25 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
             conn.execute(monitor_runs.update().where(monitor_runs.c.id == verdict_id).values(
                 report_path=str(report_path), mlflow_run_id=mlflow_run))
     return MonitorVerdict(verdict_id, registry.model_name, version, window.by, w_start, w_end, drift,
-                          pred.score, perf, drop, seconds, report_path, mlflow_run)
+                          pred.score, perf, drop, seconds, report_path, mlflow_run, unseen)
+
+
+def unseen_categories(spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray) -> dict[str, int]:
+    """For each category feature, the rows with a value (not empty) outside the model's vocabulary:
+    a value never seen in training, or too rare there to be learnt; the model scores them all as
+    one 'other' category, which is worth knowing when it grows."""
+    out = {}
+    for i in spec.categorical_indices:
+        f = spec.features[i]
+        other = X[:, i] == len(spec.vocabularies.get(f.name, []))
+        present = frame[f.column].notna().to_numpy()  # type: ignore[union-attr]  # category: column
+        out[f.name] = int((other & present).sum())
+    return out
 
 
 def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: Any, end: Any,
            drift: DriftResult, prediction_drift: float, perf: Performance | None, drop: bool,
-           seconds: float) -> int:
+           seconds: float, unseen: dict[str, int]) -> int:
     with engine.begin() as conn:
         verdict_id = conn.execute(monitor_runs.insert().values(  # type: ignore[index]
             model_name=model_name, model_version=version, window_kind=kind, window_start=start,
@@ -288,7 +308,8 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
         )).inserted_primary_key[0]
         conn.execute(monitor_columns.insert(), [
             {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,
-             "score": _finite(c.score) or 0.0, "threshold": c.threshold, "drifted": c.drifted}
+             "score": _finite(c.score) or 0.0, "threshold": c.threshold, "drifted": c.drifted,
+             "unseen_rows": unseen.get(c.column)}
             for c in drift.columns
         ])
     return int(verdict_id)

@@ -133,6 +133,12 @@ def _verdict_text(v: dict[str, Any]) -> str:
               "# TYPE flywheel_feature_drifted gauge"]
     lines += [f'flywheel_feature_drifted{{feature="{c["column_name"]}"}} {int(bool(c["drifted"]))}'
               for c in v["columns"]]
+    unseen = [c for c in v["columns"] if c.get("unseen_rows") is not None]
+    if unseen:
+        lines += ["# HELP flywheel_feature_unseen_rows Rows of the latest window whose category the "
+                  "model never learnt", "# TYPE flywheel_feature_unseen_rows gauge"]
+        lines += [f'flywheel_feature_unseen_rows{{feature="{c["column_name"]}"}} {int(c["unseen_rows"])}'
+                  for c in unseen]
     if v.get("prediction_drift") is not None:
         lines += ["# HELP flywheel_prediction_drift_score Drift score of the predicted probabilities",
                   "# TYPE flywheel_prediction_drift_score gauge",

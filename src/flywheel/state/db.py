@@ -104,6 +104,8 @@ monitor_columns = sa.Table(
     sa.Column("score", sa.Float, nullable=False),
     sa.Column("threshold", sa.Float, nullable=False),
     sa.Column("drifted", sa.Boolean, nullable=False),
+    # category features: rows whose value the model never learnt (unseen in training, or too rare)
+    sa.Column("unseen_rows", sa.Integer, nullable=True),
 )
 pipeline_runs = sa.Table(
     "pipeline_runs",
