@@ -46,14 +46,19 @@ def python_for(version: str) -> Path:
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of the sources (setuptools writes build/ and *.egg-info beside
-    them, and each test worker builds its own)."""
+    """The wheel, built as `python -m build` does: an sdist from a copy of the sources (setuptools
+    writes build/ and *.egg-info beside them, and each test worker builds its own), then the wheel
+    from the sdist, so a file missing from the sdist fails here."""
     tree, out = tmp_path_factory.mktemp("tree"), tmp_path_factory.mktemp("wheel")
     shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, tree / name)
+    subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                    "build_meta.build_sdist(sys.argv[1])", str(out)], cwd=tree, check=True, timeout=300,
+                   capture_output=True)
+    [sdist] = out.glob("mlflywheel-*.tar.gz")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    str(tree), "-w", str(out)], check=True, timeout=300)
+                    str(sdist), "-w", str(out)], check=True, timeout=300)
     [built] = out.glob("mlflywheel-*.whl")
     return built
 
