@@ -34,7 +34,7 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     status = json.loads(flywheel("status", "--config", str(config), "--json", env=env).stdout)
     champ = status["champion"]
     assert champ["trained_on"] == {"from": "1994-10-01", "to": "2001-10-01", "as_of": "2001-10-01",
-                                   "rows": 196_829}
+                                   "rows": 196_829, "rows_from": "source", "feedback_rows": 0}
     # DATA.md: about 0.6-0.7 for application data without Term; far below Term's 0.94.
     assert 0.58 < champ["metrics"]["roc_auc"] < 0.80
 
