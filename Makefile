@@ -9,16 +9,10 @@ LORA_CONFIG ?= examples/constitution-lora/flywheel.yaml
 
 .PHONY: demo finetune test lint lock lock-airflow clean-state
 
-$(STAMP): requirements.lock pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	# CPU build of PyTorch first: any other order lets pip pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	# The lock pins every package: no resolver run. (Not --no-compile: where PYTHONDONTWRITEBYTECODE
-	# is set, nothing would ever be compiled and every process would compile MLflow again.)
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+$(STAMP): requirements.lock pyproject.toml scripts/make-venv.sh
+	# The lock's venv is built once per lock under ~/.cache/flywheel/venvs and copied (hard links)
+	# into .venv; then this checkout is installed into it. See scripts/make-venv.sh.
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/make-venv.sh
 
 demo: $(STAMP)
 	$(BIN)/flywheel demo --config $(CONFIG)
