@@ -136,6 +136,32 @@ def test_nan_and_infinity_are_refused_with_the_field_named(client, records, lite
     assert r.json()["detail"][0]["loc"] == ["body", "gr_appv"]
 
 
+def nested(levels: int) -> dict:
+    meta: dict = {"leaf": 1}
+    for _ in range(levels - 1):
+        meta = {"inner": meta}
+    return meta
+
+
+def test_meta_is_bounded_in_depth_and_values_so_every_accepted_request_can_be_logged(client, records):
+    ok = client.post("/v1/predict", json={**records[0], "meta": nested(8)})
+    assert ok.status_code == 200, ok.text
+    for meta in (nested(9), nested(300), {"ids": list(range(1001))}):
+        r = client.post("/v1/predict", json={**records[0], "meta": meta})
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", "meta"] and "nested at most 8 levels" in error["msg"]
+    # the Open Inference Protocol: a tensor named meta, and a name given twice
+    rows = records[:1]
+    inputs = [{"name": k, "shape": [1], "datatype": "BYTES", "data": [r[k] for r in rows]} for k in rows[0]]
+    deep = client.post("/v2/models/sba-loans/infer",
+                       json={"inputs": [*inputs, {"name": "meta", "shape": [1], "datatype": "BYTES",
+                                                  "data": [nested(300)]}]})
+    assert deep.status_code == 422 and "nested at most 8 levels" in deep.text
+    twice = client.post("/v2/models/sba-loans/infer", json={"inputs": [*inputs, inputs[0]]})
+    assert twice.status_code == 422 and f"input '{inputs[0]['name']}' is given twice" in twice.text
+
+
 def test_list_limits_and_bad_json(client, records):
     assert client.post("/v1/predict", json=[]).status_code == 422
     too_many = client.post("/v1/predict", json=[records[0]] * 1001)

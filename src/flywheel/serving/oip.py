@@ -24,6 +24,10 @@ def oip_records(body: Any, model: LoadedModel) -> list[dict[str, Any]]:
             errors.append(FieldError(("body", "inputs", i), "each input needs a string 'name' and a "
                                      "'data' list", "type_error"))
             continue
+        if tensor["name"] in columns:
+            errors.append(FieldError(("body", "inputs", i), f"input '{tensor['name']}' is given twice",
+                                     "duplicate"))
+            continue
         data = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in tensor["data"]]
         columns[tensor["name"]] = data
     if errors:

@@ -17,6 +17,12 @@ from flywheel.data.features import FeatureSpec
 
 META = "meta"
 MAX_META_KEYS = 50
+# Bounds on what `meta` may nest: the log writes it back as JSON, and orjson writes at most 254
+# levels (it reads 1,024), so a deeper object would be accepted and never stored.
+MAX_META_DEPTH = 8
+MAX_META_VALUES = 1_000
+META_RULE = (f"meta must be an object of at most {MAX_META_KEYS} keys, nested at most "
+             f"{MAX_META_DEPTH} levels deep, with at most {MAX_META_VALUES:,} values in all")
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,7 @@ class RecordValidator:
                               "extra_forbidden")
                    for key in record if key not in self.allowed]
         if META in record and not _meta_ok(record[META]):
-            errors.append(FieldError((*loc, META), f"meta must be an object of at most "
-                                     f"{MAX_META_KEYS} keys", "type_error"))
+            errors.append(FieldError((*loc, META), META_RULE, "type_error"))
         for name, kind in self.types.items():
             if name in record:
                 err = self.value_error(name, kind, record[name], loc)
@@ -119,7 +124,22 @@ class RecordValidator:
 
 
 def _meta_ok(meta: Any) -> bool:
-    return isinstance(meta, dict) and len(meta) <= MAX_META_KEYS
+    if not isinstance(meta, dict) or len(meta) > MAX_META_KEYS:
+        return False
+    values = 0
+    level: list[Any] = [meta]
+    for _depth in range(MAX_META_DEPTH):  # breadth first, one level per turn
+        inner: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            values += len(children)
+            inner.extend(c for c in children if isinstance(c, dict | list) and c)
+        if values > MAX_META_VALUES:
+            return False
+        if not inner:
+            return True
+        level = inner
+    return False
 
 
 def _json_type(value: Any) -> str:
