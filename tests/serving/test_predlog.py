@@ -1,7 +1,12 @@
+import asyncio
 import time
 
+import sqlalchemy as sa
+
 from flywheel.config import PredictionLogConfig
+from flywheel.data.sources import make_engine
 from flywheel.serving.predlog import PredictionLogWriter, db_rows
+from flywheel.state.db import open_state
 
 
 def row(i: int) -> tuple:
@@ -9,16 +14,50 @@ def row(i: int) -> tuple:
             0.4)
 
 
-def test_a_full_buffer_waits_then_counts_the_drop():
+def test_a_full_buffer_waits_for_room_without_blocking_the_event_loop_then_counts_the_drop():
     drops: list[int] = []
     writer = PredictionLogWriter("sqlite:///unused.db",
-                                 PredictionLogConfig(queue_size=2, queue_wait_s=0.05),
+                                 PredictionLogConfig(queue_size=2, queue_wait_s=0.3),
                                  on_dropped=drops.append)  # never started: nothing drains
-    assert writer.put(row(1)) and writer.put(row(2))
-    started = time.monotonic()
-    assert writer.put(row(3)) is False
-    assert time.monotonic() - started >= 0.05  # it waited for room first
+    assert writer.offer(row(1)) and writer.offer(row(2)) and not writer.offer(row(3))
+    ticks = 0
+
+    async def other_requests() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> bool:
+        task = asyncio.create_task(other_requests())
+        started = time.monotonic()
+        stored = await writer.put(row(3))
+        assert time.monotonic() - started >= 0.3  # it waited for room first
+        task.cancel()
+        return stored
+
+    assert asyncio.run(scenario()) is False
+    assert ticks >= 15  # the loop served others while this request waited (a blocking wait: 1)
     assert writer.dropped == 1 and drops == [1] and writer.depth() == 2
+
+
+def test_a_row_that_cannot_be_serialised_is_counted_and_the_log_goes_on(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    open_state(url)
+    writer = PredictionLogWriter(url, PredictionLogConfig(flush_interval_s=0.01))
+    writer.start()
+    deep: list = []
+    for _ in range(300):  # orjson reads 1,024 levels but writes at most 254
+        deep = [deep]
+    bad = ("bad", "q", 1_700_000_000_000_000, "m", 1, {"a": 1.0, "meta": {"x": deep}}, 0.1, False, 0.1)
+    assert writer.offer(row(1)) and writer.offer(bad) and writer.offer(row(2))
+    time.sleep(0.3)  # the flusher handles the frame with the bad row, and lives
+    assert writer.offer(row(3))
+    assert writer.close() == 0
+    assert writer.dropped == 1 and writer.sent == 3
+    with make_engine(url).connect() as conn:
+        stored = [r[0] for r in conn.execute(sa.text("SELECT record_id FROM predictions ORDER BY id"))]
+    assert stored == ["r1", "r2", "r3"]
 
 
 def test_rows_become_database_parameters_with_inputs_and_meta_apart():

@@ -110,9 +110,11 @@ class TabularService:
         ids = [f"{request_id}-{i}" for i in range(len(records))]
         threshold = self.cfg.threshold
         decisions = [p >= threshold for p in probs]
-        name, version, put = model.name, model.version, self.writer.put
+        name, version, offer = model.name, model.version, self.writer.offer
         for rid, record, p, d in zip(ids, records, probs, decisions, strict=True):
-            put((rid, request_id, now, name, version, record, p, d, latency_ms))
+            row = (rid, request_id, now, name, version, record, p, d, latency_ms)
+            if not offer(row):  # the buffer is full: wait for room without blocking the loop
+                await self.writer.put(row)
         counter = self.counters.get(version)
         if counter is None:
             counter = self.counters[version] = self.metrics.predictions.labels(str(version))
