@@ -38,7 +38,9 @@ from datetime import datetime, timezone
 spec = importlib.util.spec_from_file_location("flywheel_retrain", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-run = module.dag.test(logical_date=datetime(2006, 10, 1, tzinfo=timezone.utc))
+# a run conf is whatever its trigger sends: a reason that a shell would run
+reason = "drift; $(touch " + sys.argv[2] + ") `touch " + sys.argv[2] + "`"
+run = module.dag.test(logical_date=datetime(2006, 10, 1, tzinfo=timezone.utc), run_conf={"reason": reason})
 print("DAG_RUN_STATE", run.state)
 """
 
@@ -73,12 +75,14 @@ def test_dag_runs_every_step_with_the_same_results_as_the_local_runner(loaded_pr
     migrate = subprocess.run([str(airflow_python), "-m", "airflow", "db", "migrate"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
-    done = subprocess.run([str(airflow_python), "-c", RUNNER, str(DAG_FILE)], env=env,
+    marker = tmp_path / "injected"
+    done = subprocess.run([str(airflow_python), "-c", RUNNER, str(DAG_FILE), str(marker)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert "DAG_RUN_STATE success" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
 
     [run] = list_runs(project)
     assert run.id == "airflow-20061001T000000" and run.status == "succeeded" and run.trigger == "airflow"
+    assert run.reason == f"drift; $(touch {marker}) `touch {marker}`" and not marker.exists()
     assert [k for k in run.outputs if k not in ("clock", "pid", "host")] == \
         ["extract", "features", "train", "evaluate", "promote", "alert"]
     local = run_pipeline(with_env(twin, MODEL__PARAMS=params), "manual", "twin", AT)

@@ -12,6 +12,7 @@ The clock of a run is its logical date, so a backfill retrains as of that date.
 from __future__ import annotations
 
 import os
+import shlex
 
 import pendulum
 from airflow.providers.standard.operators.bash import BashOperator
@@ -34,11 +35,16 @@ with DAG(
     for name in STEPS:
         task = BashOperator(
             task_id=name,
+            # A run's conf (params) is input from whoever triggers it: it reaches the command as
+            # environment variables, never as text of the command, so `$(...)` in a reason stays
+            # text. The settings of the deployment are quoted for the shell.
             bash_command=(
-                f'"{FLYWHEEL_BIN}" step {name} --config "{FLYWHEEL_CONFIG}" '
+                f"{shlex.quote(FLYWHEEL_BIN)} step {name} --config {shlex.quote(FLYWHEEL_CONFIG)} "
                 "--run-id airflow-{{ ts_nodash }} --at {{ ds }} "
-                '--trigger "{{ params.trigger }}" --reason "{{ params.reason }}"'
+                '--trigger "$RETRAIN_TRIGGER" --reason "$RETRAIN_REASON"'
             ),
+            env={"RETRAIN_TRIGGER": "{{ params.trigger }}", "RETRAIN_REASON": "{{ params.reason }}"},
+            append_env=True,
             retries=0,
         )
         if previous is not None:
