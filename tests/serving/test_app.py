@@ -162,6 +162,25 @@ def test_meta_is_bounded_in_depth_and_values_so_every_accepted_request_can_be_lo
     assert twice.status_code == 422 and f"input '{inputs[0]['name']}' is given twice" in twice.text
 
 
+def test_numbers_beyond_float32_are_refused_not_served_as_infinity(client, records):
+    for value in (1e308, -3.5e38, 10**39):
+        r = client.post("/v1/predict", json={**records[0], "gr_appv": value})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "gr_appv"] and "out of range" in r.text
+    assert client.post("/v1/predict", json={**records[0], "gr_appv": 3.0e38}).status_code == 200
+
+
+def test_error_answers_stay_small_whatever_the_request(client, records):
+    wrong = {f"field_{i}": i for i in range(40)}  # 40 unknown fields and every input missing
+    body = json.dumps([wrong] * 100).encode()
+    r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert len(detail) == 51 and detail[-1]["type"] == "too_many_errors"
+    assert "more errors not shown" in detail[-1]["msg"]
+    assert len(r.content) < 3 * len(body), (len(r.content), len(body))  # was about 300x
+
+
 def test_list_limits_and_bad_json(client, records):
     assert client.post("/v1/predict", json=[]).status_code == 422
     too_many = client.post("/v1/predict", json=[records[0]] * 1001)

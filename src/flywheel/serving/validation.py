@@ -35,10 +35,19 @@ class FieldError:
         return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
 
 
+MAX_ERRORS = 50  # per answer: a small wrong request must not get a large answer
+FLOAT32_MAX = 3.4028234663852886e38  # the models compute in float32: a larger number becomes inf
+
+
 class RequestInvalid(FlywheelError):
-    """A request that fails validation; `errors` name every field that is wrong."""
+    """A request that fails validation; `errors` name the fields that are wrong (the first
+    MAX_ERRORS of them, then one entry that counts the rest)."""
 
     def __init__(self, errors: list[FieldError]):
+        if len(errors) > MAX_ERRORS:
+            more = len(errors) - MAX_ERRORS
+            errors = [*errors[:MAX_ERRORS],
+                      FieldError(("body",), f"{more:,} more errors not shown", "too_many_errors")]
         super().__init__("; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors))
         self.errors = errors
 
@@ -53,6 +62,10 @@ class RecordValidator:
         self.allowed = self.required | {META}
         self.max_records = max_records
         self.max_string_length = max_string_length
+        names = sorted(self.types)
+        self.unknown_msg = ("unknown field; the model's inputs are " + ", ".join(names) if len(names) <= 20
+                            else f"unknown field; the model's {len(names)} inputs are in /openapi.json") \
+            + "; put other data under 'meta'"
 
     def records(self, body: Any) -> list[dict[str, Any]]:
         """The body (one record or a list of them) as a list of valid records, or RequestInvalid."""
@@ -89,9 +102,7 @@ class RecordValidator:
             return errors
         errors = [FieldError((*loc, name), "field required", "missing")
                   for name in self.types if name not in record]
-        errors += [FieldError((*loc, key), f"unknown field; the model's inputs are "
-                              f"{', '.join(sorted(self.types))}; put other data under 'meta'",
-                              "extra_forbidden")
+        errors += [FieldError((*loc, key), self.unknown_msg, "extra_forbidden")
                    for key in record if key not in self.allowed]
         if META in record and not _meta_ok(record[META]):
             errors.append(FieldError((*loc, META), META_RULE, "type_error"))
@@ -108,13 +119,14 @@ class RecordValidator:
                 return None
             return FieldError((*loc, name), "may not be null", "null_forbidden")
         if kind == "number":
-            if type(value) is float:
-                if math.isfinite(value):
+            if type(value) is float or type(value) is int:
+                if -FLOAT32_MAX <= value <= FLOAT32_MAX:
                     return None
-                return FieldError((*loc, name), "must be a finite number (no NaN or infinity)",
-                                  "finite_number")
-            if type(value) is int:
-                return None
+                if type(value) is float and not math.isfinite(value):
+                    return FieldError((*loc, name), "must be a finite number (no NaN or infinity)",
+                                      "finite_number")
+                return FieldError((*loc, name), f"out of range: at most {FLOAT32_MAX:.4g} in size "
+                                  "(the model computes in 32-bit floats)", "out_of_range")
             return FieldError((*loc, name), f"must be a number, not {_json_type(value)}", "type_error")
         if type(value) is str:
             if len(value) <= self.max_string_length:
@@ -163,7 +175,10 @@ def parse_json_body(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        nonfinite = _find_nonfinite(raw)
+        # Only a body with such a literal is parsed again (with the slower stdlib parser) to name
+        # its field; any other invalid body is answered from orjson's message.
+        suspect = b"NaN" in raw or b"Infinity" in raw or "infinity" in str(exc)  # 1e999 too
+        nonfinite = _find_nonfinite(raw) if suspect else None
         if nonfinite is not None:
             raise RequestInvalid([FieldError(nonfinite, "must be a finite number (no NaN or infinity)",
                                              "finite_number")]) from None
