@@ -33,3 +33,18 @@ def test_unseen_rows_become_a_gauge_per_category_feature():
     text = _verdict_text(verdict)
     assert 'flywheel_feature_unseen_rows{feature="plan"} 42' in text
     assert 'flywheel_feature_unseen_rows{feature="age"}' not in text
+
+
+def test_label_values_are_escaped_so_the_exposition_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name = 'odd "name"\\ with\nnewline'
+    verdict = {"model_version": 1, "drift_detected": True, "drift_share": 1.0, "prediction_drift": None,
+               "performance_drop": False,
+               "columns": [{"column_name": name, "stattest": "wasserstein", "score": 0.5, "drifted": True,
+                            "unseen_rows": 2}]}
+    families = {f.name: f for f in text_string_to_metric_families(_verdict_text(verdict))}
+    for family in ("flywheel_feature_drift_score", "flywheel_feature_drifted",
+                   "flywheel_feature_unseen_rows"):
+        [sample] = families[family].samples
+        assert sample.labels["feature"] == name

@@ -258,6 +258,17 @@ def test_admin_reload_needs_the_bearer_token(client, monkeypatch):
     assert ok.status_code == 200 and ok.json()["version"] == 1
 
 
+def test_load_errors_are_told_only_to_the_admin(client, monkeypatch):
+    runtime = client.app.app.state.runtime
+    secret = "loading v9: could not open postgresql://flywheel:hunter2@db.internal/state"
+    monkeypatch.setattr(runtime, "last_error", secret)
+    public = client.get("/v1/models").json()["last_error"]
+    assert public == "the champion failed to load; see the server log"
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    admin = client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"}).json()
+    assert admin["last_error"] == secret
+
+
 def test_feedback_is_idempotent_and_accepts_late_labels(client, project, records):
     rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
     label = {"record_id": rid, "label": 1, "observed_at": "2003-05-01T00:00:00+00:00"}

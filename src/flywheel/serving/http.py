@@ -135,8 +135,8 @@ def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
     async def ready(request: Request) -> Response:
         model = runtime.current
         if model is None:
-            return json_response({"ready": False, "reason": runtime.last_error or "no champion loaded"},
-                                 503)
+            reason = _public(runtime.last_error) or "no champion loaded"
+            return json_response({"ready": False, "reason": reason}, 503)
         return json_response({"ready": True, "model": model.name, "version": model.version})
 
     async def reload(request: Request) -> Response:
@@ -152,7 +152,7 @@ def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
     async def models(request: Request) -> Response:
         model = runtime.current
         return json_response({"models": [model.describe()] if model else [], **(models_extra or {}),
-                              "last_error": runtime.last_error})
+                              "last_error": _public(runtime.last_error)})
 
     async def prometheus(request: Request) -> Response:
         extra = await metrics_extra() if metrics_extra else b""  # may update gauges: first
@@ -200,6 +200,15 @@ def docs_routes() -> list[Route]:
         return Response(cache[name], media_type=types[name], headers={"cache-control": "max-age=86400"})
 
     return [Route("/docs", page, methods=["GET"]), Route("/docs/{name}", asset, methods=["GET"])]
+
+
+def _public(error: str | None) -> str | None:
+    """What anyone may read of a load or registry error: its kind, not its text (which may hold
+    paths, hosts or URLs); the server log and /admin/reload (with the token) have the whole of it."""
+    if error is None:
+        return None
+    kind = "the registry is unreachable" if error.startswith("registry:") else "the champion failed to load"
+    return f"{kind}; see the server log"
 
 
 def freeze_heap() -> None:

@@ -114,6 +114,11 @@ def monitoring_gauges(engine: Any, model_name: str, max_age_s: float = 5.0) -> b
     return text.encode()
 
 
+def _label(value: Any) -> str:
+    """A label value as the exposition format writes it: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _verdict_text(v: dict[str, Any]) -> str:
     version = v["model_version"]
     lines = [
@@ -127,18 +132,18 @@ def _verdict_text(v: dict[str, Any]) -> str:
         "# TYPE flywheel_feature_drift_score gauge",
     ]
     for c in v["columns"]:
-        labels = f'feature="{c["column_name"]}",stattest="{c["stattest"]}"'
+        labels = f'feature="{_label(c["column_name"])}",stattest="{_label(c["stattest"])}"'
         lines.append(f"flywheel_feature_drift_score{{{labels}}} {float(c['score'])}")
     lines += ["# HELP flywheel_feature_drifted 1 if the feature drifted in the latest window",
               "# TYPE flywheel_feature_drifted gauge"]
-    lines += [f'flywheel_feature_drifted{{feature="{c["column_name"]}"}} {int(bool(c["drifted"]))}'
+    lines += [f'flywheel_feature_drifted{{feature="{_label(c["column_name"])}"}} {int(bool(c["drifted"]))}'
               for c in v["columns"]]
     unseen = [c for c in v["columns"] if c.get("unseen_rows") is not None]
     if unseen:
         lines += ["# HELP flywheel_feature_unseen_rows Rows of the latest window whose category the "
                   "model never learnt", "# TYPE flywheel_feature_unseen_rows gauge"]
-        lines += [f'flywheel_feature_unseen_rows{{feature="{c["column_name"]}"}} {int(c["unseen_rows"])}'
-                  for c in unseen]
+        lines += [f'flywheel_feature_unseen_rows{{feature="{_label(c["column_name"])}"}} '
+                  f'{int(c["unseen_rows"])}' for c in unseen]
     if v.get("prediction_drift") is not None:
         lines += ["# HELP flywheel_prediction_drift_score Drift score of the predicted probabilities",
                   "# TYPE flywheel_prediction_drift_score gauge",
