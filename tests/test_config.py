@@ -121,3 +121,27 @@ def test_lora_example_config_is_valid(tmp_path: Path) -> None:
     assert cfg.gate.metric == "perplexity" and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.serving.default_max_new_tokens <= cfg.serving.max_new_tokens
     assert project.tracking_url == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_hostile_yaml_is_refused_quickly_with_a_reason(tmp_path):
+    import time
+
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+    path = tmp_path / "flywheel.yaml"
+    path.write_text("project: p\n" + laughs)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"flywheel.yaml:3: YAML aliases \(\*a\) are not accepted"):
+        load_project(path, env={})
+    assert time.monotonic() - started < 2  # expanded, it is 9**9 strings
+
+    path.write_bytes("project: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text .*save the file as UTF-8"):
+        load_project(path, env={})
+
+    cfg = example_config()
+    cfg["features"].append({"name": "big", "kind": "bucket", "column": "gr_appv", "edges": [1.0, 2.0]})
+    path.write_text(yaml.safe_dump(cfg).replace("- 2.0", "- .inf"))
+    with pytest.raises(ConfigError, match=r"features\.\d+\.edges\.1: \.inf and \.nan are not accepted"):
+        load_project(path, env={})

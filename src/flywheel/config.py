@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from datetime import date
 from pathlib import Path
@@ -535,10 +536,7 @@ def load_any_project(path: str | Path, env: dict[str, str] | None = None) -> Pro
     env = dict(os.environ) if env is None else env
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file (pass --config PATH to a flywheel.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
     kind = env.get("FLYWHEEL_KIND", raw.get("kind", "tabular"))
@@ -553,6 +551,40 @@ def load_any_project(path: str | Path, env: dict[str, str] | None = None) -> Pro
         return Project(config=Config.model_validate(raw), path=path.resolve(), home=home.resolve())
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML: UTF-8 text, no anchors or aliases (a few lines of them can expand to
+    gigabytes), no .inf or .nan; anything else is a ConfigError that says what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise ConfigError(f"{path}:{line}: YAML aliases (*{event.anchor}) are not "
+                                  "accepted in a config; write the value out")
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    bad = _non_finite(raw, ())
+    if bad is not None:
+        raise ConfigError(f"{path}: {'.'.join(map(str, bad)) or 'the document'}: .inf and .nan are "
+                          "not accepted; give a finite number")
+    return raw
+
+
+def _non_finite(node: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    if isinstance(node, float) and not math.isfinite(node):
+        return loc
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        found = _non_finite(child, (*loc, key))
+        if found is not None:
+            return found
+    return None
 
 
 def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project:
