@@ -144,11 +144,21 @@ def test_merged_export_loads_in_plain_transformers_with_parity(
 
 def test_adapter_export_and_tampering_refused(trained: tuple[LlmProject, FinetuneResult],
                                               tmp_path: Path) -> None:
-    from flywheel.llm.export import export_version
+    from flywheel.llm.export import ExportError, export_version
 
     project, r = trained
     done = export_version(project, tmp_path / "adapter", merge=False, version=r.version)
     assert {"adapter_model.safetensors", "adapter_config.json", "flywheel.json"} <= set(done.files)
+    # --overwrite replaces an earlier export, and never a folder of something else
+    (tmp_path / "adapter" / "stale.txt").write_text("from the earlier export")
+    again = export_version(project, tmp_path / "adapter", merge=False, version=r.version, overwrite=True)
+    assert "stale.txt" not in again.files and "flywheel.json" in again.files
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ExportError, match="not a Flywheel export"):
+        export_version(project, precious, merge=False, version=r.version, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
     # change one byte of the stored adapter: nothing may load it any more
     registry = Registry.for_project(project)
     store = Path(registry.client.get_run(r.run_id).info.artifact_uri.removeprefix("file://"))

@@ -49,7 +49,9 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise ExportError(f"{output} exists and is not empty; pass --overwrite or another --output")
-        shutil.rmtree(output)
+        if not (output / "flywheel.json").is_file():  # --overwrite replaces an export, nothing else
+            raise ExportError(f"{output} holds files that are not a Flywheel export (no flywheel.json); "
+                              "--overwrite replaces only an earlier export: choose another --output")
     work = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -74,9 +76,11 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
                         if k in info.metrics}}, indent=2))
         (work / "README.md").write_text(_model_card(project, registry.model_name, version, ref,
                                                     info.metrics, merge))
-        if output.exists():
-            output.rmdir()
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        if output.exists():  # the earlier export goes only once the new one is complete
+            os.replace(output, old)
         os.replace(work, output)  # the folder appears whole or not at all
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Exported(output, version, merge, sorted(p.name for p in output.iterdir()))
