@@ -106,6 +106,7 @@ def test_generation_equals_transformers_own(server: ServerProcess, project: LlmP
     ({"prompt": "x", "max_new_tokens": 0}, ["body", "max_new_tokens"]),
     ({"prompt": "x", "max_new_tokens": 2.5}, ["body", "max_new_tokens"]),
     ({"prompt": "x", "temperature": -0.1}, ["body", "temperature"]),
+    ({"prompt": "x", "temperature": 1e-300}, ["body", "temperature"]),
     ({"prompt": "x", "temperature": 2.5}, ["body", "temperature"]),
     ({"prompt": "x", "temperature": True}, ["body", "temperature"]),
     ({"prompt": "x", "top_p": 0}, ["body", "top_p"]),

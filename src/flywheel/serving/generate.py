@@ -37,7 +37,7 @@ from flywheel.serving.http import (
     worker_lifespan,
 )
 from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
-from flywheel.serving.openapi import MAX_SEED, generate_openapi
+from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE, generate_openapi
 from flywheel.serving.runtime import ModelRuntime
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
 
@@ -72,6 +72,9 @@ def parse_generate(body: Any, cfg: GenerateServingConfig) -> GenerateRequest:
     max_new = _number(body, errors, "max_new_tokens", cfg.default_max_new_tokens, 1, cfg.max_new_tokens,
                       integer=True)
     temperature = _number(body, errors, "temperature", 0.0, 0.0, cfg.max_temperature)
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: sampling breaks
+        errors.append(FieldError(("body", "temperature"), f"0 (greedy) or at least {MIN_TEMPERATURE}",
+                                 "out_of_range"))
     top_p = _number(body, errors, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)

@@ -110,6 +110,7 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
     }
 
 
+MIN_TEMPERATURE = 0.01  # below it, logits divided by the temperature overflow
 MAX_SEED = 2**63 - 1
 
 
@@ -120,8 +121,10 @@ def generate_openapi(name: str, cfg: GenerateServingConfig, version: int | None)
                    "description": f"at most {cfg.max_prompt_tokens} tokens"},
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_new_tokens,
                            "default": cfg.default_max_new_tokens},
-        "temperature": {"type": "number", "minimum": 0, "maximum": cfg.max_temperature, "default": 0,
-                        "description": "0 = greedy (deterministic); above 0 = sampling"},
+        "temperature": {"anyOf": [{"type": "number", "enum": [0]},
+                                  {"type": "number", "minimum": MIN_TEMPERATURE,
+                                   "maximum": cfg.max_temperature}], "default": 0,
+                        "description": f"0 = greedy (deterministic); from {MIN_TEMPERATURE} = sampling"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
                  "description": "makes sampling reproducible"}}}
