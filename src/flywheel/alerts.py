@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from flywheel.core.secrets import redact
+
 log = logging.getLogger("flywheel.alerts")
 WEBHOOK_ENV = "FLYWHEEL_SLACK_WEBHOOK"
 
@@ -36,6 +38,7 @@ class Alert:
 def send_alert(alert: Alert, webhook: str | None = None, attempts: int = 3) -> str:
     """Deliver an alert; return where it went ('slack', 'log', or 'log (slack failed)')."""
     webhook = webhook if webhook is not None else os.environ.get(WEBHOOK_ENV)
+    alert = Alert(redact(alert.title), redact(alert.text), alert.level)  # error texts may hold URLs
     record = {"event": "alert", "level": alert.level, "title": alert.title, "text": alert.text}
     if not webhook:
         log.warning(json.dumps(record)) if alert.level != "info" else log.info(json.dumps(record))

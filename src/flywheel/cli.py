@@ -35,6 +35,7 @@ from flywheel.config import (
 )
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import Advance
+from flywheel.core.secrets import redact
 
 app = typer.Typer(
     help="Flywheel: train (or LoRA fine-tune), register, serve, monitor, retrain and promote a model "
@@ -108,7 +109,7 @@ def _run(fn: Callable[[], Any]) -> Any:
         console.print(f"[red]config error[/]\n{escape(str(exc))}")
         raise typer.Exit(2) from None
     except FlywheelError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")  # messages may hold [brackets]
+        console.print(f"[red]error:[/] {escape(redact(str(exc)))}")  # messages may hold [brackets]
         raise typer.Exit(1) from None
 
 
@@ -695,7 +696,7 @@ def _print_pipeline_run(run: Any) -> None:
         if result is not None:
             out.print(f"  {name:9s} {describe(result)}")
     if run.error:
-        out.print(f"  [red]error:[/] {escape(run.error)}")
+        out.print(f"  [red]error:[/] {escape(redact(run.error))}")
 
 
 def _metrics_table(name: str, metrics: dict[str, float], champ_version: int | None,
@@ -745,7 +746,7 @@ def _print_result(project: Project, r: Any) -> None:
     out.print(f"Registered {name} v{r.version} (alias challenger)"
               + (f"; champion → v{r.version}." if r.promoted else "; champion unchanged."))
     out.print("Open the MLflow UI on this store with:\n  "
-              f"mlflow ui --backend-store-uri {project.tracking_url} --host 127.0.0.1 --port 5000")
+              f"mlflow ui --backend-store-uri {redact(project.tracking_url)} --host 127.0.0.1 --port 5000")
     out.print(f"Serve the champion with:\n  flywheel serve --config {project.path}")
 
 

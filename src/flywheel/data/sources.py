@@ -83,9 +83,10 @@ def make_engine(url: str) -> sa.Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if not url.startswith("sqlite:///"):
-        return sa.create_engine(url, pool_pre_ping=True)
+        # hide_parameters: an error's text never carries the rows it was writing
+        return sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
     Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
     @sa.event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flywheel.config import ProjectBase
+from flywheel.core.secrets import redact
 from flywheel.registry import CHALLENGER, CHAMPION, Registry, VersionInfo
 from flywheel.state.aliases import alias_moves
 from flywheel.state.db import open_state
@@ -18,7 +19,7 @@ def project_status(project: ProjectBase) -> dict[str, Any]:
     out: dict[str, Any] = {"model": registry.model_name, "project": project.config.project,
                            "kind": project.config.kind,  # type: ignore[attr-defined]
                            "gate_metric": project.config.gate.metric,  # type: ignore[attr-defined]
-                           "tracking_uri": project.tracking_url}
+                           "tracking_uri": redact(project.tracking_url)}
     for alias in (CHAMPION, CHALLENGER):
         version = registry.alias_version(alias)
         out[alias] = describe(registry.version(version)) if version is not None else None

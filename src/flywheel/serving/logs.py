@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from flywheel.core.secrets import redact
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -24,7 +26,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return redact(orjson.dumps(entry, default=str).decode())  # no URL's password in a log
 
 
 LOG_LEVEL_ENV = "FLYWHEEL_LOG_LEVEL"  # what `flywheel serve --log-level` passes to its workers

@@ -23,7 +23,7 @@ from flywheel.config import ConfigError
 from flywheel.data.sources import make_engine
 from flywheel.serving.logs import configure_json_logging
 from flywheel.serving.metrics import ServingMetrics
-from flywheel.serving.predlog import FRAME_HEADER, LOG_COLUMNS, db_rows, insert_sql
+from flywheel.serving.predlog import FRAME_HEADER, LOG_COLUMNS, SINK_STATE_ENV, db_rows, insert_sql
 
 log = logging.getLogger("flywheel.logsink")
 SLICE_ROWS = 16
@@ -203,7 +203,7 @@ def main() -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     configure_json_logging()
-    written, dropped = run(sys.argv[1], sys.stdin.fileno())
+    written, dropped = run(os.environ.get(SINK_STATE_ENV) or sys.argv[1], sys.stdin.fileno())
     log.info("log sink finished", extra={"event": "log_sink_stopped", "logged": written,
                                           "dropped": dropped})
 

@@ -41,6 +41,7 @@ log = logging.getLogger("flywheel.predlog")
 #  optional meta object.
 Row = tuple[str, str, int, str, int, dict[str, Any], float, bool, float]
 FRAME_HEADER = struct.Struct(">I")
+SINK_STATE_ENV = "FLYWHEEL_LOG_SINK_STATE"  # the state database's URL, for the log-sink process
 
 
 class PredictionLogWriter:
@@ -59,9 +60,11 @@ class PredictionLogWriter:
         self._sink: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # The URL goes by the environment, not argv: `ps` shows argv (and a password in it) to
+        # every user of the machine.
         self._sink = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.serving.logsink", self.state_url],
-            stdin=subprocess.PIPE, env=os.environ.copy(),
+            [sys.executable, "-m", "flywheel.serving.logsink"],
+            stdin=subprocess.PIPE, env={**os.environ, SINK_STATE_ENV: self.state_url},
         )
         self._thread.start()
 
