@@ -145,3 +145,22 @@ class ServerProcess(serving_process.ServerProcess):
         super().__init__(project, workers=workers, env=env)
         if wait_ready:
             self.wait_ready(90)
+
+
+# The longest tests start first: with two workers, a four-minute test that is handed out last
+# keeps one worker busy after the other has finished everything else.
+LONGEST_FIRST = (
+    "tests/demo/test_demo_full.py",
+    "tests/llm/test_finetune_smollm2.py",
+    "tests/pipeline/test_airflow_dag.py",
+    "tests/lifecycle/test_aliases.py",
+    "tests/test_walkthrough.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
