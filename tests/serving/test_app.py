@@ -269,6 +269,16 @@ def test_load_errors_are_told_only_to_the_admin(client, monkeypatch):
     assert admin["last_error"] == secret
 
 
+def test_feedback_must_be_json_so_a_web_page_cannot_post_it_cross_site(client, records):
+    rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
+    body = json.dumps({"labels": [{"record_id": rid, "label": 1}]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        r = client.post("/v1/feedback", content=body, headers={"content-type": kind})
+        assert r.status_code == 415 and "application/json" in r.text, (kind, r.text)
+    for kind in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        assert client.post("/v1/feedback", content=body, headers={"content-type": kind}).status_code == 200
+
+
 def test_feedback_is_idempotent_and_accepts_late_labels(client, project, records):
     rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
     label = {"record_id": rid, "label": 1, "observed_at": "2003-05-01T00:00:00+00:00"}
@@ -281,7 +291,8 @@ def test_feedback_is_idempotent_and_accepts_late_labels(client, project, records
     bad = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "labels", 0, "label"]
     with make_engine(project.state_url).connect() as conn:
-        rows = conn.execute(sa.text("SELECT record_id, label FROM feedback")).all()
+        rows = conn.execute(sa.text("SELECT record_id, label FROM feedback WHERE record_id IN "
+                                    "(:a, :b)"), {"a": rid, "b": "from-last-year-0"}).all()
     assert sorted(rows) == sorted([(rid, 1), ("from-last-year-0", 0)])
 
 

@@ -25,6 +25,7 @@ from flywheel.serving.http import (
     champion_runtime,
     common_routes,
     freeze_heap,
+    is_json,
     json_response,
     new_request_id,
     read_body,
@@ -191,7 +192,14 @@ class TabularService:
     async def feedback(self, request: Request) -> Response:
         started, request_id, limit = time.perf_counter(), new_request_id(), self.cfg.max_body_bytes
         try:
-            labels = feedback_labels(parse_json_body(await read_body(request, limit)))
+            body = await read_body(request, limit)
+            if not is_json(request.headers.get("content-type", "")):
+                # A web page may post text/plain or a form to any origin without asking first;
+                # only JSON needs the browser's CORS preflight, which this server never grants.
+                return self.answers.send("feedback", 415, {
+                    "detail": "send the labels as JSON (content-type: application/json)"},
+                    request_id, started)
+            labels = feedback_labels(parse_json_body(body))
         except BodyTooLarge:
             return self.answers.send("feedback", 413, {"detail": f"body larger than {limit} bytes"},
                                      request_id, started)

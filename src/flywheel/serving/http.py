@@ -36,6 +36,12 @@ class BodyTooLarge(Exception):
     """The request body is over the configured limit (answered 413)."""
 
 
+def is_json(content_type: str) -> bool:
+    """application/json (any parameters), or a +json type such as application/merge-patch+json."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                     media_type="application/json", headers=headers)
