@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.trees import first_path
 
 # Environment variables that are settings of the process, not fields of the config file.
 _NOT_CONFIG_ENV = {"FLYWHEEL_HOME", "FLYWHEEL_CACHE_DIR", "FLYWHEEL_SLACK_WEBHOOK",
@@ -569,22 +570,11 @@ def read_yaml(path: Path) -> Any:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    bad = _non_finite(raw, ())
+    bad = first_path(raw, lambda v: isinstance(v, float) and not math.isfinite(v))
     if bad is not None:
         raise ConfigError(f"{path}: {'.'.join(map(str, bad)) or 'the document'}: .inf and .nan are "
                           "not accepted; give a finite number")
     return raw
-
-
-def _non_finite(node: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    if isinstance(node, float) and not math.isfinite(node):
-        return loc
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in items:
-        found = _non_finite(child, (*loc, key))
-        if found is not None:
-            return found
-    return None
 
 
 def load_project(path: str | Path, env: dict[str, str] | None = None) -> Project:

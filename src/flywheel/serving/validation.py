@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.trees import first_path
 from flywheel.data.features import FeatureSpec
 
 META = "meta"
@@ -191,24 +192,15 @@ def _find_nonfinite(raw: bytes) -> tuple[str | int, ...] | None:
         body = json.loads(raw, parse_constant=lambda c: _NonFinite())
     except (ValueError, RecursionError):
         return None
-    return _path_to(body, ("body",))
+    return first_path(body, _nonfinite, ("body",))
 
 
 class _NonFinite:
     pass
 
 
-def _path_to(node: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    if isinstance(node, _NonFinite):
-        return loc
-    if isinstance(node, float) and not math.isfinite(node):
-        return loc
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in items:
-        found = _path_to(child, (*loc, key))
-        if found is not None:
-            return found
-    return None
+def _nonfinite(value: Any) -> bool:
+    return isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value))
 
 
 MAX_FEEDBACK_LABELS = 10_000
