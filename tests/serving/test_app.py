@@ -136,6 +136,11 @@ def test_nan_and_infinity_are_refused_with_the_field_named(client, records, lite
     assert r.json()["detail"][0]["loc"] == ["body", "gr_appv"]
 
 
+def oip_type(records: list[dict], field: str) -> str:
+    """The OIP datatype of a field, from the values the records hold for it."""
+    return "BYTES" if any(isinstance(r[field], str) for r in records) else "FP64"
+
+
 def nested(levels: int) -> dict:
     meta: dict = {"leaf": 1}
     for _ in range(levels - 1):
@@ -153,7 +158,8 @@ def test_meta_is_bounded_in_depth_and_values_so_every_accepted_request_can_be_lo
         assert error["loc"] == ["body", "meta"] and "nested at most 8 levels" in error["msg"]
     # the Open Inference Protocol: a tensor named meta, and a name given twice
     rows = records[:1]
-    inputs = [{"name": k, "shape": [1], "datatype": "BYTES", "data": [r[k] for r in rows]} for k in rows[0]]
+    inputs = [{"name": k, "shape": [1], "datatype": oip_type(records, k), "data": [r[k] for r in rows]}
+              for k in rows[0]]
     deep = client.post("/v2/models/sba-loans/infer",
                        json={"inputs": [*inputs, {"name": "meta", "shape": [1], "datatype": "BYTES",
                                                   "data": [nested(300)]}]})
@@ -220,6 +226,29 @@ def test_open_inference_protocol_matches_v1(client, records):
     assert client.post("/v2/models/other/infer", json={"inputs": inputs}).status_code == 404
     meta = client.get("/v2/models/sba-loans").json()
     assert {i["name"] for i in meta["inputs"]} == set(rows[0])
+
+
+def test_open_inference_protocol_holds_requests_to_their_declared_shape_and_datatype(client, records):
+    rows = records[:2]
+
+    def tensors(**override) -> list[dict]:
+        out = [{"name": k, "shape": [2], "datatype": oip_type(records, k), "data": [r[k] for r in rows]}
+               for k in rows[0]]
+        out[0].update(override)
+        return out
+
+    assert client.post("/v2/models/sba-loans/infer", json={"inputs": tensors()}).status_code == 200
+    column = client.post("/v2/models/sba-loans/infer", json={"inputs": tensors(shape=[2, 1])})
+    assert column.status_code == 200
+    name = next(iter(rows[0]))
+    for override, field, words in (({"shape": [3]}, "shape", "holds 3 values but data has 2"),
+                                   ({"shape": "2"}, "shape", "non-negative integers"),
+                                   ({"datatype": "COMPLEX"}, "datatype", "one of"),
+                                   ({"datatype": "FP32" if oip_type(records, name) == "BYTES" else "BYTES"},
+                                    "datatype", f"'{name}' is a")):
+        r = client.post("/v2/models/sba-loans/infer", json={"inputs": tensors(**override)})
+        assert r.status_code == 422, (override, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", "inputs", 0, field] and words in r.text, r.text
 
 
 def test_models_health_ready_and_openapi(client):

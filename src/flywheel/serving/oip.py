@@ -29,6 +29,9 @@ def oip_records(body: Any, model: LoadedModel) -> list[dict[str, Any]]:
                                      "duplicate"))
             continue
         data = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in tensor["data"]]
+        declared = _declared_errors(tensor, len(data), model.spec.input_types.get(tensor["name"]),
+                                    ("body", "inputs", i))
+        errors.extend(declared)
         columns[tensor["name"]] = data
     if errors:
         raise RequestInvalid(errors)
@@ -45,6 +48,37 @@ def oip_records(body: Any, model: LoadedModel) -> list[dict[str, Any]]:
         raise RequestInvalid([
             FieldError(("body", "inputs", e.loc[2], e.loc[1]) if len(e.loc) == 3 else e.loc,
                        e.msg, e.type) for e in exc.errors]) from None
+
+
+# What each declared datatype may carry: numbers for the FP and INT types, text for BYTES.
+_NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+            "UINT64"}
+
+
+def _declared_errors(tensor: dict[str, Any], count: int, input_type: str | None,
+                     loc: tuple[str | int, ...]) -> list[FieldError]:
+    """The tensor's `shape` must hold exactly its values, and its `datatype` must be the kind of
+    the model's input (a number type for a numeric input, BYTES for a text one or for `meta`)."""
+    errors = []
+    shape, datatype = tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
+        errors.append(FieldError((*loc, "shape"), "a list of non-negative integers, e.g. [3] or [3, 1]",
+                                 "type_error"))
+    else:
+        product = 1
+        for d in shape:
+            product *= d
+        if product != count:
+            errors.append(FieldError((*loc, "shape"), f"shape {shape} holds {product} values but data "
+                                     f"has {count}", "shape_mismatch"))
+    wanted = "number" if datatype in _NUMERIC else "string" if datatype == "BYTES" else None
+    if wanted is None:
+        errors.append(FieldError((*loc, "datatype"), "one of " + ", ".join(sorted(_NUMERIC | {"BYTES"})),
+                                 "type_error"))
+    elif input_type is not None and wanted != input_type:
+        errors.append(FieldError((*loc, "datatype"), f"'{tensor['name']}' is a {input_type} input: "
+                                 f"declare {_DATATYPE[input_type]}, not {datatype}", "type_error"))
+    return errors
 
 
 def oip_metadata(model: LoadedModel) -> dict[str, Any]:
