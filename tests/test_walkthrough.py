@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.serving.process import wait_ready
 from tests.conftest import REPO
 
 SECTION = "## Your own data in ten minutes"
@@ -42,7 +43,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
                 server = subprocess.Popen(command.rstrip("& "), shell=True, cwd=tmp_path, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           start_new_session=True)
-                wait_ready("http://127.0.0.1:8000", server)
+                wait_ready("http://127.0.0.1:8000", server, 90)
                 continue
             done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
                                   text=True, timeout=600)
@@ -61,15 +62,3 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             os.killpg(server.pid, signal.SIGTERM)
             server.communicate(timeout=60)
 
-
-def wait_ready(url: str, server: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert server.poll() is None, server.communicate()[0][-3000:]
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("the server was not ready in 90 s")

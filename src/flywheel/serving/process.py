@@ -20,6 +20,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 120,
+               tail: Any = lambda: "") -> None:
+    """Until `url`/ready answers 200; an error (with `tail()`, the server's last output) if the
+    process exits first or the timeout passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{tail()}")
+
+
 class ServerProcess:
     """A server on 127.0.0.1 in a child process, ready when /ready answers 200."""
 
@@ -38,19 +57,7 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{self.tail()}")
+        wait_ready(self.url, self.proc, timeout, self.tail)
 
     def served_version(self) -> int | None:
         import httpx
