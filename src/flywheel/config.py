@@ -234,6 +234,18 @@ class PredictionLogConfig(_Strict):
     queue_wait_s: float = Field(default=0.25, ge=0, le=60)
 
 
+class ConnectionLimits(_Strict):
+    """What one client may hold of a worker: a request's headers (size, time to arrive), its body's
+    time to arrive, an idle keep-alive connection's life, and the connections open at once
+    (beyond `max_connections` a request is answered 503)."""
+
+    max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    keep_alive_s: int = Field(default=5, ge=1, le=600)
+    max_connections: int = Field(default=1_000, ge=1, le=100_000)
+
+
 class ServerConfig(_Strict):
     """What every `flywheel serve` has: where it listens, its workers, how often it checks the alias."""
 
@@ -242,6 +254,7 @@ class ServerConfig(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
     reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
     access_log: bool = False
+    connections: ConnectionLimits = ConnectionLimits()
 
 
 class ServingConfig(ServerConfig):

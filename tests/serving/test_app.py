@@ -336,6 +336,15 @@ def test_metrics_count_requests_by_endpoint_status_and_version(client, records):
     assert "flywheel_prediction_log_dropped_total 0.0" in text
 
 
+def test_flywheel_serve_enforces_the_configured_header_cap_and_counts_the_closed_connection(server):
+    """`serving.connections` reaches the workers' protocol (the limits: test_protocol.py)."""
+    r = httpx.get(f"{server.url}/health", headers={"x-pad": "a" * 40_000})  # default cap: 32 KiB
+    assert r.status_code == 431 and "header_too_large" in r.text
+    assert httpx.get(f"{server.url}/health", headers={"x-pad": "a" * 20_000}).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'flywheel_http_connections_closed_total{reason="header_too_large"} 1.0' in metrics
+
+
 def test_hot_swap_under_concurrent_load_fails_no_request(server, project, records):
     """Promote v2, then roll back to v1, while 8 clients send requests: every one succeeds."""
     stop = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from flywheel.lifecycle.aliases import reconcile_aliases
 from flywheel.registry import Registry
 from flywheel.serving.logs import LOG_LEVEL_ENV, configure_json_logging
 from flywheel.serving.logsink import sink_cpus
+from flywheel.serving.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
 from flywheel.state.db import close_state, open_state
 
 
@@ -27,6 +29,10 @@ def serve(project: Project | LlmProject, host: str | None = None, port: int | No
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
     os.environ["FLYWHEEL_CONFIG"] = str(project.path)
     os.environ["FLYWHEEL_HOME"] = str(project.home)
+    limits = cfg.connections
+    os.environ[LIMITS_ENV] = json.dumps({"max_header_bytes": limits.max_header_bytes,
+                                         "header_timeout_s": limits.header_timeout_s,
+                                         "body_timeout_s": limits.body_timeout_s})
     if log_level:
         os.environ[LOG_LEVEL_ENV] = log_level  # the workers read it too
     configure_json_logging(access_log=cfg.access_log)
@@ -37,6 +43,7 @@ def serve(project: Project | LlmProject, host: str | None = None, port: int | No
     uvicorn.run(
         "flywheel.serving.asgi:app_from_env", factory=True,
         host=host or cfg.host, port=port or cfg.port, workers=workers or cfg.workers,
-        loop="uvloop", http="httptools", access_log=cfg.access_log, log_config=None,
+        loop="uvloop", http=GuardedHttpToolsProtocol, access_log=cfg.access_log, log_config=None,
         timeout_graceful_shutdown=30, server_header=False,
+        timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
     )
