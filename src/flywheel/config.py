@@ -262,6 +262,9 @@ class ServingConfig(ServerConfig):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_records: int = Field(default=1_000, ge=1)
     max_string_length: int = Field(default=1_000, ge=1)
+    # Labels for record ids this deployment did not issue (rows scored elsewhere): refused unless
+    # set, so nobody can label what they were not served or fill the feedback table with junk.
+    accept_unsigned_feedback: bool = False
     log: PredictionLogConfig = PredictionLogConfig()
 
 

@@ -94,7 +94,7 @@ def test_predict_one_and_many_names_model_version_and_ids(client, records):
     assert (body["model"], body["version"]) == ("sba-loans", 1)
     assert body["request_id"] and one.headers["x-request-id"] == body["request_id"]
     [pred] = body["predictions"]
-    assert pred["record_id"] == f"{body['request_id']}-0"
+    assert pred["record_id"].startswith(f"{body['request_id']}.") and pred["record_id"].endswith("-0")
     assert 0 <= pred["probability"] <= 1
     assert pred["decision"] == (pred["probability"] >= body["threshold"])
     many = client.post("/v1/predict",
@@ -308,21 +308,42 @@ def test_feedback_must_be_json_so_a_web_page_cannot_post_it_cross_site(client, r
         assert client.post("/v1/feedback", content=body, headers={"content-type": kind}).status_code == 200
 
 
-def test_feedback_is_idempotent_and_accepts_late_labels(client, project, records):
+def test_feedback_is_idempotent_and_only_for_record_ids_this_deployment_issued(client, project, records):
     rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
     label = {"record_id": rid, "label": 1, "observed_at": "2003-05-01T00:00:00+00:00"}
     for _ in range(2):
         r = client.post("/v1/feedback", json={"labels": [label]})
         assert r.status_code == 200 and r.json()["accepted"] == 1
-    late = client.post("/v1/feedback",
-                      json={"labels": [{"record_id": "from-last-year-0", "label": 0}]})
-    assert late.status_code == 200
     bad = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 3}]})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "labels", 0, "label"]
+
+    # Guessed, forged and foreign ids are refused, naming each; nothing of the request is stored.
+    request_id, _, number = rid.rpartition("-")
+    forged = [f"{request_id[:-1]}{'0' if request_id[-1] != '0' else '1'}-{number}",
+              f"{request_id.split('.')[0]}-0", "from-last-year-0", f"{request_id}-x"]
+    refused = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 0}] +
+                                                [{"record_id": f, "label": 0} for f in forged]})
+    assert refused.status_code == 422
+    assert [e["loc"] for e in refused.json()["detail"]] == \
+        [["body", "labels", i, "record_id"] for i in range(1, 5)]
+    assert {e["type"] for e in refused.json()["detail"]} == {"unknown_record"}
+
+    # Another worker or replica on the same state database (here: a second app) knows the ids:
+    # the key lives in the database, not in the process.
+    with TestClient(create_app(project), base_url="http://testserver") as other:
+        assert other.post("/v1/feedback", json={"labels": [label]}).status_code == 200
     with make_engine(project.state_url).connect() as conn:
         rows = conn.execute(sa.text("SELECT record_id, label FROM feedback WHERE record_id IN "
                                     "(:a, :b)"), {"a": rid, "b": "from-last-year-0"}).all()
-    assert sorted(rows) == sorted([(rid, 1), ("from-last-year-0", 0)])
+    assert rows == [(rid, 1)]
+
+
+def test_labels_for_rows_scored_elsewhere_need_the_config_switch(project, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_SERVING__ACCEPT_UNSIGNED_FEEDBACK", "true")
+    lenient = load_project(project.path, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})
+    with TestClient(create_app(lenient), base_url="http://testserver") as other:
+        late = other.post("/v1/feedback", json={"labels": [{"record_id": "scored-in-batch-7", "label": 0}]})
+    assert late.status_code == 200 and late.json()["accepted"] == 1
 
 
 def test_metrics_count_requests_by_endpoint_status_and_version(client, records):

@@ -36,8 +36,9 @@ from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
 from flywheel.serving.oip import oip_metadata, oip_records, oip_response
 from flywheel.serving.openapi import openapi_document
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
+from flywheel.serving.records import RecordIds
 from flywheel.serving.runtime import LoadedModel, load_version
-from flywheel.serving.validation import RequestInvalid, feedback_labels, parse_json_body
+from flywheel.serving.validation import RequestInvalid, feedback_labels, parse_json_body, refuse_unissued
 from flywheel.state.db import open_state
 
 log = logging.getLogger("flywheel.serving")
@@ -100,6 +101,7 @@ class TabularService:
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
                                           on_dropped=self.metrics.log_dropped.inc,
                                           on_depth=self.metrics.log_depth.set)
+        self.record_ids = RecordIds.from_state(self.engine)
         self.batcher = MicroBatcher()
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
 
@@ -108,7 +110,7 @@ class TabularService:
         probs = await self.batcher.submit(model, records)
         now = time.time_ns() // 1000
         latency_ms = (time.perf_counter() - started) * 1000
-        ids = [f"{request_id}-{i}" for i in range(len(records))]
+        ids = self.record_ids.mint(request_id, len(records))
         threshold = self.cfg.threshold
         decisions = [p >= threshold for p in probs]
         name, version, offer = model.name, model.version, self.writer.offer
@@ -200,6 +202,8 @@ class TabularService:
                     "detail": "send the labels as JSON (content-type: application/json)"},
                     request_id, started)
             labels = feedback_labels(parse_json_body(body))
+            if not self.cfg.accept_unsigned_feedback:
+                refuse_unissued(labels, self.record_ids.issued)
         except BodyTooLarge:
             return self.answers.send("feedback", 413, {"detail": f"body larger than {limit} bytes"},
                                      request_id, started)

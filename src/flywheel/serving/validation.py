@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -220,6 +221,16 @@ def feedback_labels(body: Any) -> list[dict[str, Any]]:
     if errors:
         raise RequestInvalid(errors)
     return [label for label in out if label is not None]
+
+
+def refuse_unissued(labels: list[dict[str, Any]], issued: Callable[[str], bool]) -> None:
+    """RequestInvalid naming every label whose record id this deployment did not issue."""
+    errors = [FieldError(("body", "labels", i, "record_id"),
+                         "not a record id this service issued (use the record_id of a prediction)",
+                         "unknown_record")
+              for i, item in enumerate(labels) if not issued(item["record_id"])]
+    if errors:
+        raise RequestInvalid(errors)
 
 
 def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldError]) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,6 +131,13 @@ locks = sa.Table(
     sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
+server_keys = sa.Table(
+    "server_keys",
+    metadata,
+    sa.Column("name", sa.String(50), primary_key=True),
+    sa.Column("value", sa.String(128), nullable=False),  # hex
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
 watermarks = sa.Table(
     "watermarks",
     metadata,
@@ -183,6 +191,24 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(cfg).get_current_head()
     assert head is not None
     return head
+
+
+def server_key(engine: sa.Engine, name: str) -> bytes:
+    """A random 256-bit key kept in the state database, made on first use: every worker and
+    replica on the same database shares it, and it survives restarts."""
+    for _ in range(2):
+        with engine.begin() as conn:
+            value = conn.execute(sa.select(server_keys.c.value)
+                                 .where(server_keys.c.name == name)).scalar()
+        if value is not None:
+            return bytes.fromhex(value)
+        try:
+            with engine.begin() as conn:
+                conn.execute(server_keys.insert().values(name=name, value=secrets.token_hex(32),
+                                                         created_at=now()))
+        except sa.exc.IntegrityError:
+            pass  # another process made it first: read theirs
+    raise RuntimeError(f"could not read or make the server key '{name}'")
 
 
 def now() -> datetime:
