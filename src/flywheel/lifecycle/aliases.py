@@ -32,7 +32,7 @@ from flywheel.state.aliases import ANY, AliasMove
 from flywheel.state.db import open_state
 from flywheel.state.locks import state_lock
 
-LOCK_TTL_S = 300
+LOCK_TTL_S = 30  # a lease renewed every 10 s (SQLite); PostgreSQL: advisory, no TTL
 LOCK_WAIT_S = 120
 
 
