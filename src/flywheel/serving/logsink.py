@@ -149,20 +149,30 @@ def write(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, int]:
                     "event": "prediction_log_error", "attempt": attempt, "error": str(exc)})
                 time.sleep(min(0.2 * 2**attempt, 10.0))
                 continue
-            ok = 0
-            for rows in _slices(frames, engine.dialect.name):
-                for row in rows:
-                    try:
-                        with engine.begin() as conn:
-                            conn.exec_driver_sql(sql, [row])
-                        ok += 1
-                    except sa.exc.IntegrityError:
-                        continue
-            return ok, 0
+            return _one_by_one(engine, sql, frames)
     lost = sum(len(orjson.loads(body)) for body in frames)
     log.error("prediction log batch dropped after retries",
               extra={"event": "prediction_log_drop", "rows": lost})
     return 0, lost
+
+
+def _one_by_one(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, int]:
+    """After a duplicate: each row alone; a duplicate is skipped (already stored), any other
+    failure drops and counts that row, and the sink goes on."""
+    ok = lost = 0
+    for rows in _slices(frames, engine.dialect.name):
+        for row in rows:
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(sql, [row])
+                ok += 1
+            except sa.exc.IntegrityError:
+                continue
+            except Exception as exc:
+                lost += 1
+                log.error("prediction log row dropped", extra={
+                    "event": "prediction_log_drop", "rows": 1, "error": type(exc).__name__})
+    return ok, lost
 
 
 SINK_CPUS_ENV = "FLYWHEEL_LOG_SINK_CPUS"
