@@ -16,8 +16,8 @@ from tests.tiny_llm import write_config
 def test_real_smollm2_heldout_loss_falls(tmp_path: Path) -> None:
     cfg = {
         "project": "constitution-smoke", "kind": "lora",  # base_model and text: the defaults
-        "training": {"steps": 12, "batch_size": 2, "max_seq_length": 64, "learning_rate": 0.001,
-                     "warmup_steps": 0, "eval_max_tokens": 1024, "seed": 42},
+        "training": {"steps": 8, "batch_size": 2, "max_seq_length": 64, "learning_rate": 0.001,
+                     "warmup_steps": 0, "eval_max_tokens": 512, "seed": 42},
         "samples": {"prompts": ["Article 21: Protection of life and personal liberty\n"],
                     "max_new_tokens": 12},
         "gate": {"floor": 100.0},
