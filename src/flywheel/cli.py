@@ -136,9 +136,16 @@ def demo(
                 sba.fetch_wheel(cache_dir())
             with rep.step("Clean money, dates, leaky columns"):
                 frame, report = sba.load_clean(cache_dir())
-            with rep.step(f"Load {len(frame):,} loans into the source DB", total=len(frame)) as adv:
-                write_table(frame, project.source_url, project.config.data.table, sba.SOURCE_TYPES,
-                            index_columns=(project.config.data.time_column,), progress=adv)
+            table, mark = project.config.data.table, (project.home, project.source_url)
+            if sba.loaded_unchanged(*mark, table, cache_dir(), len(frame)):
+                with rep.step(f"{len(frame):,} loans already in the source DB, unchanged"):
+                    pass
+            else:
+                sba.forget_load(project.home)
+                with rep.step(f"Load {len(frame):,} loans into the source DB", total=len(frame)) as adv:
+                    write_table(frame, project.source_url, table, sba.SOURCE_TYPES,
+                                index_columns=(project.config.data.time_column,), progress=adv)
+                sba.mark_loaded(*mark, table, cache_dir(), len(frame))
             result = train_challenger(project, rep)
         console.print(
             f"Cleaned {report.raw_rows:,} raw rows: kept {report.rows:,}, dropped "

