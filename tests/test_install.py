@@ -129,7 +129,8 @@ def test_core_wheel_installs_and_serves_on(version, wheel, tmp_path):
                         "for m in pkgutil.walk_packages(flywheel.__path__, 'flywheel.'):\n"
                         "    if '.migrations' in m.name: continue\n"
                         "    try: importlib.import_module(m.name)\n"
-                        f"    except ModuleNotFoundError as e: assert e.name in {NOT_IN_CORE!r}, (m.name, e)\n")
+                        "    except ModuleNotFoundError as e:\n"
+                        f"        assert e.name in {NOT_IN_CORE!r}, (m.name, e)\n")
         subprocess.run([str(python), "-c", every_module], check=True, timeout=300)
         return
 
