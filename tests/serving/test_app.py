@@ -255,7 +255,9 @@ def test_models_health_ready_and_openapi(client):
     models = client.get("/v1/models").json()["models"]
     assert models[0]["version"] == 1 and models[0]["lineage"]["trained_on"]["from"] == "1994-10-01"
     assert len(models[0]["lineage"]["data_hash"]) == 64
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["prediction_log"]["state"] == "ok"
+    assert set(health["prediction_log"]) == {"state", "reasons", "queue_depth", "dropped", "sink_restarts"}
     assert client.get("/ready").json()["ready"] is True
     doc = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v2/models/{name}/infer", "/v1/models", "/health", "/ready", "/metrics",
@@ -355,6 +357,7 @@ def test_metrics_count_requests_by_endpoint_status_and_version(client, records):
     assert "flywheel_request_latency_seconds_bucket" in text
     assert "flywheel_prediction_log_queue_depth" in text
     assert "flywheel_prediction_log_dropped_total 0.0" in text
+    assert "flywheel_prediction_log_degraded 0.0" in text
 
 
 def test_flywheel_serve_enforces_the_configured_header_cap_and_counts_the_closed_connection(server):

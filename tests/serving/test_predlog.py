@@ -126,3 +126,76 @@ def test_the_sink_cpu_list_is_checked_with_a_clear_error():
         sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": "cpu1"})
     with pytest.raises(ConfigError, match=f"no CPU {os.cpu_count()}"):
         sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": f"0,{os.cpu_count()}"})
+
+
+def stored_ids(url: str) -> list[str]:
+    with make_engine(url).connect() as conn:
+        return [r[0] for r in conn.execute(sa.text("SELECT record_id FROM predictions ORDER BY id"))]
+
+
+def wait_until(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_killed_sink_is_replaced_and_the_log_goes_on(tmp_path):
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    open_state(url)
+    health: list[dict] = []
+    writer = PredictionLogWriter(url, PredictionLogConfig(flush_interval_s=0.01), on_health=health.append)
+    writer.start()
+    for i in range(100):
+        assert writer.offer(row(i))
+    wait_until(lambda: len(stored_ids(url)) == 100)
+    assert writer._sink is not None
+    writer._sink.send_signal(signal.SIGKILL)
+    writer._sink.wait()
+    assert writer.health()["reasons"] == ["sink_down"]  # until the flusher notices
+    wait_until(lambda: writer.sink_restarts == 1)
+    for i in range(100, 200):
+        assert writer.offer(row(i))
+    assert writer.close() == 0
+    assert stored_ids(url) == [f"r{i}" for i in range(200)] and writer.dropped == 0
+    assert health[-1]["state"] == "ok" and health[-1]["sink_restarts"] == 1
+
+
+def test_a_locked_state_database_degrades_the_log_which_recovers_and_the_numbers_add_up(tmp_path):
+    """The database is locked by another process: the sink waits, the pipe and then the buffer
+    fill, rows beyond them are dropped and counted, nothing blocks the event loop; unlocked, the
+    rest is stored. Answered = stored + dropped."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    open_state(url)
+    writer = PredictionLogWriter(url, PredictionLogConfig(queue_size=200, queue_wait_s=0,
+                                                          flush_interval_s=0.01))
+    writer.start()
+    locker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    degraded: list[dict] = []
+
+    async def traffic() -> int:
+        answered = 0
+        for i in range(3000):
+            await writer.put(row(i))  # drops (counted) once the buffer is full: it never waits
+            answered += 1
+            if i % 100 == 99:
+                await asyncio.sleep(0.01)
+                degraded.append(writer.health())
+        return answered
+
+    started = time.monotonic()
+    answered = asyncio.run(traffic())
+    assert time.monotonic() - started < 5  # the sends never waited on the locked database
+    states = {h["state"] for h in degraded}
+    assert "degraded" in states and {"backlog", "dropping"} <= {r for h in degraded for r in h["reasons"]}
+    assert writer.dropped > 0
+    locker.execute("COMMIT")
+    locker.close()
+    assert writer.close() == 0
+    stored = len(stored_ids(url))
+    assert stored > 0 and stored + writer.dropped == answered == 3000

@@ -100,10 +100,19 @@ class TabularService:
         self.engine = open_state(project.state_url, migrate=migrate)
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
                                           on_dropped=self.metrics.log_dropped.inc,
-                                          on_depth=self.metrics.log_depth.set)
+                                          on_depth=self.metrics.log_depth.set,
+                                          on_health=self._log_health)
         self.record_ids = RecordIds.from_state(self.engine)
         self.batcher = MicroBatcher()
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
+        self._restarts_counted = 0
+
+    def _log_health(self, health: dict[str, Any]) -> None:
+        self.metrics.log_degraded.set(1 if health["state"] == "degraded" else 0)
+        restarts = health["sink_restarts"] - self._restarts_counted
+        if restarts:
+            self.metrics.log_sink_restarts.inc(restarts)
+            self._restarts_counted += restarts
 
     async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
                             started: float) -> tuple[list[str], list[float], list[bool]]:
@@ -242,7 +251,8 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Any:
         Route("/v2/models/{name}", service.oip_model, methods=["GET"]),
         Route("/v1/feedback", service.feedback, methods=["POST"]),
         *common_routes(service.runtime, service.metrics, service.openapi,
-                       {"threshold": service.cfg.threshold}, service.monitoring_metrics),
+                       {"threshold": service.cfg.threshold}, service.monitoring_metrics,
+                       lambda: {"prediction_log": service.writer.health()}),
     ]
     lifespan = worker_lifespan(service.runtime, start=service.writer.start, stop=service.stop,
                                after_load=freeze_heap)

@@ -132,11 +132,12 @@ def champion_runtime(project: ProjectBase, interval_s: float, metrics: ServingMe
 
 def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
                   openapi: Callable[[], dict[str, Any]], models_extra: dict[str, Any] | None = None,
-                  metrics_extra: Callable[[], Awaitable[bytes]] | None = None) -> list[Route]:
+                  metrics_extra: Callable[[], Awaitable[bytes]] | None = None,
+                  health_extra: Callable[[], dict[str, Any]] | None = None) -> list[Route]:
     """/health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json."""
 
     async def health(request: Request) -> Response:
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok", **(health_extra() if health_extra else {})})
 
     async def ready(request: Request) -> Response:
         model = runtime.current

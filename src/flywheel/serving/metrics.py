@@ -41,6 +41,11 @@ class ServingMetrics:
                                registry=reg, multiprocess_mode="livesum")
         self.log_written = Counter("flywheel_prediction_log_written_total", "Records logged",
                                    registry=reg)
+        self.log_degraded = Gauge("flywheel_prediction_log_degraded",
+                                  "1 while a worker's prediction log is degraded (see /health)",
+                                  registry=reg, multiprocess_mode="livemax")
+        self.log_sink_restarts = Counter("flywheel_prediction_log_sink_restarts_total",
+                                         "Log sinks that exited and were replaced", registry=reg)
         self.log_dropped = Counter("flywheel_prediction_log_dropped_total",
                                    "Records the prediction log could not keep", registry=reg)
         self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}

@@ -93,7 +93,10 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
                                 "observed_at": {"type": "string", "format": "date-time"}}}}}}}}},
                 "responses": {"200": ok, "413": errors["413"], "422": errors["422"],
                               "415": {"description": "the body is not sent as JSON"}}}},
-            "/health": {"get": {"summary": "The process is alive", "operationId": "health",
+            "/health": {"get": {"summary": "The process is alive; prediction_log.state is 'degraded' "
+                                           "while the log's sink is down, its buffer over half full, "
+                                           "or it dropped rows in the last minute",
+                                "operationId": "health",
                                 "responses": {"200": ok}}},
             "/ready": {"get": {"summary": "A model is loaded and warm", "operationId": "ready",
                                "responses": {"200": ok, "503": {"description": "not ready"}}}},

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import struct
@@ -47,26 +48,60 @@ SINK_STATE_ENV = "FLYWHEEL_LOG_SINK_STATE"  # the state database's URL, for the 
 class PredictionLogWriter:
     def __init__(self, state_url: str, config: PredictionLogConfig,
                  on_dropped: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None):
+                 on_depth: Callable[[int], None] | None = None,
+                 on_health: Callable[[dict[str, Any]], None] | None = None):
         self.state_url = state_url
         self.config = config
         self.buffer: collections.deque[Row] = collections.deque()
         self.on_dropped = on_dropped
         self.on_depth = on_depth
+        self.on_health = on_health
         self.sent = 0
         self.dropped = 0
+        self.sink_restarts = 0
+        self.last_drop = float("-inf")  # time.monotonic() of the latest drop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._sink: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self._start_sink()
+        self._thread.start()
+
+    def _start_sink(self) -> None:
         # The URL goes by the environment, not argv: `ps` shows argv (and a password in it) to
         # every user of the machine.
         self._sink = subprocess.Popen(
             [sys.executable, "-m", "flywheel.serving.logsink"],
             stdin=subprocess.PIPE, env={**os.environ, SINK_STATE_ENV: self.state_url},
         )
-        self._thread.start()
+
+    def _restart_sink_if_dead(self) -> bool:
+        """A sink that died (killed, out of memory) is replaced; what its pipe held is lost."""
+        if self._sink is None or self._sink.poll() is None:
+            return False
+        log.error("log sink exited; starting a new one", extra={
+            "event": "prediction_log_error", "exit_code": self._sink.returncode})
+        with contextlib.suppress(OSError):
+            if self._sink.stdin:
+                self._sink.stdin.close()
+        self.sink_restarts += 1
+        self._start_sink()
+        return True
+
+    def health(self) -> dict[str, Any]:
+        """The log's state for /health: `degraded` while its sink is down, its buffer is over half
+        full, or it dropped rows in the last minute (the reasons say which)."""
+        reasons = []
+        if self._sink is not None and self._sink.poll() is not None:
+            reasons.append("sink_down")
+        if len(self.buffer) * 2 > self.config.queue_size:
+            reasons.append("backlog")
+        if time.monotonic() - self.last_drop < 60:
+            reasons.append("dropping")
+        return {"state": "degraded" if reasons else "ok", "reasons": reasons,
+                "queue_depth": len(self.buffer), "dropped": self.dropped,
+                "sink_restarts": self.sink_restarts}
 
     def offer(self, row: Row) -> bool:
         """Buffer one prediction if there is room (the hot path: a length check and an append)."""
@@ -91,6 +126,7 @@ class PredictionLogWriter:
     def drop(self, rows: list[Row], why: str, error: str | None = None) -> None:
         """Count rows that will never be stored (metric and a log line naming them): never silent."""
         self.dropped += len(rows)
+        self.last_drop = time.monotonic()
         if self.on_dropped:
             self.on_dropped(len(rows))
         log.warning(why, extra={"event": "prediction_log_drop", "rows": len(rows),
@@ -116,8 +152,12 @@ class PredictionLogWriter:
     def _run(self) -> None:
         while True:
             stopping = self._stop.wait(self.config.flush_interval_s)
+            if not stopping:
+                self._restart_sink_if_dead()
             if self.on_depth:
                 self.on_depth(len(self.buffer))
+            if self.on_health:
+                self.on_health(self.health())
             while self.buffer:
                 # Small frames: serialising a whole interval at once held the GIL long enough to
                 # show in p99 (frames of 128 rows: 3.4-3.6 ms; one frame per 50 ms: 5.1-5.3 ms;
@@ -154,13 +194,17 @@ class PredictionLogWriter:
             if not good:
                 return
             rows, frame = good, orjson.dumps(good)
-        try:
-            assert self._sink is not None and self._sink.stdin is not None
-            self._sink.stdin.write(FRAME_HEADER.pack(len(frame)) + frame)
-            self._sink.stdin.flush()
-            self.sent += len(rows)
-        except (BrokenPipeError, OSError, AssertionError) as exc:
-            self.drop(rows, "log sink is gone; rows dropped", str(exc))
+        for attempt in (1, 2):
+            try:
+                assert self._sink is not None and self._sink.stdin is not None
+                self._sink.stdin.write(FRAME_HEADER.pack(len(frame)) + frame)
+                self._sink.stdin.flush()
+                self.sent += len(rows)
+                return
+            except (OSError, ValueError, AssertionError) as exc:  # ValueError: a closed pipe
+                if attempt == 2 or not self._restart_sink_if_dead():
+                    self.drop(rows, "log sink is gone; rows dropped", str(exc))
+                    return
 
 
 # ---- the sink (runs in its own process) --------------------------------------------------------
