@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from flywheel.config import ProjectBase  # noqa: E402
 from flywheel.core.errors import FlywheelError  # noqa: E402
+from flywheel.core.secrets import redact  # noqa: E402
 from flywheel.data.features import FeatureSpec  # noqa: E402
 
 # MLflow logs each schema migration and model download at INFO; our steps report progress.
@@ -127,11 +128,12 @@ class Registry:
     def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
         """An MLflow run; ends FAILED if the block raises, so a crash is visible in the UI."""
         self.activate()
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags) as r:
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
+                              tags=_scrubbed(tags)) as r:
             yield r.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -151,7 +153,7 @@ class Registry:
             self.client.log_batch(run_id, metrics=items[start : start + 1000])
 
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
+        for k, v in _scrubbed(tags).items():
             self.client.set_tag(run_id, k, v)
 
     def log_artifact(self, run_id: str, path: Path, subdir: str | None = None) -> None:
@@ -184,7 +186,7 @@ class Registry:
             self.client.create_registered_model(self.model_name)
         version = self.client.create_model_version(
             self.model_name, source=info.model_uri, run_id=run_id,
-            tags={**tags, "onnx_sha256": sha256(stored),
+            tags={**_scrubbed(tags), "onnx_sha256": sha256(stored),
                   "feature_spec_sha256": sha256(feature_spec.encode())},
         )
         return int(version.version)
@@ -204,7 +206,7 @@ class Registry:
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
         version = self.client.create_model_version(
             self.model_name, source=source, run_id=run_id,
-            tags={**tags, **hashes, "artifact_path": artifact_path})
+            tags={**_scrubbed(tags), **hashes, "artifact_path": artifact_path})
         return int(version.version)
 
     def download_verified(self, version: int, dst: Path) -> Path:
@@ -225,7 +227,7 @@ class Registry:
         return folder
 
     def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
+        for k, v in _scrubbed(tags).items():
             self.client.set_model_version_tag(self.model_name, str(version), k, v)
 
     def set_alias(self, alias: str, version: int) -> None:
@@ -235,8 +237,10 @@ class Registry:
         alias = STAGE_ALIASES.get(alias.lower(), alias)
         try:
             return int(self.client.get_model_version_by_alias(self.model_name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:  # no such model, or the alias is not set
+                return None
+            raise RegistryError(f"the MLflow store did not answer: {exc.message}") from exc
 
     def version(self, version: int) -> VersionInfo:
         try:
@@ -311,3 +315,12 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _scrubbed(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as MLflow stores them: any URL's password hidden (a reason, a lineage string may quote
+    one), since everyone who can open the MLflow UI reads them."""
+    return {k: redact(str(v)) for k, v in tags.items()}

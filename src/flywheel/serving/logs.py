@@ -49,4 +49,10 @@ def configure_json_logging(level: int | None = None, access_log: bool = False) -
         logger.handlers[:] = []
         logger.propagate = name != "uvicorn.access" or access_log
     for name in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        logger.handlers[:] = []  # MLflow adds a plain-text handler of its own: JSON lines only
+        logger.propagate = True
+    # MLflow logs a full traceback for every failed store query (each registry check while its
+    # database is down); the watcher says it once, as `registry_error`, and when it recovers.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -112,6 +113,8 @@ class ModelRuntime(Generic[M]):
         self.current: M | None = None
         self.on_swap = on_swap
         self.last_error: str | None = None
+        self._failing_since: float | None = None  # time.monotonic() of the first failed check
+        self._last_warned = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one check at a time (watcher and /admin/reload)
         self._thread: threading.Thread | None = None
@@ -128,9 +131,21 @@ class ModelRuntime(Generic[M]):
             try:
                 target = self.registry.alias_version(CHAMPION)
             except Exception as exc:  # registry unreachable: keep serving what we have
+                now = time.monotonic()
+                if self._failing_since is None or now - self._last_warned >= 60:
+                    log.warning("registry check failed; serving the loaded model and retrying",
+                                extra={"event": "registry_error", "error": str(exc)})
+                    self._last_warned = now
+                self._failing_since = self._failing_since or now
                 self.last_error = f"registry: {exc}"
-                log.warning("registry check failed", extra={"event": "registry_error", "error": str(exc)})
                 return False
+            if self._failing_since is not None:
+                log.info("registry reachable again", extra={
+                    "event": "registry_recovered",
+                    "after_s": round(time.monotonic() - self._failing_since, 1)})
+                self._failing_since = None
+                if self.last_error and self.last_error.startswith("registry: "):
+                    self.last_error = None
             current = self.current
             if target is None or (current is not None and current.version == target):
                 return False
