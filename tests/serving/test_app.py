@@ -340,6 +340,24 @@ def test_feedback_is_idempotent_and_only_for_record_ids_this_deployment_issued(c
     assert rows == [(rid, 1)]
 
 
+def test_feedback_on_a_locked_state_database_gets_a_quick_503_with_retry_after(client, project, records):
+    import sqlite3
+
+    rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
+    locker = sqlite3.connect(project.state_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the file
+    try:
+        started = time.monotonic()
+        r = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 1}]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert r.json()["detail"].startswith("the state database is unavailable")
+        assert time.monotonic() - started < 10  # not the 30 s of the engine's busy timeout
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 1}]}).status_code == 200
+
+
 def test_labels_for_rows_scored_elsewhere_need_the_config_switch(project, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_SERVING__ACCEPT_UNSIGNED_FEEDBACK", "true")
     lenient = load_project(project.path, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})

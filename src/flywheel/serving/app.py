@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -219,7 +220,14 @@ class TabularService:
         except RequestInvalid as exc:
             return self.answers.send("feedback", 422, {"detail": [e.as_dict() for e in exc.errors]},
                                      request_id, started)
-        stored = await run_in_threadpool(store_feedback, self.engine, labels)
+        try:
+            stored = await run_in_threadpool(store_feedback, self.engine, labels)
+        except sa.exc.SQLAlchemyError as exc:  # locked, down, full: the client may send them again
+            log.warning("feedback not stored: state database unavailable", extra={
+                "event": "feedback_error", "error": type(exc).__name__, "request_id": request_id})
+            return self.answers.send("feedback", 503, {
+                "detail": "the state database is unavailable; send the labels again later"},
+                request_id, started, headers={"retry-after": "5"})
         return self.answers.send("feedback", 200, {"accepted": stored, "request_id": request_id},
                                  request_id, started)
 

@@ -92,7 +92,9 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
                                 "label": {"type": "integer", "enum": [0, 1]},
                                 "observed_at": {"type": "string", "format": "date-time"}}}}}}}}},
                 "responses": {"200": ok, "413": errors["413"], "422": errors["422"],
-                              "415": {"description": "the body is not sent as JSON"}}}},
+                              "415": {"description": "the body is not sent as JSON"},
+                              "503": {"description": "the state database is unavailable; "
+                                                     "retry after Retry-After seconds"}}}},
             "/health": {"get": {"summary": "The process is alive; prediction_log.state is 'degraded' "
                                            "while the log's sink is down, its buffer over half full, "
                                            "or it dropped rows in the last minute",

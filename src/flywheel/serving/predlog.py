@@ -243,6 +243,9 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
     return out
 
 
+FEEDBACK_WAIT_S = 2.0
+
+
 def store_feedback(engine: sa.Engine, labels: list[dict[str, Any]]) -> int:
     """Upsert ground-truth labels by record id: repeating one is a no-op, a late one is accepted."""
     now = datetime.now(UTC)
@@ -263,5 +266,11 @@ def store_feedback(engine: sa.Engine, labels: list[dict[str, Any]]) -> int:
         set_={"label": stmt.excluded.label, "observed_at": stmt.excluded.observed_at},
     )
     with engine.begin() as conn:
-        conn.execute(stmt, rows)
+        if dialect == "sqlite":  # a locked file: give up in seconds (the caller answers 503)
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(FEEDBACK_WAIT_S * 1000)}")
+        try:
+            conn.execute(stmt, rows)
+        finally:
+            if dialect == "sqlite":
+                conn.exec_driver_sql("PRAGMA busy_timeout = 30000")  # the engine's default
     return len(rows)
