@@ -43,6 +43,14 @@ def test_no_output_of_a_run_shows_a_store_password(loaded_project, postgres_url)
     seen.append(server.log_path.read_text())
     failed = cli("retrain", "--at", "1980-01-01")  # no rows back then: fails, alerts to the log
     assert failed.returncode == 1 and "nothing to retrain on" in failed.stdout + failed.stderr
+    # What the MLflow UI shows: every run's tags and params, every version's tags.
+    from flywheel.registry import Registry
+
+    registry = Registry.for_project(project)
+    for run in registry.client.search_runs([registry.experiment_id]):
+        seen.extend([repr(run.data.tags), repr(run.data.params)])
+    for mv in registry.client.search_model_versions(f"name='{registry.model_name}'"):
+        seen.append(repr(mv.tags))
     leaks = [text[max(0, text.find(PASSWORD) - 200):text.find(PASSWORD) + 50]
              for text in seen if PASSWORD in text]
     assert not leaks, leaks
