@@ -94,7 +94,8 @@ def test_predict_one_and_many_names_model_version_and_ids(client, records):
     assert (body["model"], body["version"]) == ("sba-loans", 1)
     assert body["request_id"] and one.headers["x-request-id"] == body["request_id"]
     [pred] = body["predictions"]
-    assert pred["record_id"].startswith(f"{body['request_id']}.") and pred["record_id"].endswith("-0")
+    assert pred["record_id"].startswith(body["request_id"]) and pred["record_id"].endswith("-0")
+    assert len(pred["record_id"]) == len(body["request_id"]) + 16 + 2  # the tag: 16 hex digits
     assert 0 <= pred["probability"] <= 1
     assert pred["decision"] == (pred["probability"] >= body["threshold"])
     many = client.post("/v1/predict",
@@ -321,8 +322,8 @@ def test_feedback_is_idempotent_and_only_for_record_ids_this_deployment_issued(c
 
     # Guessed, forged and foreign ids are refused, naming each; nothing of the request is stored.
     request_id, _, number = rid.rpartition("-")
-    forged = [f"{request_id[:-1]}{'0' if request_id[-1] != '0' else '1'}-{number}",
-              f"{request_id.split('.')[0]}-0", "from-last-year-0", f"{request_id}-x"]
+    forged = [f"{request_id[:-1]}{'0' if request_id[-1] != '0' else '1'}-{number}",  # tag changed
+              f"{request_id[:-16]}-0", "from-last-year-0", f"{request_id}-x"]  # no tag; no number
     refused = client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 0}] +
                                                 [{"record_id": f, "label": 0} for f in forged]})
     assert refused.status_code == 422

@@ -89,5 +89,16 @@ def test_the_upgraded_project_serves_its_champion(upgraded):
         assert answer.json()["version"] == 2
         model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
         assert model["lineage"]["gate"] == "passed"
+        # 0007 (server_keys): the upgraded server signs its record ids and takes labels for them;
+        # an id the release issued before (unsigned) needs serving.accept_unsigned_feedback.
+        with open_state(upgraded.state_url).connect() as conn:
+            old_id = conn.execute(sa.text("SELECT record_id FROM predictions ORDER BY id LIMIT 1")).scalar()
+        new_id = answer.json()["predictions"][0]["record_id"]
+        labels = {"labels": [{"record_id": new_id, "label": 1}]}
+        assert httpx.post(f"{server.url}/v1/feedback", json=labels, timeout=30).status_code == 200
+        labels = {"labels": [{"record_id": old_id, "label": 1}]}
+        refused = httpx.post(f"{server.url}/v1/feedback", json=labels, timeout=30)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["type"] == "unknown_record"
     with open_state(upgraded.state_url).connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 301
+        assert conn.execute(sa.text("SELECT count(*) FROM server_keys")).scalar() == 1
