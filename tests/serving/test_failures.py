@@ -1,5 +1,5 @@
 """A failing dependency under live traffic: the server's PostgreSQL (state database and MLflow
-store) stops, then comes back.
+store) stops, then comes back; the state database's disk fills up, then gets room.
 
 A throwaway cluster of its own (initdb on a free port; never the machine's shared server) holds
 the state database and the MLflow store. While 4 clients send predictions, the cluster stops for
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -198,3 +199,78 @@ def test_postgresql_down_under_traffic_serving_goes_on_and_everything_adds_up(cl
     assert events.count("registry_error") <= 2  # once, not at every check
     lines = server.log_path.read_text().splitlines()
     assert all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:5]
+
+
+IN_NAMESPACE = "FLYWHEEL_TEST_IN_MOUNT_NAMESPACE"
+
+
+def test_full_disk_under_traffic_serving_goes_on_drops_are_counted_and_it_recovers(tmp_path, request,
+                                                                                sba_sample):
+    """The state database (SQLite) on a 64 MB tmpfs that a file fills up under traffic; the file goes.
+
+    Mounting needs root: as another user the test runs itself again inside a user and mount
+    namespace of its own (`unshare --user --map-root-user --mount`), where it is root."""
+    if os.geteuid() != 0 and not os.environ.get(IN_NAMESPACE):
+        done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-m",
+                               "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                               request.node.nodeid], env={**os.environ, IN_NAMESPACE: "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        return
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
+    try:
+        _full_disk(tmp_path, disk, sba_sample)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _full_disk(tmp_path: Path, disk: Path, sba_sample) -> None:
+    cfg = example_config()
+    cfg["model"]["params"] = {"num_boost_round": 30}
+    cfg["stores"] = {"source": f"sqlite:///{tmp_path / 'source.db'}",
+                     "tracking": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "state": f"sqlite:///{disk / 'state.db'}"}
+    cfg["serving"]["log"] = {"queue_size": 2000, "queue_wait_s": 0.05}
+    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(cfg))
+    project = load_project(tmp_path / "flywheel.yaml", env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})
+    write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
+    assert train_challenger(project).promoted
+    from flywheel.registry import Registry
+    from flywheel.serving.runtime import load_version
+
+    spec = load_version(Registry.for_project(project), 1).spec
+    row = sba_sample[spec.input_columns].dropna().iloc[0]
+    record = {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+    filler = disk / "filler"
+    server = ServerProcess(project)
+    try:
+        server.wait_ready()  # it has written its record-id key: now fill the disk
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 600_000))  # ~1,000 rows of room
+        with Traffic(server.url, record) as traffic:
+            slowest, states, ready = watch_health(server.url, 8)
+            full_at = len(traffic.statuses)
+            filler.unlink()  # room again: the sink's next retry goes through
+            deadline = time.monotonic() + 90
+            while httpx.get(f"{server.url}/health").json()["prediction_log"]["queue_depth"] > 0:
+                assert time.monotonic() < deadline, "the log did not drain after the disk had room"
+                time.sleep(0.2)
+            time.sleep(1)
+        answered = traffic.statuses
+        assert server.stop() in (0, -15)
+    finally:
+        server.stop()
+    log = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    writer_dropped = sum(e["dropped"] for e in log if e.get("event") == "worker_stopped")
+    sink_dropped = sum(e["dropped"] for e in log if e.get("event") == "log_sink_stopped")
+    with make_engine(project.state_url).connect() as conn:
+        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    print(f"answered {len(answered)} ({full_at} while the disk was full), stored {stored}, dropped "
+          f"{writer_dropped} by the writer and {sink_dropped} by the sink; slowest /health "
+          f"{slowest * 1000:.0f} ms")
+    assert set(answered) == {200} and ready == {200} and slowest < 1.0
+    assert "degraded" in states
+    assert any("full" in str(e.get("error", "")) for e in log if e.get("event") == "prediction_log_error")
+    assert stored + writer_dropped + sink_dropped == len(answered)
+    assert stored > 1000  # what came after the disk had room was stored
