@@ -1,5 +1,6 @@
 """A failing dependency under live traffic: the server's PostgreSQL (state database and MLflow
-store) stops, then comes back; the state database's disk fills up, then gets room.
+store) stops, then comes back; the state database's disk fills up, then gets room; another
+process holds the SQLite state database's write lock, then lets go.
 
 A throwaway cluster of its own (initdb on a free port; never the machine's shared server) holds
 the state database and the MLflow store. While 4 clients send predictions, the cluster stops for
@@ -21,18 +22,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
 
+from flywheel.config import Project
 from flywheel.data.sources import make_engine
 from flywheel.lifecycle import promote, train_challenger
 from flywheel.serving.process import free_port
 from tests.conftest import SOURCE_TYPES, ServerProcess, example_config, load_project, write_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving-test_failures")]
+pytestmark = pytest.mark.slow  # no shared fixture: each test may run on any worker
 
 
 def pg_bin() -> Path:
@@ -132,27 +135,30 @@ def watch_health(url: str, seconds: float) -> tuple[float, set[str], set[int]]:
     return slowest, states, ready
 
 
-def test_postgresql_down_under_traffic_serving_goes_on_and_everything_adds_up(cluster, tmp_path,
-                                                                              sba_sample):
+def trained(tmp_path: Path, sba_sample: Any, tracking: str, state: str) -> tuple[Project, dict]:
+    """A project on these stores with v1 champion (v2 would not be promoted by the gate), a small
+    log buffer (so an outage shows as backlog and counted drops), and one valid record."""
+    from flywheel.registry import Registry
+    from flywheel.serving.runtime import load_version
+
     cfg = example_config()
     cfg["model"]["params"] = {"num_boost_round": 30}
-    cfg["gate"]["min_improvement"] = 0.5  # v2 is registered but not promoted by training
-    cfg["stores"] = {"source": f"sqlite:///{tmp_path / 'source.db'}", "tracking": cluster.url,
-                     "state": cluster.url}
-    cfg["serving"].update({"reload_interval_s": 0.5,
-                           "log": {"queue_size": 2000, "queue_wait_s": 0.05}})
+    cfg["gate"]["min_improvement"] = 0.5
+    cfg["stores"] = {"source": f"sqlite:///{tmp_path / 'source.db'}", "tracking": tracking, "state": state}
+    cfg["serving"].update({"reload_interval_s": 0.5, "log": {"queue_size": 2000, "queue_wait_s": 0.05}})
     (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(cfg))
     project = load_project(tmp_path / "flywheel.yaml", env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})
     write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
     assert train_challenger(project).promoted
-    assert not train_challenger(project).promoted  # v2, for the promotion after the outage
-
-    from flywheel.registry import Registry
-    from flywheel.serving.runtime import load_version
-
     spec = load_version(Registry.for_project(project), 1).spec
     row = sba_sample[spec.input_columns].dropna().iloc[0]
-    record = {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+    return project, {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+
+
+def test_postgresql_down_under_traffic_serving_goes_on_and_everything_adds_up(cluster, tmp_path,
+                                                                              sba_sample):
+    project, record = trained(tmp_path, sba_sample, tracking=cluster.url, state=cluster.url)
+    assert not train_challenger(project).promoted  # v2, for the promotion after the outage
 
     server = ServerProcess(project)
     try:
@@ -227,22 +233,8 @@ def test_full_disk_under_traffic_serving_goes_on_drops_are_counted_and_it_recove
 
 
 def _full_disk(tmp_path: Path, disk: Path, sba_sample) -> None:
-    cfg = example_config()
-    cfg["model"]["params"] = {"num_boost_round": 30}
-    cfg["stores"] = {"source": f"sqlite:///{tmp_path / 'source.db'}",
-                     "tracking": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                     "state": f"sqlite:///{disk / 'state.db'}"}
-    cfg["serving"]["log"] = {"queue_size": 2000, "queue_wait_s": 0.05}
-    (tmp_path / "flywheel.yaml").write_text(yaml.safe_dump(cfg))
-    project = load_project(tmp_path / "flywheel.yaml", env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})
-    write_table(sba_sample, project.source_url, "loans", SOURCE_TYPES)
-    assert train_challenger(project).promoted
-    from flywheel.registry import Registry
-    from flywheel.serving.runtime import load_version
-
-    spec = load_version(Registry.for_project(project), 1).spec
-    row = sba_sample[spec.input_columns].dropna().iloc[0]
-    record = {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+    project, record = trained(tmp_path, sba_sample, tracking=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              state=f"sqlite:///{disk / 'state.db'}")
     filler = disk / "filler"
     server = ServerProcess(project)
     try:
@@ -274,3 +266,51 @@ def _full_disk(tmp_path: Path, disk: Path, sba_sample) -> None:
     assert any("full" in str(e.get("error", "")) for e in log if e.get("event") == "prediction_log_error")
     assert stored + writer_dropped + sink_dropped == len(answered)
     assert stored > 1000  # what came after the disk had room was stored
+
+
+def test_locked_sqlite_state_database_under_traffic_serving_goes_on_and_everything_adds_up(tmp_path,
+                                                                                        sba_sample):
+    """Another process holds the state database's write lock for 8 s (a backup, a long manual
+    transaction): requests are answered, labels get a quick 503, and it all recovers."""
+    import sqlite3
+
+    state = tmp_path / "state.db"
+    project, record = trained(tmp_path, sba_sample, tracking=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              state=f"sqlite:///{state}")
+    server = ServerProcess(project)
+    try:
+        server.wait_ready()
+        rid = httpx.post(f"{server.url}/v1/predict", json=record).json()["predictions"][0]["record_id"]
+        labels = {"labels": [{"record_id": rid, "label": 1}]}
+        with Traffic(server.url, record) as traffic:
+            time.sleep(1)
+            locker = sqlite3.connect(state, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            started = time.monotonic()
+            refused = httpx.post(f"{server.url}/v1/feedback", json=labels, timeout=30)
+            feedback_s = time.monotonic() - started
+            slowest, states, ready = watch_health(server.url, 6)
+            locker.execute("ROLLBACK")
+            locker.close()
+            unlocked = time.monotonic()
+            deadline = unlocked + 90
+            while httpx.get(f"{server.url}/health").json()["prediction_log"]["queue_depth"] > 0:
+                assert time.monotonic() < deadline, "the log did not drain after the lock was released"
+                time.sleep(0.2)
+            drained_s = time.monotonic() - unlocked
+        answered = traffic.statuses
+        assert httpx.post(f"{server.url}/v1/feedback", json=labels, timeout=30).status_code == 200
+        assert server.stop() in (0, -15)
+    finally:
+        server.stop()
+    log = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    writer_dropped = sum(e["dropped"] for e in log if e.get("event") == "worker_stopped")
+    sink_dropped = sum(e["dropped"] for e in log if e.get("event") == "log_sink_stopped")
+    with make_engine(project.state_url).connect() as conn:
+        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    print(f"answered {len(answered) + 1}, stored {stored}, dropped {writer_dropped} by the writer and "
+          f"{sink_dropped} by the sink; feedback refused in {feedback_s:.1f} s; log drained "
+          f"{drained_s:.1f} s after the lock was released; slowest /health {slowest * 1000:.0f} ms")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5" and feedback_s < 5
+    assert set(answered) == {200} and ready == {200} and slowest < 1.0 and "degraded" in states
+    assert stored + writer_dropped + sink_dropped == len(answered) + 1  # + the request before
