@@ -57,6 +57,19 @@ def test_state_migrates_to_head_and_keeps_its_rows(upgraded):
         assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 300
         assert conn.execute(sa.text("SELECT count(*) FROM feedback")).scalar() == 300
         assert conn.execute(sa.text("SELECT count(*) FROM monitor_runs")).scalar() == 1
+        # 0008 (every task's outputs): the binary rows are kept as they were, beside room for a
+        # regression value and a multiclass label
+        rows = conn.execute(sa.text("SELECT count(*) FROM predictions WHERE probability IS NOT NULL "
+                                    "AND decision IS NOT NULL AND value IS NULL AND label IS NULL")).scalar()
+        assert rows == 300
+        labels = conn.execute(sa.text("SELECT count(*) FROM feedback WHERE label IN (0, 1) "
+                                      "AND value IS NULL AND label_text IS NULL")).scalar()
+        assert labels == 300
+        inspector = sa.inspect(conn)
+        nullable = {c["name"]: c["nullable"] for c in inspector.get_columns("predictions")}
+        assert nullable["probability"] and nullable["decision"] and not nullable["record_id"]
+        runs = {c["name"] for c in inspector.get_columns("monitor_runs")}
+        assert {"metric", "metric_value", "metrics"} <= runs
     moves = alias_moves(engine, "sba-loans", CHAMPION)
     assert [(m.version, m.action, m.applied) for m in moves] == \
         [(1, "promote", True), (2, "promote", True), (1, "manual", True), (2, "rollback", True)]

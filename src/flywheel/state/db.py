@@ -56,9 +56,14 @@ predictions = sa.Table(
     sa.Column("model_version", sa.Integer, nullable=False),
     sa.Column("inputs", sa.Text, nullable=False),
     sa.Column("meta", sa.Text, nullable=True),
-    sa.Column("probability", sa.Float, nullable=False),
-    sa.Column("decision", sa.Boolean, nullable=False),
+    # binary: probability and decision; regression: value; multiclass: label, scores (JSON of
+    # every class's probability) and probability (the label's)
+    sa.Column("probability", sa.Float, nullable=True),
+    sa.Column("decision", sa.Boolean, nullable=True),
     sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("label", sa.String(200), nullable=True),
+    sa.Column("scores", sa.Text, nullable=True),
     sa.Index("ix_predictions_record_id", "record_id", unique=True),
     sa.Index("ix_predictions_model_time", "model_name", "created_at"),
 )
@@ -66,9 +71,11 @@ feedback = sa.Table(
     "feedback",
     metadata,
     sa.Column("record_id", sa.String(100), primary_key=True),
-    sa.Column("label", sa.Integer, nullable=False),
+    sa.Column("label", sa.Integer, nullable=True),  # binary: 0/1
     sa.Column("observed_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("value", sa.Float, nullable=True),  # regression: the true value
+    sa.Column("label_text", sa.String(200), nullable=True),  # multiclass: the true class
 )
 
 
@@ -94,6 +101,10 @@ monitor_runs = sa.Table(
     sa.Column("report_path", sa.Text, nullable=True),
     sa.Column("mlflow_run_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # the task's performance metric over the window (roc_auc for binary, rmse, macro_f1, ...)
+    sa.Column("metric", sa.String(50), nullable=True),
+    sa.Column("metric_value", sa.Float, nullable=True),
+    sa.Column("metrics", sa.Text, nullable=True),  # JSON: every metric of the window
     sa.Index("ix_monitor_runs_model", "model_name", "id"),
 )
 monitor_columns = sa.Table(
