@@ -135,6 +135,18 @@ def watch_health(url: str, seconds: float) -> tuple[float, set[str], set[int]]:
     return slowest, states, ready
 
 
+def accounting(server: ServerProcess, state_url: str) -> tuple[list[dict], int, int, int]:
+    """After the server stopped: its JSON log events, the rows stored, and the drops counted by the
+    workers' writers and by the log sinks (every sink that ran, restarted ones too)."""
+    lines = server.log_path.read_text().splitlines()
+    log = [json.loads(line) for line in lines if line.startswith("{")]
+    writer_dropped = sum(e["dropped"] for e in log if e.get("event") == "worker_stopped")
+    sink_dropped = sum(e["dropped"] for e in log if e.get("event") == "log_sink_stopped")
+    with make_engine(state_url).connect() as conn:
+        stored = int(conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() or 0)
+    return log, stored, writer_dropped, sink_dropped
+
+
 def trained(tmp_path: Path, sba_sample: Any, tracking: str, state: str) -> tuple[Project, dict]:
     """A project on these stores with v1 champion (v2 would not be promoted by the gate), a small
     log buffer (so an outage shows as backlog and counted drops), and one valid record."""
@@ -189,13 +201,7 @@ def test_postgresql_down_under_traffic_serving_goes_on_and_everything_adds_up(cl
     assert ready == {200}  # the load balancer keeps this replica
     assert slowest < 1.0  # /health never waits on the database (it took 4.75 s before)
     assert "degraded" in states
-    log = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
-    stopped = [e for e in log if e.get("event") == "worker_stopped"]
-    sinks = [e for e in log if e.get("event") == "log_sink_stopped"]
-    writer_dropped = sum(e["dropped"] for e in stopped)
-    sink_dropped = sum(e["dropped"] for e in sinks)
-    with make_engine(cluster.url).connect() as conn:
-        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    log, stored, writer_dropped, sink_dropped = accounting(server, cluster.url)
     print(f"answered {len(answered)} (during the 8 s outage: {len(during)}), stored {stored}, dropped "
           f"{writer_dropped} by the writer and {sink_dropped} by the sink; log drained "
           f"{drained_s:.1f} s after the database came back; slowest /health {slowest * 1000:.0f} ms")
@@ -253,11 +259,7 @@ def _full_disk(tmp_path: Path, disk: Path, sba_sample) -> None:
         assert server.stop() in (0, -15)
     finally:
         server.stop()
-    log = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
-    writer_dropped = sum(e["dropped"] for e in log if e.get("event") == "worker_stopped")
-    sink_dropped = sum(e["dropped"] for e in log if e.get("event") == "log_sink_stopped")
-    with make_engine(project.state_url).connect() as conn:
-        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    log, stored, writer_dropped, sink_dropped = accounting(server, project.state_url)
     print(f"answered {len(answered)} ({full_at} while the disk was full), stored {stored}, dropped "
           f"{writer_dropped} by the writer and {sink_dropped} by the sink; slowest /health "
           f"{slowest * 1000:.0f} ms")
@@ -303,11 +305,7 @@ def test_locked_sqlite_state_database_under_traffic_serving_goes_on_and_everythi
         assert server.stop() in (0, -15)
     finally:
         server.stop()
-    log = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
-    writer_dropped = sum(e["dropped"] for e in log if e.get("event") == "worker_stopped")
-    sink_dropped = sum(e["dropped"] for e in log if e.get("event") == "log_sink_stopped")
-    with make_engine(project.state_url).connect() as conn:
-        stored = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    log, stored, writer_dropped, sink_dropped = accounting(server, project.state_url)
     print(f"answered {len(answered) + 1}, stored {stored}, dropped {writer_dropped} by the writer and "
           f"{sink_dropped} by the sink; feedback refused in {feedback_s:.1f} s; log drained "
           f"{drained_s:.1f} s after the lock was released; slowest /health {slowest * 1000:.0f} ms")
