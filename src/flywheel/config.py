@@ -50,10 +50,22 @@ class Window(_Strict):
         return self
 
 
+Task = Literal["binary", "regression", "multiclass"]
+TASKS: tuple[str, ...] = ("binary", "regression", "multiclass")
+# The metrics each task is measured by on the holdout and in monitoring; the gate may use any.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("roc_auc", "pr_auc", "log_loss", "brier"),
+    "regression": ("rmse", "mae", "r2", "mape"),
+    "multiclass": ("log_loss", "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"),
+}
+DEFAULT_GATE_METRIC = {"binary": "roc_auc", "regression": "rmse", "multiclass": "log_loss"}
+
+
 class PerformanceWindowTarget(_Strict):
     """Positive when the event happened within `months` of the row's time; known `months` later."""
 
     kind: Literal["performance_window"]
+    task: Literal["binary"] = "binary"
     event_column: str
     event_value: str
     event_time_column: str
@@ -61,11 +73,30 @@ class PerformanceWindowTarget(_Strict):
 
 
 class ColumnTarget(_Strict):
-    """Positive when `column` equals `positive`; the label is known as soon as the row exists."""
+    """The value of `column`, known as soon as the row exists. `task: binary` (the default): positive
+    when it equals `positive`; `regression`: the number itself; `multiclass`: one of `classes`
+    (default: the classes the training window holds, in sorted order). Rows whose target is empty
+    are not labelled yet (regression, multiclass)."""
 
     kind: Literal["column"]
     column: str
-    positive: str | int | bool
+    task: Task = "binary"
+    positive: str | int | bool | None = None
+    classes: list[str] | None = Field(default=None, min_length=2)
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> ColumnTarget:
+        if self.task == "binary" and self.positive is None:
+            raise ValueError("a binary target needs `positive`: the value of the column that "
+                             "counts as the event (or set task: regression | multiclass)")
+        if self.task != "binary" and self.positive is not None:
+            raise ValueError(f"`positive` is for task: binary, not {self.task}")
+        if self.classes is not None:
+            if self.task != "multiclass":
+                raise ValueError(f"`classes` is for task: multiclass, not {self.task}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("target.classes repeats a class")
+        return self
 
 
 Target = Annotated[PerformanceWindowTarget | ColumnTarget, Field(discriminator="kind")]
@@ -198,10 +229,15 @@ class ChecksConfig(_Strict):
     # Each class needs at least this many labelled rows (a rate floor would reject rare events).
     min_class_rows: int = Field(default=50, ge=1)
     max_null_fraction: float = Field(default=0.5, ge=0, le=1)
-    # Any single feature whose standalone ROC-AUC reaches this stops training. 0.9: at 0.8 a
-    # legitimate feature (a customer's age, 0.84) was stopped on data we had not seen; the leaks
-    # we know reach more (the SBA loans' Term: 0.94). A project may set its own.
+    # Any single feature whose standalone ROC-AUC reaches this stops training (binary; multiclass:
+    # the macro one-vs-rest ROC-AUC). 0.9: at 0.8 a legitimate feature (a customer's age, 0.84) was
+    # stopped on data we had not seen; the leaks we know reach more (the SBA loans' Term: 0.94).
     leakage_auc_threshold: float = Field(default=0.9, gt=0.5, le=1)
+    # Regression: any single feature whose out-of-sample R-squared alone reaches this (a
+    # correlation of about 0.87) stops training. Fixed before the example data was measured.
+    leakage_r2_threshold: float = Field(default=0.75, gt=0, le=1)
+    # Regression: the values a target may take; a row outside stops training (a unit or entry error).
+    target_range: tuple[float, float] | None = None
     accept_leaky: list[str] = []
 
 
@@ -216,8 +252,13 @@ class ModelConfig(_Strict):
     seed: int = 42
 
 
+GateMetric = Literal["roc_auc", "pr_auc", "log_loss", "brier", "rmse", "mae", "r2", "mape",
+                     "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"]
+
+
 class GateConfig(_Strict):
-    metric: Literal["roc_auc", "pr_auc", "log_loss", "brier"] = "roc_auc"
+    # default: roc_auc (binary), rmse (regression), log_loss (multiclass)
+    metric: GateMetric = "roc_auc"
     floor: float
     min_improvement: float = Field(default=0.0, ge=0)
     require_schema_compatible: bool = True
@@ -296,9 +337,12 @@ class MonitoringConfig(_Strict):
     performance_rows: int = Field(default=5_000, ge=50)
     min_labelled: int = Field(default=500, ge=10)
     min_positives: int = Field(default=10, ge=1)
-    # A drop: window ROC-AUC below what the serving versions promised (their holdout ROC-AUC,
-    # weighted by rows) minus this.
+    # A drop (binary): window ROC-AUC below what the serving versions promised (their holdout
+    # ROC-AUC, weighted by rows) minus this.
     max_auc_drop: float = Field(default=0.05, ge=0, le=1)
+    # A drop (regression, multiclass): the window's value of the gate's metric worse than promised
+    # by more than this share of the promised value (RMSE 10% higher, macro F1 10% lower, ...).
+    max_relative_drop: float = Field(default=0.1, gt=0, le=10)
     # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
     report_sample_rows: int = Field(default=10_000, ge=100)
     # null: when Evidently (the `reports` extra) is installed
@@ -362,6 +406,30 @@ class Config(CommonConfig):
         if dupes:
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_gate_metric(cls, raw: Any) -> Any:
+        try:
+            task = raw["data"]["target"].get("task") or "binary"
+            gate = raw["gate"]
+        except (TypeError, KeyError, AttributeError):
+            return raw
+        if isinstance(gate, dict) and gate.get("metric") is None and task in DEFAULT_GATE_METRIC:
+            return {**raw, "gate": {**gate, "metric": DEFAULT_GATE_METRIC[task]}}
+        return raw
+
+    @model_validator(mode="after")
+    def _gate_metric_of_the_task(self) -> Config:
+        task = self.task
+        if self.gate.metric not in TASK_METRICS[task]:
+            raise ValueError(f"gate.metric '{self.gate.metric}' does not measure a {task} model; "
+                             f"choose one of {', '.join(TASK_METRICS[task])}")
+        return self
+
+    @property
+    def task(self) -> str:
+        return self.data.target.task
 
 
 # ---- LoRA fine-tuning projects (kind: lora) -----------------------------------------------------

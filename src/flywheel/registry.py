@@ -45,13 +45,18 @@ def sha256(data: bytes) -> str:
 
 
 def onnx_signature(feature_spec: str) -> Any:
-    """The MLflow signature of an ONNX export: one float32 column per feature, one output."""
+    """The MLflow signature of an ONNX export: one float32 column per feature, one output
+    (`probability`, `value`, or one probability column per class)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    names = FeatureSpec.from_json(feature_spec).names
-    return ModelSignature(inputs=Schema([ColSpec("float", n) for n in names]),
-                          outputs=Schema([ColSpec("float", "probability")]))
+    spec = FeatureSpec.from_json(feature_spec)
+    single = "value" if spec.task == "regression" else "probability"
+    outputs: list[ColSpec | TensorSpec] = ([ColSpec("float", c) for c in spec.classes]
+                                           if spec.task == "multiclass" else [ColSpec("float", single)])
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("float", n) for n in spec.names]
+    return ModelSignature(inputs=Schema(inputs),
+                          outputs=Schema(outputs))
 
 
 class RegistryError(FlywheelError):

@@ -23,11 +23,17 @@ class DataCheckError(FlywheelError):
 @dataclass(frozen=True)
 class DataCheckReport:
     rows: int
-    positive_rate: float
+    positive_rate: float  # binary: share of positives; regression: mean target; multiclass: NaN
     null_fraction: dict[str, float]
+    # each feature's standalone score: ROC-AUC (binary), macro one-vs-rest ROC-AUC (multiclass),
+    # out-of-sample R-squared (regression); `standalone_metric` names it
     standalone_auc: dict[str, float]
     failures: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
+    task: str = "binary"
+    standalone_metric: str = "roc_auc"
+    class_counts: dict[str, int] = field(default_factory=dict)  # multiclass
+    target_range: dict[str, float] = field(default_factory=dict)  # regression: quantiles, outliers
 
     @property
     def passed(self) -> bool:
@@ -53,6 +59,32 @@ def standalone_auc(x: np.ndarray, y: np.ndarray) -> float:
         encoded = _target_encode(keys[fit], y[fit], keys[score])
         aucs.append(roc_auc_score(y[score], encoded))
     return float(np.mean(aucs)) if aucs else 0.5
+
+
+def standalone_macro_auc(x: np.ndarray, y: np.ndarray, classes: int) -> float:
+    """`standalone_auc` for a multiclass target: the mean over the classes of the feature's
+    one-vs-rest score (classes the rows hold too few of to score are left out)."""
+    scores = [standalone_auc(x, (y == k).astype(np.float64)) for k in range(classes)
+              if 0 < int(np.sum(y == k)) < len(y)]
+    return float(np.mean(scores)) if scores else 0.5
+
+
+def standalone_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """How much of a numeric target's variance one feature alone explains, out of sample: the
+    feature's groups (as in `standalone_auc`) mean-encoded on every other row and scored on the
+    rest, both ways round; 0 when it explains nothing (never negative)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    keys = _group_keys(x)
+    halves = np.arange(len(x)) % 2 == 0
+    r2s = []
+    for fit, score in ((halves, ~halves), (~halves, halves)):
+        spread = float(np.sum((y[score] - y[score].mean()) ** 2))
+        if spread <= 0 or not fit.any():
+            continue
+        encoded = _target_encode(keys[fit], y[fit], keys[score])
+        r2s.append(1 - float(np.sum((y[score] - encoded) ** 2)) / spread)
+    return max(0.0, float(np.mean(r2s))) if r2s else 0.0
 
 
 def _group_keys(x: np.ndarray) -> np.ndarray:
@@ -81,20 +113,27 @@ def _target_encode(fit_keys: np.ndarray, fit_y: np.ndarray, score_keys: np.ndarr
 
 
 def run_data_checks(
-    matrix: np.ndarray, y: np.ndarray, names: list[str], checks: ChecksConfig
+    matrix: np.ndarray, y: np.ndarray, names: list[str], checks: ChecksConfig, task: str = "binary",
+    classes: list[str] | None = None, unknown_classes: dict[str, int] | None = None,
 ) -> DataCheckReport:
     """Every check over the feature matrix of the training window; failures are collected."""
     failures: list[str] = []
     rows = len(y)
-    positive_rate = float(np.mean(y)) if rows else float("nan")
     if rows < checks.min_rows:
         failures.append(f"only {rows} labelled rows in the window; at least {checks.min_rows} needed")
-    positives = int(np.sum(y))
-    if rows and min(positives, rows - positives) < checks.min_class_rows:
-        failures.append(
-            f"the target has {positives} positive and {rows - positives} negative rows; each "
-            f"class needs at least checks.min_class_rows = {checks.min_class_rows}"
-        )
+    class_counts: dict[str, int] = {}
+    target_range: dict[str, float] = {}
+    if task == "multiclass":
+        class_counts = _check_classes(y, classes or [], unknown_classes or {}, checks, failures)
+    elif task == "regression":
+        target_range = _check_values(y, checks, failures)
+    elif rows:
+        positives = int(np.sum(y))
+        if min(positives, rows - positives) < checks.min_class_rows:
+            failures.append(
+                f"the target has {positives} positive and {rows - positives} negative rows; each "
+                f"class needs at least checks.min_class_rows = {checks.min_class_rows}"
+            )
     nulls = {n: float(np.isnan(matrix[:, i]).mean()) if rows else 0.0 for i, n in enumerate(names)}
     for name, frac in nulls.items():
         if frac > checks.max_null_fraction:
@@ -102,28 +141,88 @@ def run_data_checks(
                 f"feature '{name}' is missing in {frac:.1%} of rows "
                 f"(limit checks.max_null_fraction = {checks.max_null_fraction:.0%})"
             )
-    aucs: dict[str, float] = {}
-    accepted: list[str] = []
-    if rows and len(np.unique(y)) == 2:
-        for i, name in enumerate(names):
-            aucs[name] = round(standalone_auc(matrix[:, i], y), 4)
-            if aucs[name] >= checks.leakage_auc_threshold:
-                if name in checks.accept_leaky:
-                    accepted.append(name)
-                    continue
-                failures.append(
-                    f"possible target leakage: feature '{name}' alone reaches ROC-AUC "
-                    f"{aucs[name]:.3f} (threshold checks.leakage_auc_threshold = "
-                    f"{checks.leakage_auc_threshold}). A value recorded only after the outcome (how "
-                    f"long a loan actually ran, a closing date, a status code) must not be a "
-                    f"feature: remove '{name}'; if it is truly known when a prediction is made "
-                    f"(and simply that strong), list it under checks.accept_leaky"
-                )
+    scores, accepted = _leakage_screen(matrix, y, names, checks, task, len(classes or []), failures)
     return DataCheckReport(
         rows=rows,
-        positive_rate=positive_rate,
+        positive_rate=float(np.mean(y)) if rows and task != "multiclass" else float("nan"),
         null_fraction=nulls,
-        standalone_auc=aucs,
+        standalone_auc=scores,
         failures=failures,
         accepted=accepted,
+        task=task,
+        standalone_metric=LEAKAGE_METRIC[task],
+        class_counts=class_counts,
+        target_range=target_range,
     )
+
+
+LEAKAGE_METRIC = {"binary": "roc_auc", "multiclass": "macro_roc_auc", "regression": "r2"}
+
+
+def _leakage_screen(matrix: np.ndarray, y: np.ndarray, names: list[str], checks: ChecksConfig,
+                    task: str, classes: int, failures: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Each feature's standalone score against the task's threshold; a failure per suspect."""
+    scores: dict[str, float] = {}
+    accepted: list[str] = []
+    if not len(y) or len(np.unique(y)) < 2:
+        return scores, accepted
+    threshold = checks.leakage_r2_threshold if task == "regression" else checks.leakage_auc_threshold
+    setting = "leakage_r2_threshold" if task == "regression" else "leakage_auc_threshold"
+    measure = {"binary": "ROC-AUC", "multiclass": "macro ROC-AUC (one class against the rest)",
+               "regression": "out-of-sample R-squared"}[task]
+    for i, name in enumerate(names):
+        x = matrix[:, i]
+        score = (standalone_r2(x, y) if task == "regression" else
+                 standalone_macro_auc(x, y, classes) if task == "multiclass" else standalone_auc(x, y))
+        scores[name] = round(score, 4)
+        if scores[name] < threshold:
+            continue
+        if name in checks.accept_leaky:
+            accepted.append(name)
+            continue
+        failures.append(
+            f"possible target leakage: feature '{name}' alone reaches {measure} "
+            f"{scores[name]:.3f} (threshold checks.{setting} = {threshold}). A value recorded "
+            f"only after the outcome (how long a loan actually ran, a closing date, a status code, "
+            f"a delay measured on the way) must not be a feature: remove '{name}'; if it is truly "
+            f"known when a prediction is made (and simply that strong), list it under "
+            f"checks.accept_leaky"
+        )
+    return scores, accepted
+
+
+def _check_classes(y: np.ndarray, classes: list[str], unknown: dict[str, int], checks: ChecksConfig,
+                   failures: list[str]) -> dict[str, int]:
+    counts = {c: int(np.sum(y == i)) for i, c in enumerate(classes)}
+    if unknown:
+        failures.append(
+            f"{sum(unknown.values())} row(s) have a class not in data.target.classes: "
+            + ", ".join(f"'{c}' ({n})" for c, n in sorted(unknown.items())[:10])
+            + "; add it to the list, or clean the rows")
+    rare = {c: n for c, n in counts.items() if n < checks.min_class_rows}
+    if rare:
+        failures.append(
+            "class(es) with fewer rows than checks.min_class_rows = "
+            f"{checks.min_class_rows}: " + ", ".join(f"'{c}' ({n})" for c, n in rare.items())
+            + "; widen data.window, lower the setting, or leave the class out of "
+            "data.target.classes and its rows out of the table")
+    return counts
+
+
+def _check_values(y: np.ndarray, checks: ChecksConfig, failures: list[str]) -> dict[str, float]:
+    """The target's range and its outliers (beyond 3 interquartile ranges of the quartiles)."""
+    if not len(y):
+        return {}
+    q = np.quantile(y, [0, 0.01, 0.25, 0.5, 0.75, 0.99, 1])
+    iqr = q[4] - q[2]
+    outliers = int(np.sum((y < q[2] - 3 * iqr) | (y > q[4] + 3 * iqr)))
+    if q[0] == q[6]:
+        failures.append(f"the target is {q[0]} in every row: there is nothing to learn")
+    if checks.target_range is not None:
+        low, high = checks.target_range
+        outside = int(np.sum((y < low) | (y > high)))
+        if outside:
+            failures.append(f"{outside} row(s) have a target outside checks.target_range "
+                            f"[{low}, {high}] (seen: {q[0]:g} .. {q[6]:g})")
+    return {"min": float(q[0]), "p01": float(q[1]), "median": float(q[3]), "p99": float(q[5]),
+            "max": float(q[6]), "mean": float(np.mean(y)), "outliers": float(outliers)}

@@ -43,6 +43,10 @@ class FeatureSpec:
     input_types: dict[str, InputType] = field(default_factory=dict)
     # Inputs that were missing in some training rows: a request may send null for these.
     nullable_inputs: list[str] = field(default_factory=list)
+    # What the model answers: binary, regression or multiclass (with its classes, in the order of
+    # the model's probability columns). Travels with the model, so a server needs no config for it.
+    task: str = "binary"
+    classes: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -57,16 +61,15 @@ class FeatureSpec:
         return input_columns(self.features)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "features": _FEATURES.dump_python(self.features, mode="json"),
-                "vocabularies": self.vocabularies,
-                "input_types": self.input_types,
-                "nullable_inputs": self.nullable_inputs,
-            },
-            indent=2,
-            sort_keys=True,
-        )
+        raw: dict[str, Any] = {
+            "features": _FEATURES.dump_python(self.features, mode="json"),
+            "vocabularies": self.vocabularies,
+            "input_types": self.input_types,
+            "nullable_inputs": self.nullable_inputs,
+        }
+        if self.task != "binary":  # a binary spec is written as before the other tasks existed
+            raw.update(task=self.task, classes=self.classes)
+        return json.dumps(raw, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> FeatureSpec:
@@ -76,6 +79,8 @@ class FeatureSpec:
             vocabularies={k: list(v) for k, v in raw["vocabularies"].items()},
             input_types=dict(raw["input_types"]),
             nullable_inputs=list(raw.get("nullable_inputs", [])),
+            task=str(raw.get("task", "binary")),
+            classes=[str(c) for c in raw.get("classes", [])],
         )
 
     def sha256(self) -> str:

@@ -42,6 +42,7 @@ class Snapshot:
     as_of: date
     rows: int
     immature_dropped: int
+    # binary: the share of positive rows; regression: the mean target; multiclass: NaN
     positive_rate: float
     # Where the rows came from: "source" (the source table), "feedback" (served predictions
     # joined with the labels posted back) or "both"; and how many came from the feedback.
@@ -298,7 +299,7 @@ def save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, sta
         as_of=as_of,
         rows=len(frame),
         immature_dropped=immature,
-        positive_rate=float(frame[TARGET].mean()),
+        positive_rate=target_summary(frame[TARGET]),
         origin=origin,
         feedback_rows=feedback_rows,
     )
@@ -306,6 +307,24 @@ def save_snapshot(frame: pd.DataFrame, data: DataConfig, snapshot_dir: Path, sta
     meta.write_text(json.dumps(asdict(snap), default=str, indent=2))
     os.replace(meta, path.with_suffix(".json"))
     return snap
+
+
+def target_summary(target: pd.Series) -> float:
+    """The snapshot's one-number summary of its target (see `Snapshot.positive_rate`)."""
+    if pd.api.types.is_numeric_dtype(target) and len(target):
+        return float(target.mean())
+    return float("nan")
+
+
+def target_values(target: pd.Series, task: str, classes: list[str] | None = None) -> np.ndarray:
+    """The model's y from a snapshot's target column: 0/1 (binary), the value (regression) or the
+    index of the class in `classes` (multiclass; -1 for a class not among them)."""
+    if task == "regression":
+        return target.to_numpy(dtype=np.float64)
+    if task == "multiclass":
+        index = {c: i for i, c in enumerate(classes or [])}
+        return np.array([index.get(str(v), -1) for v in target], dtype=np.int64)
+    return target.to_numpy(dtype=np.int64)
 
 
 def frame_hash(frame: pd.DataFrame) -> str:
@@ -344,12 +363,15 @@ def labels_known_at(url: str, data: DataConfig, ids: list[str], as_of: date) -> 
     frame = pd.concat(parts, ignore_index=True)
     frame[data.time_column] = to_timestamps(frame[data.time_column], data)
     frame, _ = _attach_target(frame, data, as_of)
-    return pd.DataFrame({"entity_id": frame[data.id_column].astype(str), "label": frame[TARGET].astype(int)})
+    label = frame[TARGET].astype(int) if data.target.task == "binary" else frame[TARGET]
+    return pd.DataFrame({"entity_id": frame[data.id_column].astype(str), "label": label})
 
 
 def _attach_target(frame: pd.DataFrame, data: DataConfig, as_of: date) -> tuple[pd.DataFrame, int]:
-    """Add the 0/1 target and when it became known; drop rows whose label is not yet known."""
+    """Add the target (0/1, a value or a class name) and when it became known; drop rows whose
+    label is not yet known (and, for regression and multiclass, rows whose target is empty)."""
     target = data.target
+    known = pd.Series(True, index=frame.index)
     if isinstance(target, PerformanceWindowTarget):
         event_time = pd.to_datetime(frame[target.event_time_column])
         horizon = frame[data.time_column] + pd.DateOffset(months=target.months)
@@ -357,10 +379,29 @@ def _attach_target(frame: pd.DataFrame, data: DataConfig, as_of: date) -> tuple[
         frame[TARGET] = (happened & event_time.notna() & (event_time <= horizon)).astype(np.int8)
         frame[LABEL_KNOWN_AT] = horizon
     else:
-        frame[TARGET] = (frame[target.column] == target.positive).astype(np.int8)
+        frame[TARGET] = _column_target(frame[target.column], target.task, target.column, target.positive)
+        known = frame[TARGET].notna()
         frame[LABEL_KNOWN_AT] = frame[data.time_column]
-    mature = frame[LABEL_KNOWN_AT] <= pd.Timestamp(datetime.combine(as_of, datetime.min.time()))
+    mature = known & (frame[LABEL_KNOWN_AT] <= pd.Timestamp(datetime.combine(as_of, datetime.min.time())))
     return frame.loc[mature].copy(), int((~mature).sum())
+
+
+def _column_target(raw: pd.Series, task: str, column: str, positive: object) -> pd.Series:
+    if task == "binary":
+        return (raw == positive).astype(np.int8)
+    if task == "multiclass":
+        return raw.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v))
+                       else str(v).strip() or None)
+    values = pd.to_numeric(raw, errors="coerce").astype(np.float64)
+    bad = raw.notna() & values.isna()
+    if bad.any():
+        examples = ", ".join(repr(v) for v in raw[bad].astype(str).unique()[:3])
+        raise SourceError(f"the target column '{column}' is a regression target, but {int(bad.sum())} "
+                          f"row(s) hold no number (e.g. {examples}): clean them or make them empty")
+    if np.isinf(values).any():
+        raise SourceError(f"the target column '{column}' holds infinite values: a regression target "
+                          "must be finite")
+    return values
 
 
 def infer_sql_types(frame: pd.DataFrame) -> dict[str, sa.types.TypeEngine]:

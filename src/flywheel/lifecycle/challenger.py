@@ -18,7 +18,7 @@ from flywheel.data.checks import DataCheckReport
 from flywheel.lifecycle.features import PreparedData
 from flywheel.monitoring.reference import reference_artifacts
 from flywheel.registry import CHALLENGER, Registry
-from flywheel.training.evaluate import calibration_plot, holdout_metrics
+from flywheel.training.evaluate import holdout_plot, task_metrics
 from flywheel.training.model import FittedModel
 from flywheel.training.onnx import onnx_predict
 from flywheel.training.trainers import train_model
@@ -31,6 +31,10 @@ ONNX_PARITY_TOLERANCE = 1e-4
 # than ONNX_MAX_DIFF.
 ONNX_PARITY_MAX_SHARE = 0.001
 ONNX_MAX_DIFF = 0.01
+# A regression's values are in the target's units: a difference counts against a tolerance of
+# ONNX_PARITY_TOLERANCE + ONNX_PARITY_RTOL x |value| (float32 holds about 7 digits), and the
+# largest may reach ONNX_MAX_DIFF / ONNX_PARITY_TOLERANCE (100) times that.
+ONNX_PARITY_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,8 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
             fitted = train_model(cfg.model, prepared.training_data(), advance)
         with reporter.step("Evaluate on the holdout, log to MLflow"):
             hold = prepared.split.holdout
-            exported, max_diff, share_over = onnx_parity(fitted, prepared.X[hold])
-            metrics = holdout_metrics(prepared.y[hold], exported)
+            exported, max_diff, share_over = onnx_parity(fitted, prepared.X[hold], prepared.spec.task)
+            metrics = task_metrics(prepared.spec.task, prepared.y[hold], exported, prepared.spec.classes)
             log_training(registry, run_id, project, prepared, checks, fitted, metrics, exported,
                          max_diff, share_over)
         with reporter.step("Register the challenger"):
@@ -77,19 +81,33 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
     return Challenger(run_id, version, cfg.model.type, metrics, exported, fitted, max_diff)
 
 
-def onnx_parity(fitted: FittedModel, X_hold: np.ndarray) -> tuple[np.ndarray, float, float]:
+def onnx_parity(fitted: FittedModel, X_hold: np.ndarray, task: str = "binary"
+                ) -> tuple[np.ndarray, float, float]:
     """The export's holdout predictions, its largest difference from the native model, and the
-    share of rows over the tolerance; raises when the export is broken."""
-    native = fitted.predict(X_hold)
+    share of rows over the tolerance; raises when the export is broken. Every output is compared:
+    each class's probability of a multiclass model; a regression's value against a tolerance
+    that grows with it (ONNX_PARITY_RTOL)."""
+    native = np.asarray(fitted.predict(X_hold), dtype=np.float64)
     exported = onnx_predict(fitted.onnx, X_hold)
+    if native.shape != exported.shape:
+        raise PipelineError(f"ONNX export answers shape {exported.shape}, the native model "
+                            f"{native.shape}; not registering it")
     diff = np.abs(native - exported)
+    scale = ONNX_PARITY_TOLERANCE + (ONNX_PARITY_RTOL * np.abs(native) if task == "regression" else 0.0)
+    ratio = diff / scale
+    if ratio.ndim == 2:  # a row differs by its worst class
+        ratio, diff = ratio.max(axis=1), diff.max(axis=1)
     max_diff = float(np.max(diff)) if len(X_hold) else 0.0
-    share_over = float(np.mean(diff > ONNX_PARITY_TOLERANCE)) if len(X_hold) else 0.0
-    if share_over > ONNX_PARITY_MAX_SHARE or max_diff > ONNX_MAX_DIFF:
+    share_over = float(np.mean(ratio > 1)) if len(X_hold) else 0.0
+    worst = float(np.max(ratio)) if len(X_hold) else 0.0
+    if share_over > ONNX_PARITY_MAX_SHARE or worst > ONNX_MAX_DIFF / ONNX_PARITY_TOLERANCE:
+        allowed = (f"{ONNX_PARITY_TOLERANCE} + {ONNX_PARITY_RTOL} x |value|" if task == "regression"
+                   else str(ONNX_PARITY_TOLERANCE))
         raise PipelineError(
             f"ONNX export differs from the native model: {share_over:.2%} of holdout rows by "
-            f"more than {ONNX_PARITY_TOLERANCE} (allowed {ONNX_PARITY_MAX_SHARE:.1%}), at most by "
-            f"{max_diff:.2e} (allowed {ONNX_MAX_DIFF}); not registering it")
+            f"more than {allowed} (allowed {ONNX_PARITY_MAX_SHARE:.1%}), at most by "
+            f"{max_diff:.2e} ({worst:.0f} times the tolerance; allowed "
+            f"{ONNX_MAX_DIFF / ONNX_PARITY_TOLERANCE:.0f}); not registering it")
     return exported, max_diff, share_over
 
 
@@ -113,9 +131,8 @@ def log_training(registry: Registry, run_id: str, project: Project, prepared: Pr
     })
     registry.log_text(run_id, json.dumps(checks.__dict__, indent=2, default=str), "data_checks.json")
     with tempfile.TemporaryDirectory() as tmp:
-        png = calibration_plot(prepared.y[prepared.split.holdout], holdout_p,
-                               Path(tmp) / "calibration.png",
-                               f"{fitted.kind} on the holdout (ROC-AUC {metrics['roc_auc']:.3f})")
+        png = holdout_plot(prepared.spec.task, prepared.y[prepared.split.holdout], holdout_p,
+                           Path(tmp), fitted.kind, metrics, prepared.spec.classes)
         registry.log_artifact(run_id, png)
         for name, data in fitted.native_files.items():
             path = Path(tmp) / name

@@ -11,10 +11,10 @@ import pandas as pd
 from flywheel.config import Project
 from flywheel.core.errors import PipelineError
 from flywheel.data import features as feats
-from flywheel.data.sources import TARGET, Snapshot
+from flywheel.data.sources import TARGET, Snapshot, target_values
 from flywheel.lifecycle.features import PreparedData, extract_training_window
 from flywheel.registry import CHALLENGER, CHAMPION, Registry
-from flywheel.training.evaluate import GateDecision, decide_gate, holdout_metrics
+from flywheel.training.evaluate import GateDecision, decide_gate, task_metrics
 from flywheel.training.onnx import new_session, session_predict
 from flywheel.training.split import split_by_time
 
@@ -30,6 +30,18 @@ class ScoredVersion:
     @property
     def inputs(self) -> dict[str, str]:
         return self.spec.input_types
+
+    def answers_like(self, spec: feats.FeatureSpec) -> None:
+        """Refuse to compare with a model of another task or other classes: their metrics would
+        not mean the same (a project that changes its target starts a new registered model)."""
+        mine = (self.spec.task, self.spec.classes)
+        if mine != (spec.task, spec.classes):
+            raise PipelineError(
+                f"champion v{self.version} is a {mine[0]} model" + (f" of classes {mine[1]}" if mine[1]
+                                                                  else "")
+                + f"; the challenger is a {spec.task} model" + (f" of classes {spec.classes}" if
+                                                                spec.classes else "")
+                + ": they cannot be compared. Give the project a new model_name for the new target.")
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [c for c in self.spec.input_columns if c not in frame.columns]
@@ -75,7 +87,9 @@ def evaluate_against_champion(project: Project, registry: Registry, prepared: Pr
     hold = prepared.split.holdout
     champ_metrics = None
     if champion is not None:
-        champ_metrics = holdout_metrics(prepared.y[hold], champion.score(prepared.frame.iloc[hold]))
+        champion.answers_like(prepared.spec)
+        champ_metrics = task_metrics(prepared.spec.task, prepared.y[hold],
+                                     champion.score(prepared.frame.iloc[hold]), prepared.spec.classes)
         registry.log_metrics(run_id, {f"champion_{k}": v for k, v in champ_metrics.items()})
     gate = decide_gate(project.config.gate, metrics, champ_metrics, prepared.spec.input_types,
                        champion.inputs if champion else None)
@@ -107,9 +121,12 @@ def evaluate_version(project: Project, version: int | None = None, registry: Reg
     frame = snapshot.frame()
     split = split_by_time(frame[project.config.data.time_column], project.config.split)
     hold = frame.iloc[split.holdout]
-    y = hold[TARGET].to_numpy(dtype=np.int64)
-    metrics = holdout_metrics(y, candidate.score(hold))
-    champ_metrics = holdout_metrics(y, champion.score(hold)) if champion else None
+    spec = candidate.spec
+    if champion:
+        champion.answers_like(spec)
+    y = target_values(hold[TARGET], spec.task, spec.classes)
+    metrics = task_metrics(spec.task, y, candidate.score(hold), spec.classes)
+    champ_metrics = task_metrics(spec.task, y, champion.score(hold), spec.classes) if champion else None
     gate = decide_gate(project.config.gate, metrics, champ_metrics, candidate.inputs,
                        champion.inputs if champion else None)
     return Evaluation(version, metrics, champion.version if champion else None, champ_metrics, gate,

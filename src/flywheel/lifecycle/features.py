@@ -4,6 +4,7 @@ the `train` and `evaluate` steps load it, so nothing is rebuilt or checked twice
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import pandas as pd
 from flywheel.config import CategoryFeature, Project
 from flywheel.data import features as feats
 from flywheel.data.checks import DataCheckError, DataCheckReport, run_data_checks
-from flywheel.data.sources import TARGET, Snapshot, extract_window
+from flywheel.data.sources import TARGET, Snapshot, extract_window, target_values
 from flywheel.training.model import TrainingData
 from flywheel.training.split import TimeSplit, split_by_time
 
@@ -43,6 +44,7 @@ class PreparedData:
             X_train=self.X[s.train], y_train=self.y[s.train],
             X_val=self.X[s.validation], y_val=self.y[s.validation],
             feature_names=self.spec.names, cardinalities=cardinalities(self.spec),
+            task=self.spec.task, classes=tuple(self.spec.classes),
         )
 
     def save(self, folder: Path, checks: DataCheckReport) -> Path:
@@ -101,17 +103,37 @@ def prepare_frame(project: Project, frame: pd.DataFrame, snapshot: Snapshot | No
     """`prepare_features` for rows already in memory."""
     split = split_by_time(frame[project.config.data.time_column], project.config.split)
     spec = feats.fit_spec(project.config.features, frame.iloc[split.train])
+    task = project.config.task
+    classes = task_classes(project, frame[TARGET]) if task == "multiclass" else []
+    spec = dataclasses.replace(spec, task=task, classes=classes)
     X = feats.build_matrix(spec, frame)
-    y = frame[TARGET].to_numpy(dtype=np.int64)
+    y = target_values(frame[TARGET], task, classes)
     return PreparedData(snapshot, frame, spec, X, y, split)
+
+
+def task_classes(project: Project, target: pd.Series) -> list[str]:
+    """A multiclass model's classes: as configured, else every class of the rows, sorted."""
+    configured = getattr(project.config.data.target, "classes", None)
+    return list(configured) if configured else sorted({str(v) for v in target.dropna()})
 
 
 def check_data(project: Project, prepared: PreparedData) -> DataCheckReport:
     """Run the data checks; raise DataCheckError naming every failure."""
-    report = run_data_checks(prepared.X, prepared.y, prepared.spec.names, project.config.checks)
+    report = run_data_checks(prepared.X, prepared.y, prepared.spec.names, project.config.checks,
+                             prepared.spec.task, prepared.spec.classes,
+                             unknown_classes(prepared))
     if not report.passed:
         raise DataCheckError("data checks failed, training stopped:\n  - " + "\n  - ".join(report.failures))
     return report
+
+
+def unknown_classes(prepared: PreparedData) -> dict[str, int]:
+    """Multiclass rows whose class is not among the model's classes: their count by class."""
+    if prepared.spec.task != "multiclass":
+        return {}
+    known = set(prepared.spec.classes)
+    counts = prepared.frame[TARGET].astype(str).value_counts()
+    return {str(c): int(n) for c, n in counts.items() if c not in known}
 
 
 def load_checks(folder: Path) -> DataCheckReport:

@@ -31,6 +31,10 @@ from flywheel.data.timecol import naive_utc, served_row_times
 from flywheel.state.db import feedback, open_state, predictions
 
 ENTITY_ID = "entity_id"  # the key of `meta` that names the row's id in the source table
+# Where a label posted to /v1/feedback is kept, by task, and the target's type in a snapshot.
+FEEDBACK_LABEL = {"binary": feedback.c.label, "regression": feedback.c.value,
+                  "multiclass": feedback.c.label_text}
+FEEDBACK_DTYPE: dict[str, type] = {"binary": np.int8, "regression": np.float64, "multiclass": object}
 
 
 def end_of_day(day: date) -> datetime:
@@ -43,11 +47,13 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     the label arrived. Empty (with those columns) when there are none."""
     data = project.config.data
     upper = end_of_day(at)
+    label_column = FEEDBACK_LABEL[project.config.task]
     query = (sa.select(predictions.c.record_id, predictions.c.created_at, predictions.c.inputs,
-                       predictions.c.meta, feedback.c.label, feedback.c.received_at)
+                       predictions.c.meta, label_column.label("label"), feedback.c.received_at)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == project.config.registered_model,
-                    predictions.c.created_at < upper, feedback.c.received_at < upper)
+                    predictions.c.created_at < upper, feedback.c.received_at < upper,
+                    label_column.is_not(None))
              .order_by(predictions.c.id))
     with open_state(project.state_url).connect() as conn:
         found = conn.execute(query).all()
@@ -66,7 +72,7 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     frame[data.id_column] = [str(m.get(ENTITY_ID) or r.record_id) for m, r in zip(metas, found, strict=True)]
     served_at = naive_utc(pd.Series([r.created_at for r in found]))
     frame[data.time_column] = served_row_times(inputs, metas, served_at, data)
-    frame[TARGET] = np.array([r.label for r in found], dtype=np.int8)
+    frame[TARGET] = np.array([r.label for r in found], dtype=FEEDBACK_DTYPE[project.config.task])
     frame[LABEL_KNOWN_AT] = naive_utc(pd.Series([r.received_at for r in found]))
     frame = frame.drop_duplicates(data.id_column, keep="last")  # an id served twice: its latest
     when = frame[data.time_column]

@@ -20,7 +20,7 @@ import orjson
 import pandas as pd
 import sqlalchemy as sa
 
-from flywheel.config import DataConfig, MonitorWindow, Project
+from flywheel.config import DataConfig, MonitoringConfig, MonitorWindow, Project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import installed, require, without
 from flywheel.data.features import FeatureSpec, build_matrix
@@ -36,7 +36,12 @@ from flywheel.monitoring.reference import (
 )
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open_state, predictions
-from flywheel.training.evaluate import holdout_metrics
+from flywheel.training.evaluate import (
+    HIGHER_IS_BETTER,
+    holdout_metrics,
+    multiclass_metrics,
+    regression_metrics,
+)
 
 log = logging.getLogger("flywheel.monitoring")
 
@@ -47,11 +52,25 @@ class MonitorError(FlywheelError):
 
 @dataclass(frozen=True)
 class Performance:
+    """The task's metrics over a window's labelled predictions; `metric` is the gate's."""
+
     rows: int
-    positives: int
-    roc_auc: float
-    pr_auc: float
-    brier: float
+    positives: int  # binary; 0 for the other tasks
+    metric: str
+    value: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def roc_auc(self) -> float:
+        return self.metrics.get("roc_auc", float("nan"))
+
+    @property
+    def pr_auc(self) -> float:
+        return self.metrics.get("pr_auc", float("nan"))
+
+    @property
+    def brier(self) -> float:
+        return self.metrics.get("brier", float("nan"))
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,8 @@ class MonitorVerdict:
             parts.append("categories the model never learnt: " + ", ".join(
                 f"{name} {n:,} rows" for name, n in self.unseen.items() if n))
         if self.performance is not None:
-            parts.append(f"ROC-AUC {self.performance.roc_auc:.3f} on {self.performance.rows:,} labelled"
+            perf = self.performance
+            parts.append(f"{perf.metric} {perf.value:.4g} on {perf.rows:,} labelled"
                          + (" (DROP)" if self.performance_drop else ""))
         return "; ".join(parts)
 
@@ -117,7 +137,8 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
     """The window's predictions: inputs (parsed), probability, model version, time. A window by
     event time needs `data` (which column is the time column)."""
     cols = [predictions.c.id, predictions.c.created_at, predictions.c.model_version,
-            predictions.c.inputs, predictions.c.probability, predictions.c.meta]
+            predictions.c.inputs, predictions.c.probability, predictions.c.meta,
+            predictions.c.value, predictions.c.label]
     query = sa.select(*cols).where(predictions.c.model_name == model_name)
     if window.by == "time":
         end = at or now()
@@ -130,11 +151,13 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     if not rows:
-        return pd.DataFrame(columns=["id", "created_at", "model_version", "probability"])
+        return pd.DataFrame(columns=["id", "created_at", "model_version", "probability", SERVED_VALUE,
+                                     SERVED_LABEL])
     inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in rows])
     meta = pd.DataFrame({"id": [r.id for r in rows], "created_at": [r.created_at for r in rows],
                          "model_version": [r.model_version for r in rows],
-                         "probability": [r.probability for r in rows]})
+                         "probability": [r.probability for r in rows],
+                         SERVED_VALUE: [r.value for r in rows], SERVED_LABEL: [r.label for r in rows]})
     frame = pd.concat([meta, inputs], axis=1)
     if window.by == "event":
         if data is None:
@@ -145,6 +168,20 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
             (when < pd.Timestamp(_utc_midnight(window.end).replace(tzinfo=None)))
         frame = frame.loc[inside.to_numpy()]
     return frame.sort_values("id").reset_index(drop=True)
+
+
+SERVED_VALUE, SERVED_LABEL = "__served_value__", "__served_label__"  # a regression's, a multiclass'
+
+
+def served_prediction(spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
+    """What prediction drift is measured on, from the log: P(positive), the value, or the index of
+    the predicted class (NaN for a class the version does not know)."""
+    if spec.task == "regression":
+        return pd.to_numeric(frame[SERVED_VALUE], errors="coerce").to_numpy(dtype=np.float64)
+    if spec.task == "multiclass":
+        index = {c: float(i) for i, c in enumerate(spec.classes)}
+        return np.array([index.get(v, np.nan) for v in frame[SERVED_LABEL]], dtype=np.float64)
+    return frame["probability"].to_numpy(dtype=np.float64)
 
 
 def _utc_midnight(day: date | None) -> datetime:
@@ -158,18 +195,23 @@ def _in_window(query: sa.Select[Any], within: pd.Series | None) -> sa.Select[Any
     return query.where(predictions.c.id.between(int(within.min()), int(within.max())))
 
 
+LABELLED = ["id", "model_version", "probability", "value", "scores", "label"]
+_TRUTH = {"binary": feedback.c.label, "regression": feedback.c.value, "multiclass": feedback.c.label_text}
+
+
 def read_labelled(engine: sa.Engine, model_name: str, rows: int,
-                  within: pd.Series | None = None) -> pd.DataFrame:
+                  within: pd.Series | None = None, task: str = "binary") -> pd.DataFrame:
     """The latest `rows` predictions that have a label (feedback), with the version that served
-    them; or every labelled one among the prediction ids `within`."""
+    them and what it answered; or every labelled one among the prediction ids `within`."""
+    truth = _TRUTH[task]
     query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
-                       feedback.c.label)
+                       predictions.c.value, predictions.c.scores, truth)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
-             .where(predictions.c.model_name == model_name))
+             .where(predictions.c.model_name == model_name, truth.is_not(None)))
     query = _in_window(query, within)
     with engine.connect() as conn:
         found = pd.DataFrame(conn.execute(query if within is not None else query.limit(rows)).all(),
-                             columns=["id", "model_version", "probability", "label"])
+                             columns=LABELLED)
     return found if within is None else found[found["id"].isin(within)]
 
 
@@ -178,30 +220,32 @@ def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, r
     """Labels from the source database for the latest predictions (or those `within`) whose
     `meta.entity_id` names a source row whose label is known by `at` (the target's own rule)."""
     query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
-                       predictions.c.meta)
+                       predictions.c.value, predictions.c.scores, predictions.c.meta)
              .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None)))
     query = _in_window(query, within)
     with engine.connect() as conn:
         found = conn.execute(query if within is not None else query.limit(rows)).all()
     entity = [str((orjson.loads(r.meta) or {}).get("entity_id", "")) for r in found]
     preds = pd.DataFrame({"id": [r.id for r in found], "model_version": [r.model_version for r in found],
-                          "probability": [r.probability for r in found], "entity_id": entity})
+                          "probability": [r.probability for r in found],
+                          "value": [r.value for r in found], "scores": [r.scores for r in found],
+                          "entity_id": entity})
     preds = preds[preds["entity_id"] != ""]
     if within is not None:
         preds = preds[preds["id"].isin(within)]
     if preds.empty:
-        return pd.DataFrame(columns=["id", "model_version", "probability", "label"])
+        return pd.DataFrame(columns=LABELLED)
     labels = labels_known_at(project.source_url, project.config.data, sorted(set(preds["entity_id"])),
                              at.date())
     joined = preds.merge(labels, on="entity_id", how="inner")
-    return joined[["id", "model_version", "probability", "label"]]
+    return joined[LABELLED]
 
 
 def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: int,
                     at: datetime, within: pd.Series | None = None) -> pd.DataFrame:
     """The latest `rows` labelled predictions (or every labelled one among the ids `within`):
     feedback labels first, else the source database's."""
-    feedback_rows = read_labelled(engine, model_name, rows, within)
+    feedback_rows = read_labelled(engine, model_name, rows, within, project.config.task)
     source_rows = read_source_labelled(project, engine, model_name, rows, at, within)
     source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
     both = pd.concat([feedback_rows, source_rows], ignore_index=True) if len(source_rows) else feedback_rows
@@ -209,14 +253,15 @@ def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: 
     return (both if within is not None else both.head(rows)).reset_index(drop=True)
 
 
-def expected_auc(registry: Registry, labelled: pd.DataFrame) -> float | None:
-    """What the versions that served these predictions promised: their holdout ROC-AUC, row-weighted.
+def expected_metric(registry: Registry, labelled: pd.DataFrame, metric: str = "roc_auc") -> float | None:
+    """What the versions that served these predictions promised: their holdout value of `metric`,
+    row-weighted.
 
     Labels arrive late (24 months for the SBA loans), so the labelled predictions were usually
     served by an earlier champion; each is held to its own model's promise, not to today's.
     """
     weights = labelled["model_version"].value_counts()
-    promised = {int(v): registry.version(int(v)).metrics.get("holdout_roc_auc") for v in weights.index}
+    promised = {int(v): registry.version(int(v)).metrics.get(f"holdout_{metric}") for v in weights.index}
     known = {v: a for v, a in promised.items() if a is not None}
     if not known:
         return None
@@ -224,13 +269,46 @@ def expected_auc(registry: Registry, labelled: pd.DataFrame) -> float | None:
     return sum(a * int(weights[v]) for v, a in known.items()) / total
 
 
-def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int) -> Performance | None:
-    y = labelled["label"].to_numpy(dtype=np.int64)
-    positives = int(y.sum())
-    if len(y) < min_rows or positives < min_positives or positives == len(y):
+def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int,
+                       spec: FeatureSpec | None = None, metric: str = "roc_auc") -> Performance | None:
+    """The task's metrics over the labelled predictions, or None when too few are labelled (or,
+    binary, too few of one class) to say anything."""
+    task, classes = (spec.task, spec.classes) if spec else ("binary", [])
+    if task == "binary":
+        y = labelled["label"].to_numpy(dtype=np.int64)
+        positives = int(y.sum())
+        if len(y) < min_rows or positives < min_positives or positives == len(y):
+            return None
+        m = holdout_metrics(y, labelled["probability"].to_numpy(dtype=np.float64))
+        return Performance(len(y), positives, metric, m[metric], m)
+    if task == "multiclass":  # labels of a class this version does not know cannot be scored
+        labelled = labelled[labelled["label"].isin(classes) & labelled["scores"].notna()]
+    else:
+        labelled = labelled[labelled["value"].notna()]
+    if len(labelled) < min_rows:
         return None
-    m = holdout_metrics(y, labelled["probability"].to_numpy(dtype=np.float64))
-    return Performance(len(y), positives, m["roc_auc"], m["pr_auc"], m["brier"])
+    if task == "regression":
+        m = regression_metrics(labelled["label"].to_numpy(dtype=np.float64),
+                               labelled["value"].to_numpy(dtype=np.float64))
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        scores = [orjson.loads(s) for s in labelled["scores"]]
+        P = np.array([[row.get(c, 0.0) for c in classes] for row in scores], dtype=np.float64)
+        m = multiclass_metrics(np.array([index[c] for c in labelled["label"]]), P, classes)
+    return Performance(len(labelled), 0, metric, m[metric], m)
+
+
+def performance_dropped(perf: Performance | None, promised: float | None, cfg: MonitoringConfig,
+                        task: str) -> bool:
+    """Binary: ROC-AUC below the promise minus `max_auc_drop`. Otherwise: the gate's metric worse
+    than promised by more than `max_relative_drop` of the promise, in the metric's direction."""
+    if perf is None or promised is None or not np.isfinite(perf.value):
+        return False
+    if task == "binary" and perf.metric == "roc_auc":
+        return bool(perf.value < promised - cfg.max_auc_drop)
+    margin = cfg.max_relative_drop * abs(promised) if task != "binary" else cfg.max_auc_drop
+    worse = promised - perf.value if HIGHER_IS_BETTER[perf.metric] else perf.value - promised
+    return bool(worse > margin)
 
 
 def run_monitor(project: Project, registry: Registry | None = None, window: MonitorWindow | None = None,
@@ -255,14 +333,15 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     X = build_matrix(spec, frame)
     current = feature_frame(spec, X)
     unseen = unseen_categories(spec, frame, X)
-    current[PREDICTION] = frame["probability"].to_numpy(dtype=np.float64)
+    current[PREDICTION] = served_prediction(spec, frame)
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
     labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now(),
                                frame["id"] if window.by == "event" else None)
-    perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives)
-    promised = expected_auc(registry, labelled) if perf is not None else None
-    drop = bool(perf is not None and promised is not None and perf.roc_auc < promised - cfg.max_auc_drop)
+    metric = "roc_auc" if spec.task == "binary" else project.config.gate.metric
+    perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
+    promised = expected_metric(registry, labelled, metric) if perf is not None else None
+    drop = performance_dropped(perf, promised, cfg, spec.task)
     seconds = time.perf_counter() - started
     w_start, w_end = (frame["created_at"].min(), frame["created_at"].max()) if window.by != "event" \
         else (_utc_midnight(window.start), _utc_midnight(window.end))
@@ -302,9 +381,12 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             model_name=model_name, model_version=version, window_kind=kind, window_start=start,
             window_end=end, rows=drift.rows, drift_share=drift.share, drift_detected=drift.detected,
             prediction_drift=_finite(prediction_drift), labelled_rows=perf.rows if perf else 0,
-            roc_auc=perf.roc_auc if perf else None, pr_auc=perf.pr_auc if perf else None,
-            brier=perf.brier if perf else None, performance_drop=drop, seconds=seconds,
-            created_at=now(),
+            roc_auc=_finite(perf.roc_auc) if perf else None, pr_auc=_finite(perf.pr_auc) if perf else None,
+            brier=_finite(perf.brier) if perf else None, performance_drop=drop, seconds=seconds,
+            created_at=now(), metric=perf.metric if perf else None,
+            metric_value=_finite(perf.value) if perf else None,
+            metrics=orjson.dumps({k: v for k, v in perf.metrics.items() if np.isfinite(v)}).decode()
+            if perf else None,
         )).inserted_primary_key[0]
         conn.execute(monitor_columns.insert(), [
             {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,
@@ -347,7 +429,7 @@ def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, spec: Featu
     from evidently.presets import DataDriftPreset
 
     folder.mkdir(parents=True, exist_ok=True)
-    cats = categorical_features(spec)
+    cats = categorical_features(spec) + ([PREDICTION] if spec.task == "multiclass" else [])
     columns = spec.names + [PREDICTION]
     ref = reference[columns].sample(n=min(sample_rows, len(reference)), random_state=seed)
     cur = current[columns].sample(n=min(sample_rows, len(current)), random_state=seed)
@@ -376,8 +458,9 @@ def _log_to_mlflow(registry: Registry, version: int, verdict_id: int, folder: Pa
             metrics["prediction_drift"] = prediction_drift
         metrics.update({f"drift_{c.column}": c.score for c in drift.columns if np.isfinite(c.score)})
         if perf is not None:
-            metrics.update({"window_roc_auc": perf.roc_auc, "window_pr_auc": perf.pr_auc,
-                            "window_brier": perf.brier, "labelled_rows": float(perf.rows)})
+            metrics.update({f"window_{k}": v for k, v in perf.metrics.items()
+                            if k != "rows" and np.isfinite(v)})
+            metrics["labelled_rows"] = float(perf.rows)
         registry.log_metrics(run_id, metrics)
         for path in sorted(folder.iterdir()):
             registry.log_artifact(run_id, path, "evidently")

@@ -25,12 +25,21 @@ def categorical_features(spec: FeatureSpec) -> list[str]:
     return [spec.names[i] for i in spec.categorical_indices]
 
 
-def reference_artifacts(spec: FeatureSpec, X_train: np.ndarray, holdout_p: np.ndarray,
+def prediction_column(task: str, out: np.ndarray) -> np.ndarray:
+    """What prediction drift is measured on: P(positive) (binary), the value (regression), the
+    predicted class's index, a category (multiclass: the class shares)."""
+    out = np.asarray(out, dtype=np.float64)
+    return out.argmax(axis=1).astype(np.float64) if task == "multiclass" and out.ndim == 2 else out
+
+
+def reference_artifacts(spec: FeatureSpec, X_train: np.ndarray, holdout_out: np.ndarray,
                         folder: Path, seed: int = 0) -> list[Path]:
     """profile.json (every training row summarised) and a sample for Evidently's reports."""
     frame = feature_frame(spec, X_train)
     profile = build_profile(frame, categorical_features(spec))
-    pred = build_profile(pd.DataFrame({PREDICTION: holdout_p}))
+    holdout_p = prediction_column(spec.task, holdout_out)
+    pred = build_profile(pd.DataFrame({PREDICTION: holdout_p}),
+                         [PREDICTION] if spec.task == "multiclass" else [])
     full = ReferenceProfile(profile.columns + pred.columns, profile.rows)
     profile_path = folder / PROFILE_FILE
     profile_path.write_text(json.dumps(full.to_dict()))

@@ -33,7 +33,7 @@ def due_trigger(project: Project, at: date, verdict: Any | None, last_retrain: d
                                         f"{d.share:.2f} >= {d.share_threshold}): {', '.join(drifted)}")
     if t.performance_drop and verdict is not None and verdict.performance_drop:
         perf = verdict.performance
-        return TriggerDecision("performance_drop", f"ROC-AUC {perf.roc_auc:.3f} on the latest "
+        return TriggerDecision("performance_drop", f"{perf.metric} {perf.value:.4g} on the latest "
                                                    f"{perf.rows:,} labelled predictions")
     if t.new_labelled_rows and labelled_since_watermark is not None \
             and labelled_since_watermark >= t.new_labelled_rows:

@@ -97,7 +97,7 @@ class TabularService:
         self.runtime = champion_runtime(
             project, cfg.reload_interval_s, self.metrics,
             lambda registry, version: load_version(registry, version, cfg.max_records,
-                                                   cfg.max_string_length), freeze_heap)
+                                                   cfg.max_string_length, cfg.threshold), freeze_heap)
         self.engine = open_state(project.state_url, migrate=migrate)
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
                                           on_dropped=self.metrics.log_dropped.inc,
@@ -116,23 +116,25 @@ class TabularService:
             self._restarts_counted += restarts
 
     async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
-                            started: float) -> tuple[list[str], list[float], list[bool]]:
-        probs = await self.batcher.submit(model, records)
+                            started: float) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Score, mint the record ids, log; the ids and, per record, the answer's fields (see
+        `TaskAnswers.log_fields`)."""
+        outs = await self.batcher.submit(model, records)
         now = time.time_ns() // 1000
         latency_ms = (time.perf_counter() - started) * 1000
         ids = self.record_ids.mint(request_id, len(records))
-        threshold = self.cfg.threshold
-        decisions = [p >= threshold for p in probs]
+        fields = model.answers.log_fields(outs)
         name, version, offer = model.name, model.version, self.writer.offer
-        for rid, record, p, d in zip(ids, records, probs, decisions, strict=True):
-            row = (rid, request_id, now, name, version, record, p, d, latency_ms)
+        for rid, record, f in zip(ids, records, fields, strict=True):
+            row = ((rid, request_id, now, name, version, record, f[0], f[1], latency_ms) if len(f) == 2
+                   else (rid, request_id, now, name, version, record, f[0], f[1], latency_ms, f[2]))
             if not offer(row):  # the buffer is full: wait for room without blocking the loop
                 await self.writer.put(row)
         counter = self.counters.get(version)
         if counter is None:
             counter = self.counters[version] = self.metrics.predictions.labels(str(version))
         counter.inc(len(records))
-        return ids, probs, decisions
+        return ids, fields
 
     async def predict(self, scope: Any, receive: Any, send: Any) -> None:
         """POST /v1/predict as a plain ASGI callable."""
@@ -157,7 +159,7 @@ class TabularService:
         limit = self.cfg.max_body_bytes
         try:
             records = model.validator.records(parse_json_body(await receive_body(scope, receive, limit)))
-            ids, probs, decisions = await self.score_and_log(model, records, request_id, started)
+            ids, fields = await self.score_and_log(model, records, request_id, started)
         except BodyTooLarge:
             return 413, {"detail": f"body larger than {limit} bytes"}
         except RequestInvalid as exc:
@@ -166,10 +168,9 @@ class TabularService:
             log.exception("predict failed", extra={"event": "request_error", "status": 500,
                                                     "request_id": request_id})
             return 500, {"detail": "internal error; see the server log"}
+        answers = model.answers
         return 200, {"model": model.name, "version": model.version, "request_id": request_id,
-                     "threshold": self.cfg.threshold,
-                     "predictions": [{"record_id": r, "probability": p, "decision": d}
-                                     for r, p, d in zip(ids, probs, decisions, strict=True)]}
+                     **answers.top_level, "predictions": answers.predictions(ids, fields)}
 
     async def infer(self, request: Request) -> Response:
         """POST /v2/models/{name}/infer (Open Inference Protocol)."""
@@ -190,9 +191,9 @@ class TabularService:
         except RequestInvalid as exc:
             return send("infer", 422, {"detail": [e.as_dict() for e in exc.errors]}, request_id,
                         started, version)
-        ids, probs, decisions = await self.score_and_log(model, records, request_id, started)
-        return send("infer", 200, oip_response(model, body, request_id, ids, probs, decisions,
-                                               self.cfg.threshold), request_id, started, version)
+        ids, fields = await self.score_and_log(model, records, request_id, started)
+        return send("infer", 200, oip_response(model, body, request_id, ids, fields), request_id,
+                    started, version)
 
     async def oip_model(self, request: Request) -> Response:
         model = self.runtime.current
@@ -211,7 +212,9 @@ class TabularService:
                 return self.answers.send("feedback", 415, {
                     "detail": "send the labels as JSON (content-type: application/json)"},
                     request_id, started)
-            labels = feedback_labels(parse_json_body(body))
+            model = self.runtime.current
+            labels = feedback_labels(parse_json_body(body), self.project.config.task,
+                                     model.spec.classes if model else None)
             if not self.cfg.accept_unsigned_feedback:
                 refuse_unissued(labels, self.record_ids.issued)
         except BodyTooLarge:

@@ -13,6 +13,7 @@ from flywheel.core.errors import PipelineError
 from flywheel.data.features import build_matrix
 from flywheel.data.sources import SourceError, make_engine
 from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.answers import TaskAnswers
 from flywheel.serving.runtime import load_version
 
 
@@ -39,8 +40,9 @@ def predict_batch(project: Project, source: str, output: Path, version: int | No
 def score_frame(project: Project, frame: pd.DataFrame, version: int | None = None,
                 keep: tuple[str, ...] = (), what: str = "the frame") -> pd.DataFrame:
     """The rows of `frame` scored by `version` (default: the champion), exactly as the server
-    scores them: the id and time columns (where present), the `keep` columns, probability,
-    decision and model_version. `attrs["model_version"]` names the version."""
+    scores them: the id and time columns (where present), the `keep` columns, the task's answer
+    (probability and decision; value; label, probability and probability_<class> for each class)
+    and model_version. `attrs["model_version"]` names the version."""
     registry = Registry.for_project(project)
     version = version if version is not None else registry.alias_version(CHAMPION)
     if version is None:
@@ -55,12 +57,12 @@ def score_frame(project: Project, frame: pd.DataFrame, version: int | None = Non
         raise SourceError(f"{what}: missing input column(s) {', '.join(missing)} that "
                           f"{model.name} v{version} needs")
     # The batch path (DuckDB SQL) gives exactly the per-row path's features (tested).
-    probs = model.predict_matrix(build_matrix(model.spec, frame))
+    outs = model.predict_matrix(build_matrix(model.spec, frame))
     data = project.config.data
     columns = [c for c in dict.fromkeys((data.id_column, data.time_column, *keep)) if c in frame]
     out = frame[columns].copy()
-    out["probability"] = probs.astype(float)
-    out["decision"] = out["probability"] >= project.config.serving.threshold
+    for name, values in TaskAnswers.of(model.spec, project.config.serving.threshold).columns(outs).items():
+        out[name] = values
     out["model_version"] = version
     out.attrs["model_version"] = version
     return out

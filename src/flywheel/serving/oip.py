@@ -86,20 +86,16 @@ def oip_metadata(model: LoadedModel) -> dict[str, Any]:
         "name": model.name, "versions": [str(model.version)], "platform": "onnxruntime",
         "inputs": [{"name": n, "datatype": _DATATYPE[t], "shape": [-1]}
                    for n, t in model.spec.input_types.items()],
-        "outputs": [{"name": "probability", "datatype": "FP64", "shape": [-1]},
-                    {"name": "decision", "datatype": "BOOL", "shape": [-1]}],
+        "outputs": model.answers.oip_declared(),
     }
 
 
 def oip_response(model: LoadedModel, body: dict[str, Any], request_id: str, ids: list[str],
-                 probs: list[float], decisions: list[bool], threshold: float) -> dict[str, Any]:
-    n = len(ids)
+                 fields: list[tuple[Any, ...]]) -> dict[str, Any]:
+    answers = model.answers
     return {
         "model_name": model.name, "model_version": str(model.version),
         "id": body.get("id") if isinstance(body.get("id"), str) else request_id,
-        "parameters": {"request_id": request_id, "record_ids": ids, "threshold": threshold},
-        "outputs": [
-            {"name": "probability", "shape": [n], "datatype": "FP64", "data": probs},
-            {"name": "decision", "shape": [n], "datatype": "BOOL", "data": decisions},
-        ],
+        "parameters": {"request_id": request_id, "record_ids": ids, **answers.top_level},
+        "outputs": answers.oip_outputs(fields),
     }

@@ -41,9 +41,7 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
                 "content": {"application/json": {"schema": _ERROR}}},
         "503": {"description": "no champion loaded yet"},
     }
-    prediction = {"type": "object", "properties": {
-        "record_id": {"type": "string"}, "probability": {"type": "number"},
-        "decision": {"type": "boolean"}}}
+    prediction = (model.answers.prediction_schema() if model else {"type": "object"})
     input_names = list(model.spec.input_types) if model else []
     oip_input = {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
         "name": {"type": "string", "enum": input_names} if input_names else {"type": "string"},
@@ -63,6 +61,7 @@ def openapi_document(model: LoadedModel | None, name: str, cfg: ServingConfig) -
                     "application/json": {"schema": {"type": "object", "properties": {
                         "model": {"type": "string"}, "version": {"type": "integer"},
                         "request_id": {"type": "string"}, "threshold": {"type": "number"},
+                        "task": {"type": "string"},
                         "predictions": {"type": "array", "items": prediction}}}}}}, **errors}}},
             "/v2/models/{name}/infer": {"post": {
                 "summary": "Open Inference Protocol (KServe v2) inference", "operationId": "infer",

@@ -38,9 +38,11 @@ from flywheel.state.db import feedback
 log = logging.getLogger("flywheel.predlog")
 
 # (record_id, request_id, created_at in integer microseconds since the epoch, model_name,
-#  model_version, record, probability, decision, latency_ms); `record` holds the inputs plus an
-#  optional meta object.
-Row = tuple[str, str, int, str, int, dict[str, Any], float, bool, float]
+#  model_version, record, probability, decision, latency_ms[, (value, label, scores)]); `record`
+#  holds the inputs plus an optional meta object. A binary model's rows end at latency_ms; a
+#  regression's carry (value, None, None) with probability and decision None, a multiclass
+#  model's (None, label, {class: probability}) with the label's probability.
+Row = tuple[Any, ...]
 FRAME_HEADER = struct.Struct(">I")
 SINK_STATE_ENV = "FLYWHEEL_LOG_SINK_STATE"  # the state database's URL, for the log-sink process
 
@@ -210,12 +212,14 @@ class PredictionLogWriter:
 # ---- the sink (runs in its own process) --------------------------------------------------------
 
 LOG_COLUMNS = ("record_id", "request_id", "created_at", "model_name", "model_version", "inputs",
-            "meta", "probability", "decision", "latency_ms")
+               "meta", "probability", "decision", "latency_ms", "value", "label", "scores")
+_NO_TASK_OUTPUT = (None, None, None)
 
 
 def insert_sql(dialect: str) -> str:
     mark = "?" if dialect == "sqlite" else "%s"
-    return f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join([mark] * 10)})"
+    marks = ", ".join([mark] * len(LOG_COLUMNS))
+    return f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) VALUES ({marks})"
 
 
 def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
@@ -229,7 +233,9 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
     seconds: dict[int, Any] = {}
     dumps = orjson.dumps
     sqlite = dialect == "sqlite"
-    for rid, req, t_us, name, version, record, p, d, latency in rows:
+    for row in rows:
+        rid, req, t_us, name, version, record, p, d, latency = row[:9]
+        value, label, scores = row[9] if len(row) > 9 else _NO_TASK_OUTPUT
         second, micro = divmod(t_us, 1_000_000)
         base: Any = seconds.get(second)
         if base is None:
@@ -239,7 +245,8 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
         stamp = f"{base}{micro:06d}" if sqlite else base.replace(microsecond=micro)
         meta = record.pop("meta", None)
         out.append((rid, req, stamp, name, version, dumps(record).decode(),
-                    None if meta is None else dumps(meta).decode(), p, d, latency))
+                    None if meta is None else dumps(meta).decode(), p, d, latency, value, label,
+                    None if scores is None else dumps(scores).decode()))
     return out
 
 
@@ -249,8 +256,9 @@ FEEDBACK_WAIT_S = 2.0
 def store_feedback(engine: sa.Engine, labels: list[dict[str, Any]]) -> int:
     """Upsert ground-truth labels by record id: repeating one is a no-op, a late one is accepted."""
     now = datetime.now(UTC)
-    rows = [{"record_id": item["record_id"], "label": int(item["label"]),
-             "observed_at": item.get("observed_at"), "received_at": now} for item in labels]
+    rows = [{"record_id": item["record_id"], "label": item.get("label"), "value": item.get("value"),
+             "label_text": item.get("label_text"), "observed_at": item.get("observed_at"),
+             "received_at": now} for item in labels]
     if not rows:
         return 0
     dialect = engine.dialect.name
@@ -263,7 +271,8 @@ def store_feedback(engine: sa.Engine, labels: list[dict[str, Any]]) -> int:
     stmt = insert(feedback)
     stmt = stmt.on_conflict_do_update(
         index_elements=["record_id"],
-        set_={"label": stmt.excluded.label, "observed_at": stmt.excluded.observed_at},
+        set_={"label": stmt.excluded.label, "value": stmt.excluded.value,
+              "label_text": stmt.excluded.label_text, "observed_at": stmt.excluded.observed_at},
     )
     with engine.begin() as conn:
         if dialect == "sqlite":  # a locked file: give up in seconds (the caller answers 503)

@@ -19,8 +19,9 @@ import numpy as np
 
 from flywheel.data.features import FeatureSpec, RowFn, row_function
 from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.answers import TaskAnswers
 from flywheel.serving.validation import RecordValidator
-from flywheel.training.onnx import ONNX_INPUT, ONNX_OUTPUT, new_session
+from flywheel.training.onnx import ONNX_INPUT, TASK_OUTPUT, new_session
 
 log = logging.getLogger("flywheel.serving")
 
@@ -35,16 +36,22 @@ class LoadedModel:
     features_of: RowFn
     validator: RecordValidator
     lineage: dict[str, Any]
+    answers: TaskAnswers
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
+    @property
+    def output(self) -> list[str]:
+        return [TASK_OUTPUT.get(self.spec.task, TASK_OUTPUT["binary"])]
+
     def predict(self, records: list[dict[str, Any]]) -> np.ndarray:
-        """P(positive) for valid records (raw input fields)."""
+        """The model's output for valid records (raw input fields): P(positive), the value, or
+        (records, classes) probabilities."""
         features_of = self.features_of
         X = np.array([features_of(r) for r in records], dtype=np.float32)
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: X})[0]
+        return self.session.run(self.output, {ONNX_INPUT: X})[0]
 
     def predict_matrix(self, X: np.ndarray) -> np.ndarray:
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, np.float32)})[0]
+        return self.session.run(self.output, {ONNX_INPUT: np.ascontiguousarray(X, np.float32)})[0]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -53,11 +60,12 @@ class LoadedModel:
             "inputs": [{"name": n, "type": t, "nullable": n in self.spec.nullable_inputs}
                        for n, t in self.spec.input_types.items()],
             "features": self.spec.names,
+            "task": self.spec.task, **({"classes": self.spec.classes} if self.spec.classes else {}),
         }
 
 
 def load_version(registry: Registry, version: int, max_records: int = 1000,
-                 max_string_length: int = 1000) -> LoadedModel:
+                 max_string_length: int = 1000, threshold: float = 0.5) -> LoadedModel:
     """Download, verify hashes, build the session and warm it up."""
     info = registry.version(version)
     artifacts = registry.load_artifacts(version)  # refuses a file whose hash does not match
@@ -75,6 +83,7 @@ def load_version(registry: Registry, version: int, max_records: int = 1000,
                            "rows": int(info.run_tags.get("rows") or 0)},
             "gate": info.tags.get("gate"),
         },
+        answers=TaskAnswers.of(spec, threshold),
     )
     warm_up(model)
     return model

@@ -207,8 +207,11 @@ def _nonfinite(value: Any) -> bool:
 MAX_FEEDBACK_LABELS = 10_000
 
 
-def feedback_labels(body: Any) -> list[dict[str, Any]]:
-    """{"labels": [{"record_id", "label" (0/1 or true/false), "observed_at"?}]}, validated."""
+def feedback_labels(body: Any, task: str = "binary", classes: list[str] | None = None
+                    ) -> list[dict[str, Any]]:
+    """{"labels": [{"record_id", "label", "observed_at"?}]}, validated; the label is 0/1 or
+    true/false (binary), a finite number (regression) or one of `classes` (multiclass; any
+    non-empty string when `classes` is empty)."""
     labels = body.get("labels") if isinstance(body, dict) else None
     if not isinstance(labels, list) or not labels:
         raise RequestInvalid([FieldError(("body", "labels"), "a non-empty list of labels is required",
@@ -217,7 +220,8 @@ def feedback_labels(body: Any) -> list[dict[str, Any]]:
         raise RequestInvalid([FieldError(("body", "labels"), f"at most {MAX_FEEDBACK_LABELS} labels",
                                          "too_long")])
     errors: list[FieldError] = []
-    out = [_feedback_label(item, ("body", "labels", i), errors) for i, item in enumerate(labels)]
+    out = [_feedback_label(item, ("body", "labels", i), errors, task, classes or [])
+           for i, item in enumerate(labels)]
     if errors:
         raise RequestInvalid(errors)
     return [label for label in out if label is not None]
@@ -233,7 +237,8 @@ def refuse_unissued(labels: list[dict[str, Any]], issued: Callable[[str], bool])
         raise RequestInvalid(errors)
 
 
-def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldError]) -> dict[str, Any] | None:
+def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldError], task: str,
+                    classes: list[str]) -> dict[str, Any] | None:
     """One label, its problems appended to `errors`."""
     if not isinstance(item, dict):
         errors.append(FieldError(loc, "a label must be an object", "type_error"))
@@ -244,14 +249,36 @@ def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldErr
     rid = item.get("record_id")
     if not isinstance(rid, str) or not 0 < len(rid) <= 100:
         errors.append(FieldError((*loc, "record_id"), "a string of 1 to 100 characters", "type_error"))
-    label = item.get("label")
-    if label not in (0, 1) or isinstance(label, float):
-        errors.append(FieldError((*loc, "label"), "must be 0, 1, true or false", "type_error"))
+    label = _task_label(item.get("label"), (*loc, "label"), errors, task, classes)
     observed = item.get("observed_at")
     parsed = _iso_datetime(observed) if observed is not None else None
     if observed is not None and parsed is None:
         errors.append(FieldError((*loc, "observed_at"), "an ISO 8601 date-time", "type_error"))
-    return {"record_id": rid, "label": int(label) if label in (0, 1) else 0, "observed_at": parsed}
+    return {"record_id": rid, "observed_at": parsed, "label": None, "value": None, "label_text": None,
+            **label}
+
+
+def _task_label(label: Any, loc: tuple[str | int, ...], errors: list[FieldError], task: str,
+                classes: list[str]) -> dict[str, Any]:
+    """The label as the feedback table's column for the task: label, value or label_text."""
+    if task == "regression":
+        if isinstance(label, bool) or not isinstance(label, int | float) or not math.isfinite(label):
+            errors.append(FieldError(loc, "must be a finite number (the true value)", "type_error"))
+            return {}
+        return {"value": float(label)}
+    if task == "multiclass":
+        if not isinstance(label, str) or not 0 < len(label) <= 200:
+            errors.append(FieldError(loc, "must be the true class's name (a string)", "type_error"))
+        elif classes and label not in classes:
+            errors.append(FieldError(loc, "not one of the model's classes: " + ", ".join(classes[:20]),
+                                     "unknown_class"))
+        else:
+            return {"label_text": label}
+        return {}
+    if label not in (0, 1) or isinstance(label, float):
+        errors.append(FieldError(loc, "must be 0, 1, true or false", "type_error"))
+        return {}
+    return {"label": int(label)}
 
 
 def _iso_datetime(value: Any) -> datetime | None:

@@ -9,9 +9,11 @@ import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from flywheel.config import GateConfig, LlmGateConfig
+from flywheel.training.model import TrainingData
 
 HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "log_loss": False, "brier": False,
-                    "perplexity": False}
+                    "perplexity": False, "rmse": False, "mae": False, "r2": True, "mape": False,
+                    "accuracy": True, "macro_f1": True, "weighted_f1": True, "macro_roc_auc": True}
 
 
 def holdout_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -26,6 +28,80 @@ def holdout_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "positive_rate": float(np.mean(y)),
         "rows": float(len(y)),
     }
+
+
+def task_metrics(task: str, y: np.ndarray, out: np.ndarray, classes: list[str] | None = None
+                 ) -> dict[str, float]:
+    """The holdout (or window) metrics of a model's outputs for its task: P(positive) (binary),
+    values (regression) or an (n, classes) matrix of probabilities (multiclass)."""
+    if task == "regression":
+        return regression_metrics(y, out)
+    if task == "multiclass":
+        return multiclass_metrics(y, out, classes or [str(i) for i in range(out.shape[1])])
+    return holdout_metrics(y, out)
+
+
+def regression_metrics(y: np.ndarray, v: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE, R-squared, and MAPE where no true value is zero (else NaN: it is undefined)."""
+    y = np.asarray(y, dtype=np.float64)
+    err = np.asarray(v, dtype=np.float64) - y
+    spread = float(np.sum((y - y.mean()) ** 2)) if len(y) else 0.0
+    return {
+        "rmse": float(np.sqrt(np.mean(err ** 2))) if len(y) else float("nan"),
+        "mae": float(np.mean(np.abs(err))) if len(y) else float("nan"),
+        "r2": 1 - float(np.sum(err ** 2)) / spread if spread > 0 else float("nan"),
+        "mape": float(np.mean(np.abs(err) / np.abs(y))) if len(y) and np.all(y != 0) else float("nan"),
+        "target_mean": float(y.mean()) if len(y) else float("nan"),
+        "rows": float(len(y)),
+    }
+
+
+def multiclass_metrics(y: np.ndarray, P: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Log loss, accuracy, macro and weighted F1, and one-vs-rest ROC-AUC per class (undefined for
+    a class the rows do not hold, or hold only) with their mean over the classes where defined."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y = np.asarray(y, dtype=np.int64)
+    P = np.clip(np.asarray(P, dtype=np.float64), 1e-7, 1.0)
+    P = P / P.sum(axis=1, keepdims=True)
+    k = len(classes)
+    predicted = P.argmax(axis=1)
+    out = {
+        "log_loss": float(log_loss(y, P, labels=list(range(k)))) if len(y) else float("nan"),
+        "accuracy": float(accuracy_score(y, predicted)) if len(y) else float("nan"),
+        "macro_f1": float(f1_score(y, predicted, labels=list(range(k)), average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y, predicted, labels=list(range(k)), average="weighted",
+                                      zero_division=0)),
+    }
+    aucs = {}
+    for i, name in enumerate(classes):
+        hit = y == i
+        aucs[f"roc_auc_{metric_safe(name)}"] = (float(roc_auc_score(hit, P[:, i]))
+                                                if 0 < hit.sum() < len(y) else float("nan"))
+    defined = [v for v in aucs.values() if not np.isnan(v)]
+    out["macro_roc_auc"] = float(np.mean(defined)) if defined else float("nan")
+    return {**out, **aucs, "rows": float(len(y))}
+
+
+def metric_safe(name: str) -> str:
+    """A class name as part of an MLflow metric key (letters, digits, _ - . only)."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)[:100]
+
+
+def curve_metrics(data: TrainingData, y: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """The per-iteration metrics of a training curve, by task; the first one decides early
+    stopping (higher is better for auc, lower for the others)."""
+    if data.task == "regression":
+        err = np.asarray(out, dtype=np.float64) - y
+        return {"rmse": float(np.sqrt(np.mean(err ** 2))), "l1": float(np.mean(np.abs(err)))}
+    if data.task == "multiclass":
+        k = len(data.classes)
+        P = np.clip(out, 1e-7, 1.0)
+        return {"logloss": float(log_loss(y, P / P.sum(axis=1, keepdims=True), labels=list(range(k)))),
+                "error": float(np.mean(np.argmax(out, axis=1) != y))}
+    p = np.clip(out, 1e-7, 1 - 1e-7)
+    return {"auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+            "logloss": float(log_loss(y, p, labels=[0, 1]))}
 
 
 def calibration_plot(y: np.ndarray, p: np.ndarray, path: Path, title: str, bins: int = 10) -> Path:
@@ -48,6 +124,71 @@ def calibration_plot(y: np.ndarray, p: np.ndarray, path: Path, title: str, bins:
     top.legend(loc="upper left")
     bottom.hist(p, bins=50, color="tab:blue", alpha=0.7)
     bottom.set(xlabel="predicted probability", ylabel="rows", yscale="log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def holdout_plot(task: str, y: np.ndarray, out: np.ndarray, folder: Path, kind: str,
+                 metrics: dict[str, float], classes: list[str] | None = None) -> Path:
+    """The picture of a model on its holdout: the calibration curve (binary), predicted against
+    true values with the residuals (regression), the confusion matrix (multiclass)."""
+    if task == "regression":
+        return regression_plot(y, out, folder / "predicted_vs_true.png",
+                               f"{kind} on the holdout (RMSE {metrics['rmse']:.3g}, R² {metrics['r2']:.3f})")
+    if task == "multiclass":
+        return confusion_plot(y, out, classes or [], folder / "confusion_matrix.png",
+                              f"{kind} on the holdout (accuracy {metrics['accuracy']:.3f}, "
+                              f"macro F1 {metrics['macro_f1']:.3f})")
+    return calibration_plot(y, out, folder / "calibration.png",
+                            f"{kind} on the holdout (ROC-AUC {metrics['roc_auc']:.3f})")
+
+
+def regression_plot(y: np.ndarray, v: np.ndarray, path: Path, title: str) -> Path:
+    """Predicted against true values (hexagonal bins, log counts) and the residuals' histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6.5), height_ratios=[3, 1])
+    low, high = np.quantile(np.concatenate([y, v]), [0.001, 0.999]) if len(y) else (0.0, 1.0)
+    top.hexbin(y, v, gridsize=50, bins="log", extent=(low, high, low, high), cmap="Blues")
+    top.plot([low, high], [low, high], "--", color="grey", label="perfect")
+    top.set(xlabel="true value", ylabel="predicted value", title=title)
+    top.legend(loc="upper left")
+    bottom.hist(v - y, bins=60, range=tuple(np.quantile(v - y, [0.005, 0.995])) if len(y) else None,
+                color="tab:blue", alpha=0.7)
+    bottom.set(xlabel="residual (predicted - true)", ylabel="rows")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def confusion_plot(y: np.ndarray, P: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    """The confusion matrix, each true class's row as shares, with the counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (np.asarray(y, dtype=np.int64), np.asarray(P).argmax(axis=1)), 1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 3, 1.0 * k + 2.5))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{shares[i, j]:.0%}\n{counts[i, j]:,}", ha="center", va="center",
+                    fontsize=8, color="white" if shares[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -80,7 +221,8 @@ def decide_gate(
     reasons: list[str] = []
     ok = True
     if np.isnan(value):
-        return GateDecision(False, [f"{metric} is undefined on the holdout (one class only)"])
+        return GateDecision(False, [f"{metric} is undefined on the holdout (one class only, or a "
+                                    "true value of zero for mape)"])
     floor_ok = value >= gate.floor if higher else value <= gate.floor
     sign = ">=" if higher else "<="
     champ_value = champion[metric] if champion is not None else None

@@ -18,6 +18,17 @@ class TrainingData:
     feature_names: list[str]
     # index of each categorical feature -> number of codes it can take (vocabulary + "other")
     cardinalities: dict[int, int]
+    task: str = "binary"  # binary: y is 0/1; regression: y is the value; multiclass: a class index
+    classes: tuple[str, ...] = ()  # multiclass: the class of each index
+
+    def __post_init__(self) -> None:
+        if self.task == "multiclass":
+            absent = sorted(set(range(len(self.classes))) - set(np.unique(self.y_train).tolist()))
+            if absent:
+                raise ValueError(
+                    "class(es) " + ", ".join(repr(self.classes[i]) for i in absent) + " never occur "
+                    "in the training slice, so no model can learn them: widen data.window, or list "
+                    "only the classes the data holds in data.target.classes")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The exported model's format, and the one ONNX Runtime session builder.
 
 Every exported model takes one float32 input named `input` (the feature vector, NaN for missing,
-category codes as numbers) and has exactly one output, `probability`: P(positive) of shape (n,).
-Training's parity check and the server build their sessions here, with the same options, so the
-check measures what will be served.
+category codes as numbers) and has exactly one output, named after what it holds: `probability`,
+P(positive) of shape (n,), for a binary model; `value`, shape (n,), for a regression; and
+`probabilities`, shape (n, classes), for a multiclass model (the classes in the order of the
+feature spec's `classes`). Training's parity check and the server build their sessions here, with
+the same options, so the check measures what will be served.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "probability"
-BOTH_CLASSES = "probabilities"  # what the converters produce: (n, 2)
+BOTH_CLASSES = "probabilities"  # what the converters produce: (n, 2), or (n, classes)
+VALUE_OUTPUT = "value"
+TASK_OUTPUT = {"binary": ONNX_OUTPUT, "regression": VALUE_OUTPUT, "multiclass": BOTH_CLASSES}
 
 
 def new_session(onnx_bytes: bytes) -> Any:
@@ -30,14 +34,56 @@ def new_session(onnx_bytes: bytes) -> Any:
 
 
 def session_predict(session: Any, X: np.ndarray) -> np.ndarray:
-    """P(positive) for a feature matrix, as float64."""
-    out = session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(X, dtype=np.float32)})[0]
+    """The model's one output for a feature matrix, as float64."""
+    out = session.run(None, {ONNX_INPUT: np.ascontiguousarray(X, dtype=np.float32)})[0]
     return np.asarray(out).astype(np.float64)
 
 
 def onnx_predict(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
-    """P(positive) from an exported model, in a session built as serving builds it."""
+    """The output of an exported model, in a session built as serving builds it."""
     return session_predict(new_session(onnx_bytes), X)
+
+
+def task_output(onnx_model: Any, task: str) -> bytes:
+    """The converter's graph with the one output of the task (see the module's docstring)."""
+    if task == "binary":
+        return positive_class_output(onnx_model)
+    if task == "multiclass":
+        return _only_output(onnx_model, BOTH_CLASSES, None)
+    return _only_output(onnx_model, _first_output(onnx_model), [-1])
+
+
+def _first_output(onnx_model: Any) -> str:
+    return str(onnx_model.graph.output[0].name)
+
+
+def _only_output(onnx_model: Any, source: str, reshape: list[int] | None) -> bytes:
+    """Keep one output: `source` as it is (multiclass probabilities), or flattened to (n,) and
+    named `value` (a regression's (n, 1) output)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = onnx_model.graph
+    names = [o.name for o in graph.output]
+    if source not in names:
+        raise RuntimeError(f"ONNX export has outputs {names}, expected one named '{source}'")
+    kept = next(o for o in graph.output if o.name == source)
+    del graph.output[:]
+    if reshape is None:
+        width = kept.type.tensor_type.shape.dim[1].dim_value if len(
+            kept.type.tensor_type.shape.dim) == 2 else None
+        graph.output.append(helper.make_tensor_value_info(source, TensorProto.FLOAT, [None, width]))
+    else:
+        graph.node.extend([
+            helper.make_node("Constant", [], ["flat_shape"],
+                             value=helper.make_tensor("flat_shape", TensorProto.INT64, [1], reshape)),
+            helper.make_node("Reshape", [source, "flat_shape"], [VALUE_OUTPUT]),
+        ])
+        graph.output.append(helper.make_tensor_value_info(VALUE_OUTPUT, TensorProto.FLOAT, [None]))
+    if not any(op.domain in ("", "ai.onnx") for op in onnx_model.opset_import):
+        onnx_model.opset_import.append(helper.make_opsetid("", 15))
+    onnx.checker.check_model(onnx_model)
+    return bytes(onnx_model.SerializeToString())
 
 
 def positive_class_output(onnx_model: Any) -> bytes:

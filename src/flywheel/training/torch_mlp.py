@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from flywheel.config import ModelConfig
 from flywheel.core.progress import Advance
+from flywheel.training.evaluate import curve_metrics
 from flywheel.training.model import FittedModel, TrainingData
-from flywheel.training.onnx import BOTH_CLASSES, ONNX_INPUT, positive_class_output
+from flywheel.training.onnx import BOTH_CLASSES, ONNX_INPUT, task_output
 
 MLP_DEFAULTS: dict[str, Any] = {
     "hidden": [64, 32],
@@ -29,7 +29,9 @@ MLP_DEFAULTS: dict[str, Any] = {
 
 
 class TabularMLP(nn.Module):
-    """Takes the raw feature vector (NaN for missing, codes for categories) and returns P(y)."""
+    """Takes the raw feature vector (NaN for missing, codes for categories) and returns the task's
+    output: (P(no), P(yes)) for binary, the value for regression (learnt on the standardised target,
+    scaled back inside the graph), every class's probability for multiclass."""
 
     median: torch.Tensor
     mean: torch.Tensor
@@ -37,8 +39,16 @@ class TabularMLP(nn.Module):
     num_index: torch.Tensor
     cat_max: torch.Tensor
 
-    def __init__(self, X_train: np.ndarray, cardinalities: dict[int, int], params: dict[str, Any]):
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
+    def __init__(self, X_train: np.ndarray, cardinalities: dict[int, int], params: dict[str, Any],
+                 task: str = "binary", classes: int = 2, y_train: np.ndarray | None = None):
         super().__init__()
+        self.task = task
+        y = np.asarray(y_train if y_train is not None and task == "regression" else [0.0], np.float64)
+        self.register_buffer("y_mean", torch.tensor(float(y.mean()), dtype=torch.float32))
+        self.register_buffer("y_std", torch.tensor(float(y.std()) or 1.0, dtype=torch.float32))
         n = X_train.shape[1]
         self.cat_idx = sorted(cardinalities)
         self.num_idx = [i for i in range(n) if i not in cardinalities]
@@ -61,10 +71,11 @@ class TabularMLP(nn.Module):
         for h in params["hidden"]:
             layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(float(params["dropout"]))]
             width = int(h)
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, classes if task == "multiclass" else 1))
         self.body = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output: a logit (binary), a standardised value, or class logits."""
         parts = []
         if self.num_idx:
             num = torch.index_select(x, 1, self.num_index)
@@ -74,18 +85,34 @@ class TabularMLP(nn.Module):
             code = torch.nan_to_num(x[:, i], nan=0.0)
             code = torch.minimum(torch.clamp(code, min=0.0), self.cat_max[j])
             parts.append(emb(code.long()))
-        p = torch.sigmoid(self.body(torch.cat(parts, dim=1)))
+        return self.body(torch.cat(parts, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.raw(x)
+        if self.task == "regression":
+            return out * self.y_std + self.y_mean
+        if self.task == "multiclass":
+            return torch.softmax(out, dim=1)
+        p = torch.sigmoid(out)
         return torch.cat([1 - p, p], dim=1)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.raw(x)
+        if self.task == "regression":
+            return nn.functional.mse_loss(out[:, 0], (y - self.y_mean) / self.y_std)
+        if self.task == "multiclass":
+            return nn.functional.cross_entropy(out, y.long())
+        return nn.functional.binary_cross_entropy_with_logits(out[:, 0], y)
 
 
 def train_mlp(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
     params = {**MLP_DEFAULTS, **model.params}
     torch.manual_seed(model.seed)
     np.random.seed(model.seed)
-    net = TabularMLP(data.X_train, data.cardinalities, params)
+    net = TabularMLP(data.X_train, data.cardinalities, params, data.task, len(data.classes) or 2,
+                     data.y_train)
     opt = torch.optim.AdamW(net.parameters(), lr=float(params["learning_rate"]),
                             weight_decay=float(params["weight_decay"]))
-    loss_fn = nn.BCELoss()
     X = torch.tensor(data.X_train, dtype=torch.float32)
     y = torch.tensor(data.y_train, dtype=torch.float32)
     gen = torch.Generator().manual_seed(model.seed)
@@ -94,28 +121,28 @@ def train_mlp(model: ModelConfig, data: TrainingData, progress: Advance | None) 
     def predict(arr: np.ndarray) -> np.ndarray:
         net.eval()
         with torch.no_grad():
-            return net(torch.tensor(arr, dtype=torch.float32))[:, 1].numpy().astype(np.float64)
+            out = net(torch.tensor(arr, dtype=torch.float32)).numpy().astype(np.float64)
+        return out[:, 1] if data.task == "binary" else out[:, 0] if data.task == "regression" else out
 
-    history: dict[str, list[float]] = {k: [] for k in
-                                       ("train_auc", "train_logloss", "validation_auc", "validation_logloss")}
-    best_auc, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(net.state_dict()), 0
+    history: dict[str, list[float]] = {}
+    best_score, best_epoch, best_state, stale = np.inf, 0, copy.deepcopy(net.state_dict()), 0
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(X), generator=gen)
         for start in range(0, len(X), batch):
             idx = order[start : start + batch]
             opt.zero_grad()
-            loss = loss_fn(net(X[idx])[:, 1], y[idx])
-            loss.backward()
+            net.loss(X[idx], y[idx]).backward()
             opt.step()
         for split, Xs, ys in (("train", data.X_train, data.y_train), ("validation", data.X_val, data.y_val)):
-            p = predict(Xs)
-            history[f"{split}_auc"].append(float(roc_auc_score(ys, p)))
-            history[f"{split}_logloss"].append(float(log_loss(ys, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])))
+            for name, value in curve_metrics(data, ys, predict(Xs)).items():
+                history.setdefault(f"{split}_{name}", []).append(value)
         if progress:
             progress(epoch, epochs)
-        if history["validation_auc"][-1] > best_auc:
-            best_auc, best_epoch, stale = history["validation_auc"][-1], epoch, 0
+        first = next(k for k in history if k.startswith("validation_"))
+        score = -history[first][-1] if first.endswith("_auc") else history[first][-1]
+        if score < best_score:
+            best_score, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(net.state_dict())
         else:
             stale += 1
@@ -135,6 +162,6 @@ def train_mlp(model: ModelConfig, data: TrainingData, progress: Advance | None) 
     import onnx
 
     return FittedModel(kind="torch-mlp", predict=predict,
-                       onnx=positive_class_output(onnx.load_from_string(buf.getvalue())), params=params,
+                       onnx=task_output(onnx.load_from_string(buf.getvalue()), data.task), params=params,
                        history=history, best_iteration=best_epoch,
                        native_files={"mlp_state_dict.pt": state.getvalue()})

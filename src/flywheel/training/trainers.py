@@ -13,8 +13,9 @@ from flywheel.config import ModelConfig
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import how_to_install
 from flywheel.core.progress import Advance
+from flywheel.training.evaluate import curve_metrics
 from flywheel.training.model import FittedModel, TrainingData
-from flywheel.training.onnx import ONNX_INPUT, positive_class_output
+from flywheel.training.onnx import ONNX_INPUT, task_output
 
 
 class TrainerUnavailable(FlywheelError):
@@ -46,8 +47,6 @@ def train_model(
 # ---- LightGBM ----------------------------------------------------------------------------------
 
 LIGHTGBM_DEFAULTS: dict[str, Any] = {
-    "objective": "binary",
-    "metric": ["auc", "binary_logloss"],
     "learning_rate": 0.05,
     "num_leaves": 31,
     "min_data_in_leaf": 100,
@@ -61,6 +60,12 @@ LIGHTGBM_DEFAULTS: dict[str, Any] = {
     "num_boost_round": 300,
     "early_stopping_rounds": 50,
 }
+# What each task optimises and records; the first metric decides early stopping.
+LIGHTGBM_OBJECTIVES: dict[str, dict[str, Any]] = {
+    "binary": {"objective": "binary", "metric": ["auc", "binary_logloss"]},
+    "regression": {"objective": "regression", "metric": ["rmse", "l1"]},
+    "multiclass": {"objective": "multiclass", "metric": ["multi_logloss", "multi_error"]},
+}
 
 
 def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
@@ -68,7 +73,10 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | 
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    params = {**LIGHTGBM_DEFAULTS, **model.params, "seed": model.seed, "deterministic": True}
+    params = {**LIGHTGBM_DEFAULTS, **LIGHTGBM_OBJECTIVES[data.task], **model.params, "seed": model.seed,
+              "deterministic": True}
+    if data.task == "multiclass":
+        params["num_class"] = len(data.classes)
     rounds = int(params.pop("num_boost_round"))
     patience = int(params.pop("early_stopping_rounds"))
     cats = sorted(data.cardinalities)
@@ -94,12 +102,12 @@ def _train_lightgbm(model: ModelConfig, data: TrainingData, progress: Advance | 
         booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, data.X_train.shape[1]]))],
         zipmap=False, target_opset=15,
     )
-    history = {f"{split}_{metric.replace('binary_', '')}": values
+    history = {f"{split}_{metric.replace('binary_', '').replace('multi_', '')}": values
                for split, metrics in evals.items() for metric, values in metrics.items()}
     return FittedModel(
         kind="lightgbm",
         predict=lambda X: np.asarray(booster.predict(X), dtype=np.float64),
-        onnx=positive_class_output(onnx_model),
+        onnx=task_output(onnx_model, data.task),
         params={**params, "num_boost_round": rounds, "early_stopping_rounds": patience},
         history=history,
         best_iteration=best,
@@ -129,7 +137,7 @@ def float32_thresholds(model_str: str) -> str:
 
 # ---- scikit-learn ------------------------------------------------------------------------------
 
-SKLEARN_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 1000}
+SKLEARN_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 1000}  # alpha = 1/C for regression
 
 
 def _train_sklearn(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
@@ -137,8 +145,7 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: Advance | N
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -151,7 +158,9 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: Advance | N
                           ("scale", StandardScaler())]), nums),
         ("cat", OneHotEncoder(categories=categories, handle_unknown="ignore"), cats),
     ])
-    clf = LogisticRegression(C=params["C"], max_iter=params["max_iter"], random_state=model.seed)
+    regression = data.task == "regression"
+    clf = (Ridge(alpha=1.0 / params["C"], random_state=model.seed) if regression else
+           LogisticRegression(C=params["C"], max_iter=params["max_iter"], random_state=model.seed))
     pipe = Pipeline([("prep", prep), ("clf", clf)])
     if progress:
         progress(0, 1)
@@ -160,17 +169,21 @@ def _train_sklearn(model: ModelConfig, data: TrainingData, progress: Advance | N
         progress(1, 1)
     onnx_model = to_onnx(
         pipe, initial_types=[(ONNX_INPUT, FloatTensorType([None, data.X_train.shape[1]]))],
-        options={id(clf): {"zipmap": False}}, target_opset=15,
+        options=None if regression else {id(clf): {"zipmap": False}}, target_opset=15,
         final_types=None,
     )
 
     def predict(X: np.ndarray) -> np.ndarray:
-        return pipe.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
+        X = np.asarray(X, dtype=np.float64)
+        if regression:
+            return np.asarray(pipe.predict(X), dtype=np.float64)
+        proba = pipe.predict_proba(X)
+        return proba[:, 1] if data.task == "binary" else proba
 
     history = {}
     for split, X, y in (("train", data.X_train, data.y_train), ("validation", data.X_val, data.y_val)):
-        p = predict(X)
-        history[f"{split}_auc"] = [float(roc_auc_score(y, p))]
-        history[f"{split}_logloss"] = [float(log_loss(y, p, labels=[0, 1]))]
-    return FittedModel(kind="sklearn", predict=predict, onnx=positive_class_output(onnx_model),
+        for name, value in curve_metrics(data, y, predict(X)).items():
+            history[f"{split}_{name}"] = [value]
+    return FittedModel(kind="sklearn", predict=predict, onnx=task_output(onnx_model, data.task),
                        params=params, history=history, best_iteration=1)
+
