@@ -16,6 +16,10 @@ rows stored, after SIGTERM and after SIGKILL).
 
     .venv/bin/python benchmarks/serve_vs_mlflow.py [--seconds 10] [--rounds 3] [--baseline SRC]
 
+`--tasks` adds a regression (the flights example) and a multiclass (the bikeshare example) project,
+each trained on its committed sample and served like the binary one (log sink on CPU 0), measured in
+the same rounds; their req/s and p99 are printed against the binary server's.
+
 `--baseline SRC` adds two rows served by another source tree of Flywheel (its `src` folder, e.g. a
 checkout of the previous release) on the same project, store and settings, measured in the same
 interleaved rounds: a before/after of a change in one run.
@@ -173,6 +177,8 @@ FASTEST = "mlflow: LightGBM booster, no signature"
 SINK0 = "flywheel serve, log sink on CPU 0"
 SINK1 = "flywheel serve, log sink on CPU 1"
 SINKPG = "flywheel serve, PostgreSQL log, sink on CPU 0"
+REGRESSION = "flywheel serve, regression (flights)"
+MULTICLASS = "flywheel serve, multiclass (bikeshare)"
 BASE0 = "baseline tree, log sink on CPU 0"
 BASE1 = "baseline tree, log sink on CPU 1"
 FLOOR = "constant Starlette endpoint (floor)"
@@ -183,6 +189,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per server per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another Flywheel src folder to measure too")
+    parser.add_argument("--tasks", action="store_true", help="serve a regression and a multiclass "
+                                                               "project too")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -228,6 +236,13 @@ def main() -> None:
             srv = Server([str(BIN / "flywheel"), "serve", "--config", str(throughput_config), "--port",
                           str(port)], {**env, **extra}, f"http://127.0.0.1:{port}/ready")
             servers[label] = (srv, f"http://127.0.0.1:{port}/v1/predict", body_fw)
+        if args.tasks:
+            for label, name in ((REGRESSION, "flights"), (MULTICLASS, "bikeshare")):
+                task_config, task_env, task_body = task_project(home, name)
+                port = free_port()
+                srv = Server([str(BIN / "flywheel"), "serve", "--config", str(task_config), "--port",
+                              str(port)], task_env, f"http://127.0.0.1:{port}/ready")
+                servers[label] = (srv, f"http://127.0.0.1:{port}/v1/predict", task_body)
         port = free_port()
         floor = Server([str(BIN / "uvicorn"), "floor_app:app", "--port", str(port), "--loop", "uvloop",
                         "--http", "httptools", "--no-access-log", "--log-level", "warning"],
@@ -241,6 +256,37 @@ def main() -> None:
     hot_swap(config, env, body_fw)
     logging_run(config, env, record, home)
     print(f"\n(work folder: {home})")
+
+
+def task_project(home: Path, name: str) -> tuple[Path, dict[str, str], Path]:
+    """An example project (flights: regression, bikeshare: multiclass) trained on its committed
+    sample's history; its config, environment and a one-record body from the later rows."""
+    folder = home / name
+    folder.mkdir()
+    config = folder / "flywheel.yaml"
+    shutil.copy(REPO / "examples" / name / "flywheel.yaml", config)
+    env = {**os.environ, "FLYWHEEL_HOME": str(folder / ".flywheel"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    sample = REPO / "tests" / "fixtures" / ("flights_sample.parquet" if name == "flights"
+                                            else "bikeshare.parquet")
+    frame = pd.read_parquet(sample)
+    cfg = yaml.safe_load(config.read_text())
+    time_col, end = cfg["data"]["time_column"], pd.Timestamp(cfg["data"]["window"]["end"])
+    history = folder / "history.parquet"
+    frame[frame[time_col] < end].to_parquet(history)
+    for args in (("ingest", "--input", str(history)), ("train",)):
+        subprocess.run([str(BIN / "flywheel"), *args, "--config", str(config)], env=env, check=True,
+                       capture_output=True)
+    sys.path.insert(0, str(REPO / "src"))
+    from flywheel.config import load_project
+    from flywheel.data.features import input_columns
+
+    inputs = input_columns(load_project(config, env=env).config.features)
+    row = frame[frame[time_col] >= end].iloc[5]
+    body = folder / "record.json"
+    body.write_text(json.dumps({c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item")
+                                    else row[c]) for c in inputs}))
+    return config, env, body
 
 
 def postgres_database() -> str | None:
@@ -273,7 +319,7 @@ def measure(servers: dict[str, tuple[Server, str, Path]], seconds: int, n_rounds
             srv.resume()
             time.sleep(1)  # let it catch up on what its timers missed while paused
             result[name] = wrk(url, body, seconds)
-            if name in (SINK0, SINK1, SINKPG, BASE0, BASE1):
+            if name in (SINK0, SINK1, SINKPG, BASE0, BASE1, REGRESSION, MULTICLASS):
                 depth = re.search(r"^flywheel_prediction_log_queue_depth (\S+)",
                                   httpx.get(url.replace("/v1/predict", "/metrics")).text, re.M)
                 # A large backlog would mean the log sink did not keep up: the buffer flattered the run.
@@ -308,6 +354,11 @@ def report(rounds: list[dict[str, dict[str, float]]], seconds: int) -> None:
               f"{max(r[name]['p99_ms'] for r in rounds):7.2f} {ratio(name, ANCHOR):8.1f} "
               f"{ratio(name, LGB):6.1f} {ratio(name, FASTEST):9.1f} {100 * ratio(name, FLOOR):7.1f}% "
               f"{errors:6.0f} {backlog}")
+    for task in (REGRESSION, MULTICLASS):
+        if task in rounds[0]:
+            rps = statistics.median(r[task]["rps"] / r[SINK0]["rps"] for r in rounds)
+            p99 = statistics.median(r[task]["p99_ms"] / r[SINK0]["p99_ms"] for r in rounds)
+            print(f"{task.split(', ')[-1]} / binary (log sink on CPU 0): req/s x{rps:.3f}, p99 x{p99:.3f}")
     for now, before in ((SINK0, BASE0), (SINK1, BASE1)):
         if before in rounds[0]:
             rps = statistics.median(r[now]["rps"] / r[before]["rps"] for r in rounds)

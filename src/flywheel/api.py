@@ -5,6 +5,7 @@
     project = api.load("flywheel.yaml")
     api.ingest(project, "customers.csv")
     result = api.train(project)                    # extract, check, train, register, gate, promote
+    result = api.import_model(project, "model.txt")  # a model you have, gated like a trained one
     scored = api.predict(project, frame)           # a DataFrame, scored as the server scores it
     verdict = api.monitor(project, start="2021-01-01", end="2021-07-01")
     run = api.retrain(project)                     # the pipeline once: extract ... promote, alert
@@ -33,8 +34,8 @@ from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.runs import PipelineRun
 from flywheel.serving.batch import score_frame
 
-__all__ = ["FlywheelError", "evaluate", "ingest", "load", "monitor", "predict", "promote", "retrain",
-           "rollback", "status", "train"]
+__all__ = ["FlywheelError", "evaluate", "import_model", "ingest", "load", "monitor", "predict", "promote",
+           "retrain", "rollback", "status", "train"]
 
 
 def load(path: str | Path, env: dict[str, str] | None = None) -> Project:
@@ -51,6 +52,13 @@ def ingest(project: Project, path: str | Path, append: bool = False) -> lifecycl
 def train(project: Project, reporter: Reporter | None = None) -> lifecycle.TrainResult:
     """Train a challenger on the configured window; promote it if the gate passes."""
     return lifecycle.train_challenger(project, reporter)
+
+
+def import_model(project: Project, path: str | Path,
+                 reporter: Reporter | None = None) -> lifecycle.TrainResult:
+    """Register a model file (LightGBM, ONNX, or a pickled scikit-learn estimator over the
+    project's feature vector) as the challenger; gate it and promote it if it passes."""
+    return lifecycle.import_challenger(project, Path(path), reporter)
 
 
 def evaluate(project: Project, version: int | None = None) -> lifecycle.Evaluation:

@@ -228,7 +228,9 @@ def _replay(project: Project, quarters: int) -> None:
 def init(
     source: Annotated[str, typer.Option("--from", help="A .csv or .parquet file, or a database URL "
                                                         "(with --table).")],
-    target: Annotated[str, typer.Option("--target", help="The column to predict (two values).")],
+    target: Annotated[str, typer.Option("--target", help="The column to predict.")],
+    task: Annotated[str | None, typer.Option(
+        "--task", help="binary, regression or multiclass (default: from the target's values).")] = None,
     time: Annotated[str | None, typer.Option("--time", help="The column that says when each row "
                                                             "happened (default: found).")] = None,
     table: Annotated[str | None, typer.Option("--table", help="Table name (a URL's table to read; "
@@ -249,8 +251,10 @@ def init(
         if output.exists() and not force:
             raise InitError(f"{output} exists: choose another --output, or --force to overwrite it")
         with _reporter() as rep:
+            if task not in (None, "binary", "regression", "multiclass"):
+                raise InitError(f"--task {task}: choose binary, regression or multiclass")
             made = make(source, target, output, time=time, table=table, id_column=id_column,
-                        project=project_name, reporter=rep)
+                        project=project_name, reporter=rep, task=task)
         _print_proposal(made.proposal)
         # soft_wrap: paths stay whole, to be copied
         out.print(f"Wrote {output}" + (f"; loaded {made.loaded:,} rows into {made.proposal.table}"
@@ -263,7 +267,7 @@ def init(
 
 def _print_proposal(p: Any) -> None:
     table = Table(title=f"{p.rows:,} rows: what each column becomes")
-    for col in ("column", "type", "empty", "distinct", "role", "standalone ROC-AUC / why"):
+    for col in ("column", "type", "empty", "distinct", "role", f"standalone {p.measure} / why"):
         table.add_column(col)
     names = {f["column"]: f["name"] for f in p.features}
     for c in p.columns:
@@ -272,7 +276,7 @@ def _print_proposal(p: Any) -> None:
         if c.role in ("numeric", "category") and c.name not in names:
             note, role = f"{p.leaky.get(_feature_name(c.name), 0):.3f}: likely leak, left out", "left out"
         else:
-            role = c.role
+            role = f"target ({p.task})" if c.role == "target" else c.role
         table.add_row(c.name, c.dtype, f"{c.nulls:.0%}", f"{c.distinct:,}", role, note)
     out.print(table)
 
@@ -321,6 +325,27 @@ def train(
         project = load_project(config, env={**os.environ, **overrides})
         with _reporter() as rep:
             result = train_challenger(project, rep)
+        _print_result(project, result)
+
+    _run(body)
+
+
+@app.command("import")
+def import_command(
+    config: ConfigOpt,
+    model: Annotated[Path, typer.Option("--model", help="A LightGBM model file, an .onnx file, or a "
+                                                        "pickled scikit-learn estimator (.pkl/.joblib) "
+                                                        "over the project's feature vector.")],
+) -> None:
+    """Register a model you already have as the challenger: convert it to ONNX, check it on the
+    holdout, gate it against the champion, and promote it if it passes."""
+
+    def body() -> None:
+        from flywheel.lifecycle.importing import import_challenger
+
+        project = _project(config)
+        with _reporter() as rep:
+            result = import_challenger(project, model, rep)
         _print_result(project, result)
 
     _run(body)

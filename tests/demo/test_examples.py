@@ -139,12 +139,14 @@ def test_each_task_answers_and_accepts_its_own_labels(flights: Any, bikeshare: A
             pred = body["predictions"][0]
             oip = client.get(f"/v2/models/{project.config.registered_model}").json()
             doc = client.get("/openapi.json").json()
+            scraped = client.get("/metrics").text
             def label(value: Any) -> Any:
                 return client.post("/v1/feedback", json={"labels": [
                     {"record_id": pred["record_id"], "label": value}]})  # noqa: B023
 
             ok, bad, bad_type = (label(v) for v in labels)
         assert ok.status_code == 200, ok.text
+        assert f'flywheel_window_metric{{metric="{project.config.gate.metric}"}}' in scraped
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "label"
         assert bad_type.status_code == 422
         item = doc["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]["application/json"][

@@ -73,11 +73,40 @@ def test_data_without_a_time_or_a_two_valued_target_is_refused_with_what_to_add(
     else:
         raise AssertionError("no time column was accepted")
     try:
-        propose_project(tickets(500), "priority")
+        propose_project(tickets(500), "priority", task="binary")
     except ValueError as err:
         assert "'priority' has 4 distinct values" in str(err)
     else:
-        raise AssertionError("a four-valued target was accepted")
+        raise AssertionError("a four-valued target was accepted as binary")
+
+
+def test_a_number_becomes_a_regression_and_a_few_values_a_multiclass_target(tmp_path):
+    from pathlib import Path
+
+    from flywheel.config import load_project
+    from flywheel.lifecycle.init import render_config
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    flights = pd.read_parquet(fixtures / "flights_sample.parquet")
+    p = propose_project(flights, "arr_delay", time="scheduled")
+    assert p.task == "regression" and p.positive is None
+    assert list(p.leaky) == ["dep_delay"] and p.leaky["dep_delay"] >= 0.75  # measured after the arrival
+    assert p.target_std == pytest.approx(flights["arr_delay"].std())
+    hours = pd.read_parquet(fixtures / "bikeshare.parquet")
+    m = propose_project(hours, "weathersit", time="time", id_column="hour_id")
+    assert m.task == "multiclass" and m.classes == ["clear", "cloudy/misty", "rain/snow"]
+    assert sum(m.class_shares) == pytest.approx(1)
+    for name, proposal, metric in (("f", p, "rmse"), ("m", m, "log_loss")):
+        path = tmp_path / name / "flywheel.yaml"
+        path.parent.mkdir()
+        path.write_text(render_config(proposal))
+        cfg = load_project(path).config
+        assert cfg.task == proposal.task and cfg.gate.metric == metric
+    assert load_project(tmp_path / "m" / "flywheel.yaml").config.data.target.classes == m.classes
+    assert propose_project(hours, "weathersit", time="time", id_column="hour_id",
+                           task="multiclass").task == "multiclass"
+    with pytest.raises(InitError, match="2 classes: a multiclass target needs three"):
+        propose_project(tickets(300), "escalated", task="multiclass")
 
 
 def test_a_year_column_is_found_by_its_name_and_values():

@@ -11,7 +11,7 @@ def verdict(drifted: bool = False, drop: bool = False):
     cols = [ColumnDrift("a", "wasserstein", 0.3 if drifted else 0.01, 0.1, drifted),
             ColumnDrift("b", "jensenshannon", 0.01, 0.1, False)]
     drift = DriftResult(cols, 1000, 0.5 if drifted else 0.0, drifted, 0.5)
-    perf = SimpleNamespace(roc_auc=0.55, rows=900)
+    perf = SimpleNamespace(metric="roc_auc", value=0.55, rows=900)
     return SimpleNamespace(drift_detected=drifted, drift=drift, performance_drop=drop, performance=perf)
 
 
@@ -22,7 +22,7 @@ def test_drift_fires_with_the_drifted_features_named(make_project):
 
 def test_performance_drop_fires(make_project):
     d = due_trigger(make_project(), date(2003, 1, 1), verdict(drop=True), None)
-    assert d.trigger == "performance_drop" and "0.550" in d.reason
+    assert d.trigger == "performance_drop" and "roc_auc 0.55 on the latest 900" in d.reason
 
 
 def test_budget_blocks_every_trigger_until_it_has_passed(make_project):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         prepare_features,
         prepare_frame,
     )
+    from flywheel.lifecycle.importing import import_challenger
     from flywheel.lifecycle.init import Proposal, propose_project, render_config
     from flywheel.lifecycle.intake import IngestResult, ingest
     from flywheel.lifecycle.status import project_status
@@ -58,6 +59,7 @@ _HOME = {
     "evaluate_against_champion": "evaluation",
     "evaluate_version": "evaluation",
     "extract_training_window": "features",
+    "import_challenger": "importing",
     "ingest": "intake",
     "load_champion": "evaluation",
     "move_alias": "aliases",
@@ -78,7 +80,8 @@ _HOME = {
 __all__ = [
     "Challenger", "Evaluation", "IngestResult", "PreparedData", "Proposal", "PromotionOutcome", "TrainResult",
     "check_data",
-    "evaluate_against_champion", "evaluate_version", "extract_training_window", "ingest",
+    "evaluate_against_champion", "evaluate_version", "extract_training_window", "import_challenger",
+    "ingest",
     "load_champion",
     "move_alias", "prepare_features", "prepare_frame", "project_status", "promote", "propose_project",
     "render_config",

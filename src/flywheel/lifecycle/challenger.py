@@ -58,16 +58,20 @@ def training_tags(project: Project, prepared: PreparedData) -> dict[str, str]:
 
 
 def train_on_features(project: Project, prepared: PreparedData, checks: DataCheckReport,
-                      registry: Registry, reporter: Reporter | None = None) -> Challenger:
-    """Train, check the export's parity, log everything to MLflow, register as `challenger`."""
+                      registry: Registry, reporter: Reporter | None = None,
+                      fitted: FittedModel | None = None,
+                      extra_tags: dict[str, str] | None = None) -> Challenger:
+    """Train (or take the `fitted` model given: an imported one), check the export's parity, log
+    everything to MLflow, register as `challenger`."""
     reporter = reporter or QuietReporter()
     cfg = project.config
-    tags = training_tags(project, prepared)
+    tags = {**training_tags(project, prepared), **(extra_tags or {})}
     window = f"{tags.get('window_start')}-{tags.get('window_end')}"
-    with registry.run(f"{cfg.model.type}-{window}", tags) as run_id:
-        total = expected_iterations(cfg.model.type, cfg.model.params)
-        with reporter.step(f"Train challenger ({cfg.model.type})", total=total) as advance:
-            fitted = train_model(cfg.model, prepared.training_data(), advance)
+    with registry.run(f"{tags['model_type']}-{window}", tags) as run_id:
+        if fitted is None:
+            total = expected_iterations(cfg.model.type, cfg.model.params)
+            with reporter.step(f"Train challenger ({cfg.model.type})", total=total) as advance:
+                fitted = train_model(cfg.model, prepared.training_data(), advance)
         with reporter.step("Evaluate on the holdout, log to MLflow"):
             hold = prepared.split.holdout
             exported, max_diff, share_over = onnx_parity(fitted, prepared.X[hold], prepared.spec.task)
@@ -78,7 +82,7 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
             version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
                                              {**tags, "run_id": run_id})
             registry.set_alias(CHALLENGER, version)
-    return Challenger(run_id, version, cfg.model.type, metrics, exported, fitted, max_diff)
+    return Challenger(run_id, version, tags["model_type"], metrics, exported, fitted, max_diff)
 
 
 def onnx_parity(fitted: FittedModel, X_hold: np.ndarray, task: str = "binary"

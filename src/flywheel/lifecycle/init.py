@@ -16,11 +16,13 @@ from flywheel.config import CategoryFeature, NumericFeature, load_project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data import features as feats
-from flywheel.data.checks import standalone_auc
+from flywheel.data.checks import standalone_auc, standalone_macro_auc, standalone_r2
 from flywheel.data.sources import make_engine
 from flywheel.lifecycle.intake import ingest, read_rows
 
 LEAK_AUC = 0.9  # the default of checks.leakage_auc_threshold
+LEAK_R2 = 0.75  # the default of checks.leakage_r2_threshold
+MAX_CLASSES = 50  # more distinct values than this: not a multiclass target
 MAX_CATEGORIES = 50
 SCREEN_ROWS = 200_000
 
@@ -52,22 +54,33 @@ class Proposal:
     time_why: str
     window: tuple[str, str]
     target: str
-    positive: Any
-    positive_rate: float
+    positive: Any  # binary; None for the other tasks
+    positive_rate: float  # binary: the positive share; regression: the mean; multiclass: NaN
     columns: list[ColumnProfile]
     features: list[dict[str, Any]] = field(default_factory=list)
     leaky: dict[str, float] = field(default_factory=dict)  # proposed, then left out
     scores: dict[str, float] = field(default_factory=dict)  # standalone ROC-AUC of each feature
     time_format: str | None = None  # for dates written as text in another shape than ISO
+    task: str = "binary"
+    classes: list[str] = field(default_factory=list)  # multiclass, with each class's share
+    class_shares: list[float] = field(default_factory=list)
+    target_std: float = float("nan")  # regression
+
+    @property
+    def measure(self) -> str:
+        return {"regression": "R²", "multiclass": "macro ROC-AUC"}.get(self.task, "ROC-AUC")
 
 
 def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, project: str = "my-project",
-            table: str = "rows", id_column: str | None = None) -> Proposal:
-    """Profile `frame` and propose a project around `target` (a binary label)."""
+            table: str = "rows", id_column: str | None = None, task: str | None = None) -> Proposal:
+    """Profile `frame` and propose a project around `target`: a binary label (two values), a
+    number to predict (regression) or one of a few classes (multiclass); `task` decides when given,
+    else the target's values do."""
     if target not in frame.columns:
         raise InitError(f"no column '{target}' to predict; the data has: "
                         f"{', '.join(map(str, frame.columns))}")
-    positive, rate = _positive_class(frame[target], target)
+    task = task or guess_task(frame[target])
+    positive, rate = _positive_class(frame[target], target) if task == "binary" else (None, float("nan"))
     ident = id_column or _find_id(frame, exclude={target, time})
     when, unit, why = _find_time(frame, time, exclude={target, ident})
     fmt, doubt = _text_format(frame[when]) if unit == "text" else (None, "")
@@ -84,10 +97,42 @@ def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, p
                  ColumnProfile(target, str(frame[target].dtype), float(frame[target].isna().mean()),
                                int(frame[target].nunique()), "target")]
     proposal = Proposal(project, table, len(frame), ident, when, unit, why, window, target, positive,
-                        rate, profiles, features, time_format=fmt)
+                        rate, profiles, features, time_format=fmt, task=task)
+    _describe_target(proposal, frame[target])
     _screen(proposal, frame)
     return proposal
 
+
+def guess_task(values: pd.Series) -> str:
+    """binary for two values; regression for numbers with many values (or any fractional one);
+    multiclass for a few values (text, or up to MAX_CLASSES whole numbers)."""
+    seen = values.dropna()
+    distinct = int(seen.nunique())
+    if distinct == 2:
+        return "binary"
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if numeric and (distinct > MAX_CLASSES or not (seen == np.floor(seen)).all()):
+        return "regression"
+    if distinct < 2:
+        raise InitError(f"'{values.name}' has {distinct} distinct value(s): there is nothing to predict")
+    if distinct > MAX_CLASSES:
+        raise InitError(f"'{values.name}' has {distinct:,} distinct texts: too many classes to learn "
+                        f"(at most {MAX_CLASSES}); group them, or predict a number (--task regression)")
+    return "multiclass"
+
+
+def _describe_target(p: Proposal, values: pd.Series) -> None:
+    if p.task == "regression":
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() < 2:
+            raise InitError(f"'{p.target}' holds no numbers to predict (--task regression)")
+        p.positive_rate, p.target_std = float(numbers.mean()), float(numbers.std())
+    elif p.task == "multiclass":
+        shares = values.dropna().astype(str).value_counts(normalize=True).sort_index()
+        if len(shares) < 3:
+            raise InitError(f"'{p.target}' has {len(shares)} classes: a multiclass target needs three "
+                            "or more (two: --task binary)")
+        p.classes, p.class_shares = [str(c) for c in shares.index], [float(v) for v in shares]
 
 def _positive_class(values: pd.Series, name: str) -> tuple[Any, float]:
     seen = values.dropna().unique().tolist()
@@ -248,22 +293,61 @@ def _feature_role(values: pd.Series, distinct: int, nulls: float, rows: int) -> 
 
 
 def _screen(proposal: Proposal, frame: pd.DataFrame) -> None:
-    """Standalone ROC-AUC of each proposed feature; those at the leakage threshold are left out."""
+    """Each proposed feature's standalone score for the task; those at the leakage threshold are
+    left out."""
     if not proposal.features:
         raise InitError("no column could be a feature (each is constant, mostly empty, free text or an id)")
     rows = frame.sample(min(len(frame), SCREEN_ROWS), random_state=0) if len(frame) > SCREEN_ROWS else frame
     kinds = {"numeric": NumericFeature, "category": CategoryFeature}
     defs = [kinds[f["kind"]](**f) for f in proposal.features]
     spec = feats.fit_spec(defs, rows)  # type: ignore[arg-type]  # a list of Feature
+    if proposal.task != "binary":  # an empty target is a label not known yet
+        rows = rows[rows[proposal.target].notna()]
     X = feats.build_matrix(spec, rows)
-    y = (rows[proposal.target] == proposal.positive).to_numpy(dtype=np.int64)
+    target = rows[proposal.target]
     for i, f in enumerate(proposal.features):
-        proposal.scores[f["name"]] = round(standalone_auc(X[:, i], y), 4)
-    proposal.leaky = {n: s for n, s in proposal.scores.items() if s >= LEAK_AUC}
+        proposal.scores[f["name"]] = round(_standalone(proposal, X[:, i], target), 4)
+    limit = LEAK_R2 if proposal.task == "regression" else LEAK_AUC
+    proposal.leaky = {n: s for n, s in proposal.scores.items() if s >= limit}
     proposal.features = [f for f in proposal.features if f["name"] not in proposal.leaky]
     if not proposal.features:
         raise InitError("every candidate feature alone predicts the target almost perfectly "
                         f"({', '.join(proposal.leaky)}): they are likely recorded after the outcome")
+
+
+def _standalone(p: Proposal, x: np.ndarray, target: pd.Series) -> float:
+    if p.task == "regression":
+        return standalone_r2(x, pd.to_numeric(target, errors="coerce").to_numpy(dtype=np.float64))
+    if p.task == "multiclass":
+        index = {c: i for i, c in enumerate(p.classes)}
+        return standalone_macro_auc(x, np.array([index[str(v)] for v in target]), len(p.classes))
+    return standalone_auc(x, (target == p.positive).to_numpy(dtype=np.int64))
+
+
+def _target_lines(p: Proposal) -> list[str]:
+    scalar = json_scalar
+    head = ["  target:", "    kind: column   # the label is known as soon as the row exists",
+            f"    column: {scalar(p.target)}"]
+    if p.task == "regression":
+        return [*head, f"    task: regression   # a number: mean {p.positive_rate:.4g}, "
+                       f"standard deviation {p.target_std:.4g}"]
+    if p.task == "multiclass":
+        shares = ", ".join(f"{c} {s:.1%}" for c, s in zip(p.classes, p.class_shares, strict=True))
+        return [*head, "    task: multiclass", f"    classes: {scalar(p.classes)}   # {shares}"]
+    return [*head, f"    positive: {scalar(p.positive)}   # {p.positive_rate:.1%} of the rows"]
+
+
+def _gate_lines(p: Proposal) -> list[str]:
+    if p.task == "regression":
+        return ["  metric: rmse", f"  floor: {p.target_std:.4g}   # the standard deviation: what "
+                "predicting the mean gives", "  min_improvement: 0   # at least as good as the champion"]
+    if p.task == "multiclass":
+        prior = -sum(s * np.log(s) for s in p.class_shares if s > 0)
+        return ["  metric: log_loss", f"  floor: {prior:.4g}   # what predicting the class shares gives",
+                "  min_improvement: 0   # at least as good as the champion"]
+    return ["  metric: roc_auc",
+            "  floor: 0.55            # the least holdout ROC-AUC a first model must reach",
+            "  min_improvement: 0.002 # a challenger must beat the champion by this on the same holdout"]
 
 
 def render_config(p: Proposal, source: str | None = None) -> str:
@@ -286,34 +370,24 @@ def render_config(p: Proposal, source: str | None = None) -> str:
         f"  time_unit: {p.time_unit}",
         *([f"  time_format: {scalar(p.time_format)}"] if p.time_format else []),
         f"  window: {{start: {p.window[0]}, end: {p.window[1]}}}   # all the rows; end is exclusive",
-        "  target:",
-        "    kind: column   # the label is known as soon as the row exists",
-        f"    column: {scalar(p.target)}",
-        f"    positive: {scalar(p.positive)}   # {p.positive_rate:.1%} of the rows",
+        *_target_lines(p),
         "",
-        "features:   # standalone ROC-AUC on these rows in brackets",
+        f"features:   # standalone {p.measure} on these rows in brackets",
     ]
     for f in p.features:
         extra = f", max_categories: {f['max_categories']}" if f["kind"] == "category" else ""
         lines.append(f"  - {{name: {scalar(f['name'])}, kind: {f['kind']}, "
                      f"column: {scalar(f['column'])}{extra}}}   # [{p.scores[f['name']]:.3f}]")
     for name, score in p.leaky.items():
-        lines.append(f"  # left out: {name} alone reaches ROC-AUC {score:.3f}, a likely leak (a value")
+        lines.append(f"  # left out: {name} alone reaches {p.measure} {score:.3f}, a likely leak (a value")
         lines.append("  # recorded after the outcome); add it back only if it is known when you predict")
     skipped = [c for c in p.columns if c.role == "skipped"]
     for c in skipped:
         lines.append(f"  # not a feature: {c.name} ({c.why})")
-    lines += [
-        "",
-        "checks:",
-        f"  leakage_auc_threshold: {LEAK_AUC}   # a feature this strong alone stops training",
-        "",
-        "gate:",
-        "  metric: roc_auc",
-        "  floor: 0.55            # the least holdout ROC-AUC a first model must reach",
-        "  min_improvement: 0.002 # a challenger must beat the champion by this on the same holdout",
-        "",
-    ]
+    threshold = (f"  leakage_r2_threshold: {LEAK_R2}" if p.task == "regression"
+                 else f"  leakage_auc_threshold: {LEAK_AUC}")
+    lines += ["", "checks:", f"{threshold}   # a feature this strong alone stops training", "",
+              "gate:", *_gate_lines(p), ""]
     return "\n".join(lines)
 
 
@@ -331,7 +405,7 @@ class InitResult:
 
 def init_project(source: str, target: str, output: Path, time: str | None = None,
                  table: str | None = None, id_column: str | None = None, project: str | None = None,
-                 reporter: Reporter | None = None) -> InitResult:
+                 reporter: Reporter | None = None, task: str | None = None) -> InitResult:
     """Profile `source` (a .csv/.parquet file, or a database URL and `table`), write the config to
     `output`, and load a file into the new project's source database."""
     rep = reporter or QuietReporter()
@@ -349,7 +423,7 @@ def init_project(source: str, target: str, output: Path, time: str | None = None
             frame = read_rows(Path(source))
         name = project or _slug(output.resolve().parent.name) or "my-project"
         proposal = propose_project(frame, target, time, name, table or _slug(Path(source).stem) or "rows",
-                                   id_column)
+                                   id_column, task)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_config(proposal, url))
     made = load_project(output)  # what train will read: it must load as written

@@ -150,14 +150,19 @@ def _verdict_text(v: dict[str, Any]) -> str:
         lines += [f'flywheel_feature_unseen_rows{{feature="{_label(c["column_name"])}"}} '
                   f'{int(c["unseen_rows"])}' for c in unseen]
     if v.get("prediction_drift") is not None:
-        lines += ["# HELP flywheel_prediction_drift_score Drift score of the predicted probabilities",
+        lines += ["# HELP flywheel_prediction_drift_score Drift score of the predictions (probabilities, "
+                  "values or class shares)",
                   "# TYPE flywheel_prediction_drift_score gauge",
                   f"flywheel_prediction_drift_score {float(v['prediction_drift'])}"]
-    lines += ["# HELP flywheel_performance_drop 1 if the latest labelled window's ROC-AUC dropped",
+    lines += ["# HELP flywheel_performance_drop 1 if the latest labelled window's metric dropped",
               "# TYPE flywheel_performance_drop gauge",
               f"flywheel_performance_drop {int(bool(v['performance_drop']))}"]
     for name in ("roc_auc", "pr_auc", "brier"):
         if v.get(name) is not None:
             lines += [f"# HELP flywheel_window_{name} {name} over the latest labelled predictions",
                       f"# TYPE flywheel_window_{name} gauge", f"flywheel_window_{name} {float(v[name])}"]
+    if v.get("metric") is not None and v.get("metric_value") is not None:
+        lines += ["# HELP flywheel_window_metric The task's metric (the gate's) over the latest labelled "
+                  "predictions", "# TYPE flywheel_window_metric gauge",
+                  f'flywheel_window_metric{{metric="{_label(v["metric"])}"}} {float(v["metric_value"])}']
     return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""`flywheel import`: a model trained elsewhere on the project's features is converted, checked,
+gated against the champion and served like a trained one; what cannot be imported exactly is
+refused with the reason."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+from flywheel.cli import app
+from flywheel.config import Project, load_project
+from flywheel.data.sources import infer_sql_types, write_table
+from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.features import extract_training_window, prepare_features
+from flywheel.lifecycle.importing import ModelImportError, import_challenger
+from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.app import create_app
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("import")
+
+
+def _project(name: str, folder: Path, fixture: str, patch: str = "") -> Project:
+    folder.mkdir(parents=True)
+    text = (REPO / "examples" / name / "flywheel.yaml").read_text() + patch
+    (folder / "flywheel.yaml").write_text(text)
+    project = load_project(folder / "flywheel.yaml", env={"FLYWHEEL_HOME": str(folder / ".flywheel")})
+    frame = pd.read_parquet(REPO / "tests" / "fixtures" / fixture)
+    data = project.config.data
+    history = frame[frame[data.time_column] < pd.Timestamp(data.window.end)]
+    write_table(history, project.source_url, data.table, infer_sql_types(history),
+                index_columns=(data.time_column,))
+    return project
+
+
+@pytest.fixture(scope="module")
+def hours(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    project = _project("bikeshare", tmp_path_factory.mktemp("imp") / "hours", "bikeshare.parquet")
+    assert train_challenger(project).promoted
+    return project
+
+
+def test_a_lightgbm_model_trained_elsewhere_is_gated_and_served(hours: Project, tmp_path: Path) -> None:
+    prepared = prepare_features(hours, extract_training_window(hours))
+    data = prepared.training_data()
+    booster = lgb.train({"objective": "multiclass", "num_class": 3, "learning_rate": 0.1,
+                         "num_leaves": 15, "verbose": -1, "seed": 7},
+                        lgb.Dataset(data.X_train, data.y_train), num_boost_round=60)
+    path = tmp_path / "team-model.txt"
+    booster.save_model(str(path))
+    before = Registry.for_project(hours).alias_version(CHAMPION)
+    result = import_challenger(hours, path)
+    assert result.model_type == "imported-lightgbm" and result.version == before + 1
+    assert result.onnx_max_abs_diff < 1e-4
+    hold = prepared.split.holdout
+    P = booster.predict(prepared.X[hold])
+    assert result.metrics["log_loss"] == pytest.approx(
+        -np.mean(np.log(np.clip(P[np.arange(len(hold)), prepared.y[hold]], 1e-7, 1))), rel=1e-3)
+    assert result.champion_version == before and result.champion_metrics is not None
+    info = Registry.for_project(hours).version(result.version)
+    assert info.run_tags["imported_from"] == "team-model.txt" and len(info.run_tags["imported_sha256"]) == 64
+    assert info.tags["gate"] == ("passed" if result.gate.passed else "failed")
+    if result.promoted:  # served like any version
+        with TestClient(create_app(hours)) as client:
+            assert client.get("/v1/models").json()["version"] == result.version
+
+
+def test_a_pickled_pipeline_and_an_onnx_file_are_converted_exactly(hours: Project, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    prepared = prepare_features(hours, extract_training_window(hours))
+    data = prepared.training_data()
+    pipe = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=500)).fit(
+        data.X_train, data.y_train)
+    pickled = tmp_path / "pipe.pkl"
+    pickled.write_bytes(pickle.dumps(pipe))
+    result = import_challenger(hours, pickled)
+    assert result.model_type == "imported-Pipeline" and result.onnx_max_abs_diff < 1e-4
+    assert any(r.__dict__.get("event") == "unpickle" for r in caplog.records)
+    # the same estimator as an ONNX file of its own, with the converter's names and label output
+    onnx_file = tmp_path / "pipe.onnx"
+    onnx_file.write_bytes(to_onnx(pipe, initial_types=[("float_input", FloatTensorType([None, 9]))],
+                                  options={id(pipe.steps[-1][1]): {"zipmap": False}},
+                                  target_opset=15).SerializeToString())
+    again = import_challenger(hours, onnx_file)
+    assert again.model_type == "imported-onnx"
+    assert again.metrics["log_loss"] == pytest.approx(result.metrics["log_loss"], abs=1e-4)
+
+
+def test_what_cannot_be_imported_is_refused_with_the_reason(hours: Project, tmp_path: Path) -> None:
+    prepared = prepare_features(hours, extract_training_window(hours))
+    data = prepared.training_data()
+    cases = {
+        "narrow.txt": (lgb.train({"objective": "multiclass", "num_class": 3, "verbose": -1},
+                                 lgb.Dataset(data.X_train[:, :4], data.y_train), 5),
+                       "takes 4 features; this project's feature vector has 9"),
+        "ridge.pkl": (make_pipeline(SimpleImputer(), Ridge()).fit(data.X_train, data.y_train),
+                      "is not a classifier"),
+        "binary.txt": (lgb.train({"objective": "binary", "verbose": -1},
+                                 lgb.Dataset(data.X_train, data.y_train == 0), 5),
+                       "objective is 'binary', not a multiclass objective"),
+    }
+    for name, (model, message) in cases.items():
+        path = tmp_path / name
+        if name.endswith(".txt"):
+            model.save_model(str(path))
+        else:
+            path.write_bytes(pickle.dumps(model))
+        with pytest.raises(ModelImportError, match=message):
+            import_challenger(hours, path)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    runner = CliRunner()
+    res = runner.invoke(app, ["import", "--config", str(hours.path), "--model", str(junk)],
+                        env={"FLYWHEEL_HOME": str(hours.home)})
+    assert res.exit_code == 1 and "not a valid ONNX model" in res.output
+
+
+def test_a_regression_model_is_imported_too(tmp_path: Path) -> None:
+    project = _project("flights", tmp_path / "flights", "flights_sample.parquet")
+    prepared = prepare_features(project, extract_training_window(project))
+    data = prepared.training_data()
+    model = make_pipeline(SimpleImputer(), Ridge()).fit(data.X_train, data.y_train)
+    path = tmp_path / "ridge.joblib"
+    import joblib
+
+    joblib.dump(model, path)
+    result = import_challenger(project, path)
+    hold = prepared.split.holdout
+    expected = np.sqrt(np.mean((model.predict(prepared.X[hold]) - prepared.y[hold]) ** 2))
+    assert result.metrics["rmse"] == pytest.approx(expected, rel=1e-4)
+    assert result.promoted == result.gate.passed  # no champion yet: the floor decides
+    shutil.rmtree(tmp_path / "flights", ignore_errors=True)
