@@ -191,6 +191,7 @@ def example(
         console.print(f"{len(frame):,} rows; the loop on {project.config.task} target "
                       f"'{getattr(project.config.data.target, 'column', '')}':")
         result = walk(project, frame, lambda msg: console.print(f"  {msg}"), limit)
+        out.print("\nThe first model, trained on the history:")
         _print_result(project, result.first)
         out.print("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
 

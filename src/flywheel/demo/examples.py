@@ -45,7 +45,7 @@ from flywheel.fetch import fetch_wheel
 from flywheel.lifecycle import TrainResult, train_challenger
 from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
-from flywheel.pipeline.runs import PipelineRun
+from flywheel.pipeline.runs import EvaluateResult, PipelineRun
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
 
@@ -228,6 +228,9 @@ def _retrain_and_swap(project: Project, server: ServerProcess, client: httpx.Cli
     run = result.retrain
     say(f"retrain at {at}: {run.status}, v{run.version} "
         + ("promoted" if run.promoted else "not promoted") + (f" ({run.error})" if run.error else ""))
+    gate = run.result("evaluate", EvaluateResult)
+    if gate is not None:
+        say(f"gate: {gate.summary}")
     if run.promoted and run.version is not None:
         server.wait_for_version(run.version)
         probe = records_of(arriving.head(5), feats.input_columns(project.config.features),
