@@ -30,13 +30,9 @@ import numpy as np
 from flywheel.config import Project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import QuietReporter, Reporter
-from flywheel.lifecycle.aliases import promote_if_passed
-from flywheel.lifecycle.challenger import train_on_features
-from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champion
-from flywheel.lifecycle.features import check_data, extract_training_window, prepare_features
-from flywheel.lifecycle.train import TrainResult
+from flywheel.lifecycle.features import PreparedData
+from flywheel.lifecycle.train import TrainResult, train_challenger
 from flywheel.registry import Registry
-from flywheel.state.db import open_state
 from flywheel.training.model import FittedModel
 from flywheel.training.onnx import (
     BOTH_CLASSES,
@@ -245,32 +241,16 @@ def onnx_answers(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
 
 def import_challenger(project: Project, path: Path, reporter: Reporter | None = None,
                       registry: Registry | None = None) -> TrainResult:
-    """The whole import: extract and check the configured window as `flywheel train` does, read
-    and convert the model, check its export on the holdout, register it as `challenger`, score the
-    champion on the same holdout, gate and promote."""
+    """The whole import: `flywheel train`'s use case (extract and check the configured window,
+    register, score the champion on the same holdout, gate, promote) with the model read from
+    `path` instead of trained."""
     reporter = reporter or QuietReporter()
-    registry = registry or Registry.for_project(project)
-    champion = load_champion(registry)
-    with reporter.step("Extract the training window (for its holdout)"):
-        snapshot = extract_training_window(project, list(champion.inputs) if champion else [])
-    with reporter.step("Build features on DuckDB"):
-        prepared = prepare_features(project, snapshot)
-    with reporter.step("Data checks and leakage screen"):
-        checks = check_data(project, prepared)
-    with reporter.step(f"Read {path.name} and convert it to ONNX"):
-        spec = prepared.spec
-        fitted = read_model(path, spec.task, len(spec.names), len(spec.classes))
-    challenger = train_on_features(project, prepared, checks, registry, reporter, fitted=fitted,
-                                   extra_tags={"model_type": fitted.kind, "imported_from": path.name,
-                                               "imported_sha256": file_sha256(path)})
-    with reporter.step("Score the champion on the same holdout; gate"):
-        evaluation = evaluate_against_champion(project, registry, prepared, challenger.version,
-                                               challenger.metrics, challenger.run_id, champion)
-    with reporter.step("Promote: move alias champion" if evaluation.gate.passed else "Gate failed"):
-        outcome = promote_if_passed(registry, open_state(project.state_url), challenger.version,
-                                    evaluation.gate.passed, evaluation.gate.summary(),
-                                    evaluation.champion_version)
-    return TrainResult(challenger.run_id, challenger.version, fitted.kind, challenger.metrics,
-                       evaluation.champion_version, evaluation.champion_metrics, evaluation.gate,
-                       outcome.promoted, prepared, checks, fitted, challenger.onnx_max_abs_diff,
-                       outcome.reason)
+
+    def read(prepared: PreparedData) -> tuple[FittedModel, dict[str, str]]:
+        with reporter.step(f"Read {path.name} and convert it to ONNX"):
+            spec = prepared.spec
+            fitted = read_model(path, spec.task, len(spec.names), len(spec.classes))
+        return fitted, {"model_type": fitted.kind, "imported_from": path.name,
+                        "imported_sha256": file_sha256(path)}
+
+    return train_challenger(project, reporter, registry, model_from=read)

@@ -6,6 +6,7 @@ ONNX session scores the holdout), the features are built once, the gate is decid
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flywheel.config import Project
@@ -43,9 +44,14 @@ class TrainResult:
     promotion: str = ""  # why it was or was not promoted
 
 
+ModelSource = Callable[[PreparedData], tuple[FittedModel, dict[str, str]]]
+
+
 def train_challenger(project: Project, reporter: Reporter | None = None,
-                     registry: Registry | None = None) -> TrainResult:
-    """The whole training use case; see the module's docstring."""
+                     registry: Registry | None = None, model_from: ModelSource | None = None
+                     ) -> TrainResult:
+    """The whole training use case; see the module's docstring. `model_from` gives the model
+    (and tags for its run) instead of training one: an imported model, gated the same way."""
     reporter = reporter or QuietReporter()
     registry = registry or Registry.for_project(project)
     champion = load_champion(registry)
@@ -55,7 +61,8 @@ def train_challenger(project: Project, reporter: Reporter | None = None,
         prepared = prepare_features(project, snapshot)
     with reporter.step("Data checks and leakage screen"):
         checks = check_data(project, prepared)
-    challenger = train_on_features(project, prepared, checks, registry, reporter)
+    fitted, tags = model_from(prepared) if model_from else (None, {})
+    challenger = train_on_features(project, prepared, checks, registry, reporter, fitted, tags)
     with reporter.step("Score the champion on the same holdout; gate"):
         evaluation = evaluate_against_champion(project, registry, prepared, challenger.version,
                                                challenger.metrics, challenger.run_id, champion)
