@@ -334,9 +334,10 @@ def train(
 @app.command("import")
 def import_command(
     config: ConfigOpt,
-    model: Annotated[Path, typer.Option("--model", help="A LightGBM model file, an .onnx file, or a "
-                                                        "pickled scikit-learn estimator (.pkl/.joblib) "
-                                                        "over the project's feature vector.")],
+    model: Annotated[Path, typer.Option("--model", help=(
+        "A LightGBM model file, an .onnx file, a pickled scikit-learn estimator or pipeline "
+        "(.pkl/.joblib), or an MLflow model (folder, runs:/..., models:/...): over the project's "
+        "feature vector, or over the table's raw columns with its own preprocessing."))],
 ) -> None:
     """Register a model you already have as the challenger: convert it to ONNX, check it on the
     holdout, gate it against the champion, and promote it if it passes."""

@@ -144,3 +144,76 @@ def test_a_regression_model_is_imported_too(tmp_path: Path) -> None:
     assert result.metrics["rmse"] == pytest.approx(expected, rel=1e-4)
     assert result.promoted == result.gate.passed  # no champion yet: the floor decides
     shutil.rmtree(tmp_path / "flights", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def flights_raw(tmp_path_factory: pytest.TempPathFactory) -> tuple[Project, pd.DataFrame, object]:
+    """A flights project and a team's own pipeline over raw columns (its preprocessing inside)."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder
+
+    project = _project("flights", tmp_path_factory.mktemp("imp") / "raw", "flights_sample.parquet")
+    frame = pd.read_parquet(REPO / "tests" / "fixtures" / "flights_sample.parquet")
+    history = frame[(frame["scheduled"] < "2013-07-01")].dropna(subset=["arr_delay"])
+    numbers, texts = ["distance", "hour", "precip", "visib"], ["carrier", "origin"]
+    pipe = make_pipeline(ColumnTransformer([
+        ("num", make_pipeline(SimpleImputer(), StandardScaler()), numbers),
+        ("cat", OneHotEncoder(handle_unknown="ignore"), texts)]), Ridge())
+    pipe.fit(history[numbers + texts], history["arr_delay"])
+    return project, frame, pipe
+
+
+def test_a_pipeline_over_raw_columns_is_served_from_its_own_inputs(flights_raw, tmp_path: Path) -> None:
+    project, frame, pipe = flights_raw
+    path = tmp_path / "raw.pkl"
+    path.write_bytes(pickle.dumps(pipe))
+    result = import_challenger(project, path)
+    assert result.model_type == "imported-Pipeline" and result.onnx_max_abs_diff < 1e-3
+    spec = result.prepared.spec
+    assert spec.input_columns == ["distance", "hour", "precip", "visib", "carrier", "origin"]
+    assert spec.input_types["carrier"] == "string" and spec.input_types["distance"] == "number"
+    hold = result.prepared.frame.iloc[result.prepared.split.holdout]
+    expected = pipe.predict(hold[spec.input_columns])
+    rmse = float(np.sqrt(np.mean((expected - hold["__target__"]) ** 2)))
+    assert result.metrics["rmse"] == pytest.approx(rmse, rel=1e-4)
+    assert result.promoted  # the first model: the floor decides, and it holds
+    row = frame.iloc[-1]
+    record = {c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])
+              for c in spec.input_columns}
+    with TestClient(create_app(project)) as client:
+        served = client.post("/v1/predict", json=record)
+        refused = client.post("/v1/predict", json={**record, "dest": "BOS"})  # not an input of this model
+        missing = client.post("/v1/predict", json={k: v for k, v in record.items() if k != "carrier"})
+    assert served.status_code == 200, served.text
+    value = served.json()["predictions"][0]["value"]
+    assert value == pytest.approx(float(pipe.predict(pd.DataFrame([record]))[0]), abs=1e-3)
+    assert refused.status_code == 422 and missing.status_code == 422
+    # an airline the window never saw reaches the pipeline as unknown: its one-hot is all zeros
+    unseen = {**record, "carrier": "ZZ"}
+    with TestClient(create_app(project)) as client:
+        answer = client.post("/v1/predict", json=unseen).json()["predictions"][0]["value"]
+    assert answer == pytest.approx(float(pipe.predict(pd.DataFrame([unseen]))[0]), abs=1e-3)
+
+
+def test_an_onnx_file_and_an_mlflow_model_over_raw_columns(flights_raw, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+    from skl2onnx.common.data_types import StringTensorType
+
+    project, frame, pipe = flights_raw
+    columns = ["distance", "hour", "precip", "visib", "carrier", "origin"]
+    types = [(c, StringTensorType([None, 1]) if c in ("carrier", "origin") else FloatTensorType([None, 1]))
+             for c in columns]
+    onnx_file = tmp_path / "raw.onnx"
+    onnx_file.write_bytes(to_onnx(pipe, initial_types=types, target_opset=15).SerializeToString())
+    from_onnx = import_challenger(project, onnx_file)
+    assert from_onnx.model_type == "imported-onnx"
+    assert from_onnx.prepared.spec.input_columns == columns
+    registry = Registry.for_project(project)
+    sample = frame[columns].head(50)
+    with mlflow.start_run(experiment_id=registry.experiment_id) as run:
+        mlflow.sklearn.log_model(pipe, name="team", signature=infer_signature(sample, pipe.predict(sample)),
+                                 skops_trusted_types=["numpy.dtype"])
+    from_mlflow = import_challenger(project, Path(f"runs:/{run.info.run_id}/team"))
+    assert from_mlflow.metrics["rmse"] == pytest.approx(from_onnx.metrics["rmse"], rel=1e-4)
+    assert registry.version(from_mlflow.version).run_tags["imported_from"] == f"runs:/{run.info.run_id}/team"

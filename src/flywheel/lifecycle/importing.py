@@ -1,20 +1,23 @@
 """`flywheel import`: a model the team already has, registered as a challenger and gated like a
 trained one.
 
-The model must take the project's feature vector (the columns `flywheel train` builds, in the
-feature spec's order: numbers as they are, NaN for missing, a category as its code in the
-vocabulary learnt on the training slice) and answer for the project's task. Three formats:
+Two kinds of model:
 
-- a LightGBM model file (`booster.save_model(...)`, text),
-- an ONNX file with one float input of that width,
-- a pickled scikit-learn estimator (`.pkl`, `.joblib`): unpickling runs code from the file, so it
-  is loaded only by this command, on the user's say-so, with a warning; it is converted to ONNX
-  here and the server only ever loads the ONNX.
+- over the project's feature vector (the columns `flywheel train` builds, in the feature spec's
+  order: numbers as they are, NaN for missing, a category as its code in the vocabulary learnt on
+  the training slice): a LightGBM model file, an ONNX file with one float input, or a pickled
+  scikit-learn estimator;
+- over the table's raw columns, with its own preprocessing: a scikit-learn `Pipeline` (say a
+  `ColumnTransformer` then a model) fitted on a DataFrame, an ONNX file whose inputs name the
+  columns, or an MLflow model (a folder, `runs:/...` or `models:/...`; sklearn or onnx flavor). It
+  is served from its own inputs (see `raw_inputs`).
 
-Each is converted to ONNX with the task's one output and checked against the model it came from
-on every holdout row (refused, with the reason, when it does not match), then scored on the
-holdout against the champion, registered as `challenger`, gated and promoted if it passes; from
-then on it is served, monitored and replaced by a retrained model that beats it, like any version.
+Unpickling runs code from the file, so a pickle (or an MLflow sklearn model) is loaded only by this
+command, on the user's say-so, with a warning; it is converted to ONNX here and the server only
+ever loads the ONNX. Each export is checked against the model it came from on every holdout row
+(refused, with the reason, when it does not match), then scored on the holdout against the
+champion, registered as `challenger`, gated and promoted if it passes; from then on it is served,
+monitored and replaced by a retrained model that beats it, like any version.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from flywheel.config import Project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.lifecycle.features import PreparedData
+from flywheel.lifecycle.raw_inputs import (
+    declared_inputs,
+    raw_frame,
+    raw_prepared,
+    session_feed,
+    with_adapter,
+)
 from flywheel.lifecycle.train import TrainResult, train_challenger
 from flywheel.registry import Registry
 from flywheel.training.model import FittedModel
@@ -51,7 +61,8 @@ class ModelImportError(FlywheelError):
 
 
 def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
-    """The file as a fitted model whose ONNX export answers for `task` over `width` features."""
+    """A model file over the project's feature vector as a fitted model whose ONNX export answers
+    for `task` over `width` features."""
     if not path.is_file():
         raise ModelImportError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -59,11 +70,148 @@ def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
     if suffix == ".onnx":
         return _onnx_model(raw, task, width, classes)
     if suffix in (".pkl", ".pickle", ".joblib"):
-        return _sklearn_model(path, task, width, classes)
+        return _sklearn_model(_unpickle(path), task, width, classes)
     if raw.startswith(b"tree\n") or suffix in (".txt", ".lgb"):
         return _lightgbm_model(raw.decode(errors="replace"), task, width, classes)
     raise ModelImportError(f"{path}: not a model file this command reads (a LightGBM text model, an "
-                       ".onnx file, or a pickled scikit-learn estimator as .pkl/.joblib)")
+                           ".onnx file, a pickled scikit-learn estimator as .pkl/.joblib, or an "
+                           "MLflow model folder or URI)")
+
+
+def read_for_project(source: str, prepared: PreparedData) -> tuple[FittedModel, PreparedData]:
+    """The model at `source` (a file, an MLflow model folder, or a `models:/`/`runs:/` URI) and the
+    data it reads: the project's prepared features, or its own raw columns."""
+    spec = prepared.spec
+    task, width, classes = spec.task, len(spec.names), len(spec.classes)
+    path = Path(source)
+    if ":/" in source or (path / "MLmodel").is_file():
+        model = _mlflow_model(source)
+    elif path.suffix.lower() in (".pkl", ".pickle", ".joblib") and path.is_file():
+        model = _unpickle(path)
+    elif path.suffix.lower() == ".onnx" and path.is_file():
+        model = path.read_bytes()
+    else:
+        return read_model(path, task, width, classes), prepared
+    columns = _raw_columns(model, prepared)
+    if columns is None:
+        fitted = (_onnx_model(model, task, width, classes) if isinstance(model, bytes)
+                  else _sklearn_model(model, task, width, classes))
+        return fitted, prepared
+    given = raw_prepared(prepared, columns)
+    fitted = (_raw_onnx_model(model, given) if isinstance(model, bytes)
+              else _raw_sklearn_model(model, given))
+    return fitted, given
+
+
+def _raw_columns(model: Any, prepared: PreparedData) -> list[str] | None:
+    """The table columns a model reads when it reads raw columns (its inputs name them), else None
+    (it takes the feature vector)."""
+    if isinstance(model, bytes):
+        try:
+            names = [i.name for i in new_session(model).get_inputs()]
+        except Exception as exc:
+            raise ModelImportError(f"not a valid ONNX model: {exc}") from None
+        if len(names) == 1 and names[0] not in prepared.frame.columns:
+            return None
+        return names
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    if not names or names == prepared.spec.names or not all(n in prepared.frame.columns for n in names):
+        return None
+    return names
+
+
+def _unpickle(path: Path) -> Any:
+    log.warning("unpickling %s runs code from the file: import only models you trust", path,
+                extra={"event": "unpickle", "path": str(path)})
+    try:
+        if path.suffix.lower() == ".joblib":
+            import joblib
+
+            return joblib.load(path)
+        with path.open("rb") as fh:
+            return pickle.load(fh)  # noqa: S301  # the user's own file, on their explicit command
+    except Exception as exc:
+        raise ModelImportError(f"{path}: could not be unpickled ({exc})") from None
+
+
+def _mlflow_model(uri: str) -> Any:
+    """An MLflow model's scikit-learn estimator (unpickled, with the warning) or ONNX bytes."""
+    import mlflow
+
+    try:
+        flavors = mlflow.models.get_model_info(uri).flavors
+    except Exception as exc:
+        raise ModelImportError(f"{uri}: not an MLflow model this store can read ({exc})") from None
+    if "onnx" in flavors:
+        return mlflow.onnx.load_model(uri).SerializeToString()
+    if "sklearn" in flavors:
+        log.warning("loading %s unpickles it: import only models you trust", uri,
+                    extra={"event": "unpickle", "path": uri})
+        return mlflow.sklearn.load_model(uri)
+    raise ModelImportError(f"{uri}: an MLflow model of flavor(s) {', '.join(flavors)}; this command "
+                           "reads the sklearn and onnx flavors")
+
+
+def _raw_sklearn_model(estimator: Any, given: PreparedData) -> FittedModel:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    spec = given.spec
+    task = spec.task
+    _check_estimator(estimator, task, len(spec.classes))
+    regression = task == "regression"
+    initial = [(c, StringTensorType([None, 1]) if spec.input_types[c] == "string" else
+                FloatTensorType([None, 1])) for c in spec.input_columns]
+    try:
+        proto = to_onnx(estimator, initial_types=initial, target_opset=15,
+                        options=None if regression else {id(estimator): {"zipmap": False}})
+    except Exception as exc:
+        raise ModelImportError(f"skl2onnx cannot convert {type(estimator).__name__} exactly: {exc}") from None
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        frame = raw_frame(spec, X)
+        if regression:
+            return np.asarray(estimator.predict(frame), dtype=np.float64).reshape(-1)
+        return _task_values(np.asarray(estimator.predict_proba(frame)), task)
+
+    return _adapted(proto, spec, predict, f"imported-{type(estimator).__name__}")
+
+
+def _raw_onnx_model(raw: bytes, given: PreparedData) -> FittedModel:
+    import onnx
+
+    spec = given.spec
+    session = new_session(raw)
+    inputs = declared_inputs(session)
+    ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+    source = _output_name(onnx.load_from_string(raw), spec.task)
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        out = session.run([source], session_feed(inputs, ranks, raw_frame(spec, X)))[0]
+        return _task_values(np.asarray(out), spec.task)
+
+    return _adapted(onnx.load_from_string(raw), spec, predict, "imported-onnx")
+
+
+def _output_name(model: Any, task: str) -> str:
+    names = [o.name for o in model.graph.output]
+    return BOTH_CLASSES if BOTH_CLASSES in names and task != "regression" else names[0]
+
+
+def _adapted(proto: Any, spec: Any, predict: Any, kind: str) -> FittedModel:
+    """A raw-column model behind the adapter, with the task's one output."""
+    source = _output_name(proto, spec.task)
+    kept = [o for o in proto.graph.output if o.name == source]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    adapted = with_adapter(proto, spec)
+    probe = np.zeros((3, len(spec.names)), dtype=np.float32)
+    try:
+        sample = np.asarray(new_session(adapted.SerializeToString()).run([source], {ONNX_INPUT: probe})[0])
+    except Exception as exc:
+        raise ModelImportError(f"the model cannot be fed from the feature vector: {exc}") from None
+    exported = _as_task(adapted, source, sample, spec.task, len(spec.classes))
+    return FittedModel(kind=kind, predict=predict, onnx=exported, params={"inputs": "raw columns"})
 
 
 def _check_width(found: int | None, width: int, what: str) -> None:
@@ -188,23 +336,7 @@ def _task_values(out: np.ndarray, task: str) -> np.ndarray:
     return out
 
 
-def _sklearn_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
-
-    log.warning("unpickling %s runs code from the file: import only models you trust", path,
-                extra={"event": "unpickle", "path": str(path)})
-    try:
-        if path.suffix.lower() == ".joblib":
-            import joblib
-
-            estimator = joblib.load(path)
-        else:
-            with path.open("rb") as fh:
-                estimator = pickle.load(fh)  # noqa: S301  # the user's own file, on their explicit command
-    except Exception as exc:
-        raise ModelImportError(f"{path}: could not be unpickled ({exc})") from None
-    _check_width(getattr(estimator, "n_features_in_", None), width, "the estimator")
+def _check_estimator(estimator: Any, task: str, classes: int) -> None:
     regression = task == "regression"
     if regression == hasattr(estimator, "predict_proba"):
         kind = "regressor" if regression else "classifier"
@@ -212,7 +344,16 @@ def _sklearn_model(path: Path, task: str, width: int, classes: int) -> FittedMod
     found = len(getattr(estimator, "classes_", [])) or None
     if not regression and found != (2 if task == "binary" else classes):
         raise ModelImportError(f"the estimator knows {found} classes; the project's task needs "
-                           f"{2 if task == 'binary' else classes}")
+                               f"{2 if task == 'binary' else classes}")
+
+
+def _sklearn_model(estimator: Any, task: str, width: int, classes: int) -> FittedModel:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    _check_width(getattr(estimator, "n_features_in_", None), width, "the estimator")
+    _check_estimator(estimator, task, classes)
+    regression = task == "regression"
     try:
         onnx_model = to_onnx(estimator, initial_types=[(ONNX_INPUT, FloatTensorType([None, width]))],
                              options=None if regression else {id(estimator): {"zipmap": False}},
@@ -246,11 +387,12 @@ def import_challenger(project: Project, path: Path, reporter: Reporter | None = 
     `path` instead of trained."""
     reporter = reporter or QuietReporter()
 
-    def read(prepared: PreparedData) -> tuple[FittedModel, dict[str, str]]:
+    def read(prepared: PreparedData) -> tuple[FittedModel, dict[str, str], PreparedData]:
         with reporter.step(f"Read {path.name} and convert it to ONNX"):
-            spec = prepared.spec
-            fitted = read_model(path, spec.task, len(spec.names), len(spec.classes))
-        return fitted, {"model_type": fitted.kind, "imported_from": path.name,
-                        "imported_sha256": file_sha256(path)}
+            fitted, given = read_for_project(str(path), prepared)
+        return fitted, {"model_type": fitted.kind,
+                        "imported_from": path.name if path.is_file() else str(path),
+                        "imported_sha256": file_sha256(path) if path.is_file() else "",
+                        "inputs": "raw columns" if given is not prepared else "features"}, given
 
     return train_challenger(project, reporter, registry, model_from=read)

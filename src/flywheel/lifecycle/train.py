@@ -44,7 +44,9 @@ class TrainResult:
     promotion: str = ""  # why it was or was not promoted
 
 
-ModelSource = Callable[[PreparedData], tuple[FittedModel, dict[str, str]]]
+# Gives the model to register instead of training one, the tags of its run, and the data it reads
+# (the prepared data it was given, or that of its own inputs: a model over raw columns).
+ModelSource = Callable[[PreparedData], tuple[FittedModel, dict[str, str], PreparedData]]
 
 
 def train_challenger(project: Project, reporter: Reporter | None = None,
@@ -61,7 +63,14 @@ def train_challenger(project: Project, reporter: Reporter | None = None,
         prepared = prepare_features(project, snapshot)
     with reporter.step("Data checks and leakage screen"):
         checks = check_data(project, prepared)
-    fitted, tags = model_from(prepared) if model_from else (None, {})
+    fitted: FittedModel | None = None
+    tags: dict[str, str] = {}
+    if model_from is not None:
+        fitted, tags, given = model_from(prepared)
+        if given is not prepared:  # the model reads other inputs: check those
+            prepared = given
+            with reporter.step("Data checks and leakage screen on the model's own inputs"):
+                checks = check_data(project, prepared)
     challenger = train_on_features(project, prepared, checks, registry, reporter, fitted, tags)
     with reporter.step("Score the champion on the same holdout; gate"):
         evaluation = evaluate_against_champion(project, registry, prepared, challenger.version,
