@@ -277,7 +277,8 @@ def _print_proposal(p: Any) -> None:
         if c.role in ("numeric", "category") and c.name not in names:
             note, role = f"{p.leaky.get(_feature_name(c.name), 0):.3f}: likely leak, left out", "left out"
         else:
-            role = f"target ({p.task})" if c.role == "target" else c.role
+            role = c.role
+            note = f"{p.task} task" if c.role == "target" else note
         table.add_row(c.name, c.dtype, f"{c.nulls:.0%}", f"{c.distinct:,}", role, note)
     out.print(table)
 

@@ -52,6 +52,7 @@ from flywheel.training.onnx import (
     session_predict,
     task_output,
 )
+from flywheel.training.trainers import float32_thresholds
 
 log = logging.getLogger("flywheel.import")
 
@@ -224,8 +225,6 @@ def _lightgbm_model(text: str, task: str, width: int, classes: int) -> FittedMod
     import lightgbm as lgb
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
-
-    from flywheel.training.trainers import float32_thresholds
 
     try:
         booster = lgb.Booster(model_str=float32_thresholds(text))
