@@ -217,3 +217,31 @@ def test_an_onnx_file_and_an_mlflow_model_over_raw_columns(flights_raw, tmp_path
     from_mlflow = import_challenger(project, Path(f"runs:/{run.info.run_id}/team"))
     assert from_mlflow.metrics["rmse"] == pytest.approx(from_onnx.metrics["rmse"], rel=1e-4)
     assert registry.version(from_mlflow.version).run_tags["imported_from"] == f"runs:/{run.info.run_id}/team"
+
+
+def test_an_xgboost_champion_is_replaced_by_a_retrained_model_that_beats_it(tmp_path: Path) -> None:
+    import xgboost as xgb
+
+    project = _project("bikeshare", tmp_path / "xgb", "bikeshare.parquet")
+    prepared = prepare_features(project, extract_training_window(project))
+    data = prepared.training_data()
+    # a team's quick model: two shallow rounds, much weaker than Flywheel's own
+    weak = xgb.train({"objective": "multi:softprob", "num_class": 3, "max_depth": 1, "eta": 0.3},
+                     xgb.DMatrix(data.X_train, label=data.y_train), num_boost_round=2)
+    path = tmp_path / "team.json"
+    weak.save_model(str(path))
+    imported = import_challenger(project, path)
+    assert imported.model_type == "imported-xgboost" and imported.onnx_max_abs_diff < 1e-4
+    hold = prepared.split.holdout
+    P = weak.predict(xgb.DMatrix(prepared.X[hold]))
+    assert imported.metrics["accuracy"] == pytest.approx(np.mean(P.argmax(axis=1) == prepared.y[hold]))
+    assert imported.promoted and Registry.for_project(project).alias_version(CHAMPION) == imported.version
+    retrained = train_challenger(project)
+    assert retrained.champion_version == imported.version
+    assert retrained.metrics["log_loss"] < imported.metrics["log_loss"] and retrained.promoted
+    assert Registry.for_project(project).alias_version(CHAMPION) == retrained.version
+    binary = xgb.train({"objective": "binary:logistic"},
+                       xgb.DMatrix(data.X_train, label=data.y_train == 0), num_boost_round=2)
+    binary.save_model(str(tmp_path / "binary.json"))
+    with pytest.raises(ModelImportError, match="objective is 'binary:logistic', not a multiclass objective"):
+        import_challenger(project, tmp_path / "binary.json")

@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "reports": ("evidently", "Evidently's HTML/JSON drift report beside each monitoring verdict"),
     "mlp": ("torch", "the PyTorch MLP trainer (model.type: torch-mlp)"),
     "llm": ("peft", "LoRA fine-tuning and serving of language models (kind: lora)"),
+    "xgboost": ("xgboost", "reading XGBoost models (flywheel import)"),
 }
 
 

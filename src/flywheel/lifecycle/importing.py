@@ -23,6 +23,7 @@ monitored and replaced by a retrained model that beats it, like any version.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 
 from flywheel.config import Project
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import MissingExtra, how_to_install
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.lifecycle.features import PreparedData
 from flywheel.lifecycle.raw_inputs import (
@@ -74,9 +76,11 @@ def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
         return _sklearn_model(_unpickle(path), task, width, classes)
     if raw.startswith(b"tree\n") or suffix in (".txt", ".lgb"):
         return _lightgbm_model(raw.decode(errors="replace"), task, width, classes)
+    if suffix in (".json", ".ubj", ".xgb"):
+        return _xgboost_model(path, task, width, classes)
     raise ModelImportError(f"{path}: not a model file this command reads (a LightGBM text model, an "
-                           ".onnx file, a pickled scikit-learn estimator as .pkl/.joblib, or an "
-                           "MLflow model folder or URI)")
+                           "XGBoost model as .json/.ubj, an .onnx file, a pickled scikit-learn "
+                           "estimator as .pkl/.joblib, or an MLflow model folder or URI)")
 
 
 def read_for_project(source: str, prepared: PreparedData) -> tuple[FittedModel, PreparedData]:
@@ -246,6 +250,53 @@ def _lightgbm_model(text: str, task: str, width: int, classes: int) -> FittedMod
                        onnx=task_output(onnx_model, task), params={"objective": objective},
                        best_iteration=booster.current_iteration(),
                        native_files={"model.lgb.txt": booster.model_to_string().encode()})
+
+
+XGBOOST_OBJECTIVES = {"binary": ("binary:logistic",), "multiclass": ("multi:softprob",),
+                      "regression": ("reg:squarederror", "reg:absoluteerror", "reg:pseudohubererror",
+                                     "reg:squaredlogerror", "reg:tweedie", "reg:gamma", "count:poisson")}
+
+
+def _xgboost_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
+    """An XGBoost booster saved with `save_model` (JSON or UBJSON), over the feature vector."""
+    try:
+        import xgboost as xgb
+    except ImportError:
+        raise MissingExtra(f"reading an XGBoost model needs xgboost: {how_to_install('xgboost')}") from None
+    from onnxmltools import convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    try:
+        booster = xgb.Booster(model_file=str(path))
+    except xgb.core.XGBoostError as exc:
+        raise ModelImportError(f"{path}: not an XGBoost model ({str(exc).splitlines()[0]})") from None
+    _check_width(booster.num_features(), width, "the XGBoost model")
+    learner = json.loads(booster.save_config())["learner"]
+    objective = learner["objective"]["name"]
+    if objective not in XGBOOST_OBJECTIVES[task]:
+        raise ModelImportError(f"the XGBoost model's objective is '{objective}', not a {task} objective "
+                               f"({', '.join(XGBOOST_OBJECTIVES[task])})")
+    found = int(learner["learner_model_param"].get("num_class", 0))
+    if task == "multiclass" and found != classes:
+        raise ModelImportError(f"the XGBoost model answers {found} classes; the project has {classes}")
+    booster.feature_names = None  # the converter names the columns f0, f1, ... itself
+    onnx_model = convert_xgboost(booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, width]))],
+                                 target_opset=15)
+    names = [o.name for o in onnx_model.graph.output]
+    if task != "regression":
+        kept = [o for o in onnx_model.graph.output if o.name == BOTH_CLASSES]
+        del onnx_model.graph.output[:]
+        onnx_model.graph.output.extend(kept or [])
+        if not kept:
+            raise ModelImportError(f"the XGBoost export has outputs {names}, no probabilities")
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        return np.asarray(booster.predict(xgb.DMatrix(X)), dtype=np.float64)
+
+    return FittedModel(kind="imported-xgboost", predict=predict, onnx=task_output(onnx_model, task),
+                       params={"objective": objective}, best_iteration=booster.num_boosted_rounds(),
+                       native_files={"model.xgb.json": path.read_bytes() if path.suffix == ".json"
+                                     else booster.save_raw("json").decode().encode()})
 
 
 def _objective_line(text: str) -> str:
