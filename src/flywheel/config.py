@@ -337,11 +337,11 @@ class MonitoringConfig(_Strict):
     performance_rows: int = Field(default=5_000, ge=50)
     min_labelled: int = Field(default=500, ge=10)
     min_positives: int = Field(default=10, ge=1)
-    # A drop (binary): window ROC-AUC below what the serving versions promised (their holdout
-    # ROC-AUC, weighted by rows) minus this.
+    # A drop: the window's value of the gate's metric worse than what the serving versions
+    # promised (their holdout value, weighted by rows): ROC-AUC or PR-AUC lower by more than
+    # max_auc_drop; any other metric (log loss, Brier, RMSE, macro F1, ...) worse by more than
+    # max_relative_drop of the promised value.
     max_auc_drop: float = Field(default=0.05, ge=0, le=1)
-    # A drop (regression, multiclass): the window's value of the gate's metric worse than promised
-    # by more than this share of the promised value (RMSE 10% higher, macro F1 10% lower, ...).
     max_relative_drop: float = Field(default=0.1, gt=0, le=10)
     # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
     report_sample_rows: int = Field(default=10_000, ge=100)

@@ -174,3 +174,4 @@ def test_checks_count_classes_and_range_values() -> None:
     assert report.target_range["outliers"] == 2 and report.target_range["max"] == 5000
     assert report.failures == ["1 row(s) have a target outside checks.target_range [0.0, 10000.0] "
                                "(seen: -1 .. 5000)"]
+

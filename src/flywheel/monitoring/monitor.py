@@ -300,13 +300,13 @@ def window_performance(labelled: pd.DataFrame, min_rows: int, min_positives: int
 
 def performance_dropped(perf: Performance | None, promised: float | None, cfg: MonitoringConfig,
                         task: str) -> bool:
-    """Binary: ROC-AUC below the promise minus `max_auc_drop`. Otherwise: the gate's metric worse
-    than promised by more than `max_relative_drop` of the promise, in the metric's direction."""
+    """Whether the window's value of the gate's metric fell below what the serving versions
+    promised: for ROC-AUC and PR-AUC (binary) by more than `max_auc_drop`, for every other metric
+    by more than `max_relative_drop` of the promise, in the metric's direction."""
     if perf is None or promised is None or not np.isfinite(perf.value):
         return False
-    if task == "binary" and perf.metric == "roc_auc":
-        return bool(perf.value < promised - cfg.max_auc_drop)
-    margin = cfg.max_relative_drop * abs(promised) if task != "binary" else cfg.max_auc_drop
+    absolute = task == "binary" and perf.metric in ("roc_auc", "pr_auc")
+    margin = cfg.max_auc_drop if absolute else cfg.max_relative_drop * abs(promised)
     worse = promised - perf.value if HIGHER_IS_BETTER[perf.metric] else perf.value - promised
     return bool(worse > margin)
 
@@ -338,7 +338,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
     labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now(),
                                frame["id"] if window.by == "event" else None)
-    metric = "roc_auc" if spec.task == "binary" else project.config.gate.metric
+    metric = project.config.gate.metric
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
     promised = expected_metric(registry, labelled, metric) if perf is not None else None
     drop = performance_dropped(perf, promised, cfg, spec.task)
