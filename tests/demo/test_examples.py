@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from flywheel.config import Project, load_project
-from flywheel.demo.examples import WalkResult, walk
+from flywheel.demo.examples import ExampleError, WalkResult, walk
 from flywheel.registry import Registry
 from flywheel.serving.app import create_app
 from flywheel.serving.batch import score_frame
@@ -124,6 +124,8 @@ def test_bikeshare_multiclass_closes_the_loop(bikeshare: Any) -> None:
     assert run is not None and run.status == "succeeded", run.error if run else None
     if run.promoted:
         assert result.swapped_to == run.version
+    with pytest.raises(ExampleError, match="retraining run.*starts from an empty project"):
+        walk(project, frame, lambda _: None)  # a second walk would mix its rows with the first's
 
 
 def test_each_task_answers_and_accepts_its_own_labels(flights: Any, bikeshare: Any) -> None:

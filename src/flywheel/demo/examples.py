@@ -40,7 +40,7 @@ from flywheel.config import MonitorWindow, Project
 from flywheel.core.errors import FlywheelError
 from flywheel.data import features as feats
 from flywheel.data.sources import infer_sql_types, upsert_table, write_table
-from flywheel.demo.replay import records_of, send_quarter, wait_for_log
+from flywheel.demo.replay import records_of, replayed_before, send_quarter, wait_for_log
 from flywheel.fetch import fetch_wheel
 from flywheel.lifecycle import TrainResult, train_challenger
 from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
@@ -145,6 +145,10 @@ def walk(project: Project, frame: pd.DataFrame, say: Callable[[str], None] = pri
     """The loop on a project's own rows; see the module's docstring. `arriving_limit` sends only
     the first that many arriving rows (a quick run)."""
     data = project.config.data
+    used = replayed_before(project)
+    if used:
+        raise ExampleError(f"{used}: the walk starts from an empty project (delete "
+                           f"{project.home} to run it again, or run make clean-state)")
     times = pd.to_datetime(frame[data.time_column])
     end = pd.Timestamp(data.window.end)
     history, arriving = frame[times < end], frame[times >= end]
