@@ -199,3 +199,27 @@ def test_a_locked_state_database_degrades_the_log_which_recovers_and_the_numbers
     assert writer.close() == 0
     stored = len(stored_ids(url))
     assert stored > 0 and stored + writer.dropped == answered == 3000
+
+
+def test_binary_rows_leave_the_task_columns_out_of_sqlites_insert_and_other_rows_fill_them(tmp_path):
+    import orjson
+
+    from flywheel.serving.logsink import write
+    from flywheel.serving.predlog import insert_sql
+    from flywheel.state.db import open_state
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = open_state(url)
+    binary = list(row(1))
+    regression = [*row(2)[:9], (12.5, None, None)]
+    multiclass = [*row(3)[:9], (None, "b", {"a": 0.2, "b": 0.8})]
+    assert [len(r) for r in db_rows([list(binary), list(regression)], "sqlite")] == [10, 13]
+    assert len(db_rows([list(binary)], "postgresql")[0]) == 13  # COPY takes every column
+    frame = orjson.dumps([binary, regression, multiclass])
+    assert write(engine, insert_sql("sqlite"), [frame]) == (3, 0)
+    with engine.connect() as conn:
+        got = conn.execute(sa.text("SELECT record_id, probability, value, label, scores FROM predictions "
+                                   "ORDER BY id")).all()
+    assert [tuple(r)[:4] for r in got] == [("r1", 0.2, None, None), ("r2", 0.2, 12.5, None),
+                                           ("r3", 0.2, None, "b")]
+    assert orjson.loads(got[2].scores) == {"a": 0.2, "b": 0.8} and got[0].scores is None

@@ -23,7 +23,14 @@ from flywheel.config import ConfigError
 from flywheel.data.sources import make_engine
 from flywheel.serving.logs import configure_json_logging
 from flywheel.serving.metrics import ServingMetrics
-from flywheel.serving.predlog import FRAME_HEADER, LOG_COLUMNS, SINK_STATE_ENV, db_rows, insert_sql
+from flywheel.serving.predlog import (
+    BINARY_PARAMS,
+    FRAME_HEADER,
+    LOG_COLUMNS,
+    SINK_STATE_ENV,
+    db_rows,
+    insert_sql,
+)
 
 log = logging.getLogger("flywheel.logsink")
 SLICE_ROWS = 16
@@ -117,9 +124,18 @@ def _insert(conn: sa.Connection, sql: str, frames: list[bytes]) -> int:
                 n += len(rows)
         return n
     for rows in _slices(frames, conn.dialect.name):
-        conn.exec_driver_sql(sql, rows)
+        execute_rows(conn, sql, rows)
         n += len(rows)
     return n
+
+
+def execute_rows(conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """`sql` (every column) for full rows, the binary INSERT for binary rows (see `db_rows`)."""
+    short = [r for r in rows if len(r) == BINARY_PARAMS]
+    if short:
+        conn.exec_driver_sql(insert_sql(conn.dialect.name, BINARY_PARAMS), short)
+    if len(short) < len(rows):
+        conn.exec_driver_sql(sql, [r for r in rows if len(r) != BINARY_PARAMS])
 
 
 _COPY_SQL = f"COPY predictions ({', '.join(LOG_COLUMNS)}) FROM STDIN"
@@ -164,7 +180,7 @@ def _one_by_one(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, 
         for row in rows:
             try:
                 with engine.begin() as conn:
-                    conn.exec_driver_sql(sql, [row])
+                    execute_rows(conn, sql, [row])
                 ok += 1
             except sa.exc.IntegrityError:
                 continue
