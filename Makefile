@@ -32,6 +32,7 @@ bikeshare: $(STAMP)
 # or server stays on one worker: xdist_group), then the `serial` tests alone.
 test: $(STAMP)
 	scripts/ensure-services.sh
+	scripts/ensure-docker.sh
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial" --durations=15
 	$(BIN)/python -m pytest -m serial
 

@@ -48,6 +48,27 @@ def test_the_core_dependencies_leave_out_every_extra():
     assert set(EXTRAS) <= set(extras) and extras["all"] == [f"mlflywheel[{','.join(EXTRAS)}]"]
 
 
+def test_with_the_base_alone_the_loop_names_the_train_extra_and_status_still_works(loaded_project, tmp_path):
+    """The base serves; a command of the loop, where [train]'s libraries are missing, names it."""
+    project = loaded_project({"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}})
+    assert train_challenger(project).promoted
+    site = tmp_path / "blocker"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": str(site), "FLYWHEEL_TEST_BLOCK": f"{OPTIONAL},pandas,duckdb,"
+           "lightgbm,sklearn,matplotlib,pyarrow,scipy,onnx,onnxmltools,skl2onnx",
+           "FLYWHEEL_HOME": str(project.home), "COLUMNS": "200"}
+    for command in ("train", "monitor", "evaluate"):
+        done = subprocess.run([sys.executable, "-m", "flywheel.cli", command, "--config", str(project.path)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        said = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 1 and "pip install 'mlflywheel[train]'" in said, said
+        assert "Traceback" not in said
+    status = subprocess.run([sys.executable, "-m", "flywheel.cli", "status", "--json", "--config",
+                             str(project.path)], capture_output=True, text=True, env=env, timeout=300)
+    assert status.returncode == 0 and '"champion"' in status.stdout, status.stderr[-2000:]
+
+
 def test_without_extras_a_retrain_runs_locally_and_says_what_prefect_adds(loaded_project, tmp_path):
     project = loaded_project({"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}})
     assert train_challenger(project).promoted

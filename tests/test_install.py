@@ -1,8 +1,9 @@
-"""The wheel, installed as a user would: into a fresh venv of Python 3.11, 3.12 and 3.13, the core
-only (no extras), then a real smoke test with that venv's `flywheel`. On the newest Python the
-whole path: init on a CSV it has never seen, train, serve, one prediction over HTTP, predict a
-file, SIGTERM. On the others (the whole suite runs on 3.11 from the source tree): the import of
-every core module, init and train, which together load every dependency the core needs.
+"""The wheel, installed as a user would: into a fresh venv of Python 3.11, 3.12 and 3.13, the
+tabular loop (`[train]`, no other extra), then a real smoke test with that venv's `flywheel`. On
+the newest Python the whole path: init on a CSV it has never seen, train, serve, one prediction
+over HTTP, predict a file, SIGTERM. On the others (the whole suite runs on 3.11 from the source
+tree): the import of every module, init and train, which together load every dependency the
+loop needs. (The base alone, what the serving image installs, is tested by the image tests.)
 
 Each Python's venv is kept in the download cache under a name that carries the hash of the
 dependency bounds, so a later run only reinstalls the freshly built wheel (a changed bound makes
@@ -66,8 +67,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def core_venv(version: str, wheel: Path) -> Path:
-    """A venv of `version` with the wheel's core installed; made once per dependency set."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """A venv of `version` with the wheel's tabular loop installed; made once per dependency set."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = meta["dependencies"] + meta["optional-dependencies"]["train"]
     key = hashlib.sha256("\n".join(deps).encode()).hexdigest()[:12]
     venv = cache_dir() / f"install-py{version}-{key}"
     python = venv / "bin" / "python"
@@ -78,7 +80,7 @@ def core_venv(version: str, wheel: Path) -> Path:
         subprocess.run([str(python_for(version)), "-m", "venv", str(venv)], check=True, timeout=120)
         args = []
     started = time.perf_counter()
-    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args, str(wheel)],
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args, f"{wheel}[train]"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"python {version}: pip install {' '.join(args) or '(with dependencies)'} took "

@@ -34,6 +34,7 @@ from flywheel.config import (
     load_project,
 )
 from flywheel.core.errors import FlywheelError
+from flywheel.core.extras import missing_extra
 from flywheel.core.progress import Advance
 from flywheel.core.secrets import redact
 
@@ -110,6 +111,12 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except FlywheelError as exc:
         console.print(f"[red]error:[/] {escape(redact(str(exc)))}")  # messages may hold [brackets]
+        raise typer.Exit(1) from None
+    except ModuleNotFoundError as exc:  # a library of an extra that is not installed
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        console.print(f"[red]error:[/] {escape(str(missing))}")
         raise typer.Exit(1) from None
 
 

@@ -552,3 +552,69 @@ def test_sigkill_loses_at_most_the_unflushed_buffer_and_the_sink_survives(projec
     # one client, one request at a time: a 50 ms flush interval holds a few dozen at most
     assert stored <= answered
     assert answered - stored <= max(50, answered // 20), (answered, stored)
+
+
+def test_sagemaker_invocations_take_json_instances_records_and_csv_and_answer_csv(client, records):
+    rows = records[:3]
+    v1 = [p["probability"] for p in client.post("/v1/predict", json=rows).json()["predictions"]]
+    assert client.get("/ping").status_code == 200
+    for body in ({"instances": rows}, rows, {"instances": [list(r.values()) for r in rows]}):
+        if isinstance(body, dict) and isinstance(body["instances"][0], list):  # values in input order
+            meta = [i["name"] for i in client.get("/v2/models/sba-loans").json()["inputs"]]
+            body = {"instances": [[r[n] for n in meta] for r in rows]}
+        r = client.post("/invocations", json=body)
+        assert r.status_code == 200, r.text
+        assert [p["probability"] for p in r.json()["predictions"]] == pytest.approx(v1)
+    names = list(rows[0])
+    header = ",".join(names) + "\n"
+    lines = "".join(",".join("" if r[n] is None else str(r[n]) for n in names) + "\n" for r in rows)
+    answer = client.post("/invocations", content=header + lines,
+                         headers={"content-type": "text/csv", "accept": "text/csv"})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/csv"), answer.text
+    out = answer.text.splitlines()
+    assert out[0] == "record_id,probability,decision" and len(out) == 4
+    assert [float(line.split(",")[1]) for line in out[1:]] == pytest.approx(v1, rel=1e-6)
+    short = client.post("/invocations", content="1,2\n", headers={"content-type": "text/csv"})
+    assert short.status_code == 422 and short.json()["detail"][0]["type"] == "shape_mismatch"
+    wrong = header + lines.splitlines()[0].replace(str(rows[0]["gr_appv"]), "lots", 1) + "\n"
+    bad = client.post("/invocations", content=wrong, headers={"content-type": "text/csv"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", 0, "gr_appv"], bad.text
+    xml = client.post("/invocations", content="<a/>", headers={"content-type": "application/xml"})
+    assert xml.status_code == 422 and "text/csv" in xml.text
+
+
+def test_vertex_routes_follow_the_aip_variables_and_answer_predictions(project, records, monkeypatch):
+    monkeypatch.setenv("AIP_PREDICT_ROUTE", "/v1/endpoints/e1/deployedModels/m1:predict")
+    monkeypatch.setenv("AIP_HEALTH_ROUTE", "/vertex-health")
+    switch = sys.getswitchinterval()
+    try:
+        with TestClient(create_app(project)) as vertex:
+            assert vertex.get("/vertex-health").status_code == 200
+            r = vertex.post("/v1/endpoints/e1/deployedModels/m1:predict", json={"instances": records[:2]})
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+            assert set(r.json()["predictions"][0]) == {"record_id", "probability", "decision"}
+            bad = vertex.post("/v1/endpoints/e1/deployedModels/m1:predict", json={"instances": [[1, 2]]})
+            assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "instances", 0]
+            missing = vertex.post("/v1/endpoints/e1/deployedModels/m1:predict", json={"rows": []})
+            assert missing.status_code == 422 and "instances" in missing.text
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(switch)
+
+
+def test_open_inference_protocol_v2_health_metadata_and_versioned_inference(client, records):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2").json()["name"] == "flywheel"
+    assert client.get("/v2/models/sba-loans/ready").json() == {"name": "sba-loans", "ready": True}
+    assert client.get("/v2/models/sba-loans/versions/1/ready").status_code == 200
+    assert client.get("/v2/models/sba-loans/versions/2/ready").status_code == 404
+    assert client.get("/v2/models/other/ready").status_code == 404
+    inputs = [{"name": n, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64", "data": [v]}
+              for n, v in records[0].items() if v is not None]
+    nulls = [{"name": n, "shape": [1], "datatype": "FP64", "data": [None]}
+             for n, v in records[0].items() if v is None]
+    ok = client.post("/v2/models/sba-loans/versions/1/infer", json={"inputs": inputs + nulls})
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1", ok.text
+    gone = client.post("/v2/models/sba-loans/versions/7/infer", json={"inputs": inputs})
+    assert gone.status_code == 404 and "version 7" in gone.text

@@ -14,12 +14,13 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
-import pandas as pd
 from pydantic import TypeAdapter
+
+if TYPE_CHECKING:  # DuckDB and pandas compute features at training; a server only applies the spec
+    import pandas as pd
 
 from flywheel.config import (
     BucketFeature,
@@ -102,8 +103,11 @@ def input_columns(features: list[Feature]) -> list[str]:
 
 def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
     """Learn category vocabularies (most frequent first) and raw input types from training rows."""
+    import duckdb
+    from pandas.api.types import is_numeric_dtype
+
     types = {
-        c: "number" if pd.api.types.is_numeric_dtype(frame[c]) else "string"
+        c: "number" if is_numeric_dtype(frame[c]) else "string"
         for c in input_columns(features)
     }
     con = duckdb.connect()
@@ -136,6 +140,8 @@ def to_sql(spec: FeatureSpec, relation: str, passthrough: Sequence[str] = ()) ->
 
 def build_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
     """Features of every row of `frame` as a float32 matrix, computed on DuckDB."""
+    import duckdb
+
     con = duckdb.connect()
     con.register("rows", frame)
     table = con.sql(to_sql(spec, "rows")).to_arrow_table()

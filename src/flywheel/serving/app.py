@@ -27,15 +27,14 @@ from flywheel.serving.http import (
     common_routes,
     freeze_heap,
     is_json,
-    json_response,
     new_request_id,
     read_body,
     receive_body,
     worker_lifespan,
 )
 from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
-from flywheel.serving.oip import oip_metadata, oip_records, oip_response
 from flywheel.serving.openapi import openapi_document
+from flywheel.serving.platforms import PlatformRoutes
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
 from flywheel.serving.records import RecordIds
 from flywheel.serving.runtime import LoadedModel, load_version
@@ -107,6 +106,11 @@ class TabularService:
         self.batcher = MicroBatcher()
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
         self._restarts_counted = 0
+        self.max_body_bytes = cfg.max_body_bytes
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self.runtime.current
 
     def _log_health(self, health: dict[str, Any]) -> None:
         self.metrics.log_degraded.set(1 if health["state"] == "degraded" else 0)
@@ -172,36 +176,6 @@ class TabularService:
         return 200, {"model": model.name, "version": model.version, "request_id": request_id,
                      **answers.top_level, "predictions": answers.predictions(ids, fields)}
 
-    async def infer(self, request: Request) -> Response:
-        """POST /v2/models/{name}/infer (Open Inference Protocol)."""
-        started, request_id, model = time.perf_counter(), new_request_id(), self.runtime.current
-        version = model.version if model else 0
-        send, limit, name = self.answers.send, self.cfg.max_body_bytes, request.path_params["name"]
-        if model is None:
-            return send("infer", 503, {"detail": "no champion model is loaded yet"}, request_id, started)
-        if name != model.name:
-            return send("infer", 404, {"detail": f"model '{name}' is not served here; this server "
-                                                 f"serves '{model.name}'"}, request_id, started)
-        try:
-            body = parse_json_body(await read_body(request, limit))
-            records = oip_records(body, model)
-        except BodyTooLarge:
-            return send("infer", 413, {"detail": f"body larger than {limit} bytes"}, request_id,
-                        started, version)
-        except RequestInvalid as exc:
-            return send("infer", 422, {"detail": [e.as_dict() for e in exc.errors]}, request_id,
-                        started, version)
-        ids, fields = await self.score_and_log(model, records, request_id, started)
-        return send("infer", 200, oip_response(model, body, request_id, ids, fields), request_id,
-                    started, version)
-
-    async def oip_model(self, request: Request) -> Response:
-        model = self.runtime.current
-        if model is None or request.path_params["name"] != model.name:
-            return json_response({"error": f"model '{request.path_params['name']}' is not served here"},
-                                 404)
-        return json_response(oip_metadata(model))
-
     async def feedback(self, request: Request) -> Response:
         started, request_id, limit = time.perf_counter(), new_request_id(), self.cfg.max_body_bytes
         try:
@@ -258,8 +232,7 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Any:
 
     routes = [
         Route("/v1/predict", predict_elsewhere, methods=["POST"]),
-        Route("/v2/models/{name}/infer", service.infer, methods=["POST"]),
-        Route("/v2/models/{name}", service.oip_model, methods=["GET"]),
+        *PlatformRoutes(service).routes(),
         Route("/v1/feedback", service.feedback, methods=["POST"]),
         *common_routes(service.runtime, service.metrics, service.openapi,
                        {"threshold": service.cfg.threshold}, service.monitoring_metrics,

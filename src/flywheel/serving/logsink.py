@@ -20,7 +20,7 @@ import orjson
 import sqlalchemy as sa
 
 from flywheel.config import ConfigError
-from flywheel.data.sources import make_engine
+from flywheel.data.engine import make_engine
 from flywheel.serving.logs import configure_json_logging
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.predlog import (

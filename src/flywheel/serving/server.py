@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+from pathlib import Path
 
 import uvicorn
 
@@ -17,16 +19,38 @@ from flywheel.serving.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
 from flywheel.state.db import close_state, open_state
 
 
+def metrics_dir(home: Path) -> Path:
+    """This server's own folder of metric samples, empty: servers that share a home (replicas on
+    one volume, containers run as different users) never mix or wipe each other's. Folders of
+    this host's servers that are gone are removed."""
+    root, host = home / "prometheus", socket.gethostname()
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir(parents=True)
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
           workers: int | None = None, log_level: str | None = None) -> None:
     sink_cpus(os.environ)  # a bad CPU list fails here, before any worker starts
     cfg = project.config.serving
     # Workers write their metric samples here; prometheus_client reads the variable when it is
     # first imported, which nothing above does.
-    prom_dir = project.home / "prometheus"
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    prom_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(project.home))
     os.environ["FLYWHEEL_CONFIG"] = str(project.path)
     os.environ["FLYWHEEL_HOME"] = str(project.home)
     limits = cfg.connections

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
-from flywheel.data.sources import make_engine
+from flywheel.data.engine import make_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Not alembic's default name: the state tables may share a PostgreSQL database with MLflow's.

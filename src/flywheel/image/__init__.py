@@ -1,0 +1,117 @@
+"""`flywheel image build`: the serving or full container image, from the Dockerfile beside this
+module, built without network access inside the build.
+
+The context is made here: the Dockerfile and the entry point, the project's config when it is to
+be baked in, and wheels/ with a wheel for every package the image installs (`pip wheel` on this
+machine, so the wheels are for this machine's Python and the base image must have the same
+version). In a source checkout the project's own wheel is built from the checkout; otherwise the
+installed version is fetched from the package index.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+from flywheel.config import cache_dir
+from flywheel.core.errors import FlywheelError
+
+HERE = Path(__file__).parent
+# image kind -> the extra its venv installs
+KINDS = {"serving": "serve", "full": "all"}
+DEFAULT_BASE = "python:{python}-slim-bookworm"
+
+
+class ImageError(FlywheelError):
+    """The image could not be built (docker missing, a wheel not found, the build failed)."""
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    tag: str
+    kind: str
+    base: str
+    size_bytes: int
+    seconds: float
+
+
+def python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def source_tree() -> Path | None:
+    """The checkout this flywheel runs from (an editable install), or None for an installed wheel."""
+    root = HERE.parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "mlflywheel"' in pyproject.read_text():
+        return root
+    return None
+
+
+def _pip(args: list[str], what: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ImageError(f"{what} failed (pip {' '.join(args[:2])} …):\n{done.stderr[-3000:]}")
+
+
+def prepare_context(kind: str, context: Path, config: Path | None = None) -> str:
+    """Fill `context` for `docker build`; the version of mlflywheel it installs."""
+    if kind not in KINDS:
+        raise ImageError(f"unknown image kind {kind!r}: one of {', '.join(KINDS)}")
+    wheels = context / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "Dockerfile", context / "Dockerfile")
+    shutil.copy(HERE / "entrypoint.sh", context / "entrypoint.sh")
+    (context / "config").mkdir(exist_ok=True)
+    if config is not None:
+        if not config.is_file():
+            raise ImageError(f"no config at {config}")
+        shutil.copy(config, context / "config" / "flywheel.yaml")
+    else:  # COPY needs something there; the config is mounted at run time
+        (context / "config" / "MOUNT-flywheel.yaml-HERE").write_text("")
+    ours = installed_version("mlflywheel")
+    tree = source_tree()
+    for old in wheels.glob("mlflywheel-*.whl"):
+        old.unlink()
+    if tree is not None:
+        _pip(["wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels), str(tree)],
+             "building mlflywheel's wheel from the checkout")
+    else:
+        _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(wheels),
+              f"mlflywheel=={ours}"], f"fetching mlflywheel {ours}")
+    lock = tree / "requirements.lock" if tree is not None else None
+    constraints = ["--constraint", str(lock)] if lock is not None and lock.is_file() else []
+    _pip(["wheel", "--quiet", "--wheel-dir", str(wheels), "--find-links", str(wheels), *constraints,
+          f"mlflywheel[{KINDS[kind]}]=={ours}"], f"collecting the wheels of mlflywheel[{KINDS[kind]}]")
+    return ours
+
+
+def docker(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    if shutil.which("docker") is None:
+        raise ImageError("docker is not installed here (the client, and an engine it can reach)")
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "DOCKER_BUILDKIT": "0"})  # the legacy builder: Debian's dockerd
+    if check and done.returncode != 0:
+        raise ImageError(f"docker {args[0]} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+def build_image(kind: str = "serving", tag: str | None = None, base: str | None = None,
+                config: Path | None = None, context: Path | None = None) -> BuiltImage:
+    """Build the image of `kind` on `base` (default: the public slim image of this Python)."""
+    started = time.perf_counter()
+    python = python_version()
+    base = base or DEFAULT_BASE.format(python=python)
+    tag = tag or f"flywheel:{kind}"
+    context = context or cache_dir() / "image-context" / kind
+    ours = prepare_context(kind, context, config)
+    docker("build", "--target", kind, "--tag", tag, "--build-arg", f"BASE={base}",
+           "--build-arg", f"PYTHON={python}", "--build-arg", f"VERSION={ours}", str(context))
+    size = int(docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
+    return BuiltImage(tag, kind, base, size, time.perf_counter() - started)

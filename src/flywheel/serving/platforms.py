@@ -1,0 +1,291 @@
+"""The serving contracts of the managed platforms, over the same data plane as `/v1/predict`:
+
+- Amazon SageMaker (bring your own container): `GET /ping`, `POST /invocations` with a JSON body
+  (`{"instances": [...]}`, or what `/v1/predict` takes) or `text/csv` rows; `Accept: text/csv`
+  answers CSV, anything else JSON.
+- Google Vertex AI (custom container): `{"instances": [...]}` in, `{"predictions": [...]}` out on
+  the routes Vertex names in AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE.
+- KServe's Open Inference Protocol v2: server and model metadata, liveness and readiness, and
+  inference by model or by version.
+
+An instance is a record (an object of the model's inputs) or a list of values in the order of the
+model's inputs (`GET /v2/models/{name}` lists them). Every request is validated, scored, logged and
+counted exactly as on `/v1/predict`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from flywheel.serving.http import Answers, BodyTooLarge, is_json, json_response, new_request_id, read_body
+from flywheel.serving.oip import oip_metadata, oip_records, oip_response
+from flywheel.serving.runtime import LoadedModel
+from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+
+VERTEX_PREDICT_ENV, VERTEX_HEALTH_ENV = "AIP_PREDICT_ROUTE", "AIP_HEALTH_ROUTE"
+
+Fields = list[tuple[Any, ...]]
+
+
+class DataPlane(Protocol):
+    """What the platform routes need of the tabular service (see `serving.app.TabularService`)."""
+
+    answers: Answers
+    max_body_bytes: int
+
+    @property
+    def current(self) -> LoadedModel | None: ...
+
+    async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
+                            started: float) -> tuple[list[str], Fields]: ...
+
+
+def instance_records(instances: Any, model: LoadedModel) -> list[dict[str, Any]]:
+    """Vertex/SageMaker `instances`: records, or value lists in the order of the model's inputs."""
+    if not isinstance(instances, list) or not instances:
+        raise RequestInvalid([FieldError(("body", "instances"), "a non-empty list of instances "
+                                         "(objects of the model's inputs, or lists of their values)",
+                                         "missing")])
+    names = list(model.spec.input_types)
+    records, errors = [], []
+    for i, item in enumerate(instances):
+        if isinstance(item, list):
+            if len(item) != len(names):
+                errors.append(FieldError(("body", "instances", i), f"a list instance needs {len(names)} "
+                                         f"values, in the order {', '.join(names)}", "shape_mismatch"))
+                continue
+            item = dict(zip(names, item, strict=True))
+        records.append(item)
+    if errors:
+        raise RequestInvalid(errors)
+    try:
+        return model.validator.records(records)
+    except RequestInvalid as exc:  # (body, i, field) -> (body, instances, i, field)
+        raise RequestInvalid([FieldError(("body", "instances", *e.loc[1:]), e.msg, e.type)
+                              for e in exc.errors]) from None
+
+
+def csv_records(text: str, model: LoadedModel) -> list[dict[str, Any]]:
+    """CSV rows, in the order of the model's inputs; a first row that names them all is a header
+    and may order them differently. An empty cell is null; numeric inputs are read as numbers."""
+    rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    if not rows:
+        raise RequestInvalid([FieldError(("body",), "send at least one CSV row", "too_short")])
+    types = model.spec.input_types
+    names = list(types)
+    if set(rows[0]) == set(names) and len(rows[0]) == len(names):
+        names, rows = rows[0], rows[1:]
+    records, errors = [], []
+    for i, row in enumerate(rows):
+        if len(row) != len(names):
+            errors.append(FieldError(("body", i), f"a row needs {len(names)} values, in the order "
+                                     f"{', '.join(names)}", "shape_mismatch"))
+            continue
+        records.append({n: _cell(v, types[n]) for n, v in zip(names, row, strict=True)})
+    if errors:
+        raise RequestInvalid(errors)
+    if not records:
+        raise RequestInvalid([FieldError(("body",), "send at least one CSV row after the header",
+                                         "too_short")])
+    return model.validator.records(records)
+
+
+def _cell(value: str, kind: str) -> Any:
+    if value == "":
+        return None
+    if kind == "number":
+        try:
+            return float(value)
+        except ValueError:
+            return value  # the validator names the field and says it must be a number
+    return value
+
+
+def predictions(model: LoadedModel, ids: list[str], fields: Fields) -> list[dict[str, Any]]:
+    return model.answers.predictions(ids, fields)
+
+
+def csv_answer(rows: list[dict[str, Any]]) -> bytes:
+    """One CSV line per record: the record id and the task's answer (multiclass: label, probability)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    keys = [k for k in rows[0] if k != "probabilities"]
+    writer.writerow(keys)
+    for row in rows:
+        writer.writerow([row[k] for k in keys])
+    return out.getvalue().encode()
+
+
+def server_metadata() -> dict[str, Any]:
+    try:
+        ours = version("mlflywheel")
+    except PackageNotFoundError:  # a source checkout that was not installed
+        ours = "0+unknown"
+    return {"name": "flywheel", "version": ours, "extensions": []}
+
+
+Parse = Callable[[Request, LoadedModel], Awaitable[list[dict[str, Any]]]]
+
+
+class PlatformRoutes:
+    """The routes of every contract; each request goes through `_serve` (validate, score, log)."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+        self.send = plane.answers.send
+
+    async def _serve(self, endpoint: str, request: Request, parse: Parse,
+                     render: Callable[[LoadedModel, str, list[str], Fields], Response | dict[str, Any]],
+                     model: LoadedModel | None = None) -> Response:
+        started, request_id = time.perf_counter(), new_request_id()
+        model = model or self.plane.current
+        if model is None:
+            return self.send(endpoint, 503, {"detail": "no champion model is loaded yet"}, request_id,
+                             started)
+        try:
+            records = await parse(request, model)
+        except BodyTooLarge:
+            return self.send(endpoint, 413, {"detail": f"body larger than {self.plane.max_body_bytes} "
+                                                       "bytes"}, request_id, started, model.version)
+        except RequestInvalid as exc:
+            return self.send(endpoint, 422, {"detail": [e.as_dict() for e in exc.errors]}, request_id,
+                             started, model.version)
+        ids, fields = await self.plane.score_and_log(model, records, request_id, started)
+        answer = render(model, request_id, ids, fields)
+        if isinstance(answer, Response):
+            self.plane.answers.metrics.observe(endpoint, 200, model.version, time.perf_counter() - started)
+            answer.headers["x-request-id"] = request_id
+            return answer
+        return self.send(endpoint, 200, answer, request_id, started, model.version)
+
+    async def _body(self, request: Request) -> bytes:
+        return await read_body(request, self.plane.max_body_bytes)
+
+    # SageMaker ------------------------------------------------------------------------------
+    async def ping(self, request: Request) -> Response:
+        model = self.plane.current
+        return json_response({"ready": model is not None}, 200 if model is not None else 503)
+
+    async def invocations(self, request: Request) -> Response:
+        async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
+            body = await self._body(request)
+            kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if kind == "text/csv":
+                try:
+                    return csv_records(body.decode("utf-8-sig"), model)
+                except UnicodeDecodeError:
+                    raise RequestInvalid([FieldError(("body",), "CSV must be UTF-8", "type_error")]) from None
+            if not is_json(kind):
+                raise RequestInvalid([FieldError(("headers", "content-type"), "send application/json or "
+                                                 "text/csv", "unsupported_media_type")])
+            data = parse_json_body(body)
+            if isinstance(data, dict) and "instances" in data:
+                return instance_records(data["instances"], model)
+            return model.validator.records(data)
+
+        wants_csv = "text/csv" in request.headers.get("accept", "")
+
+        def render(model: LoadedModel, _: str, ids: list[str], fields: Fields) -> Response | dict[str, Any]:
+            rows = predictions(model, ids, fields)
+            if wants_csv:
+                return Response(csv_answer(rows), media_type="text/csv")
+            return {"predictions": rows, "model": model.name, "version": model.version,
+                    **model.answers.top_level}
+
+        return await self._serve("invocations", request, parse, render)
+
+    # Vertex AI ------------------------------------------------------------------------------
+    async def vertex_predict(self, request: Request) -> Response:
+        async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
+            data = parse_json_body(await self._body(request))
+            if not isinstance(data, dict):
+                raise RequestInvalid([FieldError(("body",), 'send {"instances": [...]}', "type_error")])
+            return instance_records(data.get("instances"), model)
+
+        def render(model: LoadedModel, _: str, ids: list[str], fields: Fields) -> dict[str, Any]:
+            return {"predictions": predictions(model, ids, fields), "deployedModelId": str(model.version)}
+
+        return await self._serve("vertex_predict", request, parse, render)
+
+    # Open Inference Protocol v2 ---------------------------------------------------------------
+    async def v2_server(self, request: Request) -> Response:
+        return json_response(server_metadata())
+
+    async def v2_live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def v2_ready(self, request: Request) -> Response:
+        ready = self.plane.current is not None
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    def _model(self, request: Request) -> tuple[LoadedModel | None, Response | None]:
+        """The served model when the path names it (and its version, if any); else the 404."""
+        model, name = self.plane.current, request.path_params["name"]
+        wanted = request.path_params.get("version")
+        if model is None or name != model.name:
+            served = f"; this server serves '{model.name}'" if model else ""
+            return None, json_response({"error": f"model '{name}' is not served here{served}"}, 404)
+        if wanted is not None and wanted != str(model.version):
+            return None, json_response({"error": f"version {wanted} of '{name}' is not served here; "
+                                                 f"this server serves version {model.version}"}, 404)
+        return model, None
+
+    async def v2_model(self, request: Request) -> Response:
+        model, refused = self._model(request)
+        return refused or json_response(oip_metadata(model))  # type: ignore[arg-type]
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        model, refused = self._model(request)
+        return refused or json_response({"name": model.name, "ready": True})  # type: ignore[union-attr]
+
+    async def v2_infer(self, request: Request) -> Response:
+        started = time.perf_counter()
+        if self.plane.current is None:
+            return self.send("infer", 503, {"detail": "no champion model is loaded yet"}, new_request_id(),
+                             started)
+        model, refused = self._model(request)
+        if refused is not None:
+            self.plane.answers.metrics.observe("infer", 404, 0, time.perf_counter() - started)
+            return refused
+        body: Any = {}
+
+        async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
+            nonlocal body
+            body = parse_json_body(await self._body(request))
+            return oip_records(body, model)
+
+        def render(model: LoadedModel, request_id: str, ids: list[str], fields: Fields) -> dict[str, Any]:
+            return oip_response(model, body, request_id, ids, fields)
+
+        return await self._serve("infer", request, parse, render, model)
+
+    def routes(self, env: dict[str, str] | None = None) -> list[Route]:
+        env = dict(os.environ) if env is None else env
+        routes = [
+            Route("/ping", self.ping, methods=["GET"]),
+            Route("/invocations", self.invocations, methods=["POST"]),
+            Route("/v2", self.v2_server, methods=["GET"]),
+            Route("/v2/health/live", self.v2_live, methods=["GET"]),
+            Route("/v2/health/ready", self.v2_ready, methods=["GET"]),
+            Route("/v2/models/{name}", self.v2_model, methods=["GET"]),
+            Route("/v2/models/{name}/ready", self.v2_model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/infer", self.v2_infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}", self.v2_model, methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}/ready", self.v2_model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}/infer", self.v2_infer, methods=["POST"]),
+        ]
+        if env.get(VERTEX_PREDICT_ENV):
+            routes.append(Route(env[VERTEX_PREDICT_ENV], self.vertex_predict, methods=["POST"]))
+        if env.get(VERTEX_HEALTH_ENV):
+            routes.append(Route(env[VERTEX_HEALTH_ENV], self.v2_ready, methods=["GET"]))
+        return routes
