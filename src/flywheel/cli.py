@@ -616,13 +616,48 @@ def step(
 
 
 @app.command()
-def run(config: ConfigOpt) -> None:
+def run(
+    config: ConfigOpt,
+    serve: Annotated[bool, typer.Option(
+        "--serve/--no-serve", help="Also serve the champion (--no-serve: only the pipeline runner, "
+                                   "beside servers deployed on their own).")] = True,
+) -> None:
     """Serve the champion and, every retraining.check_interval_s, monitor and retrain when triggered."""
 
     def body() -> None:
         from flywheel.daemon import run_forever
 
-        run_forever(_project(config), lambda msg: console.print(msg))
+        run_forever(_project(config), lambda msg: console.print(msg), serve=serve)
+
+    _run(body)
+
+
+image_app = typer.Typer(help="Container images: the slim serving image and the full one.",
+                        no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+@image_app.command("build")
+def image_build(
+    kind: Annotated[str, typer.Option(
+        help="serving (the slim server) or full (the whole loop).")] = "serving",
+    tag: Annotated[str | None, typer.Option(help="Image name:tag (default flywheel:KIND).")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="Base image with this machine's Python (default python:3.X-slim-bookworm).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Bake this flywheel.yaml in (default: mount one at run time).")] = None,
+) -> None:
+    """Build an image with docker: wheels are made here, the build itself needs no network."""
+
+    def body() -> None:
+        from flywheel.image import build_image
+
+        with console.status(f"building the {kind} image (wheels, then docker build)"):
+            built = build_image(kind, tag, base, config)
+        out.print(f"{built.tag}: {built.size_bytes / 1e6:,.0f} MB on {built.base}, built in "
+                  f"{built.seconds:.0f} s")
+        out.print('run it: docker run -p 8080:8080 -v "$PWD:$PWD" -e FLYWHEEL_CONFIG="$PWD/flywheel.yaml" '
+                  f'-e FLYWHEEL_HOME="$PWD/.flywheel" {built.tag}')
 
     _run(body)
 

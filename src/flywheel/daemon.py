@@ -11,22 +11,27 @@ from flywheel.pipeline.scheduler import check_once
 from flywheel.serving.process import ServerProcess
 
 
-def run_forever(project: Project, say: Callable[[str], None] = print) -> None:
-    """Serve in a child process and check triggers every `check_interval_s` until SIGTERM/SIGINT."""
+def run_forever(project: Project, say: Callable[[str], None] = print, serve: bool = True) -> None:
+    """Serve in a child process and check triggers every `check_interval_s` until SIGTERM/SIGINT.
+    With `serve=False` only the checks run: the pipeline runner beside servers deployed on their
+    own (replicas behind a load balancer), which follow the champion alias it moves."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     cfg = project.config
-    server = ServerProcess(project, port=cfg.serving.port, workers=cfg.serving.workers)
+    server = ServerProcess(project, port=cfg.serving.port, workers=cfg.serving.workers) if serve else None
+    every = f"checking triggers every {cfg.retraining.check_interval_s:g}s"
     try:
-        server.wait_ready()
-        say(f"serving on {server.url}; checking triggers every {cfg.retraining.check_interval_s:g}s")
+        if server is not None:
+            server.wait_ready()
+        say(f"serving on {server.url}; {every}" if server is not None else f"not serving; {every}")
         while not stop.wait(cfg.retraining.check_interval_s):
-            if server.proc.poll() is not None:
+            if server is not None and server.proc.poll() is not None:
                 raise RuntimeError(f"the server exited:\n{server.tail()}")
             try:
                 check_once(project, say=say)
             except Exception as exc:  # a failed tick is alerted by the step; keep serving
                 say(f"check failed: {type(exc).__name__}: {exc}")
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()

@@ -114,7 +114,11 @@ class Registry:
         self.activate()
         self.client = MlflowClient(tracking_uri=tracking_url, registry_uri=tracking_url)
         found = self.client.get_experiment_by_name(experiment)
-        if found is None:
+        if found is None and tracking_url.startswith(("http://", "https://")):
+            # A tracking server keeps the artifacts where it is configured to (proxied artifact
+            # storage: mlflow server --serve-artifacts); a local path would be this machine's only.
+            self.experiment_id = self.client.create_experiment(experiment)
+        elif found is None:
             artifact_root.mkdir(parents=True, exist_ok=True)
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=(artifact_root / experiment).resolve().as_uri()

@@ -200,6 +200,28 @@ def test_flywheel_run_serves_monitors_and_triggers_on_its_timer(loaded_project, 
     assert any("failed" in t for t in slack.titles())
 
 
+def test_flywheel_run_no_serve_is_the_pipeline_runner_alone(loaded_project, slack):
+    """Beside servers deployed on their own (compose replicas, a Kubernetes Deployment)."""
+    project = loaded_project({**WEAK, "monitoring": {"evidently_report": False}, "retraining": {
+        "orchestrator": "local", "check_interval_s": 1,
+        "triggers": {"drift": False, "performance_drop": False, "schedule_days": 30, "min_days_between": 0}}})
+    train_challenger(project)
+    port = free_port()
+    env = {**os.environ, "FLYWHEEL_HOME": str(project.home), "FLYWHEEL_SERVING__PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "run", "--no-serve", "--config",
+                             str(project.path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until(lambda: bool(list_runs(project)), 120)
+        assert list_runs(project)[0].trigger == "schedule"
+        assert not _ready(f"http://127.0.0.1:{port}")  # nothing serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "not serving; checking triggers every 1s" in " ".join(out.split()), out
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/ready", timeout=1).status_code == 200

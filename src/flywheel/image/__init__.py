@@ -15,9 +15,11 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import Any
 
 from flywheel.config import cache_dir
 from flywheel.core.errors import FlywheelError
@@ -60,7 +62,8 @@ def _pip(args: list[str], what: str) -> None:
         raise ImageError(f"{what} failed (pip {' '.join(args[:2])} …):\n{done.stderr[-3000:]}")
 
 
-def prepare_context(kind: str, context: Path, config: Path | None = None) -> str:
+def prepare_context(kind: str, context: Path, config: Path | None = None,
+                    base_python: str | None = None) -> str:
     """Fill `context` for `docker build`; the version of mlflywheel it installs."""
     if kind not in KINDS:
         raise ImageError(f"unknown image kind {kind!r}: one of {', '.join(KINDS)}")
@@ -89,7 +92,54 @@ def prepare_context(kind: str, context: Path, config: Path | None = None) -> str
     constraints = ["--constraint", str(lock)] if lock is not None and lock.is_file() else []
     _pip(["wheel", "--quiet", "--wheel-dir", str(wheels), "--find-links", str(wheels), *constraints,
           f"mlflywheel[{KINDS[kind]}]=={ours}"], f"collecting the wheels of mlflywheel[{KINDS[kind]}]")
+    if base_python is not None:
+        for _ in range(5):  # what the base's Python needs besides (markers on its exact version)
+            missing = missing_for_python(wheels, base_python)
+            if not missing:
+                break
+            _pip(["wheel", "--quiet", "--wheel-dir", str(wheels), "--find-links", str(wheels), *constraints,
+                  *missing], f"collecting the wheels Python {base_python} needs besides")
     return ours
+
+
+def missing_for_python(wheels: Path, full_version: str) -> list[str]:
+    """Requirements of the wheels in `wheels` that hold only on Python `full_version` (a marker on
+    the exact version, e.g. python_full_version < "3.11.3") and have no wheel there yet."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    present = {canonicalize_name(w.name.split("-")[0]) for w in wheels.glob("*.whl")}
+    here: dict[str, Any] = dict(default_environment())
+    there = {**here, "python_full_version": full_version,
+             "python_version": ".".join(full_version.split(".")[:2])}
+    missing = set()
+    for wheel in wheels.glob("*.whl"):
+        for line in _metadata(wheel).splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.removeprefix("Requires-Dist:").strip())
+            if req.marker is None or "extra" in str(req.marker) or canonicalize_name(req.name) in present:
+                continue
+            if req.marker.evaluate(there) and not req.marker.evaluate(here):
+                missing.add(str(req).split(";")[0].strip())
+    return sorted(missing)
+
+
+def _metadata(wheel: Path) -> str:
+    with zipfile.ZipFile(wheel) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        return zf.read(name).decode("utf-8", "replace")
+
+
+def base_python_version(base: str) -> str | None:
+    """The exact Python version of a local base image (None when the image is not here yet:
+    docker pulls it during the build)."""
+    if docker("image", "inspect", base, check=False).returncode != 0:
+        return None
+    done = docker("run", "--rm", "--entrypoint", "python3", base, "-c",
+                  "import platform; print(platform.python_version())", check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def docker(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
@@ -97,8 +147,8 @@ def docker(*args: str, check: bool = True, timeout: float | None = None) -> subp
         raise ImageError("docker is not installed here (the client, and an engine it can reach)")
     done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "DOCKER_BUILDKIT": "0"})  # the legacy builder: Debian's dockerd
-    if check and done.returncode != 0:
-        raise ImageError(f"docker {args[0]} failed:\n{done.stderr[-3000:]}")
+    if check and done.returncode != 0:  # the build's own errors are on stdout
+        raise ImageError(f"docker {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return done
 
 
@@ -110,7 +160,7 @@ def build_image(kind: str = "serving", tag: str | None = None, base: str | None 
     base = base or DEFAULT_BASE.format(python=python)
     tag = tag or f"flywheel:{kind}"
     context = context or cache_dir() / "image-context" / kind
-    ours = prepare_context(kind, context, config)
+    ours = prepare_context(kind, context, config, base_python_version(base))
     docker("build", "--target", kind, "--tag", tag, "--build-arg", f"BASE={base}",
            "--build-arg", f"PYTHON={python}", "--build-arg", f"VERSION={ours}", str(context))
     size = int(docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from flywheel.state.verdicts import latest_verdict
+from flywheel.state.verdicts import latest_verdict, pipeline_summary
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Generation takes seconds to minutes on a CPU.
@@ -111,10 +111,10 @@ def monitoring_gauges(engine: Any, model_name: str, max_age_s: float = 5.0) -> b
     if cached and time.monotonic() - cached[0] < max_age_s:
         return cached[1]
     try:
-        verdict = latest_verdict(engine, model_name)
+        verdict, runs = latest_verdict(engine, model_name), pipeline_summary(engine, model_name)
     except Exception:  # the scrape must answer even if the state database does not
-        verdict = None
-    text = "" if verdict is None else _verdict_text(verdict)
+        verdict, runs = None, None
+    text = ("" if verdict is None else _verdict_text(verdict)) + ("" if runs is None else _runs_text(runs))
     _VERDICT_CACHE[model_name] = (time.monotonic(), text.encode())
     return text.encode()
 
@@ -165,4 +165,19 @@ def _verdict_text(v: dict[str, Any]) -> str:
         lines += ["# HELP flywheel_window_metric The task's metric (the gate's) over the latest labelled "
                   "predictions", "# TYPE flywheel_window_metric gauge",
                   f'flywheel_window_metric{{metric="{_label(v["metric"])}"}} {float(v["metric_value"])}']
+    return "\n".join(lines) + "\n"
+
+
+def _runs_text(runs: dict[str, Any]) -> str:
+    """Pipeline runs by outcome (from the state database: every replica reports the same numbers)."""
+    lines = ["# HELP flywheel_pipeline_runs_total Retraining pipeline runs, by status",
+             "# TYPE flywheel_pipeline_runs_total counter"]
+    for status in ("succeeded", "failed", "running"):
+        count = int(runs["counts"].get(status, 0))
+        lines.append(f'flywheel_pipeline_runs_total{{status="{status}"}} {count}')
+    if runs["last_status"] is not None:
+        lines += ["# HELP flywheel_pipeline_last_run_failed 1 if the newest pipeline run failed",
+                  "# TYPE flywheel_pipeline_last_run_failed gauge",
+                  f'flywheel_pipeline_last_run_failed{{trigger="{_label(runs["last_trigger"])}"}} '
+                  f'{int(runs["last_status"] == "failed")}']
     return "\n".join(lines) + "\n"
