@@ -145,3 +145,17 @@ def test_hostile_yaml_is_refused_quickly_with_a_reason(tmp_path):
     path.write_text(yaml.safe_dump(cfg).replace("- 2.0", "- .inf"))
     with pytest.raises(ConfigError, match=r"features\.\d+\.edges\.1: \.inf and \.nan are not accepted"):
         load_project(path, env={})
+
+
+def test_any_override_may_come_from_a_secret_file(tmp_path):
+    secret = tmp_path / "state-url"
+    secret.write_text("postgresql://flywheel:s3cret@db:5432/flywheel\n")
+    path = write(tmp_path, example_config())
+    project = load_project(path, env={"FLYWHEEL_STORES__STATE_FILE": str(secret),
+                                      "FLYWHEEL_HOME": str(tmp_path / "home")})
+    assert project.state_url == "postgresql://flywheel:s3cret@db:5432/flywheel"
+    direct = load_project(path, env={"FLYWHEEL_STORES__STATE_FILE": str(secret),
+                                     "FLYWHEEL_STORES__STATE": "sqlite:///direct.db"})
+    assert direct.state_url.endswith("direct.db")  # a variable set directly wins
+    with pytest.raises(Exception, match="FLYWHEEL_STORES__STATE_FILE=.*cannot read the file"):
+        load_project(path, env={"FLYWHEEL_STORES__STATE_FILE": str(tmp_path / "missing")})

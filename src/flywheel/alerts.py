@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
-from flywheel.core.secrets import redact
+from flywheel.core.secrets import env_secret, redact
 
 log = logging.getLogger("flywheel.alerts")
 WEBHOOK_ENV = "FLYWHEEL_SLACK_WEBHOOK"
@@ -37,7 +36,7 @@ class Alert:
 
 def send_alert(alert: Alert, webhook: str | None = None, attempts: int = 3) -> str:
     """Deliver an alert; return where it went ('slack', 'log', or 'log (slack failed)')."""
-    webhook = webhook if webhook is not None else os.environ.get(WEBHOOK_ENV)
+    webhook = webhook if webhook is not None else env_secret(WEBHOOK_ENV)
     alert = Alert(redact(alert.title), redact(alert.text), alert.level)  # error texts may hold URLs
     record = {"event": "alert", "level": alert.level, "title": alert.title, "text": alert.text}
     if not webhook:

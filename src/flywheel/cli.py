@@ -621,13 +621,16 @@ def run(
     serve: Annotated[bool, typer.Option(
         "--serve/--no-serve", help="Also serve the champion (--no-serve: only the pipeline runner, "
                                    "beside servers deployed on their own).")] = True,
+    once: Annotated[bool, typer.Option(
+        "--once", help="One check (monitor, triggers, retrain if triggered), then exit: for a "
+                       "scheduler such as a Kubernetes CronJob. Implies --no-serve.")] = False,
 ) -> None:
     """Serve the champion and, every retraining.check_interval_s, monitor and retrain when triggered."""
 
     def body() -> None:
         from flywheel.daemon import run_forever
 
-        run_forever(_project(config), lambda msg: console.print(msg), serve=serve)
+        run_forever(_project(config), lambda msg: console.print(msg), serve=serve and not once, once=once)
 
     _run(body)
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.secrets import with_file_secrets
 from flywheel.core.trees import first_path
 
 # Environment variables that are settings of the process, not fields of the config file.
@@ -684,7 +685,7 @@ def apply_env_overrides(raw: dict[str, Any], env: dict[str, str],
     """FLYWHEEL_A__B=value sets field a.b of `model`'s fields; values are read as YAML scalars or lists."""
     fields = (model or Config).model_fields
     merged = json.loads(json.dumps(raw, default=str))
-    for key, value in sorted(env.items()):
+    for key, value in sorted(with_file_secrets(env).items()):
         if not key.startswith("FLYWHEEL_") or key in _NOT_CONFIG_ENV:
             continue
         parts = [p.lower() for p in key.removeprefix("FLYWHEEL_").split("__") if p]

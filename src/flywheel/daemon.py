@@ -11,10 +11,18 @@ from flywheel.pipeline.scheduler import check_once
 from flywheel.serving.process import ServerProcess
 
 
-def run_forever(project: Project, say: Callable[[str], None] = print, serve: bool = True) -> None:
+def run_forever(project: Project, say: Callable[[str], None] = print, serve: bool = True,
+                once: bool = False) -> None:
     """Serve in a child process and check triggers every `check_interval_s` until SIGTERM/SIGINT.
     With `serve=False` only the checks run: the pipeline runner beside servers deployed on their
-    own (replicas behind a load balancer), which follow the champion alias it moves."""
+    own (replicas behind a load balancer), which follow the champion alias it moves. With
+    `once=True` (and no server) one check runs and the call returns: a scheduler's job (a
+    Kubernetes CronJob) instead of a long-running process."""
+    if once:
+        if serve:
+            raise ValueError("a single check (once) runs without a server (serve=False)")
+        check_once(project, say=say)
+        return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

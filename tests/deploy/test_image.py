@@ -15,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -42,12 +43,13 @@ def engine() -> None:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image() -> Iterator[str]:
     engine()
     started = time.perf_counter()
     built = build_image("serving", tag=TAG, base=BASE)
     print(f"serving image built in {time.perf_counter() - started:.0f}s: {built.size_bytes / 1e6:.0f} MB")
-    return built.tag
+    yield built.tag
+    docker("image", "prune", "--force", check=False)  # the replaced build's layers: disk, not cache
 
 
 @pytest.fixture(scope="module")

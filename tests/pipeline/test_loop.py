@@ -221,6 +221,13 @@ def test_flywheel_run_no_serve_is_the_pipeline_runner_alone(loaded_project, slac
     assert proc.returncode == 0, out
     assert "not serving; checking triggers every 1s" in " ".join(out.split()), out
 
+    once = subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--once", "--config",
+                           str(project.path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stdout + once.stderr
+    assert "monitor:" in once.stdout + once.stderr  # one check ran, then the command exited
+    assert not _ready(f"http://127.0.0.1:{port}")
+
 
 def _ready(url: str) -> bool:
     try:

@@ -290,6 +290,16 @@ def test_admin_reload_needs_the_bearer_token(client, monkeypatch):
     assert ok.status_code == 200 and ok.json()["version"] == 1
 
 
+def test_the_admin_token_may_be_a_mounted_secret_file(client, monkeypatch, tmp_path):
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    secret = tmp_path / "admin-token"
+    secret.write_text(TOKEN + "\n")  # as `kubectl create secret --from-file` leaves it
+    monkeypatch.setenv(ADMIN_TOKEN_ENV + "_FILE", str(secret))
+    assert client.post("/admin/reload", headers={"authorization": "Bearer nope"}).status_code == 401
+    ok = client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200
+
+
 def test_load_errors_are_told_only_to_the_admin(client, monkeypatch):
     runtime = client.app.app.state.runtime
     secret = "loading v9: could not open postgresql://flywheel:hunter2@db.internal/state"

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import ProjectBase
+from flywheel.core.secrets import env_secret
 from flywheel.registry import Registry
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.runtime import M, ModelRuntime
@@ -104,9 +105,10 @@ class Answers:
 
 def admin_refusal(request: Request) -> Response | None:
     """None when the request carries the admin bearer token; else the 401/403 to answer."""
-    expected = os.environ.get(ADMIN_TOKEN_ENV)
+    expected = env_secret(ADMIN_TOKEN_ENV)
     if not expected:
-        return json_response({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV}"}, 403)
+        return json_response({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} "
+                                         f"(or {ADMIN_TOKEN_ENV}_FILE)"}, 403)
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
