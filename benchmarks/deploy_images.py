@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--full-image", help="measure this full image instead of building one (its "
                                              "build takes about 8 minutes here)")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
     home = Path(tempfile.mkdtemp(prefix="flywheel-images-"))
     config, env, record, _ = setup(home)
     subprocess.run(["chmod", "-R", "a+rwX", str(home)], check=True)

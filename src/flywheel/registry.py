@@ -193,8 +193,9 @@ class Registry:
             )
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(self.model_name)
+        # model_id: a tracking server accepts a models:/ source only with the logged model's id
         version = self.client.create_model_version(
-            self.model_name, source=info.model_uri, run_id=run_id,
+            self.model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
             tags={**_scrubbed(tags), "onnx_sha256": sha256(stored),
                   "feature_spec_sha256": sha256(feature_spec.encode())},
         )

@@ -170,10 +170,14 @@ def test_prefect_flow_runs_the_same_steps_and_keeps_its_state_under_the_project(
     assert (project.home / "prefect" / "prefect.db").is_file()
 
 
+# A one-second timer whose only trigger is the schedule.
+ON_A_TIMER = {**WEAK, "monitoring": {"evidently_report": False}, "retraining": {
+    "orchestrator": "local", "check_interval_s": 1,
+    "triggers": {"drift": False, "performance_drop": False, "schedule_days": 30, "min_days_between": 0}}}
+
+
 def test_flywheel_run_serves_monitors_and_triggers_on_its_timer(loaded_project, slack):
-    project = loaded_project({**WEAK, "monitoring": {"evidently_report": False}, "retraining": {
-        "orchestrator": "local", "check_interval_s": 1,
-        "triggers": {"drift": False, "performance_drop": False, "schedule_days": 30, "min_days_between": 0}}})
+    project = loaded_project(ON_A_TIMER)
     train_challenger(project)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -202,9 +206,7 @@ def test_flywheel_run_serves_monitors_and_triggers_on_its_timer(loaded_project, 
 
 def test_flywheel_run_no_serve_is_the_pipeline_runner_alone(loaded_project, slack):
     """Beside servers deployed on their own (compose replicas, a Kubernetes Deployment)."""
-    project = loaded_project({**WEAK, "monitoring": {"evidently_report": False}, "retraining": {
-        "orchestrator": "local", "check_interval_s": 1,
-        "triggers": {"drift": False, "performance_drop": False, "schedule_days": 30, "min_days_between": 0}}})
+    project = loaded_project(ON_A_TIMER)
     train_challenger(project)
     port = free_port()
     env = {**os.environ, "FLYWHEEL_HOME": str(project.home), "FLYWHEEL_SERVING__PORT": str(port)}
