@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import date
 
 import httpx
@@ -85,12 +86,16 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(loaded_projec
             _wait_until(lambda: _up(api), 60)
             # traffic while Prometheus scrapes (a month at a time), until the last 30 s hold several
             # good scrapes: rates over them have data
-            month = date(2003, 1, 1)
+            # (the months of 2003 again and again: a later month may hold categories or empties
+            # the model refuses, which is not what this test is about)
+            months = [date(2003, m, 1) for m in range(1, 13)] + [date(2004, 1, 1)]
+            deadline = time.monotonic() + 300
             while _scrapes(api) < 6:
-                following = date(month.year + month.month // 12, month.month % 12 + 1, 1)
-                send_traffic(project, server.url, month, following, feedback=False)
-                month = following
-                assert month < date(2012, 1, 1), "Prometheus does not scrape the server"
+                for start, end in zip(months, months[1:], strict=False):
+                    send_traffic(project, server.url, start, end, feedback=False)
+                    if _scrapes(api) >= 6:
+                        break
+                assert time.monotonic() < deadline, "Prometheus does not scrape the server"
             empty = []
             for title, expr in dashboard_queries():
                 query = expr.replace("$__rate_interval", "30s")
