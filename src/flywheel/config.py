@@ -106,6 +106,17 @@ Target = Annotated[PerformanceWindowTarget | ColumnTarget, Field(discriminator="
 TimeUnit = Literal["date", "year", "month", "text"]
 
 
+class SparkConfig(_Strict):
+    """Where Spark runs when `data.engine` is spark: `local[N]` (this machine, N cores), a
+    standalone cluster (`spark://HOST:7077`), or what a managed service gives; any Spark setting
+    in `conf`; extra jars (a JDBC driver) in `jars`."""
+
+    master: str = "local[2]"
+    app_name: str = "flywheel"
+    conf: dict[str, str] = {}
+    jars: list[str] = []
+
+
 class DataConfig(_Strict):
     """Where the rows are and what time means for them.
 
@@ -125,6 +136,10 @@ class DataConfig(_Strict):
     target: Target
     # Train only on labels known by this date (default: the window's end).
     as_of: date | None = None
+    # What computes the features at training: DuckDB in this process, or Spark (data.spark).
+    # Serving computes them per record in Python either way, with the same values.
+    engine: Literal["duckdb", "spark"] = "duckdb"
+    spark: SparkConfig = SparkConfig()
 
     @model_validator(mode="before")
     @classmethod

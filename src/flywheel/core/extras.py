@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "mlp": ("torch", "the PyTorch MLP trainer (model.type: torch-mlp)"),
     "llm": ("peft", "LoRA fine-tuning and serving of language models (kind: lora)"),
     "xgboost": ("xgboost", "reading XGBoost models (flywheel import)"),
+    "spark": ("pyspark", "Apache Spark as the feature engine (data.engine: spark)"),
 }
 
 

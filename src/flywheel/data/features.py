@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -115,7 +115,7 @@ def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
     vocabularies = {}
     for f in features:
         if isinstance(f, CategoryFeature):
-            raw = _category_raw_sql(f, types[f.column])
+            raw = category_raw_sql(f, types[f.column])
             found = con.execute(
                 f"SELECT {raw} AS v, count(*) AS n FROM rows WHERE {raw} IS NOT NULL "
                 f"GROUP BY v HAVING count(*) >= {f.min_count} ORDER BY n DESC, v "
@@ -131,10 +131,13 @@ def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
 # ---- batch: SQL --------------------------------------------------------------------------------
 
 
-def to_sql(spec: FeatureSpec, relation: str, passthrough: Sequence[str] = ()) -> str:
-    """A SELECT computing every feature (as DOUBLE) from `relation`, plus passthrough columns."""
-    exprs = [f"CAST({_feature_sql(spec, f)} AS DOUBLE) AS {_ident(f.name)}" for f in spec.features]
-    exprs += [_ident(c) for c in passthrough]
+def to_sql(spec: FeatureSpec, relation: str, passthrough: Sequence[str] = (),
+           dialect: Dialect = "duckdb") -> str:
+    """A SELECT computing every feature (as DOUBLE) from `relation`, plus passthrough columns, in
+    DuckDB's SQL or Spark's (the same values: the parity tests compare every row)."""
+    q = _QUOTING[dialect]
+    exprs = [f"CAST({_feature_sql(spec, f, q)} AS DOUBLE) AS {q.ident(f.name)}" for f in spec.features]
+    exprs += [q.ident(c) for c in passthrough]
     return f"SELECT {', '.join(exprs)} FROM {relation}"
 
 
@@ -152,57 +155,81 @@ def build_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
     return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]).astype(np.float32)
 
 
-def _feature_sql(spec: FeatureSpec, f: Feature) -> str:
+Dialect = Literal["duckdb", "spark"]
+
+
+@dataclass(frozen=True)
+class _Quoting:
+    """How a dialect writes identifiers, text and numbers, and names the text type."""
+
+    quote: str  # around identifiers
+    text_type: str
+    backslash_escapes: bool  # Spark reads \\ and \' in literals; DuckDB doubles the quote
+
+    def ident(self, name: str) -> str:
+        return self.quote + name.replace(self.quote, self.quote * 2) + self.quote
+
+    def literal(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "TRUE" if value else "FALSE"
+        if isinstance(value, int):
+            return repr(value)
+        if isinstance(value, float):
+            return self.number(value)
+        text = str(value)
+        if self.backslash_escapes:
+            return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return "'" + text.replace("'", "''") + "'"
+
+    def number(self, value: float) -> str:
+        """A float exactly: Spark reads 0.1 as a DECIMAL, so it gets the text cast to DOUBLE."""
+        return repr(value) if not self.backslash_escapes else f"CAST('{value!r}' AS DOUBLE)"
+
+
+_QUOTING = {"duckdb": _Quoting('"', "VARCHAR", False), "spark": _Quoting("`", "STRING", True)}
+
+
+def _feature_sql(spec: FeatureSpec, f: Feature, q: _Quoting = _QUOTING["duckdb"]) -> str:
     if isinstance(f, NumericFeature):
-        return f"CAST({_ident(f.column)} AS DOUBLE)"
+        return f"CAST({q.ident(f.column)} AS DOUBLE)"
     if isinstance(f, RatioFeature):
-        num, den = (f"CAST({_ident(c)} AS DOUBLE)" for c in (f.numerator, f.denominator))
+        num, den = (f"CAST({q.ident(c)} AS DOUBLE)" for c in (f.numerator, f.denominator))
         return f"CASE WHEN {den} IS NULL OR {den} = 0 THEN NULL ELSE {num} / {den} END"
     if isinstance(f, FlagFeature):
-        col = _ident(f.column)
-        rhs = _ident(f.other) if f.other else None
+        col = q.ident(f.column)
+        rhs = q.ident(f.other) if f.other else None
         if f.op == "in":
-            cond = f"{col} IN ({', '.join(_literal(v) for v in f.value)})"  # type: ignore[union-attr]
+            cond = f"{col} IN ({', '.join(q.literal(v) for v in f.value)})"  # type: ignore[union-attr]
         else:
             op = "=" if f.op == "==" else "<>" if f.op == "!=" else f.op
-            cond = f"{col} {op} {rhs or _literal(f.value)}"
+            cond = f"{col} {op} {rhs or q.literal(f.value)}"
         nulls = f"{col} IS NULL" + (f" OR {rhs} IS NULL" if rhs else "")
         return f"CASE WHEN {nulls} THEN NULL WHEN {cond} THEN 1.0 ELSE 0.0 END"
     if isinstance(f, BucketFeature):
-        col = f"CAST({_ident(f.column)} AS DOUBLE)"
+        col = f"CAST({q.ident(f.column)} AS DOUBLE)"
         # bisect_right semantics: a value equal to an edge goes to the bucket above it.
-        whens = " ".join(f"WHEN {col} < {e!r} THEN {i}" for i, e in enumerate(f.edges))
+        whens = " ".join(f"WHEN {col} < {q.number(float(e))} THEN {i}" for i, e in enumerate(f.edges))
         return f"CASE WHEN {col} IS NULL THEN NULL {whens} ELSE {len(f.edges)} END"
     if isinstance(f, CategoryFeature):
         vocab = spec.vocabularies.get(f.name, [])
-        raw = _category_raw_sql(f, spec.input_types.get(f.column, "string"))
-        whens = " ".join(f"WHEN {_literal(v)} THEN {i}" for i, v in enumerate(vocab))
+        raw = category_raw_sql(f, spec.input_types.get(f.column, "string"), q)
+        whens = " ".join(f"WHEN {q.literal(v)} THEN {i}" for i, v in enumerate(vocab))
         return f"CASE {raw} {whens} ELSE {len(vocab)} END" if vocab else str(len(vocab))
     raise TypeError(f"unknown feature kind: {f!r}")
 
 
-def _category_raw_sql(f: CategoryFeature, input_type: InputType) -> str:
-    col = _ident(f.column)
-    raw = f"CAST({col} AS VARCHAR)"
+def category_raw_sql(f: CategoryFeature, input_type: InputType, q: _Quoting | str = "duckdb") -> str:
+    """The text a category feature looks up, in `q`'s dialect (a vocabulary is learnt on it)."""
+    q = _QUOTING[q] if isinstance(q, str) else q
+    col = q.ident(f.column)
+    raw = f"CAST({col} AS {q.text_type})"
     if input_type == "number":
         # 1.0 and 1 are the same category: a nullable integer column arrives as float.
         raw = (
             f"CASE WHEN CAST({col} AS DOUBLE) = floor(CAST({col} AS DOUBLE)) "
-            f"THEN CAST(CAST({col} AS BIGINT) AS VARCHAR) ELSE {raw} END"
+            f"THEN CAST(CAST({col} AS BIGINT) AS {q.text_type}) ELSE {raw} END"
         )
     return f"substr({raw}, 1, {f.prefix})" if f.prefix else raw
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 # ---- one row: Python ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pandas as pd
 
 from flywheel.config import CategoryFeature, Project
 from flywheel.data import features as feats
+from flywheel.data import spark as spark_engine
 from flywheel.data.checks import DataCheckError, DataCheckReport, run_data_checks
 from flywheel.data.sources import TARGET, Snapshot, extract_window, target_values
 from flywheel.training.model import TrainingData
@@ -102,11 +103,18 @@ def prepare_features(project: Project, snapshot: Snapshot) -> PreparedData:
 def prepare_frame(project: Project, frame: pd.DataFrame, snapshot: Snapshot | None = None) -> PreparedData:
     """`prepare_features` for rows already in memory."""
     split = split_by_time(frame[project.config.data.time_column], project.config.split)
-    spec = feats.fit_spec(project.config.features, frame.iloc[split.train])
     task = project.config.task
     classes = task_classes(project, frame[TARGET]) if task == "multiclass" else []
-    spec = dataclasses.replace(spec, task=task, classes=classes)
-    X = feats.build_matrix(spec, frame)
+    data = project.config.data
+    if data.engine == "spark":
+        spec, X = spark_engine.fit_and_build(data.spark, project.config.features,
+                                             frame[feats.input_columns(project.config.features)],
+                                             split.train)
+        spec = dataclasses.replace(spec, task=task, classes=classes)
+    else:
+        spec = dataclasses.replace(feats.fit_spec(project.config.features, frame.iloc[split.train]),
+                                   task=task, classes=classes)
+        X = feats.build_matrix(spec, frame)
     y = target_values(frame[TARGET], task, classes)
     return PreparedData(snapshot, frame, spec, X, y, split)
 
