@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -164,3 +165,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with proxied artifact storage under `folder` (the backend a
+    SQLite file there unless given); its URL, until the block ends."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = serving_process.free_port()
+    backend = backend or f"sqlite:///{folder / 'mlflow-server.db'}"
+    if backend.startswith("postgresql://"):
+        backend = "postgresql+psycopg://" + backend.removeprefix("postgresql://")
+    log_path = folder / "mlflow-server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(folder / "server-artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)

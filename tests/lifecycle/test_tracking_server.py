@@ -5,45 +5,23 @@ them (not in the project's folder); a prediction server loads the champion from 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import numpy as np
 
 from flywheel.lifecycle import train_challenger
 from flywheel.registry import Registry
-from flywheel.serving.process import ServerProcess, free_port
+from flywheel.serving.process import ServerProcess
 from flywheel.serving.runtime import load_version
+from tests.conftest import mlflow_server
 
 
 def test_train_promote_and_serve_through_an_mlflow_tracking_server(loaded_project, sba_sample, tmp_path):
-    port = free_port()
-    artifacts = tmp_path / "server-artifacts"
-    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
-    mlflow = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'mlflow-server.db'}", "--artifacts-destination", str(artifacts),
-         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and mlflow.poll() is None, \
-                (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    with mlflow_server(tmp_path) as url:
         project = loaded_project({"stores": {"tracking": url}, "model": {"params": {"num_boost_round": 20}},
                                   "gate": {"floor": 0.5}})
         assert project.tracking_url == url
         assert train_challenger(project).promoted
+        artifacts = tmp_path / "server-artifacts"
         assert list(artifacts.rglob("model.onnx")), "the model went through the server's artifact store"
         assert not (project.home / "mlartifacts").exists()
         spec = load_version(Registry.for_project(project), 1).spec
@@ -54,7 +32,3 @@ def test_train_promote_and_serve_through_an_mlflow_tracking_server(loaded_projec
             server.wait_ready()
             answer = httpx.post(f"{server.url}/v1/predict", json=record, timeout=30)
             assert answer.status_code == 200 and answer.json()["version"] == 1, answer.text
-    finally:
-        mlflow.terminate()
-        mlflow.wait(30)
-        log.close()
