@@ -168,8 +168,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with proxied artifact storage under `folder` (the backend a
+def mlflow_server(folder: Path, backend: str | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """`mlflow server` on `host` with proxied artifact storage under `folder` (the backend a
     SQLite file there unless given); its URL, until the block ends."""
     import subprocess
     import sys
@@ -186,9 +186,9 @@ def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend,
              "--artifacts-destination", str(folder / "server-artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+             "--host", host, "--port", str(port), "--workers", "2"],
             stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
         try:
             deadline = time.monotonic() + 120
             while True:

@@ -69,9 +69,16 @@ class Cluster:
                               timeout=120)
         assert done.returncode == 0, f"{tool}: {done.stdout}{done.stderr}"
 
-    def start(self) -> None:
+    def start(self, listen: str = "127.0.0.1", sockets: bool = True) -> None:
+        """Listen on `listen` (comma-separated addresses); `sockets=False`: no Unix socket at all."""
+        socket_dir = str(self.folder) if sockets else "''"
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "log"), "-w", "start", "-o",
-                 f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off")
+                 f"-p {self.port} -k {socket_dir} -c listen_addresses={listen} -c fsync=off")
+
+    def trust(self, network: str) -> None:
+        """Let clients from `network` (CIDR) in without a password (a test network's hosts)."""
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {network} trust\n")
 
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
