@@ -85,9 +85,10 @@ def child(task: dict) -> None:
     from flywheel.data import features as feats
     from flywheel.data import spark as spark_engine
 
-    frame = pd.read_parquet(task["data"])
-    features = feats_from_config()
-    train = np.arange(int(len(frame) * 0.7))
+    if task["kind"] != "train":
+        frame = pd.read_parquet(task["data"])
+        features = feats_from_config()
+        train = np.arange(int(len(frame) * 0.7))
     started = time.perf_counter()
     if task["kind"] == "duckdb":
         spec = feats.fit_spec(features, frame.iloc[train])
@@ -162,6 +163,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="1,10")
     parser.add_argument("--skip-cluster", action="store_true")
+    parser.add_argument("--spark-scales", default="1,10", help="the scales Spark runs at (DuckDB runs "
+                                                                "at every scale)")
+    parser.add_argument("--train-from", type=Path, help="only the training part, on the matrices a "
+                                                         "previous run left in this folder")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -171,6 +176,9 @@ def main() -> None:
     from flywheel.data import features as feats
     from flywheel.demo.sba import load_clean
 
+    if args.train_from:
+        report_training(training(args.train_from))
+        return
     work = Path(tempfile.mkdtemp(prefix="flywheel-engines-"))
     base, _ = load_clean(cache_dir())
     base = base[feats.input_columns(feats_from_config())]
@@ -181,22 +189,16 @@ def main() -> None:
         for scale in sorted(set(scales) | {1}):
             data = work / f"x{scale}.parquet"
             enlarged(base, scale).to_parquet(data)
-            runs = [("duckdb", {"kind": "duckdb", "data": str(data), "save": str(work / f"X{scale}.npy")}),
-                    ("spark local[2]", {"kind": "spark", "master": "local[2]", "data": str(data)})]
-            if cluster_url:
+            runs = [("duckdb", {"kind": "duckdb", "data": str(data), "save": str(work / f"X{scale}.npy")})]
+            if str(scale) in args.spark_scales.split(","):
+                runs.append(("spark local[2]", {"kind": "spark", "master": "local[2]", "data": str(data)}))
+            if cluster_url and str(scale) in args.spark_scales.split(","):
                 runs.append(("spark standalone (1 worker, 2 cores)",
                              {"kind": "spark", "master": cluster_url, "data": str(data)}))
             for label, task in runs:
                 rows.append((label, scale, measure(task)))
                 print(f"  features x{scale} {label}: {rows[-1][2]}", flush=True)
-        train: list[tuple[int, dict]] = []
-        for scale in (1, 5, 10):
-            matrix = work / f"X{scale}.npy"
-            if not matrix.exists():
-                X1 = np.load(work / "X1.npy")
-                np.save(matrix, np.concatenate([X1] * scale))
-            train.append((scale, measure({"kind": "train", "matrix": str(matrix)})))
-            print(f"  train x{scale}: {train[-1][1]}", flush=True)
+        train = training(work)
     finally:
         for proc in cluster:
             proc.terminate()
@@ -209,6 +211,22 @@ def main() -> None:
                 ratio = r["seconds"] / duck["seconds"]
                 print(f"  x{scale:<3} {label:38s} {r['seconds']:8.1f} s  x{ratio:6.2f}  "
                       f"peak {r['peak_gb']:.2f} GiB  rows {r['rows']:,}")
+    report_training(train)
+
+
+def training(work: Path) -> list[tuple[int, dict]]:
+    train: list[tuple[int, dict]] = []
+    for scale in (1, 5, 10):
+        matrix = work / f"X{scale}.npy"
+        if not matrix.exists():
+            X1 = np.load(work / "X1.npy")
+            np.save(matrix, np.concatenate([X1] * scale))
+        train.append((scale, measure({"kind": "train", "matrix": str(matrix)})))
+        print(f"  train x{scale}: {train[-1][1]}", flush=True)
+    return train
+
+
+def report_training(train: list[tuple[int, dict]]) -> None:
     print("\nLightGBM training, 100 rounds, 2 threads:")
     for scale, r in train:
         print(f"  x{scale:<3} {r['rows']:>11,} rows {r['seconds']:8.1f} s  peak {r['peak_gb']:.2f} GiB")
