@@ -635,6 +635,35 @@ def run(
     _run(body)
 
 
+log_app = typer.Typer(help="The prediction log: export a window of it.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
+
+
+@log_app.command("export")
+def log_export(
+    config: ConfigOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The Parquet file to write.")],
+    start: Annotated[str, typer.Option("--from", help="First day served (UTC), YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--to", help="Day after the last one (UTC), YYYY-MM-DD.")],
+) -> None:
+    """Write the predictions served in [--from, --to) with their labels to a Parquet file."""
+
+    def body() -> None:
+        from datetime import date
+
+        from flywheel.lifecycle.prediction_log import export_log
+
+        try:
+            first, after = date.fromisoformat(start), date.fromisoformat(end)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--from and --to are dates, YYYY-MM-DD: {exc}") from None
+        done = export_log(_project(config), first, after, output)
+        out.print(f"{done.rows:,} predictions ({done.labelled:,} with a label) served "
+                  f"{done.start:%Y-%m-%d} .. {done.end:%Y-%m-%d} → {done.path}")
+
+    _run(body)
+
+
 image_app = typer.Typer(help="Container images: the slim serving image and the full one.",
                         no_args_is_help=True)
 app.add_typer(image_app, name="image")
