@@ -635,7 +635,8 @@ def run(
     _run(body)
 
 
-log_app = typer.Typer(help="The prediction log: export a window of it.", no_args_is_help=True)
+log_app = typer.Typer(help="The prediction log: export a window of it, apply its retention.",
+                      no_args_is_help=True)
 app.add_typer(log_app, name="log")
 
 
@@ -660,6 +661,27 @@ def log_export(
         done = export_log(_project(config), first, after, output)
         out.print(f"{done.rows:,} predictions ({done.labelled:,} with a label) served "
                   f"{done.start:%Y-%m-%d} .. {done.end:%Y-%m-%d} → {done.path}")
+
+    _run(body)
+
+
+@log_app.command("prune")
+def log_prune(
+    config: ConfigOpt,
+    days: Annotated[int | None, typer.Option(
+        min=1, help="Keep this many days (default: serving.log.retention_days).")] = None,
+) -> None:
+    """Remove the predictions (and labels) older than the retention; `flywheel run` does it on each check."""
+
+    def body() -> None:
+        from flywheel.lifecycle.prediction_log import prune_log
+
+        done = prune_log(_project(config), days)
+        if done is None:
+            raise typer.BadParameter("no retention: set serving.log.retention_days or give --days")
+        out.print(f"{done.rows:,} predictions and {done.feedback:,} labels older than "
+                  f"{done.cutoff:%Y-%m-%d %H:%M} UTC removed"
+                  + (f" ({len(done.partitions)} day partitions dropped)" if done.partitions else ""))
 
     _run(body)
 

@@ -289,6 +289,9 @@ class PredictionLogConfig(_Strict):
     flush_interval_s: float = Field(default=0.05, gt=0, le=60)
     # A full queue makes the request wait this long for room, then the record is counted as dropped.
     queue_wait_s: float = Field(default=0.25, ge=0, le=60)
+    # Keep this many days of predictions (None: keep every one). `flywheel run` applies it on
+    # each check, `flywheel log prune` on demand; PostgreSQL drops whole day partitions.
+    retention_days: int | None = Field(default=None, ge=1)
 
 
 class ConnectionLimits(_Strict):

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 from flywheel.config import Project
+from flywheel.lifecycle.prediction_log import prune_log
 from flywheel.pipeline.scheduler import check_once
 from flywheel.serving.process import ServerProcess
 
@@ -21,7 +22,7 @@ def run_forever(project: Project, say: Callable[[str], None] = print, serve: boo
     if once:
         if serve:
             raise ValueError("a single check (once) runs without a server (serve=False)")
-        check_once(project, say=say)
+        _tick(project, say)
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -37,9 +38,18 @@ def run_forever(project: Project, say: Callable[[str], None] = print, serve: boo
             if server is not None and server.proc.poll() is not None:
                 raise RuntimeError(f"the server exited:\n{server.tail()}")
             try:
-                check_once(project, say=say)
+                _tick(project, say)
             except Exception as exc:  # a failed tick is alerted by the step; keep serving
                 say(f"check failed: {type(exc).__name__}: {exc}")
     finally:
         if server is not None:
             server.stop()
+
+
+def _tick(project: Project, say: Callable[[str], None]) -> None:
+    """The log's retention (when set), then one check of the loop."""
+    pruned = prune_log(project)
+    if pruned is not None and (pruned.rows or pruned.feedback):
+        say(f"log retention: {pruned.rows:,} predictions and {pruned.feedback:,} labels older than "
+            f"{pruned.cutoff:%Y-%m-%d %H:%M} UTC removed ({len(pruned.partitions)} partitions dropped)")
+    check_once(project, say=say)

@@ -12,7 +12,7 @@ import pytest
 
 from flywheel.core.errors import FlywheelError
 from flywheel.lifecycle import train_challenger
-from flywheel.lifecycle.prediction_log import export_log
+from flywheel.lifecycle.prediction_log import export_log, prune_log
 from flywheel.serving.process import ServerProcess
 from tests.pipeline.test_loop import WEAK, send_traffic
 
@@ -49,3 +49,16 @@ def test_a_window_of_the_log_goes_to_parquet_with_its_labels(state, loaded_proje
                          env={**os.environ, "FLYWHEEL_HOME": str(project.home), "COLUMNS": "200"},
                          timeout=300)
     assert cli.returncode == 0 and f"{sent:,} predictions ({sent:,} with a label)" in cli.stdout, cli.stderr
+
+    # retention: nothing served today is older than a day; three days on, all of it is
+    prune = [sys.executable, "-m", "flywheel.cli", "log", "prune", "--config", str(project.path)]
+    env = {**os.environ, "FLYWHEEL_HOME": str(project.home), "COLUMNS": "200"}
+    unset = subprocess.run(prune, capture_output=True, text=True, env=env, timeout=300)
+    assert unset.returncode != 0 and "serving.log.retention_days" in unset.stdout + unset.stderr
+    kept = subprocess.run([*prune, "--days", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert kept.returncode == 0 and "0 predictions and 0 labels" in kept.stdout, kept.stderr
+    later = prune_log(project, days=1, at=datetime.now(UTC) + timedelta(days=3))
+    assert later is not None and later.rows == sent and later.feedback == sent
+    if state == "postgresql":  # today's rows went with their day's partition, not row by row
+        assert f"predictions_p{today:%Y%m%d}" in later.partitions
+    assert export_log(project, today, today + timedelta(days=1), tmp_path / "after.parquet").rows == 0

@@ -55,7 +55,11 @@ def test_migrations_build_exactly_the_declared_schema_and_step_back(backend, pos
 
     def differences() -> list:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            # the log's day partitions are tables of PostgreSQL's own making, not declared ones
+            context = MigrationContext.configure(conn, opts={
+                "version_table": VERSION_TABLE,
+                "include_name": lambda name, kind, parent: not (kind == "table" and name and
+                                                               name.startswith("predictions_"))})
             return compare_metadata(context, metadata)
 
     assert differences() == []

@@ -115,3 +115,45 @@ def test_the_upgraded_project_serves_its_champion(upgraded):
     with open_state(upgraded.state_url).connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 301
         assert conn.execute(sa.text("SELECT count(*) FROM server_keys")).scalar() == 1
+
+
+def test_the_release_log_moves_into_day_partitions_on_postgresql(tmp_path, postgres_url):
+    """The archive's prediction log and labels, put in a PostgreSQL state database at the
+    archive's own revision, migrate to head: partitioned by day, not a row lost or changed."""
+    from alembic import command
+    from alembic.config import Config
+
+    from flywheel.state.db import MIGRATIONS
+    from flywheel.state.partitions import DEFAULT, day_partitions, is_partitioned
+
+    project = unpack(ARCHIVES[0], tmp_path / "project")
+    release = sa.create_engine(project.state_url)
+    with release.connect() as conn:
+        revision = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+        log = pd.read_sql("SELECT * FROM predictions ORDER BY id", conn)
+        labels = pd.read_sql("SELECT * FROM feedback", conn)
+    release.dispose()
+    log["created_at"] = pd.to_datetime(log["created_at"], utc=True)
+    log["decision"] = log["decision"].astype(bool)
+    for col in ("observed_at", "received_at"):
+        labels[col] = pd.to_datetime(labels[col], utc=True)
+    engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    command.upgrade(cfg, revision)
+    log.to_sql("predictions", engine, if_exists="append", index=False)
+    labels.to_sql("feedback", engine, if_exists="append", index=False)
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        assert is_partitioned(conn)
+        assert len(day_partitions(conn)) >= log["created_at"].dt.date.nunique()
+        assert conn.exec_driver_sql(f"SELECT count(*) FROM {DEFAULT}").scalar() == 0
+        after = pd.read_sql("SELECT id, record_id, created_at, inputs, probability, decision "
+                            "FROM predictions ORDER BY id", conn)
+        joined = conn.exec_driver_sql("SELECT count(*) FROM predictions p JOIN feedback f "
+                                      "ON f.record_id = p.record_id").scalar()
+    assert len(after) == 300 and joined == 300
+    before = log[["id", "record_id", "created_at", "inputs", "probability", "decision"]]
+    pd.testing.assert_frame_equal(after, before.reset_index(drop=True), check_dtype=False)
+    engine.dispose()

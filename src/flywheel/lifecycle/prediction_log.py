@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from flywheel.config import Project
 from flywheel.core.errors import FlywheelError
 from flywheel.state.db import feedback, open_state, predictions
+from flywheel.state.partitions import PruneResult, ensure_partitions, prune
 
 SCHEMA = pa.schema([
     ("record_id", pa.string()), ("request_id", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
@@ -83,3 +84,14 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def prune_log(project: Project, days: int | None = None, at: datetime | None = None) -> PruneResult | None:
+    """Apply the log's retention (`days`, default `serving.log.retention_days`; None when neither
+    is set: nothing is removed). On PostgreSQL the coming days' partitions are made first."""
+    keep = days or project.config.serving.log.retention_days
+    if keep is None:
+        return None
+    engine = open_state(project.state_url)
+    ensure_partitions(engine, at)
+    return prune(engine, keep, at)

@@ -188,10 +188,14 @@ def _utc_midnight(day: date | None) -> datetime:
     return datetime.combine(day or date.min, datetime.min.time(), tzinfo=UTC)
 
 
-def _in_window(query: sa.Select[Any], within: pd.Series | None) -> sa.Select[Any]:
-    """The latest rows, or (for an event window) the rows of the window's id range."""
+def _in_window(query: sa.Select[Any], within: pd.Series | None,
+               since: datetime | None = None) -> sa.Select[Any]:
+    """The latest rows, or (for an event window) the rows of the window's id range served at or
+    after `since` (the bound that lets PostgreSQL read only the window's log partitions)."""
     if within is None:
         return query.order_by(predictions.c.id.desc())
+    if since is not None:
+        query = query.where(predictions.c.created_at >= since)
     return query.where(predictions.c.id.between(int(within.min()), int(within.max())))
 
 
@@ -200,7 +204,8 @@ _TRUTH = {"binary": feedback.c.label, "regression": feedback.c.value, "multiclas
 
 
 def read_labelled(engine: sa.Engine, model_name: str, rows: int,
-                  within: pd.Series | None = None, task: str = "binary") -> pd.DataFrame:
+                  within: pd.Series | None = None, task: str = "binary",
+                  since: datetime | None = None) -> pd.DataFrame:
     """The latest `rows` predictions that have a label (feedback), with the version that served
     them and what it answered; or every labelled one among the prediction ids `within`."""
     truth = _TRUTH[task]
@@ -208,7 +213,7 @@ def read_labelled(engine: sa.Engine, model_name: str, rows: int,
                        predictions.c.value, predictions.c.scores, truth)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == model_name, truth.is_not(None)))
-    query = _in_window(query, within)
+    query = _in_window(query, within, since)
     with engine.connect() as conn:
         found = pd.DataFrame(conn.execute(query if within is not None else query.limit(rows)).all(),
                              columns=LABELLED)
@@ -216,13 +221,14 @@ def read_labelled(engine: sa.Engine, model_name: str, rows: int,
 
 
 def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, rows: int,
-                         at: datetime, within: pd.Series | None = None) -> pd.DataFrame:
+                         at: datetime, within: pd.Series | None = None,
+                         since: datetime | None = None) -> pd.DataFrame:
     """Labels from the source database for the latest predictions (or those `within`) whose
     `meta.entity_id` names a source row whose label is known by `at` (the target's own rule)."""
     query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
                        predictions.c.value, predictions.c.scores, predictions.c.meta)
              .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None)))
-    query = _in_window(query, within)
+    query = _in_window(query, within, since)
     with engine.connect() as conn:
         found = conn.execute(query if within is not None else query.limit(rows)).all()
     entity = [str((orjson.loads(r.meta) or {}).get("entity_id", "")) for r in found]
@@ -242,11 +248,12 @@ def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, r
 
 
 def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: int,
-                    at: datetime, within: pd.Series | None = None) -> pd.DataFrame:
-    """The latest `rows` labelled predictions (or every labelled one among the ids `within`):
-    feedback labels first, else the source database's."""
-    feedback_rows = read_labelled(engine, model_name, rows, within, project.config.task)
-    source_rows = read_source_labelled(project, engine, model_name, rows, at, within)
+                    at: datetime, within: pd.Series | None = None,
+                    since: datetime | None = None) -> pd.DataFrame:
+    """The latest `rows` labelled predictions (or every labelled one among the ids `within`,
+    served at or after `since`): feedback labels first, else the source database's."""
+    feedback_rows = read_labelled(engine, model_name, rows, within, project.config.task, since)
+    source_rows = read_source_labelled(project, engine, model_name, rows, at, within, since)
     source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
     both = pd.concat([feedback_rows, source_rows], ignore_index=True) if len(source_rows) else feedback_rows
     both = both.sort_values("id", ascending=False)
@@ -337,7 +344,8 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     drift = detect_drift(profile, current, cfg.drift_threshold, cfg.drift_share, columns=spec.names)
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
     labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now(),
-                               frame["id"] if window.by == "event" else None)
+                               frame["id"] if window.by == "event" else None,
+                               _utc_midnight(window.start) if window.by == "event" else None)
     metric = project.config.gate.metric
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
     promised = expected_metric(registry, labelled, metric) if perf is not None else None

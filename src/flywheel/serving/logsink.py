@@ -31,6 +31,7 @@ from flywheel.serving.predlog import (
     db_rows,
     insert_sql,
 )
+from flywheel.state.partitions import ensure_partitions
 
 log = logging.getLogger("flywheel.logsink")
 SLICE_ROWS = 16
@@ -80,12 +81,34 @@ def _complete_frames(buffer: bytearray) -> bool:
     return len(buffer) >= FRAME_HEADER.size + size
 
 
+PARTITIONS_EVERY_S = 3600.0
+
+
+def keep_partitions_ahead(engine: sa.Engine) -> None:
+    """The coming days' log partitions (PostgreSQL): made when the sink starts and hourly, so a
+    row never waits for one. A failure is logged and tried again next time: rows of a day with
+    no partition go to the default partition meanwhile and are moved later, never refused."""
+    try:
+        made = ensure_partitions(engine)
+    except Exception as exc:
+        log.error("could not make the prediction log's partitions", extra={
+            "event": "prediction_log_error", "error": str(exc)})
+        return
+    if made:
+        log.info("prediction log partitions made", extra={"event": "log_partitions", "made": made})
+
+
 def run(state_url: str, fd: int) -> tuple[int, int]:
     metrics = ServingMetrics()
     engine = make_engine(state_url)
     sql = insert_sql(engine.dialect.name)
     written = dropped = 0
+    keep_partitions_ahead(engine)
+    checked = time.monotonic()
     for frames in read_batches(fd):
+        if time.monotonic() - checked > PARTITIONS_EVERY_S:
+            keep_partitions_ahead(engine)
+            checked = time.monotonic()
         n_ok, n_lost = write(engine, sql, frames)
         written, dropped = written + n_ok, dropped + n_lost
         metrics.log_written.inc(n_ok)

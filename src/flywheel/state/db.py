@@ -64,7 +64,8 @@ predictions = sa.Table(
     sa.Column("value", sa.Float, nullable=True),
     sa.Column("label", sa.String(200), nullable=True),
     sa.Column("scores", sa.Text, nullable=True),
-    sa.Index("ix_predictions_record_id", "record_id", unique=True),
+    # (record_id, created_at): a partitioned table's unique key holds its partition key (0009).
+    sa.Index("ix_predictions_record_id", "record_id", "created_at", unique=True),
     sa.Index("ix_predictions_model_time", "model_name", "created_at"),
 )
 feedback = sa.Table(
