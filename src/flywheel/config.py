@@ -115,6 +115,9 @@ class SparkConfig(_Strict):
     app_name: str = "flywheel"
     conf: dict[str, str] = {}
     jars: list[str] = []
+    # A PostgreSQL source is read over JDBC by Spark in this many parallel slices of the id column
+    # (an integer id; one slice otherwise).
+    jdbc_partitions: int = Field(default=4, ge=1, le=1024)
 
 
 class DataConfig(_Strict):

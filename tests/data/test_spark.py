@@ -98,14 +98,53 @@ def test_edge_rows_equal_duckdb_on_spark():
     assert_same(duck, duck_X, spark_spec, spark_X)
 
 
-def test_a_project_with_engine_spark_trains_from_spark_features(loaded_project):
+def test_a_project_with_engine_spark_extracts_over_jdbc_and_trains(loaded_project, postgres_url,
+                                                                   monkeypatch):
+    """The source on PostgreSQL: Spark reads the window over JDBC; the snapshot is the one the
+    default path makes from a SQLite copy of the same rows (same content hash), and so are the
+    features."""
     project = loaded_project({"data": {"engine": "spark", "spark": {"master": "local[2]"}},
+                              "stores": {"source": postgres_url},
                               "model": {"params": {"num_boost_round": 10}}})
     twin = loaded_project({"model": {"params": {"num_boost_round": 10}}}, name="duck")
-    on_spark = prepare_features(project, extract_training_window(project))
-    on_duck = prepare_features(twin, extract_training_window(twin))
+    seen: list[str] = []
+    original = spark_engine.read_jdbc
+    monkeypatch.setattr(spark_engine, "read_jdbc", lambda *a: seen.append(a[2]) or original(*a))
+    snapshot = extract_training_window(project)
+    assert len(seen) == 1 and ">= '1994-10-01'" in seen[0]  # the window's bounds went to the database
+    duck_snapshot = extract_training_window(twin)
+    assert snapshot.rows == duck_snapshot.rows > 1000
+    assert snapshot.content_hash == duck_snapshot.content_hash
+    on_spark = prepare_features(project, snapshot)
+    on_duck = prepare_features(twin, duck_snapshot)
     assert on_spark.spec.vocabularies == on_duck.spec.vocabularies
     assert np.array_equal(on_spark.X, on_duck.X, equal_nan=True)
+
+
+def test_jdbc_reads_in_slices_give_the_databases_own_rows(postgres_url):
+    """An integer id splits the read into parallel slices; types come back as pandas reads them."""
+    import sqlalchemy as sa
+
+    rng = np.random.default_rng(0)
+    n = 2_000
+    frame = pd.DataFrame({
+        "id": np.arange(10, 10 + n), "amount": rng.normal(size=n).round(6),
+        "count": pd.array([None if i % 7 == 0 else i for i in range(n)], dtype="Int64"),
+        "kind": [None if i % 11 == 0 else f"k{i % 5} 'q' \\" for i in range(n)],
+        "day": pd.date_range("2001-01-01", periods=n, freq="D").date,
+        "at": pd.date_range("2001-01-01 03:04:05", periods=n, freq="h"),
+    })
+    engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    frame.to_sql("events", engine, index=False,
+                 dtype={"amount": sa.Numeric(12, 6), "count": sa.Integer(), "day": sa.Date()})
+    sql = "SELECT id, amount, count, kind, day, at FROM events WHERE day >= '2002-01-01'"
+    with engine.connect() as conn:
+        expected = pd.read_sql(sql + " ORDER BY id", conn)
+    engine.dispose()
+    cfg = LOCAL.model_copy(update={"jdbc_partitions": 3})
+    got = spark_engine.read_jdbc(cfg, postgres_url, sql, "id", (int(expected.id.min()), int(expected.id.max())))
+    got = got.sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
 
 
 def _wait_port(port: int, timeout: float = 90) -> None:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from flywheel.config import DataConfig, PerformanceWindowTarget
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import Advance
+from flywheel.data import spark as spark_engine
 from flywheel.data.engine import make_engine
 from flywheel.data.timecol import sql_bounds, to_timestamps
 
@@ -237,14 +238,34 @@ def _read_window(engine: sa.Engine, tbl: sa.Table, data: DataConfig, needed: lis
     if bounds is not None:
         query = query.where(time_col >= bounds[0], time_col < bounds[1])
         query = query.order_by(time_col, tbl.c[data.id_column])
-    with engine.connect() as conn:
-        frame = pd.read_sql(query, conn)
-    frame[data.time_column] = to_timestamps(frame[data.time_column], data)
+    if data.engine == "spark" and engine.dialect.name == "postgresql":
+        frame = _read_with_spark(engine, tbl, data, query)
+        frame[data.time_column] = to_timestamps(frame[data.time_column], data)
+        frame = frame.sort_values([data.time_column, data.id_column], kind="stable").reset_index(drop=True)
+    else:
+        with engine.connect() as conn:
+            frame = pd.read_sql(query, conn)
+        frame[data.time_column] = to_timestamps(frame[data.time_column], data)
     if bounds is None:  # dates as text in a format SQL cannot compare: filter and order here
         when = frame[data.time_column]
         frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(end))]
         frame = frame.sort_values([data.time_column, data.id_column], kind="stable")
     return frame
+
+
+def _read_with_spark(engine: sa.Engine, tbl: sa.Table, data: DataConfig, query: sa.Select[Any]) -> pd.DataFrame:
+    """The window read by Spark over JDBC (in parallel slices of an integer id), returned to this
+    process: the query is the SQLAlchemy path's own, compiled for PostgreSQL with its bounds."""
+    sql = str(query.order_by(None).compile(engine, compile_kwargs={"literal_binds": True}))
+    bounds = None
+    if isinstance(tbl.c[data.id_column].type, sa.Integer):  # the slices' bounds: the window's ids
+        window = query.order_by(None).subquery()
+        with engine.connect() as conn:
+            low, high = conn.execute(sa.select(sa.func.min(window.c[data.id_column]),
+                                               sa.func.max(window.c[data.id_column]))).one()
+        bounds = None if low is None else (int(low), int(high))
+    return spark_engine.read_jdbc(data.spark, engine.url.render_as_string(hide_password=False), sql,
+                                  data.id_column if bounds else None, bounds)
 
 
 def _empty_window_message(engine: sa.Engine, tbl: sa.Table, data: DataConfig, start: date,

@@ -49,7 +49,11 @@ def session(cfg: SparkConfig) -> SparkSession:
     jars = list(cfg.jars) or ([str(DEBIAN_POSTGRES_JDBC)] if DEBIAN_POSTGRES_JDBC.is_file() else [])
     if jars:
         builder = builder.config("spark.jars", ",".join(jars))
+    # spark.driver.maxResultSize: the matrix comes back to this process by design (9M rows of
+    # the SBA features are 0.55 GiB as float32); Spark's 1 GiB default would refuse a larger
+    # window that this machine can hold. Set it in `conf` to have Spark refuse earlier.
     settings = {"spark.sql.session.timeZone": "UTC", "spark.ui.enabled": "false",
+                "spark.driver.maxResultSize": "0",
                 "spark.sql.execution.arrow.pyspark.enabled": "true", **cfg.conf}
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -69,6 +73,55 @@ def to_spark(spark: SparkSession, frame: pd.DataFrame, train: np.ndarray | None 
         flags[np.asarray(train)] = True
         table = table.append_column(TRAIN, pa.array(flags))
     return spark.createDataFrame(table)
+
+
+def jdbc_source(url: str) -> tuple[str, dict[str, str]]:
+    """A SQLAlchemy PostgreSQL URL as Spark's JDBC URL and connection properties (the password
+    goes in the properties, never in the URL Spark prints)."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"Spark reads a PostgreSQL source over JDBC; {parsed.get_backend_name()} is read "
+                         "by the driver")
+    query = "&".join(f"{k}={v}" for k, v in parsed.query.items() if isinstance(v, str))
+    jdbc = f"jdbc:postgresql://{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+    props = {"driver": "org.postgresql.Driver", "user": parsed.username or ""}
+    if parsed.password:
+        props["password"] = str(parsed.password)
+    return (f"{jdbc}?{query}" if query else jdbc), props
+
+
+def read_jdbc(cfg: SparkConfig, url: str, sql: str, split_on: str | None,
+              bounds: tuple[int, int] | None) -> pd.DataFrame:
+    """The rows of `sql` read by Spark over JDBC, in `cfg.jdbc_partitions` parallel slices of the
+    integer column `split_on` between `bounds` (one read without them); back on the driver as a
+    frame with NUMERIC columns as floats, as the SQLAlchemy path reads them."""
+    from pyspark.sql.types import DecimalType
+
+    spark = session(cfg)
+    jdbc, props = jdbc_source(url)
+    reader = (spark.read.format("jdbc").option("url", jdbc)
+              .option("dbtable", f"({sql}) AS flywheel_window")
+              .option("preferTimestampNTZ", "true"))  # a TIMESTAMP without zone stays one
+    for key, value in props.items():
+        reader = reader.option(key, value)
+    if split_on and bounds and cfg.jdbc_partitions > 1 and bounds[1] > bounds[0]:
+        reader = (reader.option("partitionColumn", split_on).option("lowerBound", str(bounds[0]))
+                  .option("upperBound", str(bounds[1] + 1))
+                  .option("numPartitions", str(cfg.jdbc_partitions)))
+    df = reader.load()
+    for f in df.schema.fields:
+        if isinstance(f.dataType, DecimalType):
+            df = df.withColumn(f.name, df[f.name].cast("double"))
+    frame = df.toArrow().to_pandas(date_as_object=True)
+    for name in frame.columns:  # the dtypes pandas gives reading from the database itself
+        dtype = frame[name].dtype
+        if isinstance(dtype, np.dtype) and dtype.kind == "M":
+            frame[name] = frame[name].astype("datetime64[ns]")
+        elif isinstance(dtype, np.dtype) and dtype.kind == "i" and dtype.itemsize < 8:
+            frame[name] = frame[name].astype(np.int64)
+    return frame
 
 
 def input_types(df: DataFrame, columns: list[str]) -> dict[str, InputType]:
@@ -103,11 +156,14 @@ def build_matrix(spec: FeatureSpec, df: DataFrame) -> np.ndarray:
     """Every feature of every row of `df` as a float32 matrix, in the rows' order, computed on Spark."""
     df.createOrReplaceTempView("flywheel_rows")
     query = to_sql(spec, "flywheel_rows", passthrough=[ROW], dialect="spark") + f" ORDER BY `{ROW}`"
-    table = df.sparkSession.sql(query).toArrow()
+    # float32 on Spark (the same rounding as numpy's): half the bytes to bring back to this
+    # process, which the whole matrix must reach (training runs here).
+    ordered = df.sparkSession.sql(query)
+    table = ordered.selectExpr(*[f"CAST(`{f.name}` AS FLOAT) AS `{f.name}`" for f in spec.features]).toArrow()
     if table.num_rows == 0:
         return np.zeros((0, len(spec.features)), dtype=np.float32)
     columns = [table.column(f.name).to_numpy(zero_copy_only=False) for f in spec.features]
-    return np.column_stack([np.asarray(c, dtype=np.float64) for c in columns]).astype(np.float32)
+    return np.column_stack([np.asarray(c, dtype=np.float32) for c in columns])
 
 
 def fit_and_build(cfg: SparkConfig, features: list[Feature], frame: pd.DataFrame,
