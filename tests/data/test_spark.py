@@ -142,7 +142,8 @@ def test_jdbc_reads_in_slices_give_the_databases_own_rows(postgres_url):
         expected = pd.read_sql(sql + " ORDER BY id", conn)
     engine.dispose()
     cfg = LOCAL.model_copy(update={"jdbc_partitions": 3})
-    got = spark_engine.read_jdbc(cfg, postgres_url, sql, "id", (int(expected.id.min()), int(expected.id.max())))
+    bounds = (int(expected.id.min()), int(expected.id.max()))
+    got = spark_engine.read_jdbc(cfg, postgres_url, sql, "id", bounds)
     got = got.sort_values("id").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected)
 

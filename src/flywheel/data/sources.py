@@ -253,7 +253,8 @@ def _read_window(engine: sa.Engine, tbl: sa.Table, data: DataConfig, needed: lis
     return frame
 
 
-def _read_with_spark(engine: sa.Engine, tbl: sa.Table, data: DataConfig, query: sa.Select[Any]) -> pd.DataFrame:
+def _read_with_spark(engine: sa.Engine, tbl: sa.Table, data: DataConfig,
+                     query: sa.Select[Any]) -> pd.DataFrame:
     """The window read by Spark over JDBC (in parallel slices of an integer id), returned to this
     process: the query is the SQLAlchemy path's own, compiled for PostgreSQL with its bounds."""
     sql = str(query.order_by(None).compile(engine, compile_kwargs={"literal_binds": True}))
