@@ -38,6 +38,9 @@ def build_tiny_model(folder: Path, vocab_size: int = 384, seed: int = 0) -> Path
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True, initializer_range=0.2)
     model = LlamaForCausalLM(config)
+    # A plain-text chat template, for the chat endpoints (the tokenizer has no role tokens).
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -223,3 +223,98 @@ def test_two_workers_share_metrics_and_follow_the_champion(project: LlmProject) 
         assert len(pids) == 2, versions
     finally:
         srv.stop()
+
+
+# ---- the OpenAI-compatible endpoints, through the official client ------------------------------
+
+def openai_client(server: ServerProcess):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+
+
+def test_the_openai_client_gets_transformers_own_tokens(server: ServerProcess, project: LlmProject,
+                                                        tmp_path: Path) -> None:
+    client = openai_client(server)
+    assert [m.id for m in client.models.list()] == ["tiny-lora"]
+    prompt = "Article 21: Protection of life"
+    expected = reference_generation(project, tmp_path, 1, prompt, 20, 0.0, 0)
+    done = client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=20, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].text == expected
+    assert done.usage is not None and done.usage.completion_tokens == 20
+    assert done.choices[0].finish_reason == "length"
+    # chat: the tokenizer's chat template, then the same greedy decoding
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Article 14"}]
+    templated = "system: Answer briefly.\nuser: Article 14\nassistant:"
+    chat = client.chat.completions.create(model="tiny-lora", messages=messages, max_tokens=16, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    expected_chat = reference_generation(project, tmp_path, 1, templated, 16, 0.0, 0)
+    assert chat.choices[0].message.content == expected_chat
+    # seeded sampling repeats; another seed (almost surely) differs
+    sample = [client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=20, temperature=1.2,
+                                        seed=s).choices[0].text for s in (5, 5, 6)]
+    assert sample[0] == sample[1] != sample[2]
+
+
+def test_streams_and_stop_strings_give_the_same_text(server: ServerProcess) -> None:
+    client = openai_client(server)
+    prompt = "Article 19: Protection of certain rights"
+    whole = client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=30, temperature=0)
+    text = whole.choices[0].text
+    pieces = list(client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=30, temperature=0,
+                                            stream=True))
+    assert len(pieces) > 3 and "".join(p.choices[0].text for p in pieces) == text
+    assert pieces[-1].choices[0].finish_reason == "length"
+    # a stop string: the text up to it, finish_reason stop (the generated text only: this
+    # prompt ends in "s", and the tiny model answers "sss…")
+    probe = "Article 21: Protection of life"
+    greedy = {"model": "tiny-lora", "max_tokens": 30, "temperature": 0}
+    text = client.completions.create(prompt=probe, **greedy).choices[0].text
+    stop, cut = "sss", text.index("sss")
+    assert cut > 0, text
+    stopped = client.completions.create(model="tiny-lora", prompt=probe, max_tokens=30, temperature=0,
+                                        stop=[stop, "\u2603never"])
+    assert stopped.choices[0].text == text[:cut], (text, stopped.choices[0].text)
+    assert stopped.choices[0].finish_reason == "stop"
+    early = client.completions.create(prompt=prompt, stop="sss", **greedy)
+    assert early.choices[0].text == "" and early.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(
+        model="tiny-lora", messages=[{"role": "user", "content": prompt}], max_tokens=30, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    plain = client.chat.completions.create(model="tiny-lora", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=30, temperature=0)
+    assert content == plain.choices[0].message.content
+    assert plain.usage is not None and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    streamed_stop = list(client.completions.create(model="tiny-lora", prompt=probe, max_tokens=30,
+                                                   temperature=0, stop=stop, stream=True))
+    assert "".join(p.choices[0].text for p in streamed_stop) == text[:cut]
+    assert streamed_stop[-1].choices[0].finish_reason == "stop"
+
+
+def test_openai_errors_name_the_field(server: ServerProcess) -> None:
+    import openai
+
+    client = openai_client(server)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4o", prompt="x")
+    assert missing.value.code == "model_not_found"
+    for kwargs, param in (({"temperature": 5}, "temperature"), ({"max_tokens": 65}, "max_tokens"),
+                          ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                          ({"extra_body": {"tools": []}}, "tools")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model="tiny-lora", prompt="x", **kwargs)
+        assert bad.value.param == param, (kwargs, bad.value.body)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny-lora", messages=[{"role": "wizard", "content": "x"}])
+    assert bad.value.param == "messages.0"
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * 5000, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert 'endpoint="completions"' in metrics and 'endpoint="chat_completions"' in metrics
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["properties"]["max_tokens"]["maximum"] == 64 and "model" in schema["required"]

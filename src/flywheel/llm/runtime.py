@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,15 +49,28 @@ class LoadedGenerator:
     def prompt_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
+    def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation through the tokenizer's chat template, ready for the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise NoChatTemplate(f"{self.base.base_model} has no chat template: use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.prompt_tokens(str(text))
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int | None) -> Generation:
-        """Greedy when temperature is 0, else sampling (seeded if `seed` is given)."""
+                 top_p: float, seed: int | None, stop: Sequence[str] = (), streamer: Any = None,
+                 cancel: threading.Event | None = None) -> Generation:
+        """Greedy when temperature is 0, else sampling (seeded if `seed` is given). Generation ends
+        at a `stop` string (left out of the text), and soon after `cancel` is set."""
         import torch
 
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens,
                                   "pad_token_id": self.tokenizer.pad_token_id,
                                   "attention_mask": torch.ones_like(ids)}
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if stop or cancel is not None:
+            kwargs["stopping_criteria"] = _stopping(self.tokenizer, len(prompt_ids), stop, cancel)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             with _RNG_LOCK, torch.no_grad():
@@ -70,12 +84,85 @@ class LoadedGenerator:
         eos = self.tokenizer.eos_token_id
         stopped = bool(new) and new[-1] == eos
         text = self.tokenizer.decode(new, skip_special_tokens=True)
+        cut = first_stop(text, stop)
+        if cut is not None:
+            text, stopped = text[:cut], True
         return Generation(text, len(prompt_ids), len(new), "stop" if stopped else "length")
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+               seed: int | None, stop: Sequence[str] = (),
+               cancel: threading.Event | None = None) -> Iterator[str | Generation]:
+        """The generated text piece by piece as the tokens come, then the `Generation` itself.
+        Text that may be the start of a stop string is held back until it is known not to be."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        done: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                done["out"] = self.generate(prompt_ids, max_new_tokens, temperature, top_p, seed, stop,
+                                            streamer, cancel)
+            except BaseException as exc:  # handed to the reader, which re-raises it
+                done["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
+        worker.start()
+        hold = max((len(s) for s in stop), default=1) - 1
+        pending, finished = "", False
+        for piece in streamer:
+            if finished:
+                continue  # a stop string was seen: the generation ends in a token or two
+            pending += piece
+            cut = first_stop(pending, stop)
+            if cut is not None:
+                pending, finished = pending[:cut], True
+            ready = len(pending) if finished else len(pending) - hold
+            if ready > 0:
+                yield pending[:ready]
+                pending = pending[ready:]
+        worker.join()
+        if "error" in done:
+            raise done["error"]
+        if pending:
+            yield pending
+        yield done["out"]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id,
                 "loaded_at": self.loaded_at.isoformat(), "lineage": self.lineage,
                 "base_model": self.base.base_model, "merged": True}
+
+
+class NoChatTemplate(ValueError):
+    """The base model's tokenizer has no chat template."""
+
+
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _stopping(tokenizer: Any, prompt_len: int, stop: Sequence[str],
+              cancel: threading.Event | None) -> Any:
+    """Stop once the generated text holds a stop string, or `cancel` is set. The generated part
+    only: transformers' own `stop_strings` also match across the end of the prompt (a prompt
+    ending in "s" stopped at "ss" for the stop string "sss")."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):  # type: ignore[misc]
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            done = cancel is not None and cancel.is_set()
+            if not done and stop:
+                text = tokenizer.decode(input_ids[0, prompt_len:], skip_special_tokens=True)
+                done = first_stop(text, stop) is not None
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+    return StoppingCriteriaList([Stop()])
 
 
 def load_generator(project: LlmProject, registry: Registry, version: int) -> LoadedGenerator:

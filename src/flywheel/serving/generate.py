@@ -37,6 +37,7 @@ from flywheel.serving.http import (
     worker_lifespan,
 )
 from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
+from flywheel.serving.openai_api import OpenAIEndpoints
 from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE, generate_openapi
 from flywheel.serving.runtime import ModelRuntime
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
@@ -147,7 +148,10 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
         version = runtime.current.version if runtime.current else None
         return generate_openapi(project.config.registered_model, cfg, version)
 
+    compatible = OpenAIEndpoints(endpoint)
     app = Starlette(routes=[Route("/v1/generate", endpoint.handle, methods=["POST"]),
+                            Route("/v1/chat/completions", compatible.chat, methods=["POST"]),
+                            Route("/v1/completions", compatible.completions, methods=["POST"]),
                             *common_routes(runtime, metrics, openapi)],
                     lifespan=worker_lifespan(runtime))
     app.state.runtime = runtime

@@ -160,8 +160,11 @@ def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
 
     async def models(request: Request) -> Response:
         model = runtime.current
+        # `data`/`object`: the same list in the OpenAI shape (`client.models.list()`)
+        listed = [{"id": model.name, "object": "model", "created": int(model.loaded_at.timestamp()),
+                   "owned_by": "flywheel"}] if model else []
         return json_response({"models": [model.describe()] if model else [], **(models_extra or {}),
-                              "last_error": _public(runtime.last_error)})
+                              "last_error": _public(runtime.last_error), "object": "list", "data": listed})
 
     async def prometheus(request: Request) -> Response:
         extra = await metrics_extra() if metrics_extra else b""  # may update gauges: first

@@ -1,0 +1,339 @@
+"""OpenAI-compatible endpoints of a LoRA project: POST /v1/chat/completions and /v1/completions.
+
+The official `openai` client works against them unchanged (`base_url=http://HOST:PORT/v1`): the
+request fields it sends (`model`, `messages` or `prompt`, `max_tokens` or
+`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options`),
+the answer objects (`chat.completion`, `text_completion`, their `.chunk` forms) and server-sent
+events ending in `data: [DONE]` when `stream` is true. Errors come in OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`) with every wrong field listed under
+`detail`, as the rest of the server names them.
+
+The same limits as /v1/generate hold (prompt characters and tokens, new tokens, temperature,
+body size, the generation slots: at most `max_concurrent` at once per worker, `max_waiting`
+queued, 429 beyond), the same metrics and JSON log lines. A stream holds its slot until its last
+event; a client that goes away stops its generation within a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from flywheel.config import GenerateServingConfig
+from flywheel.llm.runtime import Generation, LoadedGenerator, NoChatTemplate
+from flywheel.serving.http import BodyTooLarge, json_response, new_request_id, read_body
+from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE
+from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+
+log = logging.getLogger("flywheel.serving")
+
+ROLES = {"system", "user", "assistant"}
+# Fields an OpenAI client may send that change nothing here at their default value.
+NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "echo": False,
+           "user": None, "best_of": 1, "logit_bias": None, "suffix": None, "parallel_tool_calls": None}
+COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+          "stream_options", *NEUTRAL}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    chat: bool
+    model: str
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           detail: list[dict[str, Any]] | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> Response:
+    body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    if detail:
+        body["detail"] = detail
+    return json_response(body, status, headers)
+
+
+def parse_openai(body: Any, cfg: GenerateServingConfig, chat: bool) -> OpenAIRequest:
+    """Validate a chat or completion body; every wrong field is named in one error."""
+    if not isinstance(body, dict):
+        raise RequestInvalid([FieldError(("body",), "a JSON object is required", "type_error")])
+    errors: list[FieldError] = []
+    allowed = COMMON | ({"messages"} if chat else {"prompt"})
+    for extra in sorted(set(body) - allowed):
+        errors.append(FieldError(("body", extra), "not supported by this server", "extra_forbidden"))
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in (neutral, None):
+            errors.append(FieldError(("body", name), f"only {neutral!r} is supported", "unsupported"))
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        errors.append(FieldError(("body", "model"), "the model's name, a string", "missing"))
+    messages = _messages(body, errors, cfg) if chat else None
+    prompt = None if chat else _prompt(body, errors, cfg)
+    max_tokens = _max_tokens(body, errors, cfg)
+    temperature, top_p, seed = _sampling(body, errors, cfg)
+    stop = _stop(body.get("stop"), errors)
+    stream, include_usage = _streaming(body, errors)
+    if errors:
+        raise RequestInvalid(errors)
+    return OpenAIRequest(chat, str(model), messages, prompt, max_tokens, temperature, top_p, seed, stop,
+                         stream, include_usage)
+
+
+def _max_tokens(body: dict[str, Any], errors: list[FieldError], cfg: GenerateServingConfig) -> int:
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    value = cfg.default_max_new_tokens if limit is None else limit
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cfg.max_new_tokens:
+        errors.append(FieldError(("body", "max_tokens"), f"an integer in [1, {cfg.max_new_tokens}]",
+                                 "out_of_range"))
+        return 1
+    return value
+
+
+def _sampling(body: dict[str, Any], errors: list[FieldError],
+              cfg: GenerateServingConfig) -> tuple[float, float, int | None]:
+    temperature = _float(body, errors, "temperature", 1.0, 0.0, min(2.0, cfg.max_temperature))
+    if 0 < temperature < MIN_TEMPERATURE:
+        errors.append(FieldError(("body", "temperature"), f"0 (greedy) or at least {MIN_TEMPERATURE}",
+                                 "out_of_range"))
+    top_p = _float(body, errors, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        errors.append(FieldError(("body", "top_p"), "must be in (0, 1]", "out_of_range"))
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_SEED):
+        errors.append(FieldError(("body", "seed"), f"an integer in [0, {MAX_SEED}]", "type_error"))
+        seed = None
+    return temperature, top_p, seed
+
+
+def _streaming(body: dict[str, Any], errors: list[FieldError]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        errors.append(FieldError(("body", "stream"), "true or false", "type_error"))
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        errors.append(FieldError(("body", "stream_options"), 'only {"include_usage": bool}', "type_error"))
+        options = {}
+    return bool(stream), bool(options.get("include_usage"))
+
+
+def _messages(body: dict[str, Any], errors: list[FieldError],
+              cfg: GenerateServingConfig) -> list[dict[str, str]]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        errors.append(FieldError(("body", "messages"), "a non-empty list of {role, content}", "missing"))
+        return []
+    out, chars = [], 0
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            errors.append(FieldError(("body", "messages", i), "{role: system|user|assistant, content: "
+                                     "a string}", "type_error"))
+            continue
+        chars += len(m["content"])
+        out.append({"role": m["role"], "content": m["content"]})
+    if chars > cfg.max_prompt_chars:
+        errors.append(FieldError(("body", "messages"), f"at most {cfg.max_prompt_chars} characters in all",
+                                 "too_long"))
+    return out
+
+
+def _prompt(body: dict[str, Any], errors: list[FieldError], cfg: GenerateServingConfig) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]  # the client may send one prompt as a list
+    if not isinstance(prompt, str) or not prompt.strip():
+        errors.append(FieldError(("body", "prompt"), "a non-empty string", "type_error"))
+        return ""
+    if len(prompt) > cfg.max_prompt_chars:
+        errors.append(FieldError(("body", "prompt"), f"at most {cfg.max_prompt_chars} characters",
+                                 "too_long"))
+    return prompt
+
+
+def _float(body: dict[str, Any], errors: list[FieldError], name: str, default: float, lo: float,
+           hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        errors.append(FieldError(("body", name), f"a number in [{lo}, {hi}]", "out_of_range"))
+        return default
+    return float(value)
+
+
+def _stop(raw: Any, errors: list[FieldError]) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or len(items) > 4 or not all(isinstance(s, str) and s for s in items):
+        errors.append(FieldError(("body", "stop"), "a non-empty string or a list of at most 4", "type_error"))
+        return ()
+    return tuple(items)
+
+
+class OpenAIEndpoints:
+    """The two routes, on the GenerateEndpoint's runtime, slots, answers and metrics."""
+
+    def __init__(self, endpoint: Any):
+        self.base = endpoint  # serving.generate.GenerateEndpoint
+        self.cfg: GenerateServingConfig = endpoint.cfg
+
+    async def chat(self, request: Request) -> Response:
+        return await self.handle(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self.handle(request, chat=False)
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        name = "chat_completions" if chat else "completions"
+        started, request_id = time.perf_counter(), new_request_id()
+        model = self.base.runtime.current
+        observe = self.base.answers.metrics.observe
+        if model is None:
+            observe(name, 503, 0, time.perf_counter() - started)
+            return _error(503, "no champion adapter is loaded yet", kind="server_error")
+        try:
+            body = parse_json_body(await read_body(request, self.cfg.max_body_bytes))
+            req = parse_openai(body, self.cfg, chat)
+            if req.model not in (model.name, f"{model.name}:{model.version}"):
+                observe(name, 404, model.version, time.perf_counter() - started)
+                return _error(404, f"the model '{req.model}' does not exist here; this server serves "
+                                   f"'{model.name}'", "model", "model_not_found")
+            prompt_ids = self.tokens(model, req)
+        except BodyTooLarge:
+            observe(name, 413, model.version, time.perf_counter() - started)
+            return _error(413, f"body larger than {self.cfg.max_body_bytes} bytes")
+        except RequestInvalid as exc:
+            observe(name, 400, model.version, time.perf_counter() - started)
+            first = exc.errors[0]
+            message = "; ".join(f"{_param(e) or 'body'}: {e.msg}" for e in exc.errors)
+            return _error(400, message, _param(first), first.type, [e.as_dict() for e in exc.errors])
+        stack = contextlib.AsyncExitStack()
+        granted = await stack.enter_async_context(self.base.slots.slot())
+        if not granted:
+            await stack.aclose()
+            observe(name, 429, model.version, time.perf_counter() - started)
+            return _error(429, f"{self.cfg.max_concurrent} generation(s) running and "
+                               f"{self.cfg.max_waiting} waiting: retry later", kind="rate_limit_error",
+                          headers={"retry-after": "1"})
+        if req.stream:
+            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, stack, name),
+                                     media_type="text/event-stream",
+                                     headers={"x-request-id": request_id, "cache-control": "no-cache"})
+        async with stack:
+            try:
+                out = await run_in_threadpool(model.generate, prompt_ids, req.max_tokens, req.temperature,
+                                              req.top_p, req.seed, req.stop)
+            except Exception:
+                log.exception("generation failed", extra={"event": "request_error", "status": 500,
+                                                           "request_id": request_id})
+                observe(name, 500, model.version, time.perf_counter() - started)
+                return _error(500, "internal error; see the server log", kind="server_error")
+        self.base.record(model, out, request_id, started)
+        observe(name, 200, model.version, time.perf_counter() - started)
+        return json_response(answer(model, req, out, request_id), 200, {"x-request-id": request_id})
+
+    def tokens(self, model: LoadedGenerator, req: OpenAIRequest) -> list[int]:
+        try:
+            ids = (model.chat_prompt_tokens(req.messages or []) if req.chat
+                   else model.prompt_tokens(req.prompt or ""))
+        except NoChatTemplate as exc:
+            raise RequestInvalid([FieldError(("body", "messages"), str(exc), "no_chat_template")]) from None
+        field = "messages" if req.chat else "prompt"
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise RequestInvalid([FieldError(("body", field), f"{len(ids)} tokens; at most "
+                                             f"{self.cfg.max_prompt_tokens}", "too_long")])
+        if not ids:
+            raise RequestInvalid([FieldError(("body", field), "has no tokens", "type_error")])
+        return ids
+
+    async def events(self, model: LoadedGenerator, req: OpenAIRequest, prompt_ids: list[int],
+                     request_id: str, started: float, stack: contextlib.AsyncExitStack,
+                     name: str) -> AsyncIterator[bytes]:
+        """Server-sent events: the pieces as they come, a last chunk with the finish reason (and
+        the usage when asked), then [DONE]. The slot is released when the stream ends or breaks."""
+        cancel = threading.Event()
+        status = 200
+        try:
+            async with stack:
+                head = chunk(model, req, request_id, {"role": "assistant", "content": ""} if req.chat else "")
+                yield sse(head)
+                pieces: Iterator[str | Generation] = model.stream(
+                    prompt_ids, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, cancel)
+                out: Generation | None = None
+                async for piece in iterate_in_threadpool(pieces):
+                    if isinstance(piece, Generation):
+                        out = piece
+                    else:
+                        yield sse(chunk(model, req, request_id, {"content": piece} if req.chat else piece))
+                assert out is not None
+                last = chunk(model, req, request_id, {} if req.chat else "", out.finish_reason)
+                yield sse(last)
+                if req.include_usage:
+                    yield sse({**chunk(model, req, request_id, None), "choices": [], "usage": usage(out)})
+                yield b"data: [DONE]\n\n"
+            self.base.record(model, out, request_id, started)
+        except Exception:  # generation failed after the stream began: it ends without [DONE]
+            status = 500
+            log.exception("generation failed", extra={"event": "request_error", "status": 500,
+                                                       "request_id": request_id})
+            raise
+        except BaseException:  # the client went away: the task is cancelled
+            status = 499
+            raise
+        finally:
+            cancel.set()
+            self.base.answers.metrics.observe(name, status, model.version, time.perf_counter() - started)
+
+
+def _param(error: FieldError) -> str | None:
+    """The field as OpenAI names it: `messages.0`, `temperature` (None for the body itself)."""
+    return ".".join(map(str, error.loc[1:])) or None
+
+
+def usage(out: Generation) -> dict[str, int]:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def answer(model: LoadedGenerator, req: OpenAIRequest, out: Generation, request_id: str) -> dict[str, Any]:
+    base = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{request_id}", "created": int(time.time()),
+            "model": model.name, "system_fingerprint": f"{model.name}:v{model.version}",
+            "usage": usage(out)}
+    if req.chat:
+        return {**base, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+            "finish_reason": out.finish_reason}]}
+    return {**base, "object": "text_completion", "choices": [{
+        "index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}]}
+
+
+def chunk(model: LoadedGenerator, req: OpenAIRequest, request_id: str, delta: Any,
+          finish: str | None = None) -> dict[str, Any]:
+    base = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{request_id}", "created": int(time.time()),
+            "model": model.name, "system_fingerprint": f"{model.name}:v{model.version}"}
+    if req.chat:
+        return {**base, "object": "chat.completion.chunk", "choices": [] if delta is None else [{
+            "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {**base, "object": "text_completion", "choices": [] if delta is None else [{
+        "index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
