@@ -759,13 +759,23 @@ def export(
                                              "model folder (safetensors + tokenizer).")] = False,
     version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (the folder), or gguf: the folder "
+                                                      "and one GGUF file for llama.cpp.")] = "safetensors",
+    precision: Annotated[str, typer.Option(help="The GGUF file's weights: f32, f16 or q8_0.")] = "f16",
 ) -> None:
     """Write a LoRA version as files: the adapter, or with --merge a merged model folder."""
 
     def body() -> None:
         from flywheel.llm.export import export_version
+        from flywheel.llm.gguf_export import PRECISIONS
 
-        done = export_version(load_llm_project(config), output, merge, version, overwrite)
+        if fmt not in ("safetensors", "gguf"):
+            raise typer.BadParameter(f"--format {fmt!r}: safetensors or gguf")
+        if precision not in PRECISIONS:
+            raise typer.BadParameter(f"--precision {precision!r}: one of {', '.join(PRECISIONS)}")
+        gguf = precision if fmt == "gguf" else None
+        done = export_version(load_llm_project(config), output, merge, version, overwrite,
+                              gguf)  # type: ignore[arg-type]
         kind = "merged model" if done.merged else "adapter"
         out.print(f"v{done.version} as a {kind} in {done.folder}: {', '.join(done.files)}")
 

@@ -142,6 +142,62 @@ def test_merged_export_loads_in_plain_transformers_with_parity(
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
+def transformers_greedy(folder: Path, prompt_ids: list[int], max_new: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new,
+                             attention_mask=torch.ones_like(ids), pad_token_id=model.config.eos_token_id)
+    return [t for t in out[0, len(prompt_ids):].tolist() if t != model.config.eos_token_id]
+
+
+def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], max_new: int, eos: int) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    got: list[int] = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if token == eos or len(got) == max_new:
+            break
+        got.append(int(token))
+    llm.close()
+    return got
+
+
+def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tmp_path: Path) -> None:
+    """The merged model as GGUF (llama.cpp's format, written with the gguf package): llama.cpp's
+    greedy tokens equal transformers' on the merged folder, at f32 and f16; the file's hash is
+    recorded; q8_0 loads and generates."""
+    from transformers import AutoTokenizer
+
+    from flywheel.llm.gguf_export import file_sha256
+
+    project, r = trained
+    prompts = ["Article 21: Protection of life", "The State shall not deny", "Article 14:"]
+    for precision in ("f32", "f16", "q8_0"):
+        out = tmp_path / precision
+        done = cli("export", "--config", str(project.path), "--merge", "--format", "gguf", "--precision",
+                   precision, "--output", str(out), env={"FLYWHEEL_HOME": str(project.home)})
+        assert done.returncode == 0, done.stderr
+        gguf = out / f"model-{precision}.gguf"
+        recorded = json.loads((out / "flywheel.json").read_text())["gguf"][gguf.name]
+        assert recorded == {"precision": precision, "sha256": file_sha256(gguf)}
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            got = llama_cpp_greedy(gguf, ids, 24, tokenizer.eos_token_id)
+            if precision == "q8_0":
+                assert got, prompt  # 8-bit weights: it runs; its cost is measured, not assumed away
+                continue
+            assert got == transformers_greedy(out, ids, 24), (precision, prompt)
+    refused = cli("export", "--config", str(project.path), "--format", "gguf", "--output",
+                  str(tmp_path / "no-merge"), env={"FLYWHEEL_HOME": str(project.home)})
+    assert refused.returncode != 0 and "--merge" in refused.stdout + refused.stderr
+
+
 def test_adapter_export_and_tampering_refused(trained: tuple[LlmProject, FinetuneResult],
                                               tmp_path: Path) -> None:
     from flywheel.llm.export import ExportError, export_version

@@ -32,3 +32,25 @@ def test_real_smollm2_heldout_loss_falls(tmp_path: Path) -> None:
     info = Registry.for_project(project).version(r.version)
     assert info.run_tags["base_model"] == "smollm2-135m-instruct"
     assert len(r.generations[0]["after"]) > 0
+
+
+@pytest.mark.slow
+def test_real_smollm2_as_gguf_decodes_transformers_own_tokens(tmp_path: Path) -> None:
+    """The built-in base (9 query heads, 3 key/value heads, tied embeddings) written as f16 GGUF:
+    llama.cpp's greedy tokens equal transformers' for 48 tokens."""
+    from transformers import AutoTokenizer
+
+    from flywheel.config import cache_dir
+    from flywheel.llm.base import builtin_folder
+    from flywheel.llm.gguf_export import write_gguf
+    from tests.llm.test_finetune import llama_cpp_greedy, transformers_greedy
+
+    folder = builtin_folder(cache_dir())
+    gguf = tmp_path / "smollm2-f16.gguf"
+    write_gguf(folder, gguf, "f16", "smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = "Article 21: Protection of life and personal liberty\n"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    expected = transformers_greedy(folder, ids, 48)
+    assert len(expected) == 48
+    assert llama_cpp_greedy(gguf, ids, 48, tokenizer.eos_token_id) == expected

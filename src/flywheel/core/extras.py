@@ -23,6 +23,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "llm": ("peft", "LoRA fine-tuning and serving of language models (kind: lora)"),
     "xgboost": ("xgboost", "reading XGBoost models (flywheel import)"),
     "spark": ("pyspark", "Apache Spark as the feature engine (data.engine: spark)"),
+    "llamacpp": ("llama_cpp", "llama.cpp, which runs the GGUF export of a LoRA model"),
 }
 
 

@@ -21,6 +21,7 @@ from flywheel.config import LlmProject
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
+from flywheel.llm.gguf_export import Precision, write_gguf
 from flywheel.registry import CHAMPION, Registry, RegistryError
 
 
@@ -37,8 +38,12 @@ class Exported:
 
 
 def export_version(project: LlmProject, output: Path, merge: bool, version: int | None = None,
-                   overwrite: bool = False) -> Exported:
+                   overwrite: bool = False, gguf: Precision | None = None) -> Exported:
+    """The adapter, or the merged model (and, with `gguf`, the same model as one GGUF file at
+    that precision for llama.cpp, its sha256 in flywheel.json)."""
     require("llm", "flywheel export")
+    if gguf is not None and not merge:
+        raise ExportError("a GGUF file is of the merged model: pass --merge with --format gguf")
     registry = Registry.for_project(project)
     version = _version(registry, version)
     info = registry.version(version)
@@ -53,6 +58,7 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
             raise ExportError(f"{output} holds files that are not a Flywheel export (no flywheel.json); "
                               "--overwrite replaces only an earlier export: choose another --output")
     work = output.parent / f".{output.name}.partial-{os.getpid()}"
+    files: dict[str, dict[str, str]] = {}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -66,12 +72,16 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
                 merged = model.merge_and_unload()
                 merged.save_pretrained(work)  # safetensors
                 load_tokenizer(base.folder).save_pretrained(work)
+                if gguf is not None:
+                    name = f"model-{gguf}.gguf"
+                    files = {name: {"precision": gguf, "sha256": write_gguf(
+                        work, work / name, gguf, f"{registry.model_name}-v{version}")}}
             else:
                 for f in adapter.iterdir():
                     shutil.copy2(f, work / f.name)
         (work / "flywheel.json").write_text(json.dumps({
             "model": registry.model_name, "version": version, "run_id": info.run_id,
-            "merged": merge, "base": json.loads(ref.to_json()),
+            "merged": merge, "base": json.loads(ref.to_json()), "gguf": files,
             "metrics": {k: info.metrics[k] for k in ("perplexity_before", "perplexity_after")
                         if k in info.metrics}}, indent=2))
         (work / "README.md").write_text(_model_card(project, registry.model_name, version, ref,

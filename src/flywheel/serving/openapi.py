@@ -144,33 +144,6 @@ def generate_openapi(name: str, cfg: GenerateServingConfig, version: int | None)
         return {"get": {"summary": summary, "operationId": op, "responses": {"200": {
             "description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
 
-    def openai_compatible(field: str, op: str) -> dict[str, Any]:
-        """OpenAI's request and answer (its client's own schema is the reference)."""
-        request = {"type": "object", "required": ["model", field], "properties": {
-            "model": {"type": "string", "enum": [name]},
-            field: ({"type": "array", "items": {"type": "object"}} if field == "messages"
-                    else {"type": "string"}),
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_new_tokens},
-            "temperature": {"type": "number", "minimum": 0, "maximum": min(2.0, cfg.max_temperature)},
-            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
-            "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                                     "maxItems": 4}]},
-            "stream": {"type": "boolean"}}}
-        return {"post": {
-            "summary": f"OpenAI-compatible {'chat completion' if op == 'chat' else 'completion'}",
-            "operationId": f"openai_{op}",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
-            "responses": {
-                "200": {"description": "the answer (JSON), or server-sent events when stream is true",
-                        "content": {"application/json": {"schema": {"type": "object"}},
-                                    "text/event-stream": {"schema": {"type": "string"}}}},
-                "400": {"description": "a wrong field, named in error.param"},
-                "404": {"description": "another model than this server's"},
-                "413": {"description": "body larger than serving.max_body_bytes"},
-                "429": {"description": "every generation slot busy and the queue full"},
-                "503": {"description": "no champion loaded yet"}}}}
-
     return {
         "openapi": "3.0.3",
         "info": {"title": f"Flywheel: {name}", "version": str(version) if version else "none",
@@ -187,8 +160,8 @@ def generate_openapi(name: str, cfg: GenerateServingConfig, version: int | None)
                                            "bounds", "content": {"application/json": {"schema": error}}},
                     "429": {"description": "every generation slot busy and the queue full"},
                     "503": {"description": "no champion loaded yet"}}}},
-            "/v1/chat/completions": openai_compatible("messages", "chat"),
-            "/v1/completions": openai_compatible("prompt", "completions"),
+            "/v1/chat/completions": openai_compatible(name, cfg, "messages", "chat"),
+            "/v1/completions": openai_compatible(name, cfg, "prompt", "completions"),
             "/v1/models": simple("What is served, with its lineage", "models"),
             "/health": simple("Alive", "health"),
             "/ready": simple("A champion is loaded and warm", "ready"),
@@ -202,3 +175,31 @@ def generate_openapi(name: str, cfg: GenerateServingConfig, version: int | None)
         },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
+
+
+def openai_compatible(name: str, cfg: GenerateServingConfig, field: str, op: str) -> dict[str, Any]:
+    """OpenAI's request and answer (its client's own schema is the reference)."""
+    request = {"type": "object", "required": ["model", field], "properties": {
+        "model": {"type": "string", "enum": [name]},
+        field: ({"type": "array", "items": {"type": "object"}} if field == "messages"
+                else {"type": "string"}),
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_new_tokens},
+        "temperature": {"type": "number", "minimum": 0, "maximum": min(2.0, cfg.max_temperature)},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                 "maxItems": 4}]},
+        "stream": {"type": "boolean"}}}
+    return {"post": {
+        "summary": f"OpenAI-compatible {'chat completion' if op == 'chat' else 'completion'}",
+        "operationId": f"openai_{op}",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": {
+            "200": {"description": "the answer (JSON), or server-sent events when stream is true",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            "400": {"description": "a wrong field, named in error.param"},
+            "404": {"description": "another model than this server's"},
+            "413": {"description": "body larger than serving.max_body_bytes"},
+            "429": {"description": "every generation slot busy and the queue full"},
+            "503": {"description": "no champion loaded yet"}}}}
