@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -318,3 +319,38 @@ def test_openai_errors_name_the_field(server: ServerProcess) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["properties"]["max_tokens"]["maximum"] == 64 and "model" in schema["required"]
+
+
+def test_streams_that_are_dropped_or_refused_keep_no_slot(server: ServerProcess) -> None:
+    """Clients that close a stream early (or before it starts) leave the slot free; a stream
+    asked for while every slot and the queue are busy is a 429 before any event."""
+    body = {"model": "tiny-lora", "prompt": "Article 1", "max_tokens": 64, "temperature": 1.0, "seed": 1,
+            "stream": True}
+    for _ in range(4):  # max_concurrent is 1: a leaked slot would stall everything after
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event, then the connection goes away
+    for _ in range(3):  # the request sent, the connection closed before any answer
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.05)
+    answers: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def stream() -> None:
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        with lock:
+            answers.append(r)
+
+    clients = [threading.Thread(target=stream) for _ in range(6)]  # one runs, one waits, the rest: 429
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 429} and statuses.count(429) >= 1, statuses
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
+    assert all(r.text.rstrip().endswith("data: [DONE]") for r in answers if r.status_code == 200)
+    done = openai_client(server).completions.create(model="tiny-lora", prompt="Article 1", max_tokens=4,
+                                                    temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop")  # a slot is still there to take

@@ -110,9 +110,13 @@ class GenerationSlots:
         self.waiting = 0
         self.metrics = metrics
 
+    def full(self) -> bool:
+        """Whether `slot` would refuse now (every slot busy and the queue full)."""
+        return self.semaphore.locked() and self.waiting >= self.max_waiting
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[bool]:
-        if self.semaphore.locked() and self.waiting >= self.max_waiting:
+        if self.full():
             self.metrics.rejected.inc()
             yield False
             return

@@ -224,18 +224,21 @@ class OpenAIEndpoints:
             first = exc.errors[0]
             message = "; ".join(f"{_param(e) or 'body'}: {e.msg}" for e in exc.errors)
             return _error(400, message, _param(first), first.type, [e.as_dict() for e in exc.errors])
-        stack = contextlib.AsyncExitStack()
-        granted = await stack.enter_async_context(self.base.slots.slot())
-        if not granted:
-            await stack.aclose()
-            observe(name, 429, model.version, time.perf_counter() - started)
-            return _error(429, f"{self.cfg.max_concurrent} generation(s) running and "
-                               f"{self.cfg.max_waiting} waiting: retry later", kind="rate_limit_error",
-                          headers={"retry-after": "1"})
+        busy = _error(429, f"{self.cfg.max_concurrent} generation(s) running and {self.cfg.max_waiting} "
+                           "waiting: retry later", kind="rate_limit_error", headers={"retry-after": "1"})
         if req.stream:
-            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, stack, name),
+            # The slot is taken inside the stream, never before it: a client that goes away before
+            # the stream starts must not keep one (the generator would never run its `finally`).
+            if self.base.slots.full():
+                observe(name, 429, model.version, time.perf_counter() - started)
+                return busy
+            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, name),
                                      media_type="text/event-stream",
                                      headers={"x-request-id": request_id, "cache-control": "no-cache"})
+        stack = contextlib.AsyncExitStack()
+        if not await stack.enter_async_context(self.base.slots.slot()):
+            observe(name, 429, model.version, time.perf_counter() - started)
+            return busy
         async with stack:
             try:
                 out = await run_in_threadpool(model.generate, prompt_ids, req.max_tokens, req.temperature,
@@ -264,14 +267,18 @@ class OpenAIEndpoints:
         return ids
 
     async def events(self, model: LoadedGenerator, req: OpenAIRequest, prompt_ids: list[int],
-                     request_id: str, started: float, stack: contextlib.AsyncExitStack,
-                     name: str) -> AsyncIterator[bytes]:
+                     request_id: str, started: float, name: str) -> AsyncIterator[bytes]:
         """Server-sent events: the pieces as they come, a last chunk with the finish reason (and
         the usage when asked), then [DONE]. The slot is released when the stream ends or breaks."""
         cancel = threading.Event()
         status = 200
         try:
-            async with stack:
+            async with self.base.slots.slot() as granted:
+                if not granted:  # filled between the check and the stream's start
+                    status = 429
+                    yield sse({"error": {"message": "every generation slot is busy: retry later",
+                                         "type": "rate_limit_error", "param": None, "code": None}})
+                    return
                 head = chunk(model, req, request_id, {"role": "assistant", "content": ""} if req.chat else "")
                 yield sse(head)
                 pieces: Iterator[str | Generation] = model.stream(
