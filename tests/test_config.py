@@ -120,7 +120,23 @@ def test_lora_example_config_is_valid(tmp_path: Path) -> None:
     assert cfg.base_model == BUILTIN_BASE_MODEL and cfg.text.source == "indian-constitution"
     assert cfg.gate.metric == "perplexity" and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.serving.default_max_new_tokens <= cfg.serving.max_new_tokens
+    assert cfg.serving.runtime == "llama.cpp" and cfg.gate.max_export_cost is not None
     assert project.tracking_url == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_serving_threads_keeps_its_old_name(tmp_path: Path) -> None:
+    from flywheel.config import load_llm_project
+
+    for key in ("threads", "torch_threads"):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({"project": "x", "kind": "lora", "gate": {"floor": 50},
+                                        "serving": {key: 3}}))
+        assert load_llm_project(path, env={}).config.serving.threads == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"project": "x", "kind": "lora", "gate": {"floor": 50},
+                                   "serving": {"runtime": "vllm"}}))
+    with pytest.raises(ConfigError, match="runtime"):
+        load_llm_project(bad, env={})
 
 
 def test_hostile_yaml_is_refused_quickly_with_a_reason(tmp_path):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from flywheel.config import LlmProject
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_TEXT = REPO / "tests" / "fixtures" / "constitution_sample.jsonl"
@@ -72,3 +77,36 @@ def write_config(folder: Path, cfg: dict[str, Any]) -> Path:
     path = folder / "flywheel.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def reference_generation(project: LlmProject, tmp: Path, version: int, prompt: str, max_new: int,
+                         temperature: float, seed: int) -> str:
+    """What plain transformers generates from the merged export of `version` (in another process)."""
+    out = tmp / f"merged-v{version}"
+    if not out.exists():
+        done = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "export", "--config", str(project.path), "--merge",
+             "--version", str(version), "--output", str(out)],
+            capture_output=True, text=True, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})
+        assert done.returncode == 0, done.stderr
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    kwargs = {"max_new_tokens": max_new, "pad_token_id": tokenizer.eos_token_id,
+              "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        if temperature > 0:
+            gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, **kwargs)
+        else:
+            gen = model.generate(ids, do_sample=False, **kwargs)
+    return str(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def openai_client(server: Any) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=60)

@@ -737,6 +737,9 @@ def finetune(
                  else f"{r.champion_perplexity:.3f} (v{r.champion_version})")
         table.add_row("lower is better", f"{r.perplexity_before:.3f}", f"{r.perplexity_after:.3f}",
                       champ)
+        if r.served is not None:
+            table.add_row(f"served: llama.cpp {r.served.precision}", "", f"{r.served.perplexity:.3f} "
+                          f"({r.served.cost:+.2%})", "")
         out.print(table)
         out.print(f"{r.steps} steps on {r.device}: {r.seconds_per_step:.2f} s/step, "
                   f"{r.tokens_per_second:,.0f} tokens/s; {r.trainable_parameters:,} trainable of "
@@ -761,7 +764,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="safetensors (the folder), or gguf: the folder "
                                                       "and one GGUF file for llama.cpp.")] = "safetensors",
-    precision: Annotated[str, typer.Option(help="The GGUF file's weights: f32, f16 or q8_0.")] = "f16",
+    precision: Annotated[str, typer.Option(help="The GGUF file's weights: f32, f16, q8_0 or q4_0.")] = "f16",
 ) -> None:
     """Write a LoRA version as files: the adapter, or with --merge a merged model folder."""
 
@@ -789,13 +792,20 @@ def publish(
                                          help="HuggingFace repo, e.g. you/constitution-smollm2.")],
     version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = True,
+    gguf: Annotated[str | None, typer.Option(
+        help="Also upload the merged model as one GGUF file for llama.cpp at this precision: f32, f16, "
+             "q8_0, q4_0.")] = None,
 ) -> None:
     """Push the merged model to the HuggingFace Hub (needs HF_TOKEN and a reachable hub)."""
 
     def body() -> None:
         from flywheel.llm.export import publish as do_publish
+        from flywheel.llm.gguf_export import PRECISIONS
 
-        url = do_publish(load_llm_project(config), repo_id, version, private)
+        if gguf is not None and gguf not in PRECISIONS:
+            raise typer.BadParameter(f"--gguf {gguf!r}: one of {', '.join(PRECISIONS)}")
+        url = do_publish(load_llm_project(config), repo_id, version, private,
+                         gguf=gguf)  # type: ignore[arg-type]
         out.print(f"published to {url}")
 
     _run(body)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.core.errors import FlywheelError
 from flywheel.core.secrets import with_file_secrets
@@ -514,12 +514,16 @@ class LlmGateConfig(_Strict):
     """The gate of a LoRA project: held-out perplexity, lower is better.
 
     `floor` is the worst acceptable perplexity (a ceiling); `min_improvement` is how much lower
-    than the champion's (on the same held-out text) a challenger must be.
+    than the champion's (on the same held-out text) a challenger must be. When the llama.cpp
+    runtime serves the model, `max_export_cost` is how much higher (a fraction) the served GGUF's
+    held-out perplexity may be than the full-precision model's: a quantisation that costs more
+    fails the gate (None: measured and logged, never refused).
     """
 
     metric: Literal["perplexity"] = "perplexity"
     floor: float = Field(gt=1)
     min_improvement: float = Field(default=0.0, ge=0)
+    max_export_cost: float | None = Field(default=0.02, ge=0)
     require_schema_compatible: bool = False  # prompts in, text out: nothing to compare
 
 
@@ -533,7 +537,13 @@ class GenerateServingConfig(ServerConfig):
     # Generations run at once per worker; more wait (up to max_waiting), beyond that 429.
     max_concurrent: int = Field(default=1, ge=1, le=64)
     max_waiting: int = Field(default=8, ge=0, le=10_000)
-    torch_threads: int | None = Field(default=None, ge=1)
+    # CPU threads of one generation (torch's or llama.cpp's); None: torch's default, or every core.
+    threads: int | None = Field(default=None, ge=1,
+                                validation_alias=AliasChoices("threads", "torch_threads"))
+    # transformers: the merged model in PyTorch. llama.cpp: the merged model as a GGUF file at
+    # `precision` (written at fine-tuning, hash-checked), decoded by llama-cpp-python.
+    runtime: Literal["transformers", "llama.cpp"] = "transformers"
+    precision: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> GenerateServingConfig:

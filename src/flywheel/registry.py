@@ -44,6 +44,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in blocks (model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def onnx_signature(feature_spec: str) -> Any:
     """The MLflow signature of an ONNX export: one float32 column per feature, one output
     (`probability`, `value`, or one probability column per class)."""
@@ -234,6 +243,35 @@ class Registry:
             raise RegistryError(
                 f"the files of {self.model_name} v{version} do not match the hashes recorded at "
                 f"registration ({', '.join(sorted({name for name, _ in bad}))}); refusing to load them")
+        return folder
+
+    def attach_folder(self, version: int, folder: Path, artifact_path: str) -> None:
+        """Log more files of a version (an inference export) under `artifact_path` of its run, each
+        file's SHA-256 recorded on the version (`file_sha256:<artifact_path>/<name>`)."""
+        info = self.version(version)
+        hashes = {f"file_sha256:{artifact_path}/{p.name}": file_sha256(p) for p in sorted(folder.iterdir())
+                  if p.is_file()}
+        self.client.log_artifacts(info.run_id, str(folder), artifact_path)
+        self.set_version_tags(version, hashes)
+
+    def attached_hashes(self, version: int, artifact_path: str) -> dict[str, str]:
+        """File name -> sha256 of what `attach_folder` recorded under `artifact_path` (empty: none)."""
+        prefix = f"file_sha256:{artifact_path}/"
+        return {k.removeprefix(prefix): v for k, v in self.version(version).tags.items()
+                if k.startswith(prefix)}
+
+    def download_attached(self, version: int, artifact_path: str, dst: Path) -> Path:
+        """The files `attach_folder` logged, in `dst`, every one checked against its recorded hash."""
+        expected = self.attached_hashes(version, artifact_path)
+        if not expected:
+            raise RegistryError(f"{self.model_name} v{version} has no files under '{artifact_path}'")
+        info = self.version(version)
+        folder = Path(self.client.download_artifacts(info.run_id, artifact_path, str(dst)))
+        found = {p.name: file_sha256(p) for p in folder.iterdir() if p.is_file()}
+        if found != expected:
+            bad = sorted({name for name, _ in set(found.items()) ^ set(expected.items())})
+            raise RegistryError(f"the files under '{artifact_path}' of {self.model_name} v{version} do not "
+                                f"match the hashes recorded ({', '.join(bad)}); refusing to load them")
         return folder
 
     def set_version_tags(self, version: int, tags: dict[str, str]) -> None:

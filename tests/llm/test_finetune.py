@@ -170,14 +170,14 @@ def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], max_new: int, eos: int) 
 def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tmp_path: Path) -> None:
     """The merged model as GGUF (llama.cpp's format, written with the gguf package): llama.cpp's
     greedy tokens equal transformers' on the merged folder, at f32 and f16; the file's hash is
-    recorded; q8_0 loads and generates."""
+    recorded; q8_0 and q4_0 load and generate."""
     from transformers import AutoTokenizer
 
-    from flywheel.llm.gguf_export import file_sha256
+    from flywheel.registry import file_sha256
 
     project, r = trained
     prompts = ["Article 21: Protection of life", "The State shall not deny", "Article 14:"]
-    for precision in ("f32", "f16", "q8_0"):
+    for precision in ("f32", "f16", "q8_0", "q4_0"):
         out = tmp_path / precision
         done = cli("export", "--config", str(project.path), "--merge", "--format", "gguf", "--precision",
                    precision, "--output", str(out), env={"FLYWHEEL_HOME": str(project.home)})
@@ -189,8 +189,8 @@ def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tm
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             got = llama_cpp_greedy(gguf, ids, 24, tokenizer.eos_token_id)
-            if precision == "q8_0":
-                assert got, prompt  # 8-bit weights: it runs; its cost is measured, not assumed away
+            if precision in ("q8_0", "q4_0"):
+                assert got, prompt  # quantised weights: it runs; its cost is measured, not assumed away
                 continue
             assert got == transformers_greedy(out, ids, 24), (precision, prompt)
     refused = cli("export", "--config", str(project.path), "--format", "gguf", "--output",
@@ -244,6 +244,12 @@ def test_publish_fails_clearly_without_token_or_hub(trained: tuple[LlmProject, F
     assert unreachable.returncode == 1, unreachable.stdout
     assert "could not reach the HuggingFace Hub" in unreachable.stderr
     assert "published" not in unreachable.stdout
+    # with the GGUF file: exported first (the precision checked), then the same honest failure
+    with_gguf = cli(*args, "--gguf", "q8_0", env={**base, "HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "0",
+                                                  "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    assert with_gguf.returncode == 1 and "could not reach the HuggingFace Hub" in with_gguf.stderr
+    wrong = cli(*args, "--gguf", "q2_k", env={**base, "HF_TOKEN": "hf_fake"})
+    assert wrong.returncode != 0 and "f32, f16, q8_0, q4_0" in wrong.stderr
 
 
 def test_config_errors_are_named(tmp_path: Path, tiny_base: Path) -> None:

@@ -13,17 +13,21 @@ from tests.tiny_llm import write_config
 
 
 @pytest.mark.slow
-def test_real_smollm2_heldout_loss_falls(tmp_path: Path) -> None:
+def test_real_smollm2_heldout_loss_falls_and_its_q8_export_costs_little(tmp_path: Path) -> None:
     cfg = {
         "project": "constitution-smoke", "kind": "lora",  # base_model and text: the defaults
         "training": {"steps": 8, "batch_size": 2, "max_seq_length": 64, "learning_rate": 0.001,
                      "warmup_steps": 0, "eval_max_tokens": 512, "seed": 42},
         "samples": {"prompts": ["Article 21: Protection of life and personal liberty\n"],
                     "max_new_tokens": 12},
-        "gate": {"floor": 100.0},
+        "gate": {"floor": 100.0, "max_export_cost": 0.02},
+        "serving": {"runtime": "llama.cpp", "precision": "q8_0"},
     }
     project = load_llm_project(write_config(tmp_path, cfg), env={"FLYWHEEL_HOME": str(tmp_path / "home")})
     r = finetune(project)
+    # the 8-bit GGUF llama.cpp will serve, measured on the same held-out blocks: within 2%
+    assert r.served is not None and r.served.precision == "q8_0"
+    assert abs(r.served.cost) < 0.02 and r.served.passed, r.served.reason()
     assert r.total_parameters == 134_515_008  # SmolLM2-135M
     assert r.trainable_parameters == 460_800  # r=8 on q_proj and v_proj of 30 layers
     assert 5 < r.perplexity_before < 60  # a real pretrained model reads this text well already

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +15,7 @@ from flywheel.config import LlmProject, load_llm_project
 from flywheel.lifecycle import promote
 from flywheel.llm.finetune import finetune
 from tests.conftest import ServerProcess
-from tests.tiny_llm import build_tiny_model, tiny_config, write_config
+from tests.tiny_llm import build_tiny_model, openai_client, reference_generation, tiny_config, write_config
 
 # One worker builds this module's shared fixture (a trained model, a server) once.
 pytestmark = pytest.mark.xdist_group("serving-test_generate")
@@ -51,33 +48,6 @@ def server(project: LlmProject) -> Iterator[ServerProcess]:
         yield srv
     finally:
         srv.stop()
-
-
-def reference_generation(project: LlmProject, tmp: Path, version: int, prompt: str, max_new: int,
-                         temperature: float, seed: int) -> str:
-    """What plain transformers generates from the merged export of `version` (in another process)."""
-    out = tmp / f"merged-v{version}"
-    if not out.exists():
-        done = subprocess.run(
-            [sys.executable, "-m", "flywheel.cli", "export", "--config", str(project.path), "--merge",
-             "--version", str(version), "--output", str(out)],
-            capture_output=True, text=True, env={**os.environ, "FLYWHEEL_HOME": str(project.home)})
-        assert done.returncode == 0, done.stderr
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    kwargs = {"max_new_tokens": max_new, "pad_token_id": tokenizer.eos_token_id,
-              "attention_mask": torch.ones_like(ids)}
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        if temperature > 0:
-            gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, **kwargs)
-        else:
-            gen = model.generate(ids, do_sample=False, **kwargs)
-    return str(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def test_generation_equals_transformers_own(server: ServerProcess, project: LlmProject,
@@ -227,12 +197,6 @@ def test_two_workers_share_metrics_and_follow_the_champion(project: LlmProject) 
 
 
 # ---- the OpenAI-compatible endpoints, through the official client ------------------------------
-
-def openai_client(server: ServerProcess):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=60)
-
 
 def test_the_openai_client_gets_transformers_own_tokens(server: ServerProcess, project: LlmProject,
                                                         tmp_path: Path) -> None:

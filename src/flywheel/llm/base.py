@@ -189,6 +189,14 @@ def load_model(folder: Path, device: str = "cpu") -> Any:
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers' stub types .to()
 
 
+def merge_adapter(base_folder: Path, adapter: Path) -> Any:
+    """The base with a PEFT adapter merged into its weights (W + BA), in eval mode."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base_folder), str(adapter))
+    return model.merge_and_unload().eval()
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 

@@ -4,8 +4,9 @@
 model.safetensors, tokenizer files, generation config, a model card) that plain `transformers`
 loads with `AutoModelForCausalLM.from_pretrained(folder)`. Without `--merge` it writes the PEFT
 adapter folder (adapter_config.json + adapter_model.safetensors) and the base reference.
-`publish` exports merged and uploads the folder to the HuggingFace Hub; it needs a token and a
-reachable hub and fails with a message saying which is missing.
+`publish` exports merged (with `--gguf`, the GGUF file too) and uploads the folder to the
+HuggingFace Hub; it needs a token and a reachable hub and fails with a message saying which is
+missing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from flywheel.config import LlmProject
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
-from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
+from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_tokenizer, merge_adapter
 from flywheel.llm.gguf_export import Precision, write_gguf
 from flywheel.registry import CHAMPION, Registry, RegistryError
 
@@ -65,12 +66,8 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
         with tempfile.TemporaryDirectory() as tmp:
             adapter = registry.download_verified(version, Path(tmp))
             if merge:
-                from peft import PeftModel
-
                 base = base_for_ref(project, ref)
-                model = PeftModel.from_pretrained(load_model(base.folder), str(adapter))
-                merged = model.merge_and_unload()
-                merged.save_pretrained(work)  # safetensors
+                merge_adapter(base.folder, adapter).save_pretrained(work)  # safetensors
                 load_tokenizer(base.folder).save_pretrained(work)
                 if gguf is not None:
                     name = f"model-{gguf}.gguf"
@@ -97,8 +94,9 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
 
 
 def publish(project: LlmProject, repo_id: str, version: int | None = None, private: bool = True,
-            token: str | None = None) -> str:
-    """Export merged and upload to the Hub; returns the URL of the commit. Never fakes success."""
+            token: str | None = None, gguf: Precision | None = None) -> str:
+    """Export merged (with `gguf`, one GGUF file beside it) and upload to the Hub; returns the URL
+    of the commit. Never fakes success."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -110,7 +108,7 @@ def publish(project: LlmProject, repo_id: str, version: int | None = None, priva
         raise ExportError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it to publish. "
                           "Nothing was uploaded")
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_version(project, Path(tmp) / "model", merge=True, version=version)
+        exported = export_version(project, Path(tmp) / "model", merge=True, version=version, gguf=gguf)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -34,6 +34,7 @@ from flywheel.llm.base import (
     pick_device,
     resolve_base,
 )
+from flywheel.llm.llamacpp import ExportCost, build_export, export_artifact, gguf_name, gguf_perplexity
 from flywheel.llm.text import Document, TextSplit, load_split, pack, token_stream
 from flywheel.registry import ADAPTER_ARTIFACT, CHALLENGER, CHAMPION, Registry
 from flywheel.state.db import open_state
@@ -64,6 +65,7 @@ class FinetuneResult:
     total_parameters: int
     losses: list[float] = field(repr=False)
     generations: list[dict[str, str]] = field(repr=False)
+    served: ExportCost | None = None  # the llama.cpp export's perplexity, when that runtime serves
 
 
 @dataclass
@@ -93,7 +95,7 @@ def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneR
     t = project.config.training
     with registry.run(f"lora-{project.config.base_model.replace('/', '-')}", run.tags) as run_id:
         trained = _train(run, run_id)
-        version, champ_ppl, gate = _register_and_gate(run, run_id, trained, champion)
+        version, champ_ppl, gate, served = _register_and_gate(run, run_id, trained, champion)
     with run.reporter.step("Promote: move alias champion" if gate.passed else "Gate failed"):
         outcome = promote_if_passed(registry, open_state(project.state_url), version, gate.passed,
                                     gate.summary(), champion)
@@ -102,7 +104,7 @@ def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneR
         run_id, version, m["perplexity_before"], m["perplexity_after"], champion, champ_ppl, gate,
         outcome.promoted, t.steps, m["seconds_per_step"], m["tokens_per_second"], m["train_seconds"],
         time.perf_counter() - started, run.device, trained.trainable, trained.total, trained.losses,
-        trained.generations)
+        trained.generations, served)
 
 
 def _load(project: LlmProject, registry: Registry, reporter: Reporter) -> _Session:
@@ -193,7 +195,7 @@ def _log_params(run: _Session, run_id: str) -> None:
 
 
 def _register_and_gate(run: _Session, run_id: str, trained: _Trained,
-                       champion: int | None) -> tuple[int, float | None, GateDecision]:
+                       champion: int | None) -> tuple[int, float | None, GateDecision, ExportCost | None]:
     """Register the adapter as `challenger`; score the champion adapter on the same held-out
     blocks; decide the gate once and record it on the version."""
     registry, t = run.registry, run.project.config.training
@@ -215,11 +217,37 @@ def _register_and_gate(run: _Session, run_id: str, trained: _Trained,
         gate = GateDecision(False, [reason]) if reason is not None else decide_gate(
             run.project.config.gate, {"perplexity": after},
             None if champ_ppl is None else {"perplexity": champ_ppl}, {}, None)
+    cost = None
+    if run.project.config.serving.runtime == "llama.cpp":
+        cost = _served_export(run, run_id, version, after)
+        gate = GateDecision(gate.passed and cost.passed, [*gate.reasons, cost.reason()])
+    with run.reporter.step("Record the gate's decision"):
         registry.set_version_tags(version, {
             "gate": "passed" if gate.passed else "failed", "gate_reasons": " | ".join(gate.reasons),
             "champion_at_evaluation": str(champion) if champion else "none"})
         registry.set_run_tags(run_id, {"gate": "passed" if gate.passed else "failed"})
-    return version, champ_ppl, gate
+    return version, champ_ppl, gate, cost
+
+
+def _served_export(run: _Session, run_id: str, version: int, full_precision: float) -> ExportCost:
+    """The version as the GGUF file llama.cpp will serve (`serving.precision`), its held-out
+    perplexity next to the full-precision one, its files logged and hashed on the version."""
+    cfg, registry = run.project.config, run.registry
+    precision = cfg.serving.precision
+    with tempfile.TemporaryDirectory() as tmp:
+        with run.reporter.step(f"Export for llama.cpp: GGUF at {precision}"):
+            adapter = registry.download_verified(version, Path(tmp) / "adapter")
+            folder = build_export(run.base.folder, adapter, Path(tmp) / "export", precision,
+                                  f"{registry.model_name}-v{version}")
+        with run.reporter.step(f"Held-out perplexity of the {precision} GGUF (llama.cpp)",
+                               total=len(run.eval_blocks)) as adv:
+            ppl = gguf_perplexity(folder / gguf_name(precision), run.eval_blocks, cfg.serving.threads, adv)
+        with run.reporter.step("Register the GGUF export on the version"):
+            registry.attach_folder(version, folder, export_artifact(precision))
+    cost = ExportCost(precision, ppl, full_precision, cfg.gate.max_export_cost)
+    registry.log_metrics(run_id, {"perplexity_served": ppl, "served_perplexity_cost": cost.cost})
+    registry.set_run_tags(run_id, {"served_precision": precision})
+    return cost
 
 
 # ---- pieces -------------------------------------------------------------------------------------

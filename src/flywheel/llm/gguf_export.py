@@ -6,7 +6,9 @@ keys, each tensor under its GGUF name, the query and key projections permuted fr
 Face rotary layout to llama.cpp's, the BPE vocabulary and merges, the special tokens and the
 chat template. Norm weights stay float32; the matrices are written at the chosen precision:
 `f32` (exact), `f16` (the default: half the size, the tokens of greedy decoding unchanged on
-SmolLM2 in the tests) or `q8_0` (8-bit blocks, a quarter of f32).
+SmolLM2 in the tests), `q8_0` (8-bit blocks, a quarter of f32) or `q4_0` (4-bit blocks, an
+eighth; the embedding, which is also the output layer of a tied model, stays 8-bit, as
+llama.cpp's own quantiser keeps the output layer at higher precision).
 
 Serving feeds llama.cpp token ids made by the model's own Hugging Face tokenizer and decodes its
 output with it, so the vocabulary written here must only let llama.cpp load the file; the text
@@ -15,7 +17,6 @@ in and out is the tokenizer's, exactly as on the transformers runtime.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +24,10 @@ from typing import Any, Literal
 import numpy as np
 
 from flywheel.core.errors import FlywheelError
+from flywheel.registry import file_sha256
 
-Precision = Literal["f32", "f16", "q8_0"]
-PRECISIONS: tuple[str, ...] = ("f32", "f16", "q8_0")
+Precision = Literal["f32", "f16", "q8_0", "q4_0"]
+PRECISIONS: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_0")
 
 
 class GgufError(FlywheelError):
@@ -89,7 +91,8 @@ def _hyperparameters(writer: Any, config: dict[str, Any], name: str, precision: 
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[precision])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[precision])
 
 
 def _vocabulary(writer: Any, folder: Path, vocab_size: int) -> None:
@@ -147,14 +150,8 @@ def _tensors(writer: Any, folder: Path, config: dict[str, Any], precision: Preci
         elif precision == "f16":
             writer.add_tensor(gguf_name, data.astype(np.float16))
         else:
-            packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name, packed, raw_shape=packed.shape,
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            kind = (gguf.GGMLQuantizationType.Q4_0 if precision == "q4_0" and gguf_name != "token_embd.weight"
+                    else gguf.GGMLQuantizationType.Q8_0)
+            packed = gguf.quants.quantize(data, kind)
+            writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=kind)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

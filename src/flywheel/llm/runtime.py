@@ -9,6 +9,7 @@ version (about 540 MB for SmolLM2-135M in fp32) for the seconds a swap overlaps.
 
 from __future__ import annotations
 
+import queue
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,8 +20,15 @@ from typing import Any
 
 from flywheel.config import LlmProject
 from flywheel.core.extras import require
-from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_model, load_tokenizer
-from flywheel.registry import Registry, RegistryError
+from flywheel.llm.base import (
+    BASE_REF_TAG,
+    BaseFiles,
+    BaseRef,
+    base_for_ref,
+    load_tokenizer,
+    merge_adapter,
+)
+from flywheel.registry import Registry, RegistryError, VersionInfo
 
 # torch's global generator is what `generate` samples from: seeded (or any sampling) generations
 # take this lock so that two of them never draw from it at once.
@@ -35,16 +43,21 @@ class Generation:
     finish_reason: str  # "stop" (end-of-sequence) or "length"
 
 
-@dataclass(frozen=True)
-class LoadedGenerator:
+class TextGenerator:
+    """What both runtimes share: the Hugging Face tokenizer's ids in, text pieces out.
+
+    A runtime sets `tokenizer` and `base` and implements `generate`; `stream` runs `generate` on a
+    worker thread with a streamer (an iterable of text pieces with `end()`) from `new_streamer`.
+    """
+
     name: str
     version: int
     run_id: str
-    model: Any
     tokenizer: Any
     base: BaseRef
-    lineage: dict[str, Any]
-    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -55,6 +68,84 @@ class LoadedGenerator:
             raise NoChatTemplate(f"{self.base.base_model} has no chat template: use /v1/completions")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.prompt_tokens(str(text))
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int | None, stop: Sequence[str] = (), streamer: Any = None,
+                 cancel: threading.Event | None = None) -> Generation:
+        raise NotImplementedError
+
+    def new_streamer(self) -> Any:
+        return TextQueue()
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+               seed: int | None, stop: Sequence[str] = (),
+               cancel: threading.Event | None = None) -> Iterator[str | Generation]:
+        """The generated text piece by piece as the tokens come, then the `Generation` itself.
+        Text that may be the start of a stop string is held back until it is known not to be."""
+        streamer = self.new_streamer()
+        done: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                done["out"] = self.generate(prompt_ids, max_new_tokens, temperature, top_p, seed, stop,
+                                            streamer, cancel)
+            except BaseException as exc:  # handed to the reader, which re-raises it
+                done["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
+        worker.start()
+        hold = max((len(s) for s in stop), default=1) - 1
+        pending, finished = "", False
+        for piece in streamer:
+            if finished:
+                continue  # a stop string was seen: the generation ends in a token or two
+            pending += piece
+            cut = first_stop(pending, stop)
+            if cut is not None:
+                pending, finished = pending[:cut], True
+            ready = len(pending) if finished else len(pending) - hold
+            if ready > 0:
+                yield pending[:ready]
+                pending = pending[ready:]
+        worker.join()
+        if "error" in done:
+            raise done["error"]
+        if pending:
+            yield pending
+        yield done["out"]
+
+
+class TextQueue:
+    """A streamer a runtime fills with text pieces (`put`) and closes (`end`); read by iterating."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, text: str) -> None:
+        if text:
+            self.queue.put(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get()) is not None:
+            yield piece
+
+
+@dataclass(frozen=True)
+class LoadedGenerator(TextGenerator):
+    """The merged model in PyTorch, decoded by transformers' `generate`."""
+
+    name: str
+    version: int
+    run_id: str
+    model: Any
+    tokenizer: Any
+    base: BaseRef
+    lineage: dict[str, Any]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float,
                  top_p: float, seed: int | None, stop: Sequence[str] = (), streamer: Any = None,
@@ -89,50 +180,15 @@ class LoadedGenerator:
             text, stopped = text[:cut], True
         return Generation(text, len(prompt_ids), len(new), "stop" if stopped else "length")
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-               seed: int | None, stop: Sequence[str] = (),
-               cancel: threading.Event | None = None) -> Iterator[str | Generation]:
-        """The generated text piece by piece as the tokens come, then the `Generation` itself.
-        Text that may be the start of a stop string is held back until it is known not to be."""
+    def new_streamer(self) -> Any:
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        done: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                done["out"] = self.generate(prompt_ids, max_new_tokens, temperature, top_p, seed, stop,
-                                            streamer, cancel)
-            except BaseException as exc:  # handed to the reader, which re-raises it
-                done["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
-        worker.start()
-        hold = max((len(s) for s in stop), default=1) - 1
-        pending, finished = "", False
-        for piece in streamer:
-            if finished:
-                continue  # a stop string was seen: the generation ends in a token or two
-            pending += piece
-            cut = first_stop(pending, stop)
-            if cut is not None:
-                pending, finished = pending[:cut], True
-            ready = len(pending) if finished else len(pending) - hold
-            if ready > 0:
-                yield pending[:ready]
-                pending = pending[ready:]
-        worker.join()
-        if "error" in done:
-            raise done["error"]
-        if pending:
-            yield pending
-        yield done["out"]
+        return TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id,
                 "loaded_at": self.loaded_at.isoformat(), "lineage": self.lineage,
-                "base_model": self.base.base_model, "merged": True}
+                "base_model": self.base.base_model, "merged": True, "runtime": "transformers"}
 
 
 class NoChatTemplate(ValueError):
@@ -168,26 +224,29 @@ def _stopping(tokenizer: Any, prompt_len: int, stop: Sequence[str],
 def load_generator(project: LlmProject, registry: Registry, version: int) -> LoadedGenerator:
     """Base (weights hash checked) + adapter (file hashes checked), merged, warmed."""
     require("llm", "serving a LoRA project")
-    from peft import PeftModel
+    info, base = adapter_version(project, registry, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = registry.download_verified(version, Path(tmp))
+        merged = merge_adapter(base.folder, adapter)
+    tokenizer = load_tokenizer(base.folder)
+    loaded = LoadedGenerator(name=registry.model_name, version=version, run_id=info.run_id, model=merged,
+                             tokenizer=tokenizer, base=base.ref, lineage=lineage(info, base.ref))
+    loaded.generate(loaded.prompt_tokens("Warm up") or [tokenizer.eos_token_id], 2, 0.0, 1.0, None)
+    return loaded
 
+
+def adapter_version(project: LlmProject, registry: Registry, version: int) -> tuple[VersionInfo, BaseFiles]:
+    """A registered LoRA version and its base model's files (weights hash checked)."""
     info = registry.version(version)
     ref_text = info.run_tags.get(BASE_REF_TAG)
     if ref_text is None:
         raise RegistryError(f"{registry.model_name} v{version} is not a LoRA adapter (no {BASE_REF_TAG})")
-    base = base_for_ref(project, BaseRef.from_json(ref_text))
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = registry.download_verified(version, Path(tmp))
-        model = load_model(base.folder)
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
-    tokenizer = load_tokenizer(base.folder)
-    loaded = LoadedGenerator(
-        name=registry.model_name, version=version, run_id=info.run_id, model=merged,
-        tokenizer=tokenizer, base=base.ref,
-        lineage={"run_id": info.run_id, "model_type": "lora", "base_model": base.ref.base_model,
-                 "base_weights_sha256": base.ref.weights_sha256,
-                 "text_sha256": info.run_tags.get("data_hash"), "git_sha": info.run_tags.get("git_sha"),
-                 "gate": info.tags.get("gate"),
-                 "perplexity_before": info.metrics.get("perplexity_before"),
-                 "perplexity_after": info.metrics.get("perplexity_after")})
-    loaded.generate(loaded.prompt_tokens("Warm up") or [tokenizer.eos_token_id], 2, 0.0, 1.0, None)
-    return loaded
+    return info, base_for_ref(project, BaseRef.from_json(ref_text))
+
+
+def lineage(info: VersionInfo, ref: BaseRef) -> dict[str, Any]:
+    return {"run_id": info.run_id, "model_type": "lora", "base_model": ref.base_model,
+            "base_weights_sha256": ref.weights_sha256, "text_sha256": info.run_tags.get("data_hash"),
+            "git_sha": info.run_tags.get("git_sha"), "gate": info.tags.get("gate"),
+            "perplexity_before": info.metrics.get("perplexity_before"),
+            "perplexity_after": info.metrics.get("perplexity_after")}

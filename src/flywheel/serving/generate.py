@@ -1,11 +1,12 @@
-"""The text-generation server of a LoRA project: POST /v1/generate from the champion adapter.
+"""The text-generation server of a LoRA project: POST /v1/generate from the champion adapter, on
+transformers (the merged model in PyTorch) or llama.cpp (its GGUF export), by `serving.runtime`.
 
 Same behaviour as the tabular server where it applies: the champion is followed by a watcher
 thread and hot-swapped (a request keeps the model it started on), /health, /ready, /metrics
 (Prometheus, summed over workers), /v1/models, /admin/reload (bearer token), /openapi.json,
 validation with the field named, a bounded body. Generation is CPU-heavy and long, so each worker
-runs at most `serving.max_concurrent` at once (in threads; torch releases the GIL), lets up to
-`serving.max_waiting` wait, and answers 429 beyond that.
+runs at most `serving.max_concurrent` at once (in threads; torch and llama.cpp release the GIL),
+lets up to `serving.max_waiting` wait, and answers 429 beyond that.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import GenerateServingConfig, LlmProject
-from flywheel.llm.runtime import Generation, LoadedGenerator, load_generator
+from flywheel.llm.llamacpp import load_llamacpp
+from flywheel.llm.runtime import Generation, TextGenerator, load_generator
 from flywheel.serving.http import (
     Answers,
     BodyTooLarge,
@@ -138,14 +140,14 @@ class GenerationSlots:
 def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
     """The ASGI app of a LoRA project (`migrate` is accepted for symmetry; it keeps no state rows)."""
     cfg = project.config.serving
-    if cfg.torch_threads:
+    if cfg.threads and cfg.runtime == "transformers":
         import torch  # heavy: only a generation server needs it
 
-        torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(cfg.threads)
+    load = load_llamacpp if cfg.runtime == "llama.cpp" else load_generator
     metrics = ServingMetrics(GENERATION_BUCKETS)
-    runtime: ModelRuntime[LoadedGenerator] = champion_runtime(
-        project, cfg.reload_interval_s, metrics,
-        lambda registry, version: load_generator(project, registry, version))
+    runtime: ModelRuntime[TextGenerator] = champion_runtime(
+        project, cfg.reload_interval_s, metrics, lambda registry, version: load(project, registry, version))
     endpoint = GenerateEndpoint(cfg, runtime, metrics)
 
     def openapi() -> dict[str, Any]:
@@ -165,7 +167,7 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
 class GenerateEndpoint:
     """POST /v1/generate: validate, wait for a slot, generate on the model the request started on."""
 
-    def __init__(self, cfg: GenerateServingConfig, runtime: ModelRuntime[LoadedGenerator],
+    def __init__(self, cfg: GenerateServingConfig, runtime: ModelRuntime[TextGenerator],
                  metrics: ServingMetrics):
         self.cfg, self.runtime = cfg, runtime
         self.answers = Answers(metrics)
@@ -189,7 +191,7 @@ class GenerateEndpoint:
                                      request_id, started, model.version)
         return await self.generate(model, req, prompt_ids, request_id, started)
 
-    async def parse(self, request: Request, model: LoadedGenerator) -> tuple[GenerateRequest, list[int]]:
+    async def parse(self, request: Request, model: TextGenerator) -> tuple[GenerateRequest, list[int]]:
         cfg = self.cfg
         req = parse_generate(parse_json_body(await read_body(request, cfg.max_body_bytes)), cfg)
         prompt_ids = model.prompt_tokens(req.prompt)
@@ -200,7 +202,7 @@ class GenerateEndpoint:
             raise RequestInvalid([FieldError(("body", "prompt"), "has no tokens", "type_error")])
         return req, prompt_ids
 
-    async def generate(self, model: LoadedGenerator, req: GenerateRequest, prompt_ids: list[int],
+    async def generate(self, model: TextGenerator, req: GenerateRequest, prompt_ids: list[int],
                        request_id: str, started: float) -> Response:
         cfg, send = self.cfg, self.answers.send
         async with self.slots.slot() as granted:
@@ -225,7 +227,7 @@ class GenerateEndpoint:
                            "top_p": req.top_p, "seed": req.seed},
         }, request_id, started, model.version)
 
-    def record(self, model: LoadedGenerator, out: Generation, request_id: str, started: float) -> None:
+    def record(self, model: TextGenerator, out: Generation, request_id: str, started: float) -> None:
         version = str(model.version)
         self.gen_metrics.generated_tokens.labels(version).inc(out.completion_tokens)
         self.gen_metrics.prompt_tokens.labels(version).inc(out.prompt_tokens)

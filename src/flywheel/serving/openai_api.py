@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from flywheel.config import GenerateServingConfig
-from flywheel.llm.runtime import Generation, LoadedGenerator, NoChatTemplate
+from flywheel.llm.runtime import Generation, NoChatTemplate, TextGenerator
 from flywheel.serving.http import BodyTooLarge, json_response, new_request_id, read_body
 from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
@@ -252,7 +252,7 @@ class OpenAIEndpoints:
         observe(name, 200, model.version, time.perf_counter() - started)
         return json_response(answer(model, req, out, request_id), 200, {"x-request-id": request_id})
 
-    def tokens(self, model: LoadedGenerator, req: OpenAIRequest) -> list[int]:
+    def tokens(self, model: TextGenerator, req: OpenAIRequest) -> list[int]:
         try:
             ids = (model.chat_prompt_tokens(req.messages or []) if req.chat
                    else model.prompt_tokens(req.prompt or ""))
@@ -266,7 +266,7 @@ class OpenAIEndpoints:
             raise RequestInvalid([FieldError(("body", field), "has no tokens", "type_error")])
         return ids
 
-    async def events(self, model: LoadedGenerator, req: OpenAIRequest, prompt_ids: list[int],
+    async def events(self, model: TextGenerator, req: OpenAIRequest, prompt_ids: list[int],
                      request_id: str, started: float, name: str) -> AsyncIterator[bytes]:
         """Server-sent events: the pieces as they come, a last chunk with the finish reason (and
         the usage when asked), then [DONE]. The slot is released when the stream ends or breaks."""
@@ -319,7 +319,7 @@ def usage(out: Generation) -> dict[str, int]:
             "total_tokens": out.prompt_tokens + out.completion_tokens}
 
 
-def answer(model: LoadedGenerator, req: OpenAIRequest, out: Generation, request_id: str) -> dict[str, Any]:
+def answer(model: TextGenerator, req: OpenAIRequest, out: Generation, request_id: str) -> dict[str, Any]:
     base = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{request_id}", "created": int(time.time()),
             "model": model.name, "system_fingerprint": f"{model.name}:v{model.version}",
             "usage": usage(out)}
@@ -331,7 +331,7 @@ def answer(model: LoadedGenerator, req: OpenAIRequest, out: Generation, request_
         "index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}]}
 
 
-def chunk(model: LoadedGenerator, req: OpenAIRequest, request_id: str, delta: Any,
+def chunk(model: TextGenerator, req: OpenAIRequest, request_id: str, delta: Any,
           finish: str | None = None) -> dict[str, Any]:
     base = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{request_id}", "created": int(time.time()),
             "model": model.name, "system_fingerprint": f"{model.name}:v{model.version}"}

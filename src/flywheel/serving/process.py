@@ -57,7 +57,13 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        wait_ready(self.url, self.proc, timeout, self.tail)
+        """Until ready; a server that never gets there is stopped before the error goes up (no
+        caller would hold it to stop it later)."""
+        try:
+            wait_ready(self.url, self.proc, timeout, self.tail)
+        except BaseException:
+            self.stop()
+            raise
 
     def served_version(self) -> int | None:
         import httpx
