@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flywheel.serving.process import wait_ready
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "constitution-lora" / "flywheel.yaml"
 PROMPTS = ["Article 21: Protection of life and personal liberty\n",
@@ -217,7 +219,7 @@ def part_two(work: Path, steps: int, requests: int, tokens: int) -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{cfg['serving']['port']}"
         try:
-            _wait_ready(httpx, url)
+            wait_ready(url, server, 300)
             name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
             endpoints = ["/v1/chat/completions"] + (["/v1/generate"] if runtime == "transformers" else [])
             for endpoint in endpoints:
@@ -230,18 +232,6 @@ def part_two(work: Path, steps: int, requests: int, tokens: int) -> None:
         finally:
             server.terminate()
             server.wait(30)
-
-
-def _wait_ready(httpx: Any, url: str) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not become ready in 300 s")
 
 
 def _body(endpoint: str, name: str, tokens: int, i: int) -> dict[str, Any]:
