@@ -1,4 +1,4 @@
-"""The LoRA model on transformers vs llama.cpp (f32, f16, q8_0, q4_0), one run on one machine.
+"""The LoRA model on transformers vs llama.cpp (f32, f16, q8_0, q4_0, q4_k_m), one run on one machine.
 
 Part 1, each runtime in a process of its own (so that its peak memory is its own): the base
 SmolLM2-135M-Instruct with a LoRA adapter (r=8 on q_proj/v_proj, random non-zero B, so it really
@@ -16,7 +16,7 @@ new tokens: requests/s, p50/p99 latency and generated tokens/s of /v1/chat/compl
 runtimes and of /v1/generate on transformers (the endpoint there was before), and time to the
 first streamed token.
 
-    .venv/bin/python benchmarks/llm_runtimes.py [--tokens 128] [--steps 2] [--requests 8]
+    .venv/bin/python benchmarks/llm_runtimes.py [--tokens 128] [--steps 2] [--requests 8] [--part 1|2]
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ EXAMPLE = REPO / "examples" / "constitution-lora" / "flywheel.yaml"
 PROMPTS = ["Article 21: Protection of life and personal liberty\n",
            "The Parliament of India consists of",
            "Article 14: Equality before law\n"]
-PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
+PRECISIONS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 
 
 # ---- part 1: one runtime per process ------------------------------------------------------------
 
 
 def build_models(work: Path) -> Path:
-    """The merged model folder and its three GGUF files."""
+    """The merged model folder and its GGUF file at each precision."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -290,13 +290,16 @@ def main() -> None:
     ap.add_argument("--http-tokens", type=int, default=64)
     ap.add_argument("--measure")
     ap.add_argument("--work")
+    ap.add_argument("--part", choices=("1", "2"), help="only part 1 (in-process) or part 2 (HTTP)")
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, Path(args.work), args.tokens, args.threads)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        part_one(Path(tmp), args.tokens, args.threads)
-        part_two(Path(tmp), args.steps, args.requests, args.http_tokens)
+        if args.part != "2":
+            part_one(Path(tmp), args.tokens, args.threads)
+        if args.part != "1":
+            part_two(Path(tmp), args.steps, args.requests, args.http_tokens)
 
 
 if __name__ == "__main__":
