@@ -33,6 +33,7 @@ bikeshare: $(STAMP)
 test: $(STAMP)
 	scripts/ensure-services.sh
 	scripts/ensure-docker.sh
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial" --durations=15
 	$(BIN)/python -m pytest -m serial
 

@@ -478,6 +478,61 @@ def serve(
 
 
 @app.command()
+def card(
+    config: ConfigOpt,
+    version: Annotated[int | None, typer.Option(help="Version (default: champion).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Also write model_card.md, model_card.html and the plots here.")] = None,
+) -> None:
+    """A version's model card, made again from its run with the monitoring it has seen so far,
+    and logged to the run (card/model_card.md and .html)."""
+
+    def body() -> None:
+        from flywheel.llm.card import model_card
+        from flywheel.registry import CHAMPION, Registry
+
+        project = load_any_project(config)
+        registry = Registry.for_project(project)
+        v = version if version is not None else registry.alias_version(CHAMPION)
+        if v is None:
+            raise typer.BadParameter("no champion yet: pass --version N")
+        made = model_card(project, registry, v, publish=True)
+        if made is None:
+            raise typer.BadParameter(f"v{v} was trained before model cards: its run has no card facts; "
+                                     "train again to get one")
+        out.print(f"Model card of v{v} logged to its run (card/model_card.md, card/model_card.html)")
+        if output is not None:
+            for path in made.write(output):
+                out.print(f"  {path}")
+
+    _run(body)
+
+
+@app.command()
+def room(
+    config: ConfigOpt,
+    host: Annotated[str | None, typer.Option(help="Bind address (default room.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default room.port, 8090).")] = None,
+) -> None:
+    """The control room: one page with the models, alias history, traffic, drift, performance and
+    pipeline runs, with promote/rollback (admin token). Beyond 127.0.0.1: FLYWHEEL_VIEWER_TOKEN."""
+
+    def body() -> None:
+        import uvicorn
+
+        from flywheel.room.app import check_listen, create_room_app
+
+        project = load_any_project(config)
+        bind = host or project.config.room.host
+        check_listen(bind)
+        at = port or project.config.room.port
+        out.print(f"Control room of {project.config.project} on http://{bind}:{at}/")
+        uvicorn.run(create_room_app(project), host=bind, port=at, log_level="warning")
+
+    _run(body)
+
+
+@app.command()
 def predict(
     config: ConfigOpt,
     input: Annotated[str, typer.Option("--input", "-i", help="A .parquet/.csv file or a source table.")],
@@ -764,7 +819,8 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="safetensors (the folder), or gguf: the folder "
                                                       "and one GGUF file for llama.cpp.")] = "safetensors",
-    precision: Annotated[str, typer.Option(help="The GGUF file's weights: f32, f16, q8_0 or q4_0.")] = "f16",
+    precision: Annotated[str, typer.Option(
+        help="The GGUF file's weights: f32, f16, q8_0, q4_0 or q4_k_m.")] = "f16",
 ) -> None:
     """Write a LoRA version as files: the adapter, or with --merge a merged model folder."""
 
@@ -794,7 +850,7 @@ def publish(
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = True,
     gguf: Annotated[str | None, typer.Option(
         help="Also upload the merged model as one GGUF file for llama.cpp at this precision: f32, f16, "
-             "q8_0, q4_0.")] = None,
+             "q8_0, q4_0, q4_k_m.")] = None,
 ) -> None:
     """Push the merged model to the HuggingFace Hub (needs HF_TOKEN and a reachable hub)."""
 

@@ -395,12 +395,35 @@ class RetrainingConfig(_Strict):
     check_interval_s: float = Field(default=300, gt=0)  # how often `flywheel run` checks triggers
 
 
+class RoomConfig(_Strict):
+    """`flywheel room`: the control-room page. Beyond 127.0.0.1 it needs FLYWHEEL_VIEWER_TOKEN."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=1, le=65535)
+    # MLflow's UI, for links to runs and versions (e.g. http://127.0.0.1:5000); none: no links.
+    mlflow_url: str | None = None
+    # The prediction server whose served version the page shows; default: serving.host/port.
+    serving_url: str | None = None
+    # Also serve the page at /room on `flywheel serve` (its queries run in worker threads, never in
+    # the event loop that answers predictions).
+    mount_on_serve: bool = False
+
+
+class CardConfig(_Strict):
+    """What the model card says a version is for and where it should not be trusted."""
+
+    intended_use: str | None = None  # default: scoring rows like the training window's
+    limitations: list[str] = []  # added to the limits the card states itself
+
+
 class CommonConfig(_Strict):
     """What every project has: a name, the three stores, and the registered model's name."""
 
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model_name: str | None = None
     stores: Stores = Stores()
+    room: RoomConfig = RoomConfig()
+    card: CardConfig = CardConfig()
 
     @property
     def registered_model(self) -> str:
@@ -543,7 +566,7 @@ class GenerateServingConfig(ServerConfig):
     # transformers: the merged model in PyTorch. llama.cpp: the merged model as a GGUF file at
     # `precision` (written at fine-tuning, hash-checked), decoded by llama-cpp-python.
     runtime: Literal["transformers", "llama.cpp"] = "transformers"
-    precision: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
+    precision: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"] = "f16"
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> GenerateServingConfig:

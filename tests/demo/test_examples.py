@@ -183,3 +183,25 @@ def test_models_carry_their_task_and_signature(flights: Any, bikeshare: Any) -> 
         info = mlflow.models.get_model_info(
             f"models:/{project.config.registered_model}/{result.first.version}")
         assert info.signature.outputs.input_names() == outputs
+
+
+def test_each_task_has_a_model_card_with_its_plots(flights: Any, bikeshare: Any, tmp_path: Path) -> None:
+    """Logged to the run once the gate decided: the task's plots, importance, leakage, gate."""
+    for (project, _, result), plot in ((flights, "predicted_vs_true.png"),
+                                       (bikeshare, "confusion_matrix.png")):
+        registry = Registry.for_project(project)
+        version = result.first.version
+        folder = registry.download_run_artifacts(version, "card", tmp_path / project.config.project)
+        names = {p.name for p in folder.iterdir()}
+        assert {"facts.json", "model_card.md", "model_card.html", plot, "importance.png"} <= names
+        facts = orjson.loads((folder / "facts.json").read_bytes())
+        assert facts["task"] == project.config.task
+        assert set(facts["importance"]["values"]) == set(facts["inputs"])
+        assert max(facts["importance"]["values"].values()) > 0  # some feature matters
+        card = (folder / "model_card.md").read_text()
+        for section in ("## Problem and target", "## Leakage screen", "## Holdout metrics",
+                        "## Feature importance", "## Gate decision", "## Monitoring"):
+            assert section in card, section
+        assert f"![{plot}]({plot})" in card
+        html = (folder / "model_card.html").read_text()
+        assert html.count("data:image/png;base64,") == len(facts["plots"])  # one file, plots inlined

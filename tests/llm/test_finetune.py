@@ -107,6 +107,20 @@ def test_gate_scores_the_champion_on_the_same_heldout(trained: tuple[LlmProject,
                                                                                 rel=1e-5)
 
 
+def check_model_card(readme: str, version: int) -> None:
+    """The Hugging Face model card: YAML metadata, then what was trained on what, and how well."""
+    import yaml
+
+    assert readme.startswith("---\n")
+    meta = yaml.safe_load(readme.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"flywheel", "lora"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a base from a local folder has no Hub name
+    for section in ("## Training", "## Evaluation", "## Gate decision", "## Intended use and known limits"):
+        assert section in readme
+    assert f"v{version}" in readme and "| this fine-tune |" in readme and "**passed**" in readme
+
+
 def test_merged_export_loads_in_plain_transformers_with_parity(
         trained: tuple[LlmProject, FinetuneResult], tmp_path: Path) -> None:
     import torch
@@ -121,10 +135,13 @@ def test_merged_export_loads_in_plain_transformers_with_parity(
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "flywheel.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    check_model_card((out / "README.md").read_text(), r.version)
+    registry = Registry.for_project(project)
+    logged = {Path(a.path).name for a in registry.client.list_artifacts(r.run_id, "card")}
+    assert logged == {"model_card.md", "model_card.html"}  # logged at fine-tuning, after the gate
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
 
-    registry = Registry.for_project(project)
     adapter = registry.download_verified(r.version, tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(Path(project.config.base_model))
     unmerged = PeftModel.from_pretrained(base, str(adapter)).eval()
@@ -170,14 +187,14 @@ def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], max_new: int, eos: int) 
 def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tmp_path: Path) -> None:
     """The merged model as GGUF (llama.cpp's format, written with the gguf package): llama.cpp's
     greedy tokens equal transformers' on the merged folder, at f32 and f16; the file's hash is
-    recorded; q8_0 and q4_0 load and generate."""
+    recorded; q8_0, q4_0 and q4_k_m (llama.cpp's own quantiser) load and generate."""
     from transformers import AutoTokenizer
 
     from flywheel.registry import file_sha256
 
     project, r = trained
     prompts = ["Article 21: Protection of life", "The State shall not deny", "Article 14:"]
-    for precision in ("f32", "f16", "q8_0", "q4_0"):
+    for precision in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):
         out = tmp_path / precision
         done = cli("export", "--config", str(project.path), "--merge", "--format", "gguf", "--precision",
                    precision, "--output", str(out), env={"FLYWHEEL_HOME": str(project.home)})
@@ -185,11 +202,17 @@ def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tm
         gguf = out / f"model-{precision}.gguf"
         recorded = json.loads((out / "flywheel.json").read_text())["gguf"][gguf.name]
         assert recorded == {"precision": precision, "sha256": file_sha256(gguf)}
+        if precision == "q4_k_m":  # written by llama.cpp's quantiser, which records its file type
+            import gguf as gguf_py
+
+            file_type = gguf_py.GGUFReader(gguf).fields["general.file_type"]
+            assert int(file_type.parts[file_type.data[0]][0]) == gguf_py.LlamaFileType.MOSTLY_Q4_K_M
+            assert not list(out.glob("*.partial"))  # the f16 it quantised from is gone
         tokenizer = AutoTokenizer.from_pretrained(out)
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             got = llama_cpp_greedy(gguf, ids, 24, tokenizer.eos_token_id)
-            if precision in ("q8_0", "q4_0"):
+            if precision in ("q8_0", "q4_0", "q4_k_m"):
                 assert got, prompt  # quantised weights: it runs; its cost is measured, not assumed away
                 continue
             assert got == transformers_greedy(out, ids, 24), (precision, prompt)
@@ -249,7 +272,7 @@ def test_publish_fails_clearly_without_token_or_hub(trained: tuple[LlmProject, F
                                                   "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert with_gguf.returncode == 1 and "could not reach the HuggingFace Hub" in with_gguf.stderr
     wrong = cli(*args, "--gguf", "q2_k", env={**base, "HF_TOKEN": "hf_fake"})
-    assert wrong.returncode != 0 and "f32, f16, q8_0, q4_0" in wrong.stderr
+    assert wrong.returncode != 0 and "f32, f16, q8_0, q4_0, q4_k_m" in wrong.stderr
 
 
 def test_config_errors_are_named(tmp_path: Path, tiny_base: Path) -> None:

@@ -43,7 +43,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> LlmProject:
 
 @pytest.fixture(scope="module")
 def server(project: LlmProject) -> Iterator[ServerProcess]:
-    srv = ServerProcess(project, env={"FLYWHEEL_ADMIN_TOKEN": TOKEN})  # type: ignore[arg-type]
+    srv = ServerProcess(project, env={"FLYWHEEL_ADMIN_TOKEN": TOKEN,  # type: ignore[arg-type]
+                                      "FLYWHEEL_ROOM__MOUNT_ON_SERVE": "true"})
     try:
         yield srv
     finally:
@@ -91,6 +92,22 @@ def test_invalid_requests_name_the_field(server: ServerProcess, body: dict[str, 
     assert r.status_code == 422, r.text
     assert loc in [e["loc"] for e in r.json()["detail"]]
     assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_the_room_on_the_server_counts_generations_and_shows_the_lora_card(server: ServerProcess) -> None:
+    """Generations and refusals land in the per-minute rollups the room's traffic charts read."""
+    deadline = time.monotonic() + 30
+    while True:
+        totals = httpx.get(f"{server.url}/room/api/traffic").json()["totals"].get("1", {})
+        if totals.get("requests", 0) >= 1 and totals.get("client_errors", 0) >= 1:
+            break
+        assert time.monotonic() < deadline, totals
+        time.sleep(0.5)
+    page = httpx.get(f"{server.url}/room/")
+    assert page.status_code == 200 and "serving v1" in page.text
+    card = httpx.get(f"{server.url}/room/cards/1")
+    assert card.status_code == 200
+    assert "Gate decision" in card.text and "Held-out perplexity" in card.text
 
 
 def test_bounds_body_size_nan_and_admin(server: ServerProcess) -> None:

@@ -15,6 +15,7 @@ from flywheel.core.errors import PipelineError
 from flywheel.core.lineage import git_sha
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data.checks import DataCheckReport
+from flywheel.lifecycle.card import log_card_facts
 from flywheel.lifecycle.features import PreparedData
 from flywheel.monitoring.reference import reference_artifacts
 from flywheel.registry import CHALLENGER, Registry
@@ -134,6 +135,7 @@ def log_training(registry: Registry, run_id: str, project: Project, prepared: Pr
         "immature_rows_dropped": snapshot.immature_dropped if snapshot else 0,
     })
     registry.log_text(run_id, json.dumps(checks.__dict__, indent=2, default=str), "data_checks.json")
+    log_card_facts(registry, run_id, project, prepared, checks, fitted, metrics, holdout_p)
     with tempfile.TemporaryDirectory() as tmp:
         png = holdout_plot(prepared.spec.task, prepared.y[prepared.split.holdout], holdout_p,
                            Path(tmp), fitted.kind, metrics, prepared.spec.classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,14 @@ from flywheel.config import Project
 from flywheel.core.errors import PipelineError
 from flywheel.data import features as feats
 from flywheel.data.sources import TARGET, Snapshot, target_values
+from flywheel.lifecycle.card import publish_card
 from flywheel.lifecycle.features import PreparedData, extract_training_window
 from flywheel.registry import CHALLENGER, CHAMPION, Registry
 from flywheel.training.evaluate import GateDecision, decide_gate, task_metrics
 from flywheel.training.onnx import new_session, session_predict
 from flywheel.training.split import split_by_time
+
+log = logging.getLogger("flywheel.lifecycle")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,11 @@ def evaluate_against_champion(project: Project, registry: Registry, prepared: Pr
         "gate": verdict, "gate_reasons": " | ".join(gate.reasons),
         "champion_at_evaluation": str(champion.version) if champion else "none"})
     registry.set_run_tags(run_id, {"gate": verdict})
+    try:  # the card states the gate's decision: made now that it is known
+        publish_card(project, registry, version)
+    except Exception as exc:  # a card that cannot be made must not undo a training
+        log.warning("model card not written: %s: %s (flywheel card makes it later)",
+                    type(exc).__name__, exc, extra={"event": "model_card_error", "version": version})
     return Evaluation(version, metrics, champion.version if champion else None, champ_metrics, gate,
                       len(hold))
 

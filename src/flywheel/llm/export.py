@@ -22,6 +22,7 @@ from flywheel.config import LlmProject
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, base_for_ref, load_tokenizer, merge_adapter
+from flywheel.llm.card import lora_card
 from flywheel.llm.gguf_export import Precision, write_gguf
 from flywheel.registry import CHAMPION, Registry, RegistryError
 
@@ -81,8 +82,7 @@ def export_version(project: LlmProject, output: Path, merge: bool, version: int 
             "merged": merge, "base": json.loads(ref.to_json()), "gguf": files,
             "metrics": {k: info.metrics[k] for k in ("perplexity_before", "perplexity_after")
                         if k in info.metrics}}, indent=2))
-        (work / "README.md").write_text(_model_card(project, registry.model_name, version, ref,
-                                                    info.metrics, merge))
+        (work / "README.md").write_text(lora_card(project, registry, version, merge))
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         if output.exists():  # the earlier export goes only once the new one is complete
             os.replace(output, old)
@@ -135,23 +135,3 @@ def _version(registry: Registry, version: int | None) -> int:
                             "finetune first")
     return champion
 
-
-def _model_card(project: LlmProject, name: str, version: int, ref: BaseRef,
-                metrics: dict[str, float], merged: bool) -> str:
-    cfg = project.config
-    ppl = ""
-    if "perplexity_before" in metrics and "perplexity_after" in metrics:
-        ppl = (f"Held-out perplexity: {metrics['perplexity_before']:.2f} (base) -> "
-               f"{metrics['perplexity_after']:.2f} (fine-tuned), on documents never trained on.\n\n")
-    usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-             "model = AutoModelForCausalLM.from_pretrained(FOLDER)\n"
-             "tokenizer = AutoTokenizer.from_pretrained(FOLDER)\n```\n" if merged else
-             "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, FOLDER)\n```\n")
-    return (f"# {name} v{version}\n\nA LoRA fine-tune of `{ref.base_model}` "
-            f"({'merged into the base weights' if merged else 'adapter only'}), trained by Flywheel "
-            f"on `{cfg.text.source}` text.\n\n"
-            f"LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, "
-            f"targets {', '.join(cfg.lora.target_modules)}; {cfg.training.steps} steps of "
-            f"{cfg.training.batch_size} x {cfg.training.max_seq_length} tokens, learning rate "
-            f"{cfg.training.learning_rate}.\n\n{ppl}Base weights sha256: `{ref.weights_sha256}`.\n\n"
-            f"## Use\n\n{usage}")

@@ -10,6 +10,7 @@ blocks; the gate (perplexity, lower is better) decides whether `champion` moves.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import tempfile
@@ -34,11 +35,14 @@ from flywheel.llm.base import (
     pick_device,
     resolve_base,
 )
+from flywheel.llm.card import publish_lora_card
 from flywheel.llm.llamacpp import ExportCost, build_export, export_artifact, gguf_name, gguf_perplexity
 from flywheel.llm.text import Document, TextSplit, load_split, pack, token_stream
 from flywheel.registry import ADAPTER_ARTIFACT, CHALLENGER, CHAMPION, Registry
 from flywheel.state.db import open_state
 from flywheel.training.evaluate import GateDecision, decide_gate
+
+log = logging.getLogger("flywheel.llm")
 
 
 class FinetuneError(FlywheelError):
@@ -99,6 +103,11 @@ def finetune(project: LlmProject, reporter: Reporter | None = None) -> FinetuneR
     with run.reporter.step("Promote: move alias champion" if gate.passed else "Gate failed"):
         outcome = promote_if_passed(registry, open_state(project.state_url), version, gate.passed,
                                     gate.summary(), champion)
+    try:  # the card states the gate's decision: made now that it is known
+        publish_lora_card(project, registry, version)
+    except Exception as exc:  # a card that cannot be made must not undo a training
+        log.warning("model card not written: %s: %s (flywheel card makes it later)",
+                    type(exc).__name__, exc, extra={"event": "model_card_error", "version": version})
     m = trained.metrics
     return FinetuneResult(
         run_id, version, m["perplexity_before"], m["perplexity_after"], champion, champ_ppl, gate,

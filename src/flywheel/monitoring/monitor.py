@@ -359,7 +359,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
         report_path = evidently_report(pd.read_parquet(sample_path), current, spec, folder,
-                                       cfg.report_sample_rows, cfg.drift_threshold)
+                                       cfg.report_sample_rows, cfg.drift_threshold, cfg.drift_share)
         mlflow_run = _log_to_mlflow(registry, version, verdict_id, folder, drift, pred.score, perf, drop)
         with engine.begin() as conn:
             conn.execute(monitor_runs.update().where(monitor_runs.c.id == verdict_id).values(
@@ -428,12 +428,17 @@ def _finite(x: float) -> float | None:
 
 
 def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, folder: Path,
-                     sample_rows: int, threshold: float, seed: int = 0) -> Path:
-    """Evidently's DataDriftPreset on samples of both sides: report.html and report.json."""
+                     sample_rows: int, threshold: float, share: float, seed: int = 0) -> Path:
+    """Evidently's DataDriftPreset on samples of both sides: report.html and report.json.
+
+    It carries the project's thresholds, so that the report and the verdict say the same: a
+    column drifts at `threshold`, the data when `share` of the features do. The preset covers the
+    features only, as the verdict does; the prediction's drift is its own metric beside it."""
     import os
 
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -446,7 +451,8 @@ def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, spec: Featu
         cur[c] = cur[c].astype("Int64").astype(str)
     definition = DataDefinition(numerical_columns=[c for c in columns if c not in cats],
                                 categorical_columns=cats)
-    snapshot = Report([DataDriftPreset(threshold=threshold)]).run(
+    snapshot = Report([DataDriftPreset(columns=spec.names, threshold=threshold, drift_share=share),
+                       ValueDrift(column=PREDICTION, threshold=threshold)]).run(
         Dataset.from_pandas(cur, data_definition=definition),
         Dataset.from_pandas(ref, data_definition=definition))
     html = folder / "report.html"

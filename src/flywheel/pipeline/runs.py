@@ -16,9 +16,9 @@ import sqlalchemy as sa
 from flywheel.alerts import Alert, send_alert
 from flywheel.config import Project
 from flywheel.core.errors import PipelineError
-from flywheel.state.db import now, open_state, pipeline_runs, watermarks
+from flywheel.state.db import PIPELINE_STEPS, now, open_state, pipeline_runs, watermarks
 
-STEPS = ("extract", "features", "train", "evaluate", "promote", "alert")
+STEPS = PIPELINE_STEPS
 R = TypeVar("R")
 
 
@@ -176,11 +176,21 @@ def save_step(project: Project, run_id: str, step: str, result: Any = None, stat
         if result is not None:
             merged[step] = asdict(result) if not isinstance(result, dict) else result
         merged.update(extra)
+        _time_step(merged.setdefault("timings", {}), step, result is None and status == "running")
         values: dict[str, Any] = {"outputs": json.dumps(merged, default=str), "step": step,
                                   "status": status, "error": error}
         if status != "running":
             values["finished_at"] = now()
         conn.execute(pipeline_runs.update().where(pipeline_runs.c.id == run_id).values(**values))
+
+
+def _time_step(timings: dict[str, Any], step: str, starting: bool) -> None:
+    """When each step started and ended (UTC, ISO), for the control room's pipeline table."""
+    stamp = now().isoformat()
+    if starting:
+        timings[step] = {"started": stamp}
+    else:
+        timings.setdefault(step, {})["finished"] = stamp
 
 
 def owner() -> dict[str, Any]:

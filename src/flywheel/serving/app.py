@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import Project, load_project
+from flywheel.room.app import room_mount
 from flywheel.serving.http import (
     Answers,
     BodyTooLarge,
@@ -38,6 +39,7 @@ from flywheel.serving.platforms import PlatformRoutes
 from flywheel.serving.predlog import PredictionLogWriter, store_feedback
 from flywheel.serving.records import RecordIds
 from flywheel.serving.runtime import LoadedModel, load_version
+from flywheel.serving.traffic import TrafficRollup
 from flywheel.serving.validation import RequestInvalid, feedback_labels, parse_json_body, refuse_unissued
 from flywheel.state.db import open_state
 
@@ -99,9 +101,10 @@ class TabularService:
                                                    cfg.max_string_length, cfg.threshold), freeze_heap)
         self.engine = open_state(project.state_url, migrate=migrate)
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
-                                          on_dropped=self.metrics.log_dropped.inc,
+                                          on_dropped=self.metrics.count_dropped,
                                           on_depth=self.metrics.log_depth.set,
                                           on_health=self._log_health)
+        self.rollup = self.metrics.rollup = TrafficRollup(self.engine, project.config.registered_model)
         self.record_ids = RecordIds.from_state(self.engine)
         self.batcher = MicroBatcher()
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
@@ -217,8 +220,13 @@ class TabularService:
     def openapi(self) -> dict[str, Any]:
         return openapi_document(self.runtime.current, self.project.config.registered_model, self.cfg)
 
+    def start(self) -> None:
+        self.writer.start()
+        self.rollup.start()
+
     def stop(self) -> dict[str, Any]:
         sink_code = self.writer.close()
+        self.rollup.stop()
         return {"sent_to_log": self.writer.sent, "dropped": self.writer.dropped, "sink_exit": sink_code}
 
 
@@ -234,11 +242,12 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Any:
         Route("/v1/predict", predict_elsewhere, methods=["POST"]),
         *PlatformRoutes(service).routes(),
         Route("/v1/feedback", service.feedback, methods=["POST"]),
+        *room_mount(project, service.runtime),
         *common_routes(service.runtime, service.metrics, service.openapi,
                        {"threshold": service.cfg.threshold}, service.monitoring_metrics,
                        lambda: {"prediction_log": service.writer.health()}),
     ]
-    lifespan = worker_lifespan(service.runtime, start=service.writer.start, stop=service.stop,
+    lifespan = worker_lifespan(service.runtime, start=service.start, stop=service.stop,
                                after_load=freeze_heap)
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.runtime, app.state.writer = service.runtime, service.writer

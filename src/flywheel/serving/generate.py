@@ -29,6 +29,7 @@ from starlette.routing import Route
 from flywheel.config import GenerateServingConfig, LlmProject
 from flywheel.llm.llamacpp import load_llamacpp
 from flywheel.llm.runtime import Generation, TextGenerator, load_generator
+from flywheel.room.app import room_mount
 from flywheel.serving.http import (
     Answers,
     BodyTooLarge,
@@ -42,7 +43,9 @@ from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, Serv
 from flywheel.serving.openai_api import OpenAIEndpoints
 from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE, generate_openapi
 from flywheel.serving.runtime import ModelRuntime
+from flywheel.serving.traffic import TrafficRollup
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+from flywheel.state.db import open_state
 
 log = logging.getLogger("flywheel.serving")
 
@@ -138,7 +141,8 @@ class GenerationSlots:
 
 
 def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
-    """The ASGI app of a LoRA project (`migrate` is accepted for symmetry; it keeps no state rows)."""
+    """The ASGI app of a LoRA project; its only state rows are the traffic rollups (`migrate`:
+    False when `flywheel serve` already migrated the state database)."""
     cfg = project.config.serving
     if cfg.threads and cfg.runtime == "transformers":
         import torch  # heavy: only a generation server needs it
@@ -146,6 +150,8 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
         torch.set_num_threads(cfg.threads)
     load = load_llamacpp if cfg.runtime == "llama.cpp" else load_generator
     metrics = ServingMetrics(GENERATION_BUCKETS)
+    rollup = metrics.rollup = TrafficRollup(open_state(project.state_url, migrate=migrate),
+                                            project.config.registered_model)
     runtime: ModelRuntime[TextGenerator] = champion_runtime(
         project, cfg.reload_interval_s, metrics, lambda registry, version: load(project, registry, version))
     endpoint = GenerateEndpoint(cfg, runtime, metrics)
@@ -158,8 +164,8 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
     app = Starlette(routes=[Route("/v1/generate", endpoint.handle, methods=["POST"]),
                             Route("/v1/chat/completions", compatible.chat, methods=["POST"]),
                             Route("/v1/completions", compatible.completions, methods=["POST"]),
-                            *common_routes(runtime, metrics, openapi)],
-                    lifespan=worker_lifespan(runtime))
+                            *common_routes(runtime, metrics, openapi), *room_mount(project, runtime)],
+                    lifespan=worker_lifespan(runtime, start=rollup.start, stop=rollup.stopped))
     app.state.runtime = runtime
     return app
 

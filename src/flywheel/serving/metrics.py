@@ -49,6 +49,13 @@ class ServingMetrics:
         self.log_dropped = Counter("flywheel_prediction_log_dropped_total",
                                    "Records the prediction log could not keep", registry=reg)
         self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+        self.rollup: Any = None  # a TrafficRollup: per-minute counts for the control room
+
+    def count_dropped(self, n: int) -> None:
+        """Records the prediction log will never store (the counter and the minute's rollup)."""
+        self.log_dropped.inc(n)
+        if self.rollup is not None:
+            self.rollup.dropped(n)
 
     def observe(self, endpoint: str, status: int, version: int, seconds: float) -> None:
         key = (endpoint, status, version)
@@ -59,6 +66,8 @@ class ServingMetrics:
             self._children[key] = pair
         pair[0].inc()
         pair[1].observe(seconds)
+        if self.rollup is not None:
+            self.rollup.observe(endpoint, status, version, seconds)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

@@ -120,6 +120,8 @@ monitor_columns = sa.Table(
     # category features: rows whose value the model never learnt (unseen in training, or too rare)
     sa.Column("unseen_rows", sa.Integer, nullable=True),
 )
+# The steps of a pipeline run, in order: `pipeline_runs.outputs` holds each one's result by name.
+PIPELINE_STEPS = ("extract", "features", "train", "evaluate", "promote", "alert")
 pipeline_runs = sa.Table(
     "pipeline_runs",
     metadata,
@@ -156,6 +158,24 @@ watermarks = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("value", sa.String(100), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Per-minute traffic per endpoint and model version, summed over workers (state/traffic.py): the
+# control room's traffic charts. Latency is a histogram: columns b00..b17 count requests per
+# bucket (upper bounds in traffic.BOUNDS_MS).
+traffic_minutes = sa.Table(
+    "traffic_minutes",
+    metadata,
+    sa.Column("model_name", sa.String(200), primary_key=True),
+    sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("endpoint", sa.String(50), primary_key=True),
+    sa.Column("model_version", sa.Integer, primary_key=True),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("client_errors", sa.Integer, nullable=False),
+    sa.Column("server_errors", sa.Integer, nullable=False),
+    sa.Column("log_dropped", sa.Integer, nullable=False),
+    sa.Column("latency_ms_sum", sa.Float, nullable=False),
+    *[sa.Column(f"b{i:02d}", sa.Integer, nullable=False, server_default="0") for i in range(18)],
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,3 +267,73 @@ def schema_incompatibilities(challenger: dict[str, str], champion: dict[str, str
         elif champion[name] != kind:
             problems.append(f"input '{name}' changes type from {champion[name]} to {kind}")
     return problems
+
+
+def roc_pr_plot(y: np.ndarray, p: np.ndarray, path: Path, title: str) -> Path:
+    """The ROC curve and the precision-recall curve of a binary model on its holdout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        left.plot(fpr, tpr, color="tab:blue", label=f"model (ROC-AUC {roc_auc_score(y, p):.3f})")
+        precision, recall, _ = precision_recall_curve(y, p)
+        right.plot(recall, precision, color="tab:blue",
+                   label=f"model (PR-AUC {average_precision_score(y, p):.3f})")
+    left.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    left.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    right.axhline(float(np.mean(y)) if len(y) else 0.0, ls="--", color="grey", label="positive rate")
+    right.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.legend(loc="lower right" if ax is left else "upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+IMPORTANCE_METRIC = {"binary": "roc_auc", "regression": "rmse", "multiclass": "accuracy"}
+
+
+def permutation_importance(predict: Callable[[np.ndarray], np.ndarray], X: np.ndarray, y: np.ndarray,
+                           task: str, names: list[str], classes: list[str] | None = None,
+                           rows: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How much the task's metric worsens on (a sample of) the holdout when one feature's values
+    are shuffled, per feature: model-agnostic, computed on the exported model's own answers."""
+    rng = np.random.default_rng(seed)
+    if len(X) > rows:
+        pick = rng.choice(len(X), rows, replace=False)
+        X, y = X[pick], y[pick]
+    metric = IMPORTANCE_METRIC[task]
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    base = task_metrics(task, y, predict(X), classes)[metric]
+    out = {}
+    for j, name in enumerate(names):
+        shuffled = X.copy()
+        shuffled[:, j] = rng.permutation(shuffled[:, j])
+        value = task_metrics(task, y, predict(shuffled), classes)[metric]
+        out[name] = float(sign * (base - value)) if np.isfinite(value) and np.isfinite(base) else 0.0
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def importance_plot(importance: dict[str, float], metric: str, path: Path, top: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = list(importance.items())[:top][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.4))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    ax.set(xlabel=f"{metric} lost when the feature is shuffled", title="permutation importance (holdout)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,260 @@
+"""The model card of a registered tabular version, from its run: Markdown and self-contained HTML.
+
+At training, `log_card_facts` logs what only the training process knows to the run under
+`card/`: the target and feature definitions it used, the training/validation/holdout sizes, the
+leakage screen's top standalone scores, the permutation importance on the holdout, and the task's
+plots (ROC and precision-recall plus calibration for binary; predicted against true values with
+the residuals for regression; the confusion matrix for multiclass). Once the gate has decided,
+`publish_card` renders the card from those facts, the version's metrics, lineage and gate tags,
+and the monitoring windows it has served so far, and logs `card/model_card.md` and
+`card/model_card.html` (images inlined: one file that opens anywhere). `flywheel card` renders
+it again (with the latest monitoring) and writes it to a folder; the control room links it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import tempfile
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from markdown_it import MarkdownIt
+
+from flywheel.config import Project
+from flywheel.data.checks import DataCheckReport
+from flywheel.lifecycle.features import PreparedData
+from flywheel.registry import Registry, VersionInfo
+from flywheel.state.db import monitor_runs, open_state
+from flywheel.training.evaluate import (
+    IMPORTANCE_METRIC,
+    holdout_plot,
+    importance_plot,
+    permutation_importance,
+    roc_pr_plot,
+)
+from flywheel.training.model import FittedModel
+from flywheel.training.onnx import onnx_predict
+
+CARD_DIR = "card"
+FACTS = "facts.json"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    version: int
+    markdown: str  # images referenced as files beside it
+    html: str  # one file, images inlined
+    images: dict[str, bytes]
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / "model_card.md", folder / "model_card.html"]
+        paths[0].write_text(self.markdown)
+        paths[1].write_text(self.html)
+        for name, data in self.images.items():
+            (folder / name).write_bytes(data)
+            paths.append(folder / name)
+        return paths
+
+
+def log_card_facts(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
+                   checks: DataCheckReport, fitted: FittedModel, metrics: dict[str, float],
+                   holdout_out: np.ndarray) -> None:
+    """What the card needs from the training process, logged to the run under `card/`."""
+    spec, split, cfg = prepared.spec, prepared.split, project.config
+    hold = split.holdout
+    importance = permutation_importance(lambda X: onnx_predict(fitted.onnx, X), prepared.X[hold],
+                                        prepared.y[hold], spec.task, spec.names, spec.classes or None)
+    threshold = (cfg.checks.leakage_r2_threshold if spec.task == "regression"
+                 else cfg.checks.leakage_auc_threshold)
+    facts = {
+        "task": spec.task, "classes": list(spec.classes), "table": cfg.data.table,
+        "target": cfg.data.target.model_dump(mode="json"), "time_column": cfg.data.time_column,
+        "id_column": cfg.data.id_column, "features": [f.model_dump(mode="json") for f in cfg.features],
+        "inputs": spec.names,
+        "sizes": {"train": len(split.train), "validation": len(split.validation), "holdout": len(hold),
+                  "validation_from": str(split.validation_from.date()),
+                  "holdout_from": str(split.holdout_from.date())},
+        "leakage": {"metric": checks.standalone_metric, "threshold": threshold,
+                    "accepted": checks.accepted,
+                    "top": dict(sorted(checks.standalone_auc.items(), key=lambda kv: -kv[1])[:10])},
+        "importance": {"metric": IMPORTANCE_METRIC[spec.task], "values": importance},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        kind = fitted.kind
+        plots = [holdout_plot(spec.task, prepared.y[hold], holdout_out, folder, kind, metrics,
+                              list(spec.classes))]
+        if spec.task == "binary":
+            plots.append(roc_pr_plot(prepared.y[hold], holdout_out, folder / "roc_pr.png",
+                                     f"{kind} on the holdout"))
+        plots.append(importance_plot(importance, IMPORTANCE_METRIC[spec.task], folder / "importance.png"))
+        facts["plots"] = [p.name for p in plots]
+        (folder / FACTS).write_text(json.dumps(facts, indent=2, default=str))
+        for path in [*plots, folder / FACTS]:
+            registry.log_artifact(run_id, path, CARD_DIR)
+
+
+def publish_card(project: Project, registry: Registry, version: int) -> ModelCard | None:
+    """Render the card and log it to the version's run (None: a version trained before cards)."""
+    card = render_card(project, registry, version)
+    if card is None:
+        return None
+    info = registry.version(version)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in card.write(Path(tmp))[:2]:
+            registry.log_artifact(info.run_id, path, CARD_DIR)
+    return card
+
+
+def render_card(project: Project, registry: Registry, version: int) -> ModelCard | None:
+    info = registry.version(version)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = registry.download_run_artifacts(version, CARD_DIR, Path(tmp))
+        except Exception:  # no card/ on this run: trained before model cards
+            return None
+        if not (folder / FACTS).is_file():
+            return None
+        facts = json.loads((folder / FACTS).read_text())
+        images = {name: (folder / name).read_bytes() for name in facts.get("plots", [])
+                  if (folder / name).is_file()}
+    served = _served_windows(project, info.name, version)
+    markdown = _markdown(project, info, facts, served)
+    return ModelCard(version, markdown, render_html(markdown, images, f"{info.name} v{version}"), images)
+
+
+def _served_windows(project: Project, name: str, version: int) -> list[dict[str, Any]]:
+    r = monitor_runs
+    with open_state(project.state_url).connect() as conn:
+        rows = conn.execute(sa.select(r.c.id, r.c.window_start, r.c.window_end, r.c.rows, r.c.drift_share,
+                                      r.c.drift_detected, r.c.metric, r.c.metric_value, r.c.performance_drop)
+                            .where(r.c.model_name == name, r.c.model_version == version)
+                            .order_by(r.c.id)).mappings().all()
+    return [dict(x) for x in rows]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "—" if not np.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _target_text(facts: dict[str, Any]) -> str:
+    t = facts["target"]
+    if t.get("kind") == "performance_window":
+        return (f"binary: `{t['event_column']}` = `{t['event_value']}` within {t['months']} months of "
+                f"`{facts['time_column']}` (the event's time: `{t['event_time_column']}`). A row's label "
+                f"is known {t['months']} months after its `{facts['time_column']}`; training uses only "
+                "labels known by `as_of`, and monitoring waits for them as long.")
+    extra = f", positive = `{t.get('positive')}`" if t.get("positive") is not None else ""
+    return f"{t.get('task', facts['task'])}: the column `{t.get('column')}`{extra}."
+
+
+def _feature_text(f: dict[str, Any]) -> str:
+    details = ", ".join(f"{k} `{v}`" for k, v in f.items() if k not in ("name", "kind") and v is not None)
+    return f"| `{f.get('name')}` | {f.get('kind')} | {details} |"
+
+
+def _markdown(project: Project, info: VersionInfo, facts: dict[str, Any],
+              served: list[dict[str, Any]]) -> str:
+    run = info.run_tags
+    lines = [
+        f"# {info.name} v{info.version}: model card", "",
+        f"A {facts['task']} model (`{run.get('model_type', '?')}`) trained by Flywheel on the "
+        f"`{facts['table']}` table, registered as version {info.version} of `{info.name}` (MLflow run "
+        f"`{info.run_id}`).", "",
+        "## Problem and target", "", f"Target: {_target_text(facts)}", "",
+        f"Each row is one `{facts['id_column']}`, ordered by `{facts['time_column']}`.", "",
+        *_lineage_lines(run, facts["sizes"]),
+        "## Features", "", f"{len(facts['inputs'])} model inputs from these definitions:", "",
+        "| feature | kind | definition |", "|---|---|---|",
+        *[_feature_text(f) for f in facts["features"]], "",
+        *_leakage_lines(facts["leakage"]),
+        *_metric_lines(info, facts),
+        "## Gate decision", "",
+        f"**{info.tags.get('gate', 'not gated yet')}**: {info.tags.get('gate_reasons', '')}", "",
+        *_monitoring_lines(served),
+        "## Intended use and known limits", "", *_limits(project, facts, run),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _lineage_lines(run: dict[str, str], sizes: dict[str, Any]) -> list[str]:
+    return [
+        "## Data and lineage", "", "| | |", "|---|---|",
+        f"| training window | {run.get('window_start', '?')} to {run.get('window_end', '?')} "
+        f"(labels known by {run.get('as_of', '?')}) |",
+        f"| rows | {run.get('rows', '?')} from {run.get('rows_from', 'source')} "
+        f"({run.get('feedback_rows', 0)} from labels sent back) |",
+        f"| split by time | train {sizes['train']:,}, validation {sizes['validation']:,} (from "
+        f"{sizes['validation_from']}), holdout {sizes['holdout']:,} (from {sizes['holdout_from']}) |",
+        f"| data snapshot sha256 | `{run.get('data_hash', '?')}` |",
+        f"| code | git `{run.get('git_sha', '?')}`, config hash `{run.get('config_hash', '?')}` |", ""]
+
+
+def _leakage_lines(leakage: dict[str, Any]) -> list[str]:
+    accepted = f" (accepted: {', '.join(leakage['accepted'])})" if leakage["accepted"] else ""
+    return ["## Leakage screen", "",
+            f"Each feature's standalone {leakage['metric']} (out of sample); training stops at "
+            f"{leakage['threshold']} unless the feature is accepted{accepted}.", "",
+            "| feature | standalone score |", "|---|---|",
+            *[f"| `{k}` | {_fmt(v)} |" for k, v in leakage["top"].items()], ""]
+
+
+def _metric_lines(info: VersionInfo, facts: dict[str, Any]) -> list[str]:
+    metrics = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
+    return ["## Holdout metrics", "", "| metric | value |", "|---|---|",
+            *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())], "",
+            *[f"![{name}]({name})" for name in facts.get("plots", []) if name != "importance.png"], "",
+            "## Feature importance", "",
+            f"Permutation importance on the holdout: the {facts['importance']['metric']} lost when one "
+            "feature's values are shuffled.", "", "![importance](importance.png)", ""]
+
+
+def _monitoring_lines(served: list[dict[str, Any]]) -> list[str]:
+    if not served:
+        return ["## Monitoring", "", "Not monitored yet: no monitoring window has scored this version.", ""]
+    rows = [f"| {w['id']} | {str(w['window_start'] or '')[:10]} to {str(w['window_end'] or '')[:10]} | "
+            f"{w['rows']:,} | {_fmt(w['drift_share'])} ({'drift' if w['drift_detected'] else 'no drift'}) | "
+            f"{w['metric'] or '—'} {_fmt(w['metric_value']) if w['metric_value'] is not None else '—'}"
+            f"{' (drop)' if w['performance_drop'] else ''} |" for w in served[-20:]]
+    return ["## Monitoring", "", f"{len(served)} monitoring windows scored this version while it served "
+            f"(the latest {min(len(served), 20)}):", "",
+            "| window | span | rows | drift share | performance |", "|---|---|---|---|---|", *rows, ""]
+
+
+def _limits(project: Project, facts: dict[str, Any], run: dict[str, str]) -> list[str]:
+    card = project.config.card
+    use = card.intended_use or (
+        f"Scoring new `{facts['table']}` rows like those of the training window, through `flywheel serve` "
+        "or `flywheel predict`, with the served version's monitoring watching drift and performance.")
+    limits = [
+        f"- Trained on {run.get('window_start', '?')} to {run.get('window_end', '?')}: rows unlike that "
+        "period (new categories, other ranges) are extrapolation; the drift monitor flags them.",
+        "- Categories unseen in training, or too rare, are mapped to one 'other' value.",
+        "- Metrics are on a time-ordered holdout, the latest part of the window: later periods may differ.",
+        *[f"- {x}" for x in card.limitations],
+    ]
+    return [use, "", *limits]
+
+
+def render_html(markdown: str, images: dict[str, bytes], title: str) -> str:
+    """The Markdown as one HTML page, each image referenced by name inlined (no other file needed;
+    raw HTML in the Markdown is shown as text, not run)."""
+    inlined = markdown
+    for name, data in images.items():
+        inlined = inlined.replace(f"]({name})", f"](data:image/png;base64,{base64.b64encode(data).decode()})")
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(inlined)
+    style = ("body{font-family:system-ui,sans-serif;max-width:900px;margin:auto;padding:12px;color:#111827}"
+             "table{border-collapse:collapse}td,th{border:1px solid #e5e7eb;padding:3px 8px;text-align:left}"
+             "img{max-width:100%}code{font-size:.85em;word-break:break-all}")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+            f'<title>{escape(title)}</title>'
+            f"<style>{style}</style></head><body>{body}</body></html>")
