@@ -208,6 +208,8 @@ def test_every_section_shows_the_projects_history_with_drawn_charts(
     assert "v2" in models.locator(".card").nth(0).inner_text()  # champion
     assert "v3" in models.locator(".card").nth(1).inner_text()  # challenger, refused by the gate
     assert "serving v2" in page.locator("#served").inner_text()
+    same = page.locator("#same-holdout").inner_text()  # v3 and the champion it was gated against
+    assert "v3" in same and "v2" in same and "roc_auc" in same
     moves = models.locator("table").last.inner_text()
     assert "— → v1" in moves and "v1 → v2" in moves  # the alias history, newest first
     assert page.locator("#traffic .pt").count() > 0
@@ -306,7 +308,7 @@ def test_promote_refuses_without_the_admin_token_and_with_it_moves_champion_and_
 
 
 def test_the_prediction_server_shows_the_room_at_room_when_enabled(history: History) -> None:
-    page = httpx.get(f"{history.server.url}/room/")
+    page = httpx.get(f"{history.server.url}/room", follow_redirects=True)
     assert page.status_code == 200 and "Pipeline runs" in page.text
     assert "serving v" in page.text  # the worker's own version
     drift = httpx.get(f"{history.server.url}/room/api/drift").json()

@@ -21,7 +21,8 @@ in and out is the tokenizer's, exactly as on the transformers runtime.
 from __future__ import annotations
 
 import json
-import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,17 +98,21 @@ def _llama_quantise(source: Path, out: Path, ftype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype)
     params.nthread = 0  # every core
-    # llama.cpp prints a line per tensor through llama-cpp-python's logger: errors only
-    chatty = logging.getLogger("llama-cpp-python")
-    level = chatty.level
-    chatty.setLevel(logging.ERROR)
-    try:
-        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
-    finally:
-        chatty.setLevel(level)
+    # llama.cpp writes a line per tensor (and one per fallback) to stderr: kept, shown on failure
+    with tempfile.TemporaryFile() as said:
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(),
+                                                    ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        log_tail = said.read()[-2000:].decode("utf-8", "replace")
     if failed:
         out.unlink(missing_ok=True)
-        raise GgufError(f"llama.cpp could not quantise {source.name} to {ftype}")
+        raise GgufError(f"llama.cpp could not quantise {source.name} to {ftype}:\n{log_tail}")
 
 
 def _hyperparameters(writer: Any, config: dict[str, Any], name: str, precision: Precision) -> None:

@@ -56,7 +56,25 @@ def models(project: ProjectBase) -> dict[str, Any]:
     history.sort(key=lambda m: str(m["moved_at"]), reverse=True)
     return {"model": name, "project": status["project"], "kind": status["kind"],
             "gate_metric": status["gate_metric"], "champion": status.get(CHAMPION),
-            "challenger": status.get(CHALLENGER), "history": history}
+            "challenger": status.get(CHALLENGER), "history": history,
+            "same_holdout": _same_holdout(project, status.get(CHALLENGER))}
+
+
+def _same_holdout(project: ProjectBase, challenger: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The challenger's holdout metrics beside those of the champion it was gated against, scored
+    on the same rows at evaluation (recorded on the challenger's run as `champion_*`)."""
+    if challenger is None:
+        return None
+    info = Registry.for_project(project).version(challenger["version"])
+    champion = {k.removeprefix("champion_"): v for k, v in info.metrics.items() if k.startswith("champion_")}
+    against = info.tags.get("champion_at_evaluation")
+    if not champion or against in (None, "none"):
+        return None
+    own = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
+    return {"challenger_version": challenger["version"], "champion_version": int(against),
+            "metrics": {k: {"challenger": own[k], "champion": v} for k, v in sorted(champion.items())
+                        if k in own and k != "rows"},
+            "rows": own.get("rows")}
 
 
 def traffic(project: ProjectBase, range_: str = "hour", now: datetime | None = None) -> dict[str, Any]:

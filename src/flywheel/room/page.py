@@ -136,9 +136,22 @@ def models_section(m: dict[str, Any], served: dict[str, Any], mlflow_url: str | 
     return (f'<section id="models"><h2>Models <span class="muted" id="served">{escape(served_text)}'
             f'</span></h2><div class="grid">{_version_card("Champion", champion, m["model"], mlflow_url)}'
             f'{_version_card("Challenger", challenger, m["model"], mlflow_url)}</div>'
+            f'{_same_holdout(m.get("same_holdout"))}'
             f'<p>{" ".join(buttons)}<output id="action-result"></output></p>'
             f'<h3>Alias history</h3><div class="scroll"><table><tr><th>when (UTC)</th><th>alias</th>'
             f'<th>move</th><th>action</th><th>who</th><th>why</th></tr>{history}</table></div></section>')
+
+
+def _same_holdout(same: dict[str, Any] | None) -> str:
+    if not same:
+        return ""
+    c, k = same["challenger_version"], same["champion_version"]
+    rows = "".join(f'<tr><td>{escape(name)}</td><td>{charts._fmt(v["challenger"])}</td>'
+                   f'<td>{charts._fmt(v["champion"])}</td></tr>' for name, v in same["metrics"].items())
+    size = f' ({charts._fmt(same["rows"])} rows)' if same.get("rows") else ""
+    return (f'<h3>On the same holdout{size}: challenger v{c} against the champion it was gated '
+            f'against, v{k}</h3><div class="scroll"><table id="same-holdout"><tr><th>metric</th>'
+            f'<th>v{c}</th><th>v{k}</th></tr>{rows}</table></div>')
 
 
 def _v(version: int | None) -> str:
