@@ -8,6 +8,7 @@ download cache (checkov pins many packages the project's venv also has).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -31,12 +32,17 @@ TOOLS = cache_dir() / f"deploy-tools-{hashlib.sha256(LOCK.read_bytes()).hexdiges
 @pytest.fixture(scope="session")
 def tools() -> Path:
     bin_dir = TOOLS / "bin"
-    if not (TOOLS / ".installed").is_file():
-        shutil.rmtree(TOOLS, ignore_errors=True)
-        subprocess.run(["python3", "-m", "venv", str(TOOLS)], check=True, timeout=120)
-        subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "-r", str(LOCK)],
-                       check=True, timeout=900)
-        (TOOLS / ".installed").touch()
+    TOOLS.parent.mkdir(parents=True, exist_ok=True)
+    # Each xdist worker has its own session: the first to get here installs, the other waits
+    # (without the lock the second one removed the first one's half-made venv under it).
+    with open(TOOLS.parent / f"{TOOLS.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (TOOLS / ".installed").is_file():
+            shutil.rmtree(TOOLS, ignore_errors=True)
+            subprocess.run(["python3", "-m", "venv", str(TOOLS)], check=True, timeout=120)
+            subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "-r", str(LOCK)],
+                           check=True, timeout=900)
+            (TOOLS / ".installed").touch()
     return bin_dir
 
 

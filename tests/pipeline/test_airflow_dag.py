@@ -83,8 +83,11 @@ def test_dag_runs_every_step_with_the_same_results_as_the_local_runner(loaded_pr
     [run] = list_runs(project)
     assert run.id == "airflow-20061001T000000" and run.status == "succeeded" and run.trigger == "airflow"
     assert run.reason == f"drift; $(touch {marker}) `touch {marker}`" and not marker.exists()
-    assert [k for k in run.outputs if k not in ("clock", "pid", "host")] == \
-        ["extract", "features", "train", "evaluate", "promote", "alert"]
+    steps = ["extract", "features", "train", "evaluate", "promote", "alert"]
+    assert [k for k in run.outputs if k not in ("clock", "pid", "host", "timings")] == steps
+    # each step, run by Airflow in a process of its own, recorded when it started and finished
+    assert list(run.outputs["timings"]) == steps
+    assert all(t["started"] <= t["finished"] for t in run.outputs["timings"].values())
     local = run_pipeline(with_env(twin, MODEL__PARAMS=params), "manual", "twin", AT)
     for step in ("extract", "features"):
         a, b = dict(run.outputs[step]), dict(local.outputs[step])

@@ -165,8 +165,9 @@ def test_prefect_flow_runs_the_same_steps_and_keeps_its_state_under_the_project(
     assert flow_run["state_type"] == "COMPLETED" and flow_run["name"] == f"schedule-{RETRAIN_AT}"
     [run] = list_runs(project)
     assert run.status == "succeeded" and run.trigger == "schedule"
-    assert list(run.outputs) == ["clock", "pid", "host", "extract", "features", "train", "evaluate",
-                                 "promote", "alert"]
+    assert list(run.outputs) == ["clock", "pid", "host", "timings", "extract", "features", "train",
+                                 "evaluate", "promote", "alert"]
+    assert list(run.outputs["timings"]) == ["extract", "features", "train", "evaluate", "promote", "alert"]
     assert (project.home / "prefect" / "prefect.db").is_file()
 
 
