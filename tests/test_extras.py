@@ -13,9 +13,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import httpx
+
 from flywheel.core.extras import EXTRAS
 from flywheel.lifecycle import train_challenger
-from tests.conftest import REPO
+from tests.conftest import REPO, ServerProcess
 
 BLOCKER = '''
 import importlib.abc, os, sys
@@ -67,6 +69,16 @@ def test_with_the_base_alone_the_loop_names_the_train_extra_and_status_still_wor
     status = subprocess.run([sys.executable, "-m", "flywheel.cli", "status", "--json", "--config",
                              str(project.path)], capture_output=True, text=True, env=env, timeout=300)
     assert status.returncode == 0 and '"champion"' in status.stdout, status.stderr[-2000:]
+    # and the server, with the control room on it (its page and model cards need no [train])
+    server = ServerProcess(project, env={"PYTHONPATH": env["PYTHONPATH"], "FLYWHEEL_TEST_BLOCK":
+                                         env["FLYWHEEL_TEST_BLOCK"], "FLYWHEEL_ROOM__MOUNT_ON_SERVE": "true"})
+    try:
+        server.wait_ready(90)
+        assert httpx.get(f"{server.url}/room/", timeout=30).status_code == 200
+        card = httpx.get(f"{server.url}/room/cards/1", timeout=30)
+        assert card.status_code == 200 and "Gate decision" in card.text
+    finally:
+        server.stop()
 
 
 def test_without_extras_a_retrain_runs_locally_and_says_what_prefect_adds(loaded_project, tmp_path):

@@ -15,7 +15,7 @@ from flywheel.core.errors import PipelineError
 from flywheel.core.lineage import git_sha
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data.checks import DataCheckReport
-from flywheel.lifecycle.card import log_card_facts
+from flywheel.lifecycle.card_facts import log_card_facts
 from flywheel.lifecycle.features import PreparedData
 from flywheel.monitoring.reference import reference_artifacts
 from flywheel.registry import CHALLENGER, Registry
