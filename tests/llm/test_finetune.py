@@ -172,9 +172,9 @@ def transformers_greedy(folder: Path, prompt_ids: list[int], max_new: int) -> li
 
 
 def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], max_new: int, eos: int) -> list[int]:
-    from llama_cpp import Llama
+    from flywheel.llm.llamacpp import open_model
 
-    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    llm = open_model(gguf, 256, 2)
     got: list[int] = []
     for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
         if token == eos or len(got) == max_new:

@@ -1,7 +1,7 @@
 """The llama.cpp runtime of a LoRA project: the merged model as a GGUF file, decoded on the CPU by
 llama-cpp-python (`serving.runtime: llama.cpp`).
 
-The GGUF is written once, at fine-tuning, at `serving.precision` (f32, f16 or q8_0) with the
+The GGUF is written once, at fine-tuning, at `serving.precision` (f32, f16, q8_0, q4_0 or q4_k_m) with the
 tokenizer files beside it, logged to the version's run under `gguf-<precision>/` and each file's
 SHA-256 recorded on the version; `flywheel finetune` measures its held-out perplexity there, next
 to the full-precision model's, and the gate refuses an export that costs more than
@@ -19,6 +19,10 @@ batching across requests, so each worker holds `serving.max_concurrent` contexts
 memory-mapped weights file (each context is its own KV cache) and a generation takes a free one;
 the generation slots (`max_concurrent` running, `max_waiting` queued, 429 beyond) bound it as on
 the transformers runtime. With `threads` unset, every context uses every core.
+
+On a CPU that reports AMX, each file is first decoded once in a child process: where llama.cpp's
+AMX tiles fault (some virtual machines), the weights load into plain buffers instead of killing
+the server (`extra_buffers_work`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import os
 import queue
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -81,11 +88,76 @@ def build_export(base_folder: Path, adapter: Path, out: Path, precision: Precisi
 
 
 def open_model(path: Path, n_ctx: int, threads: int | None, logits_all: bool = False) -> Any:
+    """The GGUF file in a llama.cpp context; its weights in llama.cpp's faster CPU buffers where
+    those run on this machine (`extra_buffers_work`)."""
+    import llama_cpp
     from llama_cpp import Llama
 
     n = threads or os.cpu_count() or 1
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=n,
-                 n_threads_batch=n, logits_all=logits_all, verbose=False)
+    if extra_buffers_work(path):
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=n,
+                     n_threads_batch=n, logits_all=logits_all, verbose=False)
+    # llama-cpp-python takes no such setting: its defaults are read when the model loads.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _PARAMS_LOCK:
+        llama_cpp.llama_cpp.llama_model_default_params = plain
+        try:
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=n,
+                         n_threads_batch=n, logits_all=logits_all, verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+_PARAMS_LOCK = threading.Lock()
+_PROBED: dict[tuple[str, int, int], bool] = {}
+# Loads the file as serving does and decodes a prompt, then single tokens (both kinds of matmul).
+PROBE = """import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, n_threads=int(sys.argv[2]), verbose=False)
+llm.eval(list(range(1, 17)))
+llm.eval([17])
+llm.eval([18])
+"""
+
+
+def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
+    """Whether llama.cpp may keep this file's weights in its CPU "extra" buffers (repacked for Intel
+    AMX tiles or wider SIMD: faster, and llama.cpp's default).
+
+    On a CPU that reports AMX, llama.cpp built for it multiplies 4- and 8-bit weights with AMX tile
+    instructions, and on some virtual machines those fault (SIGILL: the process dies). So there,
+    once per file and process, a child process loads the file and decodes a few tokens the default
+    way; if the child dies of a signal, the weights load into plain buffers instead (slower, same
+    results) and a warning says so. A CPU without AMX needs no such check."""
+    if not _reports_amx():
+        return True
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _PROBED:
+        done = subprocess.run([sys.executable, "-c", probe, str(path), str(os.cpu_count() or 1)],
+                              capture_output=True, text=True, timeout=600)
+        _PROBED[key] = done.returncode >= 0
+        if done.returncode < 0:
+            log.warning("llama.cpp's repacked weights crash on this CPU", extra={
+                "event": "llamacpp_plain_buffers", "detail": (
+                    f"loading {path.name} the default way killed a test process "
+                    f"({signal.Signals(-done.returncode).name}); its weights load into plain "
+                    "buffers (slower, the same tokens)")})
+    return _PROBED[key]
+
+
+def _reports_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_tile" in flags
 
 
 def gguf_perplexity(path: Path, blocks: list[list[int]], threads: int | None = None,
