@@ -10,10 +10,13 @@ installed version is fetched from the package index.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +31,16 @@ HERE = Path(__file__).parent
 # image kind -> the extra its venv installs
 KINDS = {"serving": "serve", "full": "all"}
 DEFAULT_BASE = "python:{python}-slim-bookworm"
+# llama.cpp's build compiles for the CPU it runs on (-march=native): an image built on a machine
+# with AVX-512 or AMX would die of SIGILL on an older one. The full image's is built for a baseline
+# instead: any x86-64 since 2013 (AVX2, FMA, F16C), or any 64-bit Arm. On an AVX-512 + AMX machine
+# it decoded as fast as the native build (f16 48-49 against 49-52 tokens/s, q4_0 90-117 against
+# 99-108, SmolLM2-135M on 2 cores).
+PORTABLE = "llama-cpp-python"
+PORTABLE_CMAKE = {"x86_64": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                            "-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF",
+                  "aarch64": "-DGGML_NATIVE=OFF"}
+PORTABLE_MARK = "portable.json"
 
 
 class ImageError(FlywheelError):
@@ -56,8 +69,9 @@ def source_tree() -> Path | None:
     return None
 
 
-def _pip(args: list[str], what: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise ImageError(f"{what} failed (pip {' '.join(args[:2])} …):\n{done.stderr[-3000:]}")
 
@@ -90,6 +104,8 @@ def prepare_context(kind: str, context: Path, config: Path | None = None,
               f"mlflywheel=={ours}"], f"fetching mlflywheel {ours}")
     lock = tree / "requirements.lock" if tree is not None else None
     constraints = ["--constraint", str(lock)] if lock is not None and lock.is_file() else []
+    if kind == "full":
+        portable_wheel(wheels, constraints)
     _pip(["wheel", "--quiet", "--wheel-dir", str(wheels), "--find-links", str(wheels), *constraints,
           f"mlflywheel[{KINDS[kind]}]=={ours}"], f"collecting the wheels of mlflywheel[{KINDS[kind]}]")
     if base_python is not None:
@@ -100,6 +116,36 @@ def prepare_context(kind: str, context: Path, config: Path | None = None,
             _pip(["wheel", "--quiet", "--wheel-dir", str(wheels), "--find-links", str(wheels), *constraints,
                   *missing], f"collecting the wheels Python {base_python} needs besides")
     return ours
+
+
+def portable_wheel(wheels: Path, constraints: list[str]) -> Path:
+    """llama-cpp-python's wheel in `wheels`, compiled for the baseline CPU of this architecture
+    (`PORTABLE_CMAKE`), at the version mlflywheel's wheel there asks for (and the lock pins). pip
+    would otherwise take the wheel it compiled for this machine's venv from its cache. Built once
+    (minutes: cmake and a C++ compiler); `portable.json` names the wheels built so."""
+    machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    if machine not in PORTABLE_CMAKE:
+        raise ImageError(f"no baseline build of {PORTABLE} for the {machine} architecture")
+    ours = next(wheels.glob("mlflywheel-*.whl"))
+    wanted = next((line.removeprefix("Requires-Dist:").split(";")[0].strip()
+                   for line in _metadata(ours).splitlines()
+                   if line.startswith(f"Requires-Dist: {PORTABLE}")), PORTABLE)
+    mark = wheels / PORTABLE_MARK
+    built = json.loads(mark.read_text()) if mark.is_file() else {}
+    pattern = f"{PORTABLE.replace('-', '_')}-*.whl"
+    for wheel in wheels.glob(pattern):
+        if built.get(wheel.name) != PORTABLE_CMAKE[machine]:
+            wheel.unlink()  # this machine's build, or another baseline's
+    with tempfile.TemporaryDirectory() as tmp:
+        _pip(["wheel", "--quiet", "--no-cache-dir", "--no-deps", "--wheel-dir", tmp, "--find-links",
+              str(wheels), *constraints, wanted], f"building {PORTABLE} for a baseline {machine} CPU",
+             env={"CMAKE_ARGS": PORTABLE_CMAKE[machine], "FORCE_CMAKE": "1"})
+        made = next(Path(tmp).glob(pattern))
+        if not (wheels / made.name).is_file():
+            shutil.move(made, wheels / made.name)
+    built = {made.name: PORTABLE_CMAKE[machine]}
+    mark.write_text(json.dumps(built, indent=2))
+    return wheels / made.name
 
 
 def missing_for_python(wheels: Path, full_version: str) -> list[str]:
