@@ -50,6 +50,12 @@ def test_a_probe_killed_by_a_signal_sends_the_weights_to_plain_buffers(
     assert any("SIGILL" in r.__dict__.get("detail", "") for r in caplog.records)
     assert extra_buffers_work(quantised[0], probe="raise SystemExit(0)") is False  # kept per file
     assert extra_buffers_work(quantised[1], probe="raise SystemExit(3)") is True
+    monkeypatch.setattr(llamacpp, "_PROBED", {})  # a signal with no name (real-time) is named by number
+    realtime = "import os, signal; os.kill(os.getpid(), signal.SIGRTMIN + 3)"
+    with caplog.at_level(logging.WARNING, logger="flywheel.serving"):
+        assert extra_buffers_work(quantised[1], probe=realtime) is False
+    assert any("signal" in r.__dict__.get("detail", "") and "SIG" not in r.__dict__.get("detail", "")
+               for r in caplog.records)
     plain = open_model(quantised[0], 64, 2)
     got = [int(t) for _, t in zip(range(8), plain.generate([1, 5, 9], temp=0.0, top_k=1), strict=False)]
     plain.close()

@@ -144,11 +144,12 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
                               capture_output=True, text=True, timeout=600)
         _PROBED[key] = done.returncode >= 0
         if done.returncode < 0:
+            number = -done.returncode
+            name = signal.Signals(number).name if number in set(signal.Signals) else f"signal {number}"
             log.warning("llama.cpp's repacked weights crash on this CPU", extra={
                 "event": "llamacpp_plain_buffers", "detail": (
-                    f"loading {path.name} the default way killed a test process "
-                    f"({signal.Signals(-done.returncode).name}); its weights load into plain "
-                    "buffers (slower, the same tokens)")})
+                    f"loading {path.name} the default way killed a test process ({name}); its "
+                    "weights load into plain buffers (slower, the same tokens)")})
     return _PROBED[key]
 
 
