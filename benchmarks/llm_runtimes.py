@@ -1,4 +1,4 @@
-"""The LoRA model on transformers, llama.cpp (f32, f16, q8_0, q4_0, q4_k_m) and onnxruntime-genai
+"""The LoRA model on transformers, llama.cpp (f32, f16, q8_0, q4_0, q4_k_m, iq4_nl) and onnxruntime-genai
 (fp32, int4), one run on one machine.
 
 Part 1, each runtime in a process of its own (so that its peak memory is its own): the base
@@ -47,7 +47,7 @@ EXAMPLE = REPO / "examples" / "constitution-lora" / "flywheel.yaml"
 PROMPTS = ["Article 21: Protection of life and personal liberty\n",
            "The Parliament of India consists of",
            "Article 14: Equality before law\n"]
-PRECISIONS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+PRECISIONS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "iq4_nl")
 ONNX_PRECISIONS = ("fp32", "int4")  # onnxruntime-genai's builder: int4 is RTN, blocks of 32, int8 compute
 
 

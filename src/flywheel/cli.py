@@ -820,7 +820,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="safetensors (the folder), or gguf: the folder "
                                                       "and one GGUF file for llama.cpp.")] = "safetensors",
     precision: Annotated[str, typer.Option(
-        help="The GGUF file's weights: f32, f16, q8_0, q4_0 or q4_k_m.")] = "f16",
+        help="The GGUF file's weights: f32, f16, q8_0, q4_0, q4_k_m or iq4_nl.")] = "f16",
 ) -> None:
     """Write a LoRA version as files: the adapter, or with --merge a merged model folder."""
 
@@ -850,7 +850,7 @@ def publish(
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = True,
     gguf: Annotated[str | None, typer.Option(
         help="Also upload the merged model as one GGUF file for llama.cpp at this precision: f32, f16, "
-             "q8_0, q4_0, q4_k_m.")] = None,
+             "q8_0, q4_0, q4_k_m, iq4_nl.")] = None,
 ) -> None:
     """Push the merged model to the HuggingFace Hub (needs HF_TOKEN and a reachable hub)."""
 

@@ -566,7 +566,7 @@ class GenerateServingConfig(ServerConfig):
     # transformers: the merged model in PyTorch. llama.cpp: the merged model as a GGUF file at
     # `precision` (written at fine-tuning, hash-checked), decoded by llama-cpp-python.
     runtime: Literal["transformers", "llama.cpp"] = "transformers"
-    precision: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"] = "f16"
+    precision: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"] = "f16"
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> GenerateServingConfig:

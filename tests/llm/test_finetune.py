@@ -187,14 +187,15 @@ def llama_cpp_greedy(gguf: Path, prompt_ids: list[int], max_new: int, eos: int) 
 def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tmp_path: Path) -> None:
     """The merged model as GGUF (llama.cpp's format, written with the gguf package): llama.cpp's
     greedy tokens equal transformers' on the merged folder, at f32 and f16; the file's hash is
-    recorded; q8_0, q4_0 and q4_k_m (llama.cpp's own quantiser) load and generate."""
+    recorded; q8_0, q4_0, q4_k_m and iq4_nl (the last two by llama.cpp's own quantiser) load and
+    generate."""
     from transformers import AutoTokenizer
 
     from flywheel.registry import file_sha256
 
     project, r = trained
     prompts = ["Article 21: Protection of life", "The State shall not deny", "Article 14:"]
-    for precision in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):
+    for precision in ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"):
         out = tmp_path / precision
         done = cli("export", "--config", str(project.path), "--merge", "--format", "gguf", "--precision",
                    precision, "--output", str(out), env={"FLYWHEEL_HOME": str(project.home)})
@@ -202,18 +203,20 @@ def test_gguf_export_decodes_transformers_own_greedy_tokens(trained: Trained, tm
         gguf = out / f"model-{precision}.gguf"
         recorded = json.loads((out / "flywheel.json").read_text())["gguf"][gguf.name]
         assert recorded == {"precision": precision, "sha256": file_sha256(gguf)}
-        if precision == "q4_k_m":  # written by llama.cpp's quantiser, which records its file type
+        if precision in ("q4_k_m", "iq4_nl"):  # by llama.cpp's quantiser, which records its file type
             import gguf as gguf_py
 
             file_type = gguf_py.GGUFReader(gguf).fields["general.file_type"]
-            assert int(file_type.parts[file_type.data[0]][0]) == gguf_py.LlamaFileType.MOSTLY_Q4_K_M
+            expected = {"q4_k_m": gguf_py.LlamaFileType.MOSTLY_Q4_K_M,
+                        "iq4_nl": gguf_py.LlamaFileType.MOSTLY_IQ4_NL}[precision]
+            assert int(file_type.parts[file_type.data[0]][0]) == expected
             assert not list(out.glob("*.partial"))  # the f16 it quantised from is gone
             assert "llama_model_quantize" not in done.stderr  # its per-tensor log kept quiet
         tokenizer = AutoTokenizer.from_pretrained(out)
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             got = llama_cpp_greedy(gguf, ids, 24, tokenizer.eos_token_id)
-            if precision in ("q8_0", "q4_0", "q4_k_m"):
+            if precision in ("q8_0", "q4_0", "q4_k_m", "iq4_nl"):
                 assert got, prompt  # quantised weights: it runs; its cost is measured, not assumed away
                 continue
             assert got == transformers_greedy(out, ids, 24), (precision, prompt)
@@ -273,7 +276,7 @@ def test_publish_fails_clearly_without_token_or_hub(trained: tuple[LlmProject, F
                                                   "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert with_gguf.returncode == 1 and "could not reach the HuggingFace Hub" in with_gguf.stderr
     wrong = cli(*args, "--gguf", "q2_k", env={**base, "HF_TOKEN": "hf_fake"})
-    assert wrong.returncode != 0 and "f32, f16, q8_0, q4_0, q4_k_m" in wrong.stderr
+    assert wrong.returncode != 0 and "f32, f16, q8_0, q4_0, q4_k_m, iq4_nl" in wrong.stderr
 
 
 def test_config_errors_are_named(tmp_path: Path, tiny_base: Path) -> None:

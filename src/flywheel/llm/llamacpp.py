@@ -1,11 +1,11 @@
 """The llama.cpp runtime of a LoRA project: the merged model as a GGUF file, decoded on the CPU by
 llama-cpp-python (`serving.runtime: llama.cpp`).
 
-The GGUF is written once, at fine-tuning, at `serving.precision` (f32, f16, q8_0, q4_0 or q4_k_m) with the
-tokenizer files beside it, logged to the version's run under `gguf-<precision>/` and each file's
-SHA-256 recorded on the version; `flywheel finetune` measures its held-out perplexity there, next
-to the full-precision model's, and the gate refuses an export that costs more than
-`gate.max_export_cost`. A server downloads those files into `<home>/cache/gguf/`, checks every hash
+The GGUF is written once, at fine-tuning, at `serving.precision` (f32, f16, q8_0, q4_0, q4_k_m or
+iq4_nl) with the tokenizer files beside it, logged to the version's run under `gguf-<precision>/`
+and each file's SHA-256 recorded on the version; `flywheel finetune` measures its held-out
+perplexity there, next to the full-precision model's, and the gate refuses an export that costs
+more than `gate.max_export_cost`. A server downloads those files into `<home>/cache/gguf/`, checks every hash
 before each load, and decodes with llama.cpp. A version fine-tuned before the project chose this
 runtime has no such files: the server builds them itself from the hash-checked adapter and base
 (a warning says so; it needs the `llm` extra's PyTorch) and keeps them in the same cache with
