@@ -18,6 +18,9 @@ from typing import Any
 import httpx
 import pandas as pd
 
+# Waits out 503 (the state database busy) and 429 (the server full) as their Retry-After asks.
+from flywheel.serving.client import post_with_retry
+
 
 def served_inputs(client: httpx.Client) -> list[str]:
     doc = client.get("/openapi.json").json()
@@ -47,14 +50,14 @@ def main() -> None:
         batch = records(rows, served_inputs(client))
         ids: list[str] = []
         for start in range(0, len(batch), 200):
-            answer = client.post("/v1/predict", json=batch[start:start + 200])
+            answer = post_with_retry(client, "/v1/predict", json=batch[start:start + 200])
             answer.raise_for_status()
             ids += [p["record_id"] for p in answer.json()["predictions"]]
         print(f"{len(ids):,} predictions served by v{answer.json()['version']}")
         if args.labels:
             labels = [{"record_id": rid, "label": int(y == "yes")}
                       for rid, y in zip(ids, rows["churned"], strict=True)]
-            sent = client.post("/v1/feedback", json={"labels": labels})
+            sent = post_with_retry(client, "/v1/feedback", json={"labels": labels})
             sent.raise_for_status()
             print(f"{sent.json()['accepted']:,} labels posted back")
 

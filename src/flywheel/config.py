@@ -263,6 +263,9 @@ class ChecksConfig(_Strict):
 class SplitConfig(_Strict):
     validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     holdout_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    # The most of a holdout that rows learnt from /v1/feedback may make up when it also holds
+    # source rows: the gate decides on it, and callers choose what they label and when it happened.
+    max_feedback_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class ModelConfig(_Strict):
@@ -309,6 +312,36 @@ class ConnectionLimits(_Strict):
     max_connections: int = Field(default=1_000, ge=1, le=100_000)
 
 
+class PlausibleTimes(_Strict):
+    """The times a request may carry (`meta.event_time`, a label's `observed_at`): from `earliest`
+    to `max_future_days` after the server's clock. Anything outside is refused with a field error,
+    never clamped: a time read in the wrong unit (a year taken for Unix seconds is 1970) would
+    otherwise file rows under the wrong window, or put them in a holdout."""
+
+    earliest: date = date(1900, 1, 1)
+    max_future_days: float = Field(default=1.0, ge=0, le=36_500)
+
+
+Scope = Literal["predict", "feedback", "admin"]
+
+
+class ServingClient(_Strict):
+    """A caller of the prediction server: its name (logged with each prediction it asks for), the
+    environment variable that holds its bearer token (or `<name>_FILE`, a mounted secret), and what
+    it may do: `predict`, `feedback` (label only the record ids issued to it), `admin`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    token_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    scopes: list[Scope] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _not_a_config_override(self) -> ServingClient:
+        if self.token_env.startswith("FLYWHEEL_"):
+            raise ValueError(f"token_env {self.token_env}: FLYWHEEL_* variables are config overrides; "
+                             "choose another name, e.g. SCORING_TOKEN_" + self.name.upper().replace("-", "_"))
+        return self
+
+
 class ServerConfig(_Strict):
     """What every `flywheel serve` has: where it listens, its workers, how often it checks the alias."""
 
@@ -329,6 +362,19 @@ class ServingConfig(ServerConfig):
     # set, so nobody can label what they were not served or fill the feedback table with junk.
     accept_unsigned_feedback: bool = False
     log: PredictionLogConfig = PredictionLogConfig()
+    times: PlausibleTimes = PlausibleTimes()
+    # Callers with their own tokens and scopes. None declared: no token for predict and feedback
+    # (the quick start), and /admin takes FLYWHEEL_ADMIN_TOKEN.
+    clients: list[ServingClient] = []
+
+    @model_validator(mode="after")
+    def _clients_differ(self) -> ServingConfig:
+        for field in ("name", "token_env"):
+            values = [getattr(c, field) for c in self.clients]
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"clients: {field} {twice[0]} is given to two clients")
+        return self
 
 
 class MonitorWindow(_Strict):
@@ -560,7 +606,7 @@ class GenerateServingConfig(ServerConfig):
     # Generations run at once per worker; more wait (up to max_waiting), beyond that 429.
     max_concurrent: int = Field(default=1, ge=1, le=64)
     max_waiting: int = Field(default=8, ge=0, le=10_000)
-    # CPU threads of one generation (torch's or llama.cpp's); None: torch's default, or every core.
+    # CPU threads of one generation (torch's or llama.cpp's); None: the CPUs this process may use.
     threads: int | None = Field(default=None, ge=1,
                                 validation_alias=AliasChoices("threads", "torch_threads"))
     # transformers: the merged model in PyTorch. llama.cpp: the merged model as a GGUF file at
@@ -693,6 +739,23 @@ def load_any_project(path: str | Path, env: dict[str, str] | None = None) -> Pro
         raise ConfigError(format_validation_error(path, exc)) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second `serving:` block would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     """A config file's YAML: UTF-8 text, no anchors or aliases (a few lines of them can expand to
     gigabytes), no .inf or .nan; anything else is a ConfigError that says what is wrong."""
@@ -706,7 +769,7 @@ def read_yaml(path: Path) -> Any:
                 line = event.start_mark.line + 1 if event.start_mark else "?"
                 raise ConfigError(f"{path}:{line}: YAML aliases (*{event.anchor}) are not "
                                   "accepted in a config; write the value out")
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     bad = first_path(raw, lambda v: isinstance(v, float) and not math.isfinite(v))

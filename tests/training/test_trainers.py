@@ -109,3 +109,16 @@ def test_float32_thresholds_change_no_native_prediction_and_give_onnx_exact_spli
     before = [float(v) for line in booster.model_to_string().splitlines()
               if line.startswith("threshold=") for v in line.split("=", 1)[1].split()]
     assert any(float(np.float32(t)) != t for t in before)  # the case it exists for
+
+
+def test_lightgbm_threads_follow_the_usable_cpus_and_a_configured_count_wins(prepared_sample):
+    from flywheel.core.cpus import compute_budget, usable_cpus
+
+    data = prepared_sample.training_data()
+    fitted = train_model(ModelConfig(type="lightgbm", params={"num_boost_round": 5}), data)
+    assert fitted.params["num_threads"] == usable_cpus()
+    with compute_budget(1):
+        assert train_model(ModelConfig(type="lightgbm", params={"num_boost_round": 5}),
+                           data).params["num_threads"] == 1
+    pinned = ModelConfig(type="lightgbm", params={"num_boost_round": 5, "num_threads": 3})
+    assert train_model(pinned, data).params["num_threads"] == 3

@@ -46,6 +46,7 @@ from flywheel.lifecycle import TrainResult, train_challenger
 from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.runs import EvaluateResult, PipelineRun
+from flywheel.serving.client import post_with_retry
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
 
@@ -212,7 +213,7 @@ def post_labels(project: Project, client: httpx.Client, url: str, rows: pd.DataF
                       if target.task == "multiclass" else int(truth == getattr(target, "positive", 1)))
         labels.append({"record_id": rid, "label": label})
     for start in range(0, len(labels), 5000):
-        r = client.post(f"{url}/v1/feedback", json={"labels": labels[start:start + 5000]})
+        r = post_with_retry(client, f"{url}/v1/feedback", json={"labels": labels[start:start + 5000]})
         if r.status_code != 200:
             raise ExampleError(f"feedback refused: {r.status_code} {r.text[:300]}")
     return len(labels)
@@ -239,7 +240,7 @@ def _retrain_and_swap(project: Project, server: ServerProcess, client: httpx.Cli
         server.wait_for_version(run.version)
         probe = records_of(arriving.head(5), feats.input_columns(project.config.features),
                            project.config.data.id_column, project.config.data.time_column)
-        answer = client.post(f"{server.url}/v1/predict", json=probe)
+        answer = post_with_retry(client, f"{server.url}/v1/predict", json=probe)
         result.swapped_to = int(answer.json()["version"])
         say(f"hot swap: the server answers with v{result.swapped_to}")
     with open_state(project.state_url).connect() as conn:

@@ -17,9 +17,9 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel.config import MonitorWindow, Project, load_project
+from flywheel.core.cpus import CPUS_ENV, compute_budget, usable_cpus
 from flywheel.core.errors import FlywheelError
 from flywheel.data import features as feats
 from flywheel.data.sources import LABEL_KNOWN_AT, TARGET, extract_window
@@ -40,6 +41,7 @@ from flywheel.pipeline.scheduler import check_once
 from flywheel.pipeline.steps import training_window
 from flywheel.pipeline.triggers import TriggerDecision
 from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.client import post_with_retry
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
 from flywheel.training.onnx import onnx_predict
@@ -159,7 +161,7 @@ def send_quarter(client: Any, url: str, records: list[dict[str, Any]]) -> tuple[
     for start in range(0, len(records), BATCH):
         batch = records[start:start + BATCH]
         while batch:
-            r = client.post(f"{url}/v1/predict", json=batch)
+            r = post_with_retry(client, f"{url}/v1/predict", json=batch)
             if r.status_code == 200:
                 for rec, pred in zip(batch, r.json()["predictions"], strict=True):
                     record_ids[rec["meta"]["entity_id"]] = pred["record_id"]
@@ -180,8 +182,8 @@ def feed_labels(client: Any, url: str, due: pd.DataFrame, record_ids: dict[str, 
               for e, y, k in zip(due[id_col], due[TARGET], due[LABEL_KNOWN_AT], strict=True)
               if str(e) in record_ids]
     for start in range(0, len(labels), 5000):
-        r = client.post(f"{url}/v1/feedback", json={"labels": labels[start:start + 5000]})
-        if r.status_code != 200:
+        r = post_with_retry(client, f"{url}/v1/feedback", json={"labels": labels[start:start + 5000]})
+        if r.status_code != 200:  # 503/429 only after the retries' budget is spent
             raise RuntimeError(f"feedback refused: {r.status_code} {r.text[:300]}")
     return len(labels)
 
@@ -249,25 +251,33 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     out_dir = out_dir or project.home / "replay"
     out_dir.mkdir(parents=True, exist_ok=True)
     qs = quarters(FIRST_QUARTER, n_quarters)
-    # The oracle's 36 trainings run in two processes beside the replay (the machine has 2 cores).
+    budget = ThreadBudget.for_cpus(usable_cpus())
+    say(budget.describe())
     # "spawn", not fork: a child forked after LightGBM has used OpenMP in this process hangs in it.
-    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    oracle: list[Future[dict[int, float | None]]] = [
-        pool.submit(oracle_aucs, str(project.path), str(project.home), FIRST_QUARTER, n_quarters,
-                    list(range(part, n_quarters, 2))) for part in (0, 1)]
-    frame = _replay_frame(project, registry, static_version, qs)
-    server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
+    pool = multiprocessing.get_context("spawn").Pool(
+        max(1, budget.oracle_processes), initializer=_oracle_worker, initargs=(budget.oracle_threads,))
+    parts = max(1, budget.oracle_processes)
+    oracle: list[AsyncResult[dict[int, float | None]]] = []
     try:
-        server.wait_ready()
-        with httpx.Client(timeout=120) as client:
-            replay = _Replay(project, registry, frame, feats.input_columns(project.config.features),
-                             server, client, say)
-            for q in qs:
-                _replay_quarter(replay, q)
+        if budget.oracle_processes:  # beside the loop; on one CPU only after it
+            oracle = _start_oracle(pool, project, n_quarters, parts)
+        frame = _replay_frame(project, registry, static_version, qs)
+        server = ServerProcess(project, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.5"})
+        try:
+            server.wait_ready()
+            with httpx.Client(timeout=120) as client, compute_budget(budget.retrain_threads):
+                replay = _Replay(project, registry, frame, feats.input_columns(project.config.features),
+                                 server, client, say)
+                for q in qs:
+                    _replay_quarter(replay, q)
+        finally:
+            server.stop()
+        oracle = oracle or _start_oracle(pool, project, n_quarters, parts)
+        oracle_values, oracle_error = _oracle_results(oracle, say)
+        pool.close()
     finally:
-        server.stop()
-    oracle_values, oracle_error = _oracle_results(oracle, say)
-    pool.shutdown()
+        pool.terminate()  # a failed replay stops the oracle's processes now, not after their work
+        pool.join()
     _score_quarters(replay, qs, oracle_values)
     report = _report(project, replay.results, replay.retrains, n_quarters,
                      time.perf_counter() - started)
@@ -354,14 +364,49 @@ def _record_retrain(r: _Replay, q: Quarter, decision: TriggerDecision, run: Pipe
         r.server.wait_for_version(run.version)
 
 
-def _oracle_results(oracle: list[Future[dict[int, float | None]]],
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How the replay shares the CPUs: the oracle's processes (each one compute thread) beside the
+    loop's retrains, so that the compute threads running at once never exceed the usable CPUs.
+    With one CPU the oracle runs after the loop instead of beside it."""
+
+    cpus: int
+    oracle_processes: int
+    oracle_threads: int
+    retrain_threads: int
+
+    @classmethod
+    def for_cpus(cls, cpus: int) -> ThreadBudget:
+        oracle = min(2, cpus // 2) if cpus > 1 else 0
+        return cls(cpus, oracle, 1, max(1, cpus - oracle))
+
+    def describe(self) -> str:
+        if not self.oracle_processes:
+            return (f"CPU budget: {self.cpus} usable CPU; retrains use 1 thread; the oracle runs "
+                    "after the loop")
+        return (f"CPU budget: {self.cpus} usable CPUs; retrains use {self.retrain_threads} "
+                f"thread(s), the oracle {self.oracle_processes} process(es) of "
+                f"{self.oracle_threads} thread beside them")
+
+
+def _oracle_worker(threads: int) -> None:
+    os.environ[CPUS_ENV] = str(threads)  # read by usable_cpus() in this process's trainings
+
+
+def _start_oracle(pool: Any, project: Project, n: int,
+                  parts: int) -> list[AsyncResult[dict[int, float | None]]]:
+    return [pool.apply_async(oracle_aucs, (str(project.path), str(project.home), FIRST_QUARTER, n,
+                                           list(range(part, n, parts)))) for part in range(parts)]
+
+
+def _oracle_results(oracle: list[AsyncResult[dict[int, float | None]]],
                     say: Progress) -> tuple[dict[int, float | None], str | None]:
     say("waiting for the oracle's retrains")
     values: dict[int, float | None] = {}
     error = None
     for f in oracle:
         try:
-            values.update(f.result())
+            values.update(f.get())
         except Exception as exc:  # report what the loop measured even if the comparison failed
             error = f"{type(exc).__name__}: {exc}"
             say(f"the oracle failed: {error}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import LlmProject
+from flywheel.core.cpus import usable_cpus
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
 from flywheel.core.lineage import git_sha
@@ -269,6 +270,7 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.set_num_threads(usable_cpus())  # torch counts cores, not the CPUs this process may use
 
 
 def _blocks(split: TextSplit, tokenizer: Any, block: int, eval_max_tokens: int | None,

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from flywheel.config import LlmProject
+from flywheel.core.cpus import usable_cpus
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, load_tokenizer, merge_adapter
@@ -93,7 +94,7 @@ def open_model(path: Path, n_ctx: int, threads: int | None, logits_all: bool = F
     import llama_cpp
     from llama_cpp import Llama
 
-    n = threads or os.cpu_count() or 1
+    n = threads or usable_cpus()
     if extra_buffers_work(path):
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=n,
                      n_threads_batch=n, logits_all=logits_all, verbose=False)
@@ -140,7 +141,7 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _PROBED:
-        done = subprocess.run([sys.executable, "-c", probe, str(path), str(os.cpu_count() or 1)],
+        done = subprocess.run([sys.executable, "-c", probe, str(path), str(usable_cpus())],
                               capture_output=True, text=True, timeout=600)
         _PROBED[key] = done.returncode >= 0
         if done.returncode < 0:

@@ -27,12 +27,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import GenerateServingConfig, LlmProject
+from flywheel.core.cpus import usable_cpus
 from flywheel.llm.llamacpp import load_llamacpp
 from flywheel.llm.runtime import Generation, TextGenerator, load_generator
 from flywheel.room.app import room_mount
 from flywheel.serving.http import (
+    ERROR_HANDLERS,
     Answers,
     BodyTooLarge,
+    CountedErrors,
     champion_runtime,
     common_routes,
     new_request_id,
@@ -140,14 +143,14 @@ class GenerationSlots:
             self.semaphore.release()
 
 
-def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
+def create_generate_app(project: LlmProject, migrate: bool = True) -> CountedErrors:
     """The ASGI app of a LoRA project; its only state rows are the traffic rollups (`migrate`:
     False when `flywheel serve` already migrated the state database)."""
     cfg = project.config.serving
-    if cfg.threads and cfg.runtime == "transformers":
+    if cfg.runtime == "transformers":
         import torch  # heavy: only a generation server needs it
 
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads or usable_cpus())
     load = load_llamacpp if cfg.runtime == "llama.cpp" else load_generator
     metrics = ServingMetrics(GENERATION_BUCKETS)
     rollup = metrics.rollup = TrafficRollup(open_state(project.state_url, migrate=migrate),
@@ -165,9 +168,10 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> Starlette:
                             Route("/v1/chat/completions", compatible.chat, methods=["POST"]),
                             Route("/v1/completions", compatible.completions, methods=["POST"]),
                             *common_routes(runtime, metrics, openapi), *room_mount(project, runtime)],
-                    lifespan=worker_lifespan(runtime, start=rollup.start, stop=rollup.stopped))
+                    lifespan=worker_lifespan(runtime, start=rollup.start, stop=rollup.stopped),
+                    exception_handlers=ERROR_HANDLERS)
     app.state.runtime = runtime
-    return app
+    return CountedErrors(app, metrics)
 
 
 class GenerateEndpoint:

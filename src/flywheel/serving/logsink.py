@@ -20,6 +20,7 @@ import orjson
 import sqlalchemy as sa
 
 from flywheel.config import ConfigError
+from flywheel.core.cpus import affinity_cpus
 from flywheel.data.engine import make_engine
 from flywheel.serving.logs import configure_json_logging
 from flywheel.serving.metrics import ServingMetrics
@@ -231,11 +232,12 @@ def sink_cpus(env: Mapping[str, str]) -> set[int] | None:
     except ValueError:
         raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: expected CPU numbers separated by commas, "
                           "e.g. 3 or 2,3") from None
-    available = range(os.cpu_count() or 1)
+    available = affinity_cpus()  # the CPUs this process may run on, not every core the machine has
     missing = sorted(c for c in cpus if c not in available)
     if missing:
-        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: this machine has CPUs 0-{available[-1]}; "
-                          f"no CPU {missing[0]}")
+        listed = ",".join(str(c) for c in sorted(available))
+        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: this process may use CPUs {listed}; "
+                          f"not CPU {missing[0]}")
     return cpus
 
 

@@ -28,6 +28,9 @@ def new_session(onnx_bytes: bytes) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1  # one thread per worker: workers, not threads, use the cores
     opts.inter_op_num_threads = 1
+    # No busy-waiting between runs: on a shared machine spinning threads take CPU from real work.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from flywheel.config import ModelConfig
+from flywheel.core.cpus import usable_cpus
 from flywheel.core.progress import Advance
 from flywheel.training.evaluate import curve_metrics
 from flywheel.training.model import FittedModel, TrainingData
@@ -105,10 +106,15 @@ class TabularMLP(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(out[:, 0], y)
 
 
+def _seed_and_size(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(usable_cpus())  # torch counts cores, not the CPUs this process may use
+
+
 def train_mlp(model: ModelConfig, data: TrainingData, progress: Advance | None) -> FittedModel:
     params = {**MLP_DEFAULTS, **model.params}
-    torch.manual_seed(model.seed)
-    np.random.seed(model.seed)
+    _seed_and_size(model.seed)
     net = TabularMLP(data.X_train, data.cardinalities, params, data.task, len(data.classes) or 2,
                      data.y_train)
     opt = torch.optim.AdamW(net.parameters(), lr=float(params["learning_rate"]),
