@@ -2,11 +2,8 @@
 and a replay's budget; what trainers and OpenMP do with it."""
 
 import os
-
 import subprocess
 import sys
-
-import pytest
 
 from flywheel.core.cpus import cgroup_quota, compute_budget, usable_cpus
 

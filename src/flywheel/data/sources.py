@@ -23,6 +23,7 @@ from flywheel.data.timecol import sql_bounds, to_timestamps
 
 TARGET = "__target__"
 LABEL_KNOWN_AT = "__label_known_at__"
+FROM_FEEDBACK = "__from_feedback__"  # true on a row learnt from a label posted to /v1/feedback
 
 
 class SourceError(FlywheelError):

@@ -7,7 +7,8 @@ the split by time and the label timing work on one axis whatever the source hold
 
 from __future__ import annotations
 
-from datetime import date
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,60 @@ def _first_month_from(d: date) -> int:
     return year * 100 + month
 
 
+class EventTimes:
+    """How a request's own times (`meta.event_time`, `observed_at`) are read and bounded.
+
+    A string is an ISO 8601 date or date-time (a zone is converted to UTC). A number is read in
+    the project's `time_unit` (2018 with `year`, 201803 with `month`); with any other unit a number
+    is refused rather than guessed (Unix seconds would put 2018 in 1970). The result must lie in
+    [earliest, now + max_future]."""
+
+    def __init__(self, unit: str = "date", earliest: date = date(1900, 1, 1),
+                 max_future: timedelta = timedelta(days=1), now: Callable[[], datetime] | None = None):
+        self.unit = unit
+        self.earliest = datetime.combine(earliest, time.min)
+        self.max_future = max_future
+        self.now = now or (lambda: datetime.now(UTC).replace(tzinfo=None))
+
+    def read(self, value: Any) -> datetime:
+        """The value as a naive UTC datetime; ValueError with a message for the client."""
+        when = self.parse(value)
+        latest = self.now() + self.max_future
+        if not self.earliest <= when <= latest:
+            raise ValueError(f"{when.isoformat()} is outside the plausible range "
+                             f"{self.earliest.date().isoformat()} to {latest.isoformat(timespec='seconds')}"
+                             " (serving.times in flywheel.yaml)")
+        return when
+
+    def parse(self, value: Any) -> datetime:
+        if isinstance(value, str) and self.unit in ("year", "month") and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, int) and not isinstance(value, bool):
+            if self.unit == "year" and 1 <= value <= 9999:
+                return datetime(value, 1, 1)
+            if self.unit == "month" and 100 < value <= 999_912 and 1 <= value % 100 <= 12:
+                return datetime(value // 100, value % 100, 1)
+            if self.unit in ("year", "month"):
+                shape = "a year such as 2017" if self.unit == "year" else "YYYYMM such as 201703"
+                raise ValueError(f"with data.time_unit {self.unit} a number must be {shape}")
+            raise ValueError("a number is not read as a time here (data.time_unit is "
+                             f"{self.unit}): send an ISO 8601 date such as 2018-01-01")
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError("an ISO 8601 date or date-time, e.g. 2018-01-01 or 2018-01-01T12:00:00Z")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("an ISO 8601 date or date-time, e.g. 2018-01-01 or "
+                             "2018-01-01T12:00:00Z") from None
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        return parsed
+
+    def iso(self, value: Any) -> str:
+        """`read(value)` written as ISO 8601: what the log stores for the value the client sent."""
+        return self.read(value).isoformat()
+
+
 def served_row_times(inputs: pd.DataFrame, metas: list[dict[str, Any]], served_at: pd.Series,
                      data: DataConfig) -> pd.Series:
     """When each served row happened: the time column when the model reads it (it is among the
@@ -109,9 +164,20 @@ def served_row_times(inputs: pd.DataFrame, metas: list[dict[str, Any]], served_a
     served_at = served_at.reset_index(drop=True)
     if data.time_column in inputs.columns:
         return to_timestamps(inputs[data.time_column].reset_index(drop=True), data).fillna(served_at)
-    event = pd.to_datetime(pd.Series([m.get(EVENT_TIME) for m in metas], dtype=object),
-                           errors="coerce", format="mixed", utc=True)
+    # Numbers in the time unit (logs written before the server normalised meta.event_time)
+    reader = EventTimes(data.time_unit)
+    raw = [m.get(EVENT_TIME) for m in metas]
+    raw = [_event_number(v, reader) if isinstance(v, int | float) and not isinstance(v, bool) else v
+           for v in raw]
+    event = pd.to_datetime(pd.Series(raw, dtype=object), errors="coerce", format="mixed", utc=True)
     return event.dt.tz_convert(None).astype("datetime64[ns]").fillna(served_at)
+
+
+def _event_number(value: float, reader: EventTimes) -> str | None:
+    try:
+        return reader.parse(int(value)).isoformat() if value == int(value) else None
+    except (ValueError, OverflowError):
+        return None  # never read a number as Unix time: such a row falls back to when it was served
 
 
 def naive_utc(values: pd.Series) -> pd.Series:

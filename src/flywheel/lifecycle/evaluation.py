@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,9 @@ def evaluate_against_champion(project: Project, registry: Registry, prepared: Pr
         registry.log_metrics(run_id, {f"champion_{k}": v for k, v in champ_metrics.items()})
     gate = decide_gate(project.config.gate, metrics, champ_metrics, prepared.spec.input_types,
                        champion.inputs if champion else None)
+    note = prepared.split.feedback_note()
+    if note:  # the verdict says how much of what it was decided on came from callers' labels
+        gate = dataclasses.replace(gate, reasons=[*gate.reasons, note])
     verdict = "passed" if gate.passed else "failed"
     registry.set_version_tags(version, {
         "gate": verdict, "gate_reasons": " | ".join(gate.reasons),

@@ -18,9 +18,9 @@ from flywheel.config import CategoryFeature, Project
 from flywheel.data import features as feats
 from flywheel.data import spark as spark_engine
 from flywheel.data.checks import DataCheckError, DataCheckReport, run_data_checks
-from flywheel.data.sources import TARGET, Snapshot, extract_window, target_values
+from flywheel.data.sources import FROM_FEEDBACK, TARGET, Snapshot, extract_window, target_values
 from flywheel.training.model import TrainingData
-from flywheel.training.split import TimeSplit, split_by_time
+from flywheel.training.split import TimeSplit, cap_feedback, split_by_time
 
 ARRAYS_FILE = "features.npz"
 SPEC_FILE = "feature_spec.json"
@@ -62,7 +62,8 @@ class PreparedData:
         (folder / CHECKS_FILE).write_text(json.dumps(checks.__dict__, default=str))
         (folder / META_FILE).write_text(json.dumps({
             "snapshot": str(self.snapshot.path), "validation_from": s.validation_from.isoformat(),
-            "holdout_from": s.holdout_from.isoformat()}))
+            "holdout_from": s.holdout_from.isoformat(), "holdout_feedback_rows": s.holdout_feedback_rows,
+            "feedback_left_out": s.feedback_left_out}))
         os.replace(partial, folder / ARRAYS_FILE)
         return folder
 
@@ -75,7 +76,8 @@ class PreparedData:
         snapshot = Snapshot.load(Path(meta["snapshot"]))
         with np.load(folder / ARRAYS_FILE) as arrays:
             split = TimeSplit(arrays["train"], arrays["validation"], arrays["holdout"],
-                              pd.Timestamp(meta["validation_from"]), pd.Timestamp(meta["holdout_from"]))
+                              pd.Timestamp(meta["validation_from"]), pd.Timestamp(meta["holdout_from"]),
+                              meta.get("holdout_feedback_rows", 0), meta.get("feedback_left_out", 0))
             X, y = arrays["X"], arrays["y"]
         spec = feats.FeatureSpec.from_json((folder / SPEC_FILE).read_text())
         return cls(snapshot, snapshot.frame(), spec, X, y, split)
@@ -103,6 +105,9 @@ def prepare_features(project: Project, snapshot: Snapshot) -> PreparedData:
 def prepare_frame(project: Project, frame: pd.DataFrame, snapshot: Snapshot | None = None) -> PreparedData:
     """`prepare_features` for rows already in memory."""
     split = split_by_time(frame[project.config.data.time_column], project.config.split)
+    if FROM_FEEDBACK in frame.columns:
+        split = cap_feedback(split, frame[FROM_FEEDBACK].fillna(False).to_numpy(dtype=bool),
+                             project.config.split.max_feedback_share)
     task = project.config.task
     classes = task_classes(project, frame[TARGET]) if task == "multiclass" else []
     data = project.config.data

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from flywheel.config import Project
 from flywheel.data import features as feats
 from flywheel.data.sources import (
+    FROM_FEEDBACK,
     LABEL_KNOWN_AT,
     TARGET,
     EmptyWindowError,
@@ -28,7 +29,7 @@ from flywheel.data.sources import (
     save_snapshot,
 )
 from flywheel.data.timecol import naive_utc, served_row_times
-from flywheel.state.db import feedback, open_state, predictions
+from flywheel.state.db import CLIENT_META, feedback, open_state, predictions
 
 ENTITY_ID = "entity_id"  # the key of `meta` that names the row's id in the source table
 # Where a label posted to /v1/feedback is kept, by task, and the target's type in a snapshot.
@@ -59,7 +60,7 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
         found = conn.execute(query).all()
     wanted = list(dict.fromkeys([data.id_column, data.time_column, *columns]))
     if not found:
-        return pd.DataFrame(columns=[*wanted, TARGET, LABEL_KNOWN_AT])
+        return pd.DataFrame(columns=[*wanted, TARGET, LABEL_KNOWN_AT, FROM_FEEDBACK])
     inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in found])
     metas = [orjson.loads(r.meta) if r.meta else {} for r in found]
     missing = [c for c in columns if c not in inputs.columns and c != data.time_column]
@@ -74,7 +75,12 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     frame[data.time_column] = served_row_times(inputs, metas, served_at, data)
     frame[TARGET] = np.array([r.label for r in found], dtype=FEEDBACK_DTYPE[project.config.task])
     frame[LABEL_KNOWN_AT] = naive_utc(pd.Series([r.received_at for r in found]))
-    frame = frame.drop_duplicates(data.id_column, keep="last")  # an id served twice: its latest
+    frame[FROM_FEEDBACK] = True
+    # An id served twice: its latest, within each client. A client reusing another's entity id
+    # (declared clients only; all callers are one anonymous client otherwise) adds its own row and
+    # never displaces the other's labelled one.
+    frame["__client__"] = [str(m.get(CLIENT_META, "")) for m in metas]
+    frame = frame.drop_duplicates([data.id_column, "__client__"], keep="last").drop(columns="__client__")
     when = frame[data.time_column]
     frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(upper))]
     return frame.sort_values([data.time_column, data.id_column], kind="stable").reset_index(drop=True)
@@ -120,7 +126,8 @@ def _combine(source: pd.DataFrame, served: pd.DataFrame, id_col: str, time_col: 
     if source.empty:
         return served
     served = served.copy()
-    as_served = (id_col, time_col, TARGET, LABEL_KNOWN_AT)
+    source = source.assign(**{FROM_FEEDBACK: False})
+    as_served = (id_col, time_col, TARGET, LABEL_KNOWN_AT, FROM_FEEDBACK)
     for name in source.columns:
         if name not in served.columns:
             served[name] = None

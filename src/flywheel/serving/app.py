@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import time
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -19,10 +20,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import Project, load_project
+from flywheel.data.timecol import EventTimes
 from flywheel.room.app import room_mount
+from flywheel.serving.clients import ANONYMOUS, Clients
 from flywheel.serving.http import (
+    ERROR_HANDLERS,
     Answers,
     BodyTooLarge,
+    CountedErrors,
     HotPathDispatch,
     champion_runtime,
     common_routes,
@@ -40,8 +45,14 @@ from flywheel.serving.predlog import PredictionLogWriter, store_feedback
 from flywheel.serving.records import RecordIds
 from flywheel.serving.runtime import LoadedModel, load_version
 from flywheel.serving.traffic import TrafficRollup
-from flywheel.serving.validation import RequestInvalid, feedback_labels, parse_json_body, refuse_unissued
-from flywheel.state.db import open_state
+from flywheel.serving.validation import (
+    META,
+    RequestInvalid,
+    feedback_labels,
+    parse_json_body,
+    refuse_unissued,
+)
+from flywheel.state.db import CLIENT_META, open_state
 
 log = logging.getLogger("flywheel.serving")
 
@@ -93,19 +104,23 @@ class TabularService:
     def __init__(self, project: Project, migrate: bool):
         self.project = project
         self.cfg = cfg = project.config.serving
+        self.times = EventTimes(project.config.data.time_unit, cfg.times.earliest,
+                                timedelta(days=cfg.times.max_future_days))
         self.metrics = ServingMetrics()
         self.answers = Answers(self.metrics)
         self.runtime = champion_runtime(
             project, cfg.reload_interval_s, self.metrics,
             lambda registry, version: load_version(registry, version, cfg.max_records,
-                                                   cfg.max_string_length, cfg.threshold), freeze_heap)
+                                                   cfg.max_string_length, cfg.threshold, self.times),
+            freeze_heap)
         self.engine = open_state(project.state_url, migrate=migrate)
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
                                           on_dropped=self.metrics.count_dropped,
                                           on_depth=self.metrics.log_depth.set,
                                           on_health=self._log_health)
         self.rollup = self.metrics.rollup = TrafficRollup(self.engine, project.config.registered_model)
-        self.record_ids = RecordIds.from_state(self.engine)
+        self.record_ids = RecordIds.from_state(self.engine, cfg.max_records)
+        self.clients = Clients(cfg.clients)
         self.batcher = MicroBatcher()
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
         self._restarts_counted = 0
@@ -123,13 +138,17 @@ class TabularService:
             self._restarts_counted += restarts
 
     async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
-                            started: float) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Score, mint the record ids, log; the ids and, per record, the answer's fields (see
-        `TaskAnswers.log_fields`)."""
+                            started: float, client: str = ANONYMOUS
+                            ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Score, mint the record ids (for `client`), log; the ids and, per record, the answer's
+        fields (see `TaskAnswers.log_fields`)."""
         outs = await self.batcher.submit(model, records)
         now = time.time_ns() // 1000
         latency_ms = (time.perf_counter() - started) * 1000
-        ids = self.record_ids.mint(request_id, len(records))
+        ids = self.record_ids.mint(request_id, len(records), client)
+        if client:  # logged with each row: learning from feedback keeps each client's rows apart
+            for record in records:
+                record[META] = {**(record.get(META) or {}), CLIENT_META: client}
         fields = model.answers.log_fields(outs)
         name, version, offer = model.name, model.version, self.writer.offer
         for rid, record, f in zip(ids, records, fields, strict=True):
@@ -149,24 +168,30 @@ class TabularService:
         request_id = new_request_id()
         model = self.runtime.current
         version = model.version if model else 0
-        status, payload = await self._predict(model, scope, receive, request_id, started)
+        client, refused = self.clients.from_asgi(scope, "predict")
+        if refused is None:
+            status, payload = await self._predict(model, scope, receive, request_id, started, client)
+        else:
+            status, payload = refused.status, {"detail": refused.detail}
         if status != 200:
             payload["request_id"] = request_id
         body = orjson.dumps(payload)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"x-request-id", request_id.encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.metrics.observe("predict", status, version, time.perf_counter() - started)
 
     async def _predict(self, model: LoadedModel | None, scope: Any, receive: Any, request_id: str,
-                       started: float) -> tuple[int, dict[str, Any]]:
+                       started: float, client: str) -> tuple[int, dict[str, Any]]:
         if model is None:
             return 503, {"detail": "no champion model is loaded yet"}
         limit = self.cfg.max_body_bytes
         try:
             records = model.validator.records(parse_json_body(await receive_body(scope, receive, limit)))
-            ids, fields = await self.score_and_log(model, records, request_id, started)
+            ids, fields = await self.score_and_log(model, records, request_id, started, client)
         except BodyTooLarge:
             return 413, {"detail": f"body larger than {limit} bytes"}
         except RequestInvalid as exc:
@@ -181,6 +206,10 @@ class TabularService:
 
     async def feedback(self, request: Request) -> Response:
         started, request_id, limit = time.perf_counter(), new_request_id(), self.cfg.max_body_bytes
+        client, refused = self.clients.identify(request.headers.get("authorization", ""), "feedback")
+        if refused is not None:
+            return self.answers.send("feedback", refused.status, {"detail": refused.detail}, request_id,
+                                     started, headers=refused.headers)
         try:
             body = await read_body(request, limit)
             if not is_json(request.headers.get("content-type", "")):
@@ -191,9 +220,9 @@ class TabularService:
                     request_id, started)
             model = self.runtime.current
             labels = feedback_labels(parse_json_body(body), self.project.config.task,
-                                     model.spec.classes if model else None)
+                                     model.spec.classes if model else None, self.times)
             if not self.cfg.accept_unsigned_feedback:
-                refuse_unissued(labels, self.record_ids.issued)
+                refuse_unissued(labels, lambda rid: self.record_ids.issued(rid, client))
         except BodyTooLarge:
             return self.answers.send("feedback", 413, {"detail": f"body larger than {limit} bytes"},
                                      request_id, started)
@@ -245,10 +274,10 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Any:
         *room_mount(project, service.runtime),
         *common_routes(service.runtime, service.metrics, service.openapi,
                        {"threshold": service.cfg.threshold}, service.monitoring_metrics,
-                       lambda: {"prediction_log": service.writer.health()}),
+                       lambda: {"prediction_log": service.writer.health()}, service.clients),
     ]
     lifespan = worker_lifespan(service.runtime, start=service.start, stop=service.stop,
                                after_load=freeze_heap)
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
     app.state.runtime, app.state.writer = service.runtime, service.writer
-    return HotPathDispatch(app, "POST", "/v1/predict", service.predict)
+    return CountedErrors(HotPathDispatch(app, "POST", "/v1/predict", service.predict), service.metrics)

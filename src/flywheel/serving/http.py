@@ -26,6 +26,7 @@ from starlette.routing import Route
 from flywheel.config import ProjectBase
 from flywheel.core.secrets import env_secret
 from flywheel.registry import Registry
+from flywheel.serving.clients import Clients
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.runtime import M, ModelRuntime
 
@@ -103,9 +104,16 @@ class Answers:
         return json_response(payload, status, {"x-request-id": request_id, **(headers or {})})
 
 
-def admin_refusal(request: Request) -> Response | None:
-    """None when the request carries the admin bearer token; else the 401/403 to answer."""
+def admin_refusal(request: Request, clients: Clients | None = None) -> Response | None:
+    """None when the request carries the admin bearer token (FLYWHEEL_ADMIN_TOKEN, or a declared
+    client's with the `admin` scope); else the 401/403 to answer."""
     expected = env_secret(ADMIN_TOKEN_ENV)
+    if clients is not None and clients.enabled:
+        _, refused = clients.identify(request.headers.get("authorization", ""), "admin")
+        if refused is None:
+            return None
+        if not expected or refused.status == 403:  # a known client without the scope
+            return json_response({"detail": refused.detail}, refused.status, refused.headers)
     if not expected:
         return json_response({"detail": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} "
                                          f"(or {ADMIN_TOKEN_ENV}_FILE)"}, 403)
@@ -135,7 +143,8 @@ def champion_runtime(project: ProjectBase, interval_s: float, metrics: ServingMe
 def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
                   openapi: Callable[[], dict[str, Any]], models_extra: dict[str, Any] | None = None,
                   metrics_extra: Callable[[], Awaitable[bytes]] | None = None,
-                  health_extra: Callable[[], dict[str, Any]] | None = None) -> list[Route]:
+                  health_extra: Callable[[], dict[str, Any]] | None = None,
+                  clients: Clients | None = None) -> list[Route]:
     """/health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json."""
 
     async def health(request: Request) -> Response:
@@ -149,7 +158,7 @@ def common_routes(runtime: ModelRuntime[Any], metrics: ServingMetrics,
         return json_response({"ready": True, "model": model.name, "version": model.version})
 
     async def reload(request: Request) -> Response:
-        refused = admin_refusal(request)
+        refused = admin_refusal(request, clients)
         if refused is not None:
             return refused
         swapped = await run_in_threadpool(runtime.check_now)
@@ -261,6 +270,73 @@ def worker_lifespan(runtime: ModelRuntime[Any], start: Callable[[], None] | None
             log.info("worker stopped", extra={"event": "worker_stopped", **stopped})
 
     return lifespan
+
+
+class CountedErrors:
+    """The one handler of unexpected exceptions, around a whole server: whatever a route raises
+    becomes a JSON 500 with a request id, counted in the request metrics under the route's
+    endpoint name, and logged with its traceback. Routes answer what they expect (413, 422, 503);
+    everything else lands here, so no failure is an HTML page or missing from /metrics."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, endpoint_of: Callable[[str], str] | None = None):
+        self.app = app
+        self.state = getattr(app, "state", None)
+        self.metrics = metrics
+        self.endpoint_of = endpoint_of or endpoint_name
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        response_started = False
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            # Starlette's own error middleware answered already (with `internal_error`) and raised
+            request_id = scope.get(REQUEST_ID_KEY) or new_request_id()
+            endpoint = self.endpoint_of(scope.get("path", ""))
+            log.exception("unexpected error", extra={"event": "request_error", "status": 500,
+                                                     "request_id": request_id, "endpoint": endpoint})
+            self.metrics.observe(endpoint, 500, 0, time.perf_counter() - started)
+            if response_started:
+                return  # the status line is gone: the client sees the stream end early
+            body = orjson.dumps({"detail": "internal error; see the server log", "request_id": request_id})
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+REQUEST_ID_KEY = "flywheel.request_id"
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Starlette's answer to an unexpected exception (its error middleware then re-raises it for
+    `CountedErrors` to log and count): the same JSON 500 as every other error."""
+    request_id = request.scope[REQUEST_ID_KEY] = new_request_id()
+    return json_response({"detail": "internal error; see the server log", "request_id": request_id},
+                         500, {"x-request-id": request_id})
+
+
+ERROR_HANDLERS: dict[Any, Any] = {Exception: internal_error}
+
+
+def endpoint_name(path: str) -> str:
+    """A bounded metrics label for a request path: its first two segments ("v2/models" for every
+    model route), never the raw path a client chose."""
+    parts = [p for p in path.split("/") if p][:2]
+    known = {"v1", "v2", "admin", "room", "health", "ready", "metrics", "openapi.json", "docs",
+             "invocations", "ping", "predict", "models", "feedback", "generate", "chat", "completions",
+             "infer", "reload", "api"}
+    return "/".join(p if p in known else "other" for p in parts) or "root"
 
 
 class HotPathDispatch:

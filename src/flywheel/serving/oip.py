@@ -9,6 +9,8 @@ from flywheel.serving.runtime import LoadedModel
 from flywheel.serving.validation import FieldError, RequestInvalid
 
 _DATATYPE = {"number": "FP64", "string": "BYTES"}
+MAX_SHAPE_DIMS = 8  # a column is [n] or [n, 1]; more dimensions than this is never a table
+MAX_SHAPE_DIM = 2**31  # no body the server reads holds more values than this
 
 
 def oip_records(body: Any, model: LoadedModel) -> list[dict[str, Any]]:
@@ -61,9 +63,14 @@ def _declared_errors(tensor: dict[str, Any], count: int, input_type: str | None,
     the model's input (a number type for a numeric input, BYTES for a text one or for `meta`)."""
     errors = []
     shape, datatype = tensor.get("shape"), tensor.get("datatype")
-    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        errors.append(FieldError((*loc, "shape"), "a list of non-negative integers, e.g. [3] or [3, 1]",
-                                 "type_error"))
+    if not isinstance(shape, list) or not shape or len(shape) > MAX_SHAPE_DIMS \
+            or not all(type(d) is int and d >= 0 for d in shape):
+        errors.append(FieldError((*loc, "shape"), f"a list of at most {MAX_SHAPE_DIMS} non-negative "
+                                 "integers, e.g. [3] or [3, 1]", "type_error"))
+    elif any(d > MAX_SHAPE_DIM for d in shape):
+        # checked before multiplying: 47,000 huge dimensions once took 7 s on the event loop
+        errors.append(FieldError((*loc, "shape"), f"each dimension at most {MAX_SHAPE_DIM:,}",
+                                 "shape_mismatch"))
     else:
         product = 1
         for d in shape:

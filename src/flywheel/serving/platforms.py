@@ -27,10 +27,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from flywheel.serving.clients import Clients
 from flywheel.serving.http import Answers, BodyTooLarge, is_json, json_response, new_request_id, read_body
 from flywheel.serving.oip import oip_metadata, oip_records, oip_response
 from flywheel.serving.runtime import LoadedModel
-from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+from flywheel.serving.validation import MAX_ERRORS, FieldError, RequestInvalid, parse_json_body
 
 VERTEX_PREDICT_ENV, VERTEX_HEALTH_ENV = "AIP_PREDICT_ROUTE", "AIP_HEALTH_ROUTE"
 
@@ -42,12 +43,13 @@ class DataPlane(Protocol):
 
     answers: Answers
     max_body_bytes: int
+    clients: Clients
 
     @property
     def current(self) -> LoadedModel | None: ...
 
     async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
-                            started: float) -> tuple[list[str], Fields]: ...
+                            started: float, client: str = "") -> tuple[list[str], Fields]: ...
 
 
 def instance_records(instances: Any, model: LoadedModel) -> list[dict[str, Any]]:
@@ -57,17 +59,23 @@ def instance_records(instances: Any, model: LoadedModel) -> list[dict[str, Any]]
                                          "(objects of the model's inputs, or lists of their values)",
                                          "missing")])
     names = list(model.spec.input_types)
-    records, errors = [], []
+    records: list[Any] = []
+    errors: list[FieldError] = []
+    more = 0
     for i, item in enumerate(instances):
         if isinstance(item, list):
             if len(item) != len(names):
-                errors.append(FieldError(("body", "instances", i), f"a list instance needs {len(names)} "
-                                         f"values, in the order {', '.join(names)}", "shape_mismatch"))
+                if len(errors) < MAX_ERRORS:
+                    errors.append(FieldError(("body", "instances", i), f"a list instance needs "
+                                             f"{len(names)} values, in the order {', '.join(names)}",
+                                             "shape_mismatch"))
+                else:
+                    more += 1
                 continue
             item = dict(zip(names, item, strict=True))
         records.append(item)
     if errors:
-        raise RequestInvalid(errors)
+        raise RequestInvalid(errors, more)
     try:
         return model.validator.records(records)
     except RequestInvalid as exc:  # (body, i, field) -> (body, instances, i, field)
@@ -78,22 +86,31 @@ def instance_records(instances: Any, model: LoadedModel) -> list[dict[str, Any]]
 def csv_records(text: str, model: LoadedModel) -> list[dict[str, Any]]:
     """CSV rows, in the order of the model's inputs; a first row that names them all is a header
     and may order them differently. An empty cell is null; numeric inputs are read as numbers."""
-    rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    except csv.Error as exc:  # a field over the csv module's limit, a NUL, an unclosed quote
+        raise RequestInvalid([FieldError(("body",), f"not readable as CSV: {exc}", "csv_error")]) from None
     if not rows:
         raise RequestInvalid([FieldError(("body",), "send at least one CSV row", "too_short")])
     types = model.spec.input_types
     names = list(types)
     if set(rows[0]) == set(names) and len(rows[0]) == len(names):
         names, rows = rows[0], rows[1:]
-    records, errors = [], []
+    records: list[dict[str, Any]] = []
+    errors: list[FieldError] = []
+    more = 0
     for i, row in enumerate(rows):
         if len(row) != len(names):
-            errors.append(FieldError(("body", i), f"a row needs {len(names)} values, in the order "
-                                     f"{', '.join(names)}", "shape_mismatch"))
+            if len(errors) < MAX_ERRORS:  # count the rest: an answer's errors are capped anyway
+                errors.append(FieldError(("body", i), f"a row needs {len(names)} values, in the "
+                                         f"order {', '.join(names)}", "shape_mismatch"))
+            else:
+                more += 1
             continue
-        records.append({n: _cell(v, types[n]) for n, v in zip(names, row, strict=True)})
+        if not errors:
+            records.append({n: _cell(v, types[n]) for n, v in zip(names, row, strict=True)})
     if errors:
-        raise RequestInvalid(errors)
+        raise RequestInvalid(errors, more)
     if not records:
         raise RequestInvalid([FieldError(("body",), "send at least one CSV row after the header",
                                          "too_short")])
@@ -148,6 +165,10 @@ class PlatformRoutes:
                      render: Callable[[LoadedModel, str, list[str], Fields], Response | dict[str, Any]],
                      model: LoadedModel | None = None) -> Response:
         started, request_id = time.perf_counter(), new_request_id()
+        client, refused = self.plane.clients.identify(request.headers.get("authorization", ""), "predict")
+        if refused is not None:
+            return self.send(endpoint, refused.status, {"detail": refused.detail}, request_id, started,
+                             headers=refused.headers)
         model = model or self.plane.current
         if model is None:
             return self.send(endpoint, 503, {"detail": "no champion model is loaded yet"}, request_id,
@@ -160,7 +181,7 @@ class PlatformRoutes:
         except RequestInvalid as exc:
             return self.send(endpoint, 422, {"detail": [e.as_dict() for e in exc.errors]}, request_id,
                              started, model.version)
-        ids, fields = await self.plane.score_and_log(model, records, request_id, started)
+        ids, fields = await self.plane.score_and_log(model, records, request_id, started, client)
         answer = render(model, request_id, ids, fields)
         if isinstance(answer, Response):
             self.plane.answers.metrics.observe(endpoint, 200, model.version, time.perf_counter() - started)

@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from flywheel.data.features import FeatureSpec, RowFn, row_function
+from flywheel.data.timecol import EventTimes
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.answers import TaskAnswers
 from flywheel.serving.validation import RecordValidator
@@ -65,7 +66,8 @@ class LoadedModel:
 
 
 def load_version(registry: Registry, version: int, max_records: int = 1000,
-                 max_string_length: int = 1000, threshold: float = 0.5) -> LoadedModel:
+                 max_string_length: int = 1000, threshold: float = 0.5,
+                 times: EventTimes | None = None) -> LoadedModel:
     """Download, verify hashes, build the session and warm it up."""
     info = registry.version(version)
     artifacts = registry.load_artifacts(version)  # refuses a file whose hash does not match
@@ -73,7 +75,7 @@ def load_version(registry: Registry, version: int, max_records: int = 1000,
     model = LoadedModel(
         name=registry.model_name, version=version, run_id=info.run_id, spec=spec,
         session=new_session(artifacts.onnx), features_of=row_function(spec),
-        validator=RecordValidator(spec, max_records, max_string_length),
+        validator=RecordValidator(spec, max_records, max_string_length, times),
         lineage={
             "run_id": info.run_id, "model_type": info.run_tags.get("model_type"),
             "data_hash": info.run_tags.get("data_hash"), "git_sha": info.run_tags.get("git_sha"),

@@ -10,12 +10,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC
 from typing import Any
 
 from flywheel.core.errors import FlywheelError
 from flywheel.core.trees import first_path
 from flywheel.data.features import FeatureSpec
+from flywheel.data.timecol import EVENT_TIME, EventTimes
 
 META = "meta"
 MAX_META_KEYS = 50
@@ -45,9 +46,10 @@ class RequestInvalid(FlywheelError):
     """A request that fails validation; `errors` name the fields that are wrong (the first
     MAX_ERRORS of them, then one entry that counts the rest)."""
 
-    def __init__(self, errors: list[FieldError]):
-        if len(errors) > MAX_ERRORS:
-            more = len(errors) - MAX_ERRORS
+    def __init__(self, errors: list[FieldError], more: int = 0):
+        """`more`: errors found beyond `errors` and not built (a caller that stops collecting)."""
+        if len(errors) > MAX_ERRORS or more:
+            more += max(0, len(errors) - MAX_ERRORS)
             errors = [*errors[:MAX_ERRORS],
                       FieldError(("body",), f"{more:,} more errors not shown", "too_many_errors")]
         super().__init__("; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors))
@@ -57,7 +59,9 @@ class RequestInvalid(FlywheelError):
 class RecordValidator:
     """Checks records against one model's inputs; built once per loaded model."""
 
-    def __init__(self, spec: FeatureSpec, max_records: int, max_string_length: int):
+    def __init__(self, spec: FeatureSpec, max_records: int, max_string_length: int,
+                 times: EventTimes | None = None):
+        self.times = times or EventTimes()
         self.types = dict(spec.input_types)
         self.nullable = frozenset(spec.nullable_inputs)
         self.required = frozenset(self.types)
@@ -101,13 +105,21 @@ class RecordValidator:
                 err = self.value_error(name, kind, record[name], loc)
                 if err is not None:
                     errors.append(err)
+            if META in record and EVENT_TIME in record[META]:
+                errors.extend(self.event_time_errors(record[META], loc))
             return errors
+        return self.field_errors(record, loc)
+
+    def field_errors(self, record: dict[str, Any], loc: tuple[str | int, ...]) -> list[FieldError]:
+        """Every problem of a record whose fields are not exactly the model's (the slow path)."""
         errors = [FieldError((*loc, name), "field required", "missing")
                   for name in self.types if name not in record]
         errors += [FieldError((*loc, key), self.unknown_msg, "extra_forbidden")
                    for key in record if key not in self.allowed]
         if META in record and not _meta_ok(record[META]):
             errors.append(FieldError((*loc, META), META_RULE, "type_error"))
+        elif META in record and EVENT_TIME in record[META]:
+            errors.extend(self.event_time_errors(record[META], loc))
         for name, kind in self.types.items():
             if name in record:
                 err = self.value_error(name, kind, record[name], loc)
@@ -115,14 +127,23 @@ class RecordValidator:
                     errors.append(err)
         return errors
 
+    def event_time_errors(self, meta: dict[str, Any], loc: tuple[str | int, ...]) -> list[FieldError]:
+        """`meta.event_time` read in the project's time unit and bounded; rewritten as ISO 8601 so
+        that every reader of the log reads the same time."""
+        try:
+            meta[EVENT_TIME] = self.times.iso(meta[EVENT_TIME])
+        except ValueError as exc:
+            return [FieldError((*loc, META, EVENT_TIME), str(exc), "time_error")]
+        return []
+
     def value_error(self, name: str, kind: str, value: Any, loc: tuple[str | int, ...]) -> FieldError | None:
         if value is None:
             if name in self.nullable:
                 return None
             return FieldError((*loc, name), "may not be null", "null_forbidden")
         if kind == "number":
-            if type(value) is float or type(value) is int:
-                if -FLOAT32_MAX <= value <= FLOAT32_MAX:
+            if type(value) is float or type(value) is int or type(value) is bool:
+                if -FLOAT32_MAX <= value <= FLOAT32_MAX:  # true/false are 1/0, as in a batch file
                     return None
                 if type(value) is float and not math.isfinite(value):
                     return FieldError((*loc, name), "must be a finite number (no NaN or infinity)",
@@ -207,8 +228,8 @@ def _nonfinite(value: Any) -> bool:
 MAX_FEEDBACK_LABELS = 10_000
 
 
-def feedback_labels(body: Any, task: str = "binary", classes: list[str] | None = None
-                    ) -> list[dict[str, Any]]:
+def feedback_labels(body: Any, task: str = "binary", classes: list[str] | None = None,
+                    times: EventTimes | None = None) -> list[dict[str, Any]]:
     """{"labels": [{"record_id", "label", "observed_at"?}]}, validated; the label is 0/1 or
     true/false (binary), a finite number (regression) or one of `classes` (multiclass; any
     non-empty string when `classes` is empty)."""
@@ -220,7 +241,8 @@ def feedback_labels(body: Any, task: str = "binary", classes: list[str] | None =
         raise RequestInvalid([FieldError(("body", "labels"), f"at most {MAX_FEEDBACK_LABELS} labels",
                                          "too_long")])
     errors: list[FieldError] = []
-    out = [_feedback_label(item, ("body", "labels", i), errors, task, classes or [])
+    times = times or EventTimes()
+    out = [_feedback_label(item, ("body", "labels", i), errors, task, classes or [], times)
            for i, item in enumerate(labels)]
     if errors:
         raise RequestInvalid(errors)
@@ -238,7 +260,7 @@ def refuse_unissued(labels: list[dict[str, Any]], issued: Callable[[str], bool])
 
 
 def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldError], task: str,
-                    classes: list[str]) -> dict[str, Any] | None:
+                    classes: list[str], times: EventTimes) -> dict[str, Any] | None:
     """One label, its problems appended to `errors`."""
     if not isinstance(item, dict):
         errors.append(FieldError(loc, "a label must be an object", "type_error"))
@@ -251,9 +273,15 @@ def _feedback_label(item: Any, loc: tuple[str | int, ...], errors: list[FieldErr
         errors.append(FieldError((*loc, "record_id"), "a string of 1 to 100 characters", "type_error"))
     label = _task_label(item.get("label"), (*loc, "label"), errors, task, classes)
     observed = item.get("observed_at")
-    parsed = _iso_datetime(observed) if observed is not None else None
-    if observed is not None and parsed is None:
-        errors.append(FieldError((*loc, "observed_at"), "an ISO 8601 date-time", "type_error"))
+    parsed = None
+    if observed is not None:
+        if not isinstance(observed, str):
+            errors.append(FieldError((*loc, "observed_at"), "an ISO 8601 date-time", "type_error"))
+        else:
+            try:  # naive UTC, within serving.times: a far-future time broke `log export`
+                parsed = times.read(observed).replace(tzinfo=UTC)
+            except ValueError as exc:
+                errors.append(FieldError((*loc, "observed_at"), str(exc), "time_error"))
     return {"record_id": rid, "observed_at": parsed, "label": None, "value": None, "label_text": None,
             **label}
 
@@ -280,9 +308,3 @@ def _task_label(label: Any, loc: tuple[str | int, ...], errors: list[FieldError]
         return {}
     return {"label": int(label)}
 
-
-def _iso_datetime(value: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None

@@ -44,6 +44,10 @@ alias_state = sa.Table(
     sa.Column("token", sa.Integer, nullable=False),  # fencing token: +1 on every move
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
+# The key of a logged prediction's `meta` that names the declared client who asked for it (set by
+# the server, never by the caller): learning from feedback keeps each client's rows apart.
+CLIENT_META = "_client"
+
 predictions = sa.Table(
     "predictions",
     metadata,

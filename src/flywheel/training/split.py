@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ class TimeSplit:
     holdout: np.ndarray
     validation_from: pd.Timestamp
     holdout_from: pd.Timestamp
+    holdout_feedback_rows: int = 0  # rows of the holdout learnt from /v1/feedback
+    feedback_left_out: int = 0  # feedback rows taken out of the holdout by the cap
 
     def describe(self) -> dict[str, str | int]:
         return {
@@ -28,7 +31,39 @@ class TimeSplit:
             "holdout_rows": len(self.holdout),
             "validation_from": str(self.validation_from.date()),
             "holdout_from": str(self.holdout_from.date()),
+            "holdout_feedback_rows": self.holdout_feedback_rows,
+            "holdout_feedback_left_out": self.feedback_left_out,
         }
+
+    def feedback_note(self) -> str | None:
+        """What the gate's verdict says about the holdout's feedback rows (None: it has none)."""
+        if not self.holdout_feedback_rows and not self.feedback_left_out:
+            return None
+        share = self.holdout_feedback_rows / max(1, len(self.holdout))
+        note = (f"holdout: {self.holdout_feedback_rows:,} of {len(self.holdout):,} rows from "
+                f"feedback ({share:.0%})")
+        if self.feedback_left_out:
+            note += f", {self.feedback_left_out:,} more left out over split.max_feedback_share"
+        return note
+
+
+def cap_feedback(split: TimeSplit, from_feedback: np.ndarray, max_share: float) -> TimeSplit:
+    """The split with at most `max_share` of its holdout from feedback, when the holdout also has
+    source rows (a project that learns only from feedback has nothing else to hold out). The
+    feedback rows kept are spread evenly over the holdout's time order; those left out are
+    used nowhere (they are later than every training row)."""
+    hold = split.holdout
+    mine = from_feedback[hold].astype(bool)
+    n_feedback, n_source = int(mine.sum()), int((~mine).sum())
+    allowed = n_feedback if n_source == 0 or max_share >= 1 else \
+        min(n_feedback, int(np.floor(max_share / (1 - max_share) * n_source)))
+    if allowed == n_feedback:
+        return dataclasses.replace(split, holdout_feedback_rows=n_feedback)
+    feedback_at = np.flatnonzero(mine)
+    keep = feedback_at[np.linspace(0, len(feedback_at) - 1, allowed).round().astype(int)] if allowed else []
+    kept = np.sort(np.concatenate([np.flatnonzero(~mine), np.asarray(keep, dtype=int)]))
+    return dataclasses.replace(split, holdout=hold[kept], holdout_feedback_rows=allowed,
+                               feedback_left_out=n_feedback - allowed)
 
 
 class SplitError(FlywheelError, ValueError):
