@@ -518,16 +518,15 @@ def room(
     pipeline runs, with promote/rollback (admin token). Beyond 127.0.0.1: FLYWHEEL_VIEWER_TOKEN."""
 
     def body() -> None:
-        import uvicorn
-
-        from flywheel.room.app import check_listen, create_room_app
+        from flywheel.room.app import check_listen
+        from flywheel.serving.server import serve_room
 
         project = load_any_project(config)
         bind = host or project.config.room.host
         check_listen(bind)
         at = port or project.config.room.port
         out.print(f"Control room of {project.config.project} on http://{bind}:{at}/")
-        uvicorn.run(create_room_app(project), host=bind, port=at, log_level="warning")
+        serve_room(project, bind, at)
 
     _run(body)
 

@@ -69,6 +69,7 @@ def test_every_feature_of_every_sba_row_equals_duckdb(sba_sample):
     assert_same(duck, duck_X, spark_spec, spark_X)
 
 
+HOSTILE = "a`) AS x, java_method('java.lang.System', 'exit', 1) --"
 EDGE_FEATURES = [
     NumericFeature(name="amount", kind="numeric", column="amount"),
     RatioFeature(name="share", kind="ratio", numerator="part", denominator="amount"),
@@ -79,6 +80,8 @@ EDGE_FEATURES = [
     BucketFeature(name="size", kind="bucket", column="amount", edges=[0.1, 10, 1e6]),
     CategoryFeature(name="code", kind="category", column="code", min_count=1),
     CategoryFeature(name="text_cat", kind="category", column="text", min_count=1, prefix=2),
+    # a column name is data, never SQL: an unescaped backtick once let a name run java_method
+    NumericFeature(name="quoted", kind="numeric", column=HOSTILE),
 ]
 
 
@@ -88,6 +91,7 @@ def edge_rows() -> pd.DataFrame:
         "part": [1.0, 0.05, None, 5e5, 2.0, 3.5, 0.0, 2.5, 1.0, 8.0],
         "text": ["it's", "a\\b", "c", None, "é-accent", "it's", "ab", "a\\b", "c", "x'y"],
         "code": [1.0, 2.0, 1.0, None, 3.5, 2.0, 1.0, 12.0, 3.5, 1.0],
+        HOSTILE: [1.0, None, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
     })
 
 

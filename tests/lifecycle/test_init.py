@@ -139,3 +139,30 @@ def test_text_dates_in_another_shape_than_iso_get_their_format_and_train(tmp_pat
     mixed = frame.head(50).assign(opened_on=["2022-01-05"] * 25 + ["05.01.2022"] * 25)
     with pytest.raises(InitError, match="no single date format reads every value .*2022-01-05, 05.01.2022"):
         propose_project(mixed, "escalated", time="opened_on")
+
+
+def test_a_hostile_header_stays_inside_its_comment_and_the_config_reads_back(tmp_path):
+    """A CSV header with a newline once wrote `serving: {host: 0.0.0.0}` into the config."""
+    from flywheel.config import load_project
+    from flywheel.lifecycle.init import render_config
+
+    evil = "region\nserving: {host: 0.0.0.0}\n#"
+    frame = tickets(800).rename(columns={"region": evil})  # constant: "not a feature" comment
+    frame["odd\u2028name"] = "same"
+    p = propose_project(frame, "escalated")
+    path = tmp_path / "flywheel.yaml"
+    path.write_text(render_config(p))
+    written = yaml.safe_load(path.read_text())
+    assert "serving" not in written
+    assert "not a feature: region\\u000aserving: {host: 0.0.0.0}\\u000a#" in path.read_text()
+    load_project(path, env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})  # and it loads as written
+
+
+def test_a_key_given_twice_in_the_config_is_refused_with_both_lines(tmp_path):
+    from flywheel.config import ConfigError, load_project
+    from tests.conftest import EXAMPLE
+
+    path = tmp_path / "flywheel.yaml"
+    path.write_text(EXAMPLE.read_text() + "\nserving:\n  host: 0.0.0.0\n")
+    with pytest.raises(ConfigError, match="'serving' is given twice"):
+        load_project(path, env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})

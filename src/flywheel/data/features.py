@@ -189,6 +189,12 @@ class _Quoting:
 _QUOTING = {"duckdb": _Quoting('"', "VARCHAR", False), "spark": _Quoting("`", "STRING", True)}
 
 
+def quote_identifier(name: str, dialect: Dialect) -> str:
+    """A column name as one identifier of the dialect, embedded quotes doubled: a name is data
+    (a CSV header, a source table's column), never SQL."""
+    return _QUOTING[dialect].ident(name)
+
+
 def _feature_sql(spec: FeatureSpec, f: Feature, q: _Quoting = _QUOTING["duckdb"]) -> str:
     if isinstance(f, NumericFeature):
         return f"CAST({q.ident(f.column)} AS DOUBLE)"

@@ -24,6 +24,7 @@ from flywheel.data.features import (
     InputType,
     category_raw_sql,
     input_columns,
+    quote_identifier,
     to_sql,
 )
 
@@ -131,6 +132,10 @@ def input_types(df: DataFrame, columns: list[str]) -> dict[str, InputType]:
     return {c: "number" if isinstance(fields[c], NumericType | BooleanType) else "string" for c in columns}
 
 
+def _q(name: str) -> str:
+    return quote_identifier(name, "spark")
+
+
 def fit_spec(features: list[Feature], df: DataFrame) -> FeatureSpec:
     """`features.fit_spec` on Spark: vocabularies (most frequent first, ties by text) and input
     types from the training rows in `df`."""
@@ -146,7 +151,7 @@ def fit_spec(features: list[Feature], df: DataFrame) -> FeatureSpec:
                 f"GROUP BY {raw} HAVING count(*) >= {f.min_count} ORDER BY n DESC, v "
                 f"LIMIT {f.max_categories}").collect()
             vocabularies[f.name] = [str(r["v"]) for r in found]
-    counts = df.selectExpr(*[f"count_if(`{c}` IS NULL) AS `{c}`" for c in types]).first()
+    counts = df.selectExpr(*[f"count_if({_q(c)} IS NULL) AS {_q(c)}" for c in types]).first()
     nullable = [c for c in types if counts is not None and counts[c] > 0]
     return FeatureSpec(features=list(features), vocabularies=vocabularies, input_types=types,
                        nullable_inputs=nullable)
@@ -155,11 +160,12 @@ def fit_spec(features: list[Feature], df: DataFrame) -> FeatureSpec:
 def build_matrix(spec: FeatureSpec, df: DataFrame) -> np.ndarray:
     """Every feature of every row of `df` as a float32 matrix, in the rows' order, computed on Spark."""
     df.createOrReplaceTempView("flywheel_rows")
-    query = to_sql(spec, "flywheel_rows", passthrough=[ROW], dialect="spark") + f" ORDER BY `{ROW}`"
+    query = to_sql(spec, "flywheel_rows", passthrough=[ROW], dialect="spark") + f" ORDER BY {_q(ROW)}"
     # float32 on Spark (the same rounding as numpy's): half the bytes to bring back to this
     # process, which the whole matrix must reach (training runs here).
     ordered = df.sparkSession.sql(query)
-    table = ordered.selectExpr(*[f"CAST(`{f.name}` AS FLOAT) AS `{f.name}`" for f in spec.features]).toArrow()
+    table = ordered.selectExpr(*[f"CAST({_q(f.name)} AS FLOAT) AS {_q(f.name)}"
+                                 for f in spec.features]).toArrow()
     if table.num_rows == 0:
         return np.zeros((0, len(spec.features)), dtype=np.float32)
     columns = [table.column(f.name).to_numpy(zero_copy_only=False) for f in spec.features]

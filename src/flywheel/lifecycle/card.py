@@ -74,11 +74,37 @@ def render_card(project: Project, registry: Registry, version: int) -> ModelCard
         if not (folder / FACTS).is_file():
             return None
         facts = json.loads((folder / FACTS).read_text())
-        images = {name: (folder / name).read_bytes() for name in facts.get("plots", [])
-                  if (folder / name).is_file()}
+        images = card_images(folder, facts.get("plots", []))
     served = _served_windows(project, info.name, version)
     markdown = _markdown(project, info, facts, served)
     return ModelCard(version, markdown, render_html(markdown, images, f"{info.name} v{version}"), images)
+
+
+# The only images a card shows: the plots `card_facts` draws. Their names come from the run's
+# facts.json, which anyone who can write to the tracking store can change; an absolute name or
+# "../" once inlined a file the server could read (its environment, the admin token) into the
+# card a viewer saw. So: these names only, inside the card's folder, and PNG bytes only.
+CARD_PLOTS = frozenset({"calibration.png", "confusion_matrix.png", "importance.png",
+                        "predicted_vs_true.png", "roc_pr.png"})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def card_images(folder: Path, names: Any) -> dict[str, bytes]:
+    """The card's plots that are allowed, inside `folder`, and PNG files; anything else is left out."""
+    images: dict[str, bytes] = {}
+    if not isinstance(names, list):
+        return images
+    root = folder.resolve()
+    for name in names:
+        if not isinstance(name, str) or name not in CARD_PLOTS:
+            continue
+        path = (folder / name).resolve()
+        if path.parent != root or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if data.startswith(PNG_SIGNATURE):
+            images[name] = data
+    return images
 
 
 def _served_windows(project: Project, name: str, version: int) -> list[dict[str, Any]]:
@@ -163,7 +189,8 @@ def _metric_lines(info: VersionInfo, facts: dict[str, Any]) -> list[str]:
     metrics = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
     return ["## Holdout metrics", "", "| metric | value |", "|---|---|",
             *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())], "",
-            *[f"![{name}]({name})" for name in facts.get("plots", []) if name != "importance.png"], "",
+            *[f"![{name}]({name})" for name in facts.get("plots", [])
+              if name in CARD_PLOTS and name != "importance.png"], "",
             "## Feature importance", "",
             f"Permutation importance on the holdout: the {facts['importance']['metric']} lost when one "
             "feature's values are shuffled.", "", "![importance](importance.png)", ""]

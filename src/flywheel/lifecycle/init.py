@@ -356,7 +356,7 @@ def render_config(p: Proposal, source: str | None = None) -> str:
     lines = [
         f"# Written by flywheel init from {p.rows:,} rows. Every choice below can be changed; the",
         "# README's configuration table lists every field.",
-        f"project: {p.project}",
+        f"project: {scalar(p.project)}",
         "",
         "stores:",
         f"  source: {scalar(source) if source else 'null'}     # the rows (null: .flywheel/source.db)",
@@ -388,7 +388,18 @@ def render_config(p: Proposal, source: str | None = None) -> str:
                  else f"  leakage_auc_threshold: {LEAK_AUC}")
     lines += ["", "checks:", f"{threshold}   # a feature this strong alone stops training", "",
               "gate:", *_gate_lines(p), ""]
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)
+
+
+# What YAML reads as a line break or refuses in a stream. Values are written as JSON scalars (which
+# escape them); comments quote column names and class labels as the data has them, and a CSV header
+# with a newline in it once wrote `serving.host: 0.0.0.0` into the config as a line of its own.
+_BREAKS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of YAML: line breaks and control characters written as escapes."""
+    return _BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def json_scalar(value: Any) -> str:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flywheel.alerts import Alert, send_alert
 from flywheel.config import Project
 from flywheel.core.errors import PipelineError
+from flywheel.core.secrets import redact
 from flywheel.state.db import PIPELINE_STEPS, now, open_state, pipeline_runs, watermarks
 
 STEPS = PIPELINE_STEPS
@@ -168,7 +169,9 @@ def _run_of(row: Any) -> PipelineRun:
 def save_step(project: Project, run_id: str, step: str, result: Any = None, status: str = "running",
               error: str | None = None, **extra: Any) -> None:
     """Record a step starting, finishing (with its result) or failing; `extra` goes beside the
-    outputs (the owner's pid and host)."""
+    outputs (the owner's pid and host). An error is stored with URL passwords removed: the room
+    and `flywheel status` show it to people who hold no secrets."""
+    error = redact(error) if error else error
     engine = open_state(project.state_url)
     with engine.begin() as conn:
         row = conn.execute(sa.select(pipeline_runs.c.outputs).where(pipeline_runs.c.id == run_id)).first()

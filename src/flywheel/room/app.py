@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 
 from flywheel.config import ConfigError, ProjectBase
 from flywheel.core.errors import FlywheelError
-from flywheel.core.secrets import env_secret
+from flywheel.core.secrets import env_secret, redact
 from flywheel.lifecycle.aliases import promote, rollback
 from flywheel.lifecycle.card import ModelCard
 from flywheel.llm.card import model_card
@@ -134,7 +134,7 @@ class Room:
                 out[name] = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as exc:  # one store down must not blank the whole page
                 error = (f"no answer within {SECTION_TIMEOUT_S:.0f} s" if isinstance(exc, FutureTimeout)
-                         else f"{type(exc).__name__}: {exc}")
+                         else redact(f"{type(exc).__name__}: {exc}"))
                 log.warning("room section failed", extra={"event": "room_error", "section": name,
                                                           "error": error})
                 out[name] = {"error": error}
@@ -168,11 +168,12 @@ class Room:
             return _json({"detail": f"{section} could not be read: no answer within "
                                     f"{SECTION_TIMEOUT_S:.0f} s"}, 503)
         except ValueError as exc:
-            return _json({"detail": str(exc)}, 422)
+            return _json({"detail": redact(str(exc))}, 422)
         except Exception as exc:  # a store that does not answer: say which, stay up
+            error = redact(f"{type(exc).__name__}: {exc}")
             log.warning("room section failed", extra={"event": "room_error", "section": section,
-                                                      "error": f"{type(exc).__name__}: {exc}"})
-            return _json({"detail": f"{section} could not be read: {type(exc).__name__}: {exc}"}, 503)
+                                                      "error": error})
+            return _json({"detail": f"{section} could not be read: {error}"}, 503)
 
     async def report(self, request: Request) -> Response:
         if (refused := self.viewer_refusal(request)) is not None:

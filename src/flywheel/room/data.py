@@ -17,6 +17,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from flywheel.config import ProjectBase
+from flywheel.core.secrets import redact
 from flywheel.lifecycle.status import project_status
 from flywheel.registry import CHALLENGER, CHAMPION, Registry
 from flywheel.state.aliases import alias_moves
@@ -217,7 +218,7 @@ def _pipeline_run(row: Any) -> dict[str, Any]:
     promote = outputs.get("promote") or {}
     return {"id": row["id"], "trigger": row["trigger"], "reason": row["reason"], "status": row["status"],
             "started_at": _iso(row["started_at"]), "finished_at": _iso(row["finished_at"]),
-            "steps": steps, "error": row["error"],
+            "steps": steps, "error": redact(row["error"]) if row["error"] else None,
             "gate": None if not evaluate else {"passed": evaluate.get("passed"),
                                                 "reasons": evaluate.get("reasons", [])},
             "promoted": promote.get("promoted"), "version": promote.get("version"),

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import uvicorn
 
-from flywheel.config import LlmProject, Project
+from flywheel.config import ConnectionLimits, LlmProject, Project
 from flywheel.lifecycle.aliases import reconcile_aliases
 from flywheel.registry import Registry
+from flywheel.room.app import check_listen, create_room_app
 from flywheel.serving.logs import LOG_LEVEL_ENV, configure_json_logging
 from flywheel.serving.logsink import sink_cpus
 from flywheel.serving.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
@@ -44,6 +45,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _set_limits(limits: ConnectionLimits) -> None:
+    os.environ[LIMITS_ENV] = json.dumps({"max_header_bytes": limits.max_header_bytes,
+                                         "header_timeout_s": limits.header_timeout_s,
+                                         "body_timeout_s": limits.body_timeout_s})
+
+
+def serve_room(project: Project | LlmProject, host: str, port: int) -> None:
+    """`flywheel room` on its own port, with the prediction server's connection guards (header
+    size and time, body time, keep-alive, connections at once from `serving.connections`)."""
+    limits = project.config.serving.connections
+    _set_limits(limits)
+    uvicorn.run(create_room_app(project), host=host, port=port, log_level="warning",
+                loop="uvloop", http=GuardedHttpToolsProtocol, server_header=False,
+                timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections)
+
+
 def serve(project: Project | LlmProject, host: str | None = None, port: int | None = None,
           workers: int | None = None, log_level: str | None = None) -> None:
     sink_cpus(os.environ)  # a bad CPU list fails here, before any worker starts
@@ -54,9 +71,9 @@ def serve(project: Project | LlmProject, host: str | None = None, port: int | No
     os.environ["FLYWHEEL_CONFIG"] = str(project.path)
     os.environ["FLYWHEEL_HOME"] = str(project.home)
     limits = cfg.connections
-    os.environ[LIMITS_ENV] = json.dumps({"max_header_bytes": limits.max_header_bytes,
-                                         "header_timeout_s": limits.header_timeout_s,
-                                         "body_timeout_s": limits.body_timeout_s})
+    _set_limits(limits)
+    if project.config.room.mount_on_serve:
+        check_listen(host or cfg.host)  # the room at /room needs a viewer token beyond loopback
     if log_level:
         os.environ[LOG_LEVEL_ENV] = log_level  # the workers read it too
     configure_json_logging(access_log=cfg.access_log)

@@ -1,0 +1,28 @@
+"""A model card shows only its own plots: names from the run's facts.json are allowlisted,
+confined to the card's folder and must be PNG files."""
+
+import os
+
+from flywheel.lifecycle.card import PNG_SIGNATURE, card_images, render_html
+
+PNG = PNG_SIGNATURE + b"\x00\x00\x00\rIHDR"
+
+
+def test_only_allowlisted_png_plots_inside_the_folder_are_read(tmp_path):
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "roc_pr.png").write_bytes(PNG)
+    (card / "calibration.png").write_bytes(b"<svg onload=alert(1)>")  # not a PNG
+    (tmp_path / "secret.txt").write_text("FLYWHEEL_ADMIN_TOKEN=hunter2")
+    (card / "importance.png").symlink_to(tmp_path / "secret.txt")  # a link out of the folder
+    names = ["roc_pr.png", "calibration.png", "importance.png", "/proc/self/environ",
+             "../secret.txt", str(tmp_path / "secret.txt"), 7, None]
+    assert card_images(card, names) == {"roc_pr.png": PNG}
+    assert card_images(card, "/proc/self/environ") == {}
+
+
+def test_a_facts_file_naming_the_environment_inlines_nothing(tmp_path):
+    os.environ.setdefault("FLYWHEEL_TEST_SECRET", "do-not-show")
+    images = card_images(tmp_path, ["/proc/self/environ"])
+    html = render_html("![x](/proc/self/environ)", images, "card")
+    assert "do-not-show" not in html and "base64" not in html
