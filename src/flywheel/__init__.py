@@ -7,3 +7,7 @@ import os as _os
 # the CPU from the ones doing the work. The setting is read once, when libgomp loads, so it is set
 # here, before any trainer is imported, and child processes inherit it. A user's own value wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ONNX Runtime keeps a device id and a database for its telemetry under the user's cache folder
+# (~/.cache/Microsoft/DeveloperTools/.onnxruntime), outside the folders a project owns. Off, as
+# MLflow's and Evidently's are; set before onnxruntime loads.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

@@ -54,11 +54,12 @@ def train(project: Project, reporter: Reporter | None = None) -> lifecycle.Train
     return lifecycle.train_challenger(project, reporter)
 
 
-def import_model(project: Project, path: str | Path,
-                 reporter: Reporter | None = None) -> lifecycle.TrainResult:
+def import_model(project: Project, path: str | Path, reporter: Reporter | None = None,
+                 allow_pickle: bool = False) -> lifecycle.TrainResult:
     """Register a model file (LightGBM, ONNX, or a pickled scikit-learn estimator over the
-    project's feature vector) as the challenger; gate it and promote it if it passes."""
-    return lifecycle.import_challenger(project, Path(path), reporter)
+    project's feature vector: only with `allow_pickle`, since unpickling runs the file's code) as
+    the challenger; gate it and promote it if it passes."""
+    return lifecycle.import_challenger(project, Path(path), reporter, allow_pickle=allow_pickle)
 
 
 def evaluate(project: Project, version: int | None = None) -> lifecycle.Evaluation:

@@ -346,6 +346,9 @@ def import_command(
         "A LightGBM model file, an .onnx file, a pickled scikit-learn estimator or pipeline "
         "(.pkl/.joblib), or an MLflow model (folder, runs:/..., models:/...): over the project's "
         "feature vector, or over the table's raw columns with its own preprocessing."))],
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Load a pickle (.pkl/.joblib, or an MLflow sklearn model): unpickling "
+        "runs code from the file, so only for models you trust.")] = False,
 ) -> None:
     """Register a model you already have as the challenger: convert it to ONNX, check it on the
     holdout, gate it against the champion, and promote it if it passes."""
@@ -355,7 +358,7 @@ def import_command(
 
         project = _project(config)
         with _reporter() as rep:
-            result = import_challenger(project, model, rep)
+            result = import_challenger(project, model, rep, allow_pickle=allow_pickle)
         _print_result(project, result)
 
     _run(body)

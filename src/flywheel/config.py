@@ -606,6 +606,8 @@ class GenerateServingConfig(ServerConfig):
     # Generations run at once per worker; more wait (up to max_waiting), beyond that 429.
     max_concurrent: int = Field(default=1, ge=1, le=64)
     max_waiting: int = Field(default=8, ge=0, le=10_000)
+    # Of those, the most one client address may hold, running or waiting (None: all but one).
+    max_per_client: int | None = Field(default=None, ge=1, le=10_064)
     # CPU threads of one generation (torch's or llama.cpp's); None: the CPUs this process may use.
     threads: int | None = Field(default=None, ge=1,
                                 validation_alias=AliasChoices("threads", "torch_threads"))

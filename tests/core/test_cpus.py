@@ -83,3 +83,15 @@ def test_a_user_choice_of_openmp_waiting_is_kept():
     done = subprocess.run([sys.executable, "-c", "import os, flywheel; print(os.environ['OMP_WAIT_POLICY'])"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.strip() == "ACTIVE"
+
+
+def test_onnx_runtime_writes_nothing_under_the_users_home(tmp_path):
+    """It kept a device id and a database in ~/.cache/Microsoft/DeveloperTools/.onnxruntime."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    code = ("import flywheel, numpy as np\n"
+            "from flywheel.training.onnx import new_session\n"
+            "import onnxruntime\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "HOME": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / ".cache" / "Microsoft").exists()

@@ -101,6 +101,16 @@ def test_each_overlay_renders_what_a_production_service_needs(overlay):
     assert args[:2] == ["run", "--once"]
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     assert "flywheel.yaml" in config["data"]
+    # each pod mounts only the Secret's keys it reads, and every key it reads is mounted
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "CronJob"):
+            continue
+        pod = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else \
+            doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        text = json.dumps(pod["containers"])
+        read = set(re.findall(r"/run/secrets/flywheel/([a-z-]+)", text))
+        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        assert {i["key"] for i in volume["secret"]["items"]} == read, doc["metadata"]["name"]
 
 
 def test_the_manifests_config_is_a_valid_project(tmp_path):
@@ -131,3 +141,16 @@ def test_checkov_fails_nothing_the_readme_does_not_justify(tools, rendered):
     passed = sum(r["summary"]["passed"] for r in reports)
     assert passed > 100  # it did scan the manifests
     assert failed <= justified_checks(), f"unjustified: {sorted(failed - justified_checks())}"
+
+
+def test_an_image_is_never_built_with_a_password_in_its_config(tmp_path):
+    """`image build --config` copies the config into a layer that everyone who pulls the image
+    can read; a URL password there is refused before anything is built."""
+    from flywheel.image import ImageError, prepare_context
+
+    config = tmp_path / "flywheel.yaml"
+    config.write_text((REPO / "examples" / "sba-loans" / "flywheel.yaml").read_text()
+                      + "\nstores:\n  state: postgresql://flywheel:hunter2@db:5432/flywheel\n")
+    with pytest.raises(ImageError, match="password"):
+        prepare_context("serving", tmp_path / "context", config)
+    assert not (tmp_path / "context" / "config" / "flywheel.yaml").exists()

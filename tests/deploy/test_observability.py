@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import httpx
 import pytest
@@ -143,9 +144,18 @@ def test_the_dashboard_covers_what_operators_watch():
 
 
 def test_compose_file_is_valid_and_its_overrides_are_real_config_fields(tmp_path):
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "FLYWHEEL_DB_PASSWORD": "pw",
-           "FLYWHEEL_ADMIN_TOKEN": "tok", "GRAFANA_ADMIN_PASSWORD": "admin"}
-    done = subprocess.run([tool("docker-compose"), "-f", str(REPO / "deploy" / "compose.yaml"), "config"],
+    """Secrets reach the containers as files (NAME_FILE), never as environment variables: the
+    stack's config holds no password, and the secret files the script writes load as the config's
+    stores."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(REPO / "deploy", deploy, ignore=shutil.ignore_patterns("secrets"))
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "compose-secrets.sh", tmp_path / "scripts")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin"}
+    made = subprocess.run(["bash", str(tmp_path / "scripts" / "compose-secrets.sh")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([tool("docker-compose"), "-f", str(deploy / "compose.yaml"), "config"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     stack = yaml.safe_load(done.stdout)
@@ -153,13 +163,23 @@ def test_compose_file_is_valid_and_its_overrides_are_real_config_fields(tmp_path
     assert set(services) == {"postgres", "mlflow", "api", "runner", "prometheus", "grafana"}
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["runner"]["command"][:2] == ["run", "--no-serve"]
-    assert "--serve-artifacts" in services["mlflow"]["command"]
-    # the FLYWHEEL_* overrides load against the example project's config
-    overrides = {k: v for k, v in services["api"]["environment"].items() if k.startswith("FLYWHEEL_STORES")}
+    assert "--serve-artifacts" in services["mlflow"]["command"][0]
+    secrets = deploy / "secrets"
+    password = (secrets / "db-password").read_text()
+    assert password not in done.stdout  # no secret in any container's environment or command
+    assert oct((secrets).stat().st_mode)[-3:] == "700"
+    for name, service in services.items():
+        for key in service.get("environment") or {}:
+            assert not any(word in key for word in ("PASSWORD", "TOKEN", "WEBHOOK")) \
+                or key.endswith("_FILE"), (name, key)
+    # the FLYWHEEL_* overrides load against the example project's config, read from the files
+    overrides = {k: str(secrets / Path(v).name) for k, v in services["api"]["environment"].items()
+                 if k.startswith("FLYWHEEL_STORES") and k.endswith("_FILE")}
+    overrides["FLYWHEEL_STORES__TRACKING"] = services["api"]["environment"]["FLYWHEEL_STORES__TRACKING"]
     project = load_project(REPO / "examples" / "sba-loans" / "flywheel.yaml",
                            env={**overrides, "FLYWHEEL_HOME": str(tmp_path)})
     assert project.tracking_url == "http://mlflow:5000"
-    assert project.state_url.startswith("postgresql://flywheel:pw@postgres:5432/")
-    missing = subprocess.run([tool("docker-compose"), "-f", str(REPO / "deploy" / "compose.yaml"), "config"],
-                             capture_output=True, text=True, env={"PATH": env["PATH"]}, timeout=120)
-    assert missing.returncode != 0 and "FLYWHEEL_DB_PASSWORD" in missing.stderr  # no default secrets
+    assert project.state_url == f"postgresql://flywheel:{password}@postgres:5432/flywheel"
+    again = subprocess.run(["bash", str(tmp_path / "scripts" / "compose-secrets.sh")], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert again.returncode == 0 and (secrets / "db-password").read_text() == password  # kept

@@ -87,7 +87,10 @@ def test_a_pickled_pipeline_and_an_onnx_file_are_converted_exactly(hours: Projec
         data.X_train, data.y_train)
     pickled = tmp_path / "pipe.pkl"
     pickled.write_bytes(pickle.dumps(pipe))
-    result = import_challenger(hours, pickled)
+    with pytest.raises(ModelImportError, match="--allow-pickle"):  # never without being asked
+        import_challenger(hours, pickled)
+    assert not any(r.__dict__.get("event") == "unpickle" for r in caplog.records)
+    result = import_challenger(hours, pickled, allow_pickle=True)
     assert result.model_type == "imported-Pipeline" and result.onnx_max_abs_diff < 1e-4
     assert any(r.__dict__.get("event") == "unpickle" for r in caplog.records)
     # the same estimator as an ONNX file of its own, with the converter's names and label output
@@ -120,7 +123,7 @@ def test_what_cannot_be_imported_is_refused_with_the_reason(hours: Project, tmp_
         else:
             path.write_bytes(pickle.dumps(model))
         with pytest.raises(ModelImportError, match=message):
-            import_challenger(hours, path)
+            import_challenger(hours, path, allow_pickle=True)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     runner = CliRunner()
@@ -138,7 +141,7 @@ def test_a_regression_model_is_imported_too(tmp_path: Path) -> None:
     import joblib
 
     joblib.dump(model, path)
-    result = import_challenger(project, path)
+    result = import_challenger(project, path, allow_pickle=True)
     hold = prepared.split.holdout
     expected = np.sqrt(np.mean((model.predict(prepared.X[hold]) - prepared.y[hold]) ** 2))
     assert result.metrics["rmse"] == pytest.approx(expected, rel=1e-4)
@@ -167,7 +170,7 @@ def test_a_pipeline_over_raw_columns_is_served_from_its_own_inputs(flights_raw, 
     project, frame, pipe = flights_raw
     path = tmp_path / "raw.pkl"
     path.write_bytes(pickle.dumps(pipe))
-    result = import_challenger(project, path)
+    result = import_challenger(project, path, allow_pickle=True)
     assert result.model_type == "imported-Pipeline" and result.onnx_max_abs_diff < 1e-3
     spec = result.prepared.spec
     assert spec.input_columns == ["distance", "hour", "precip", "visib", "carrier", "origin"]
@@ -214,7 +217,9 @@ def test_an_onnx_file_and_an_mlflow_model_over_raw_columns(flights_raw, tmp_path
     with mlflow.start_run(experiment_id=registry.experiment_id) as run:
         mlflow.sklearn.log_model(pipe, name="team", signature=infer_signature(sample, pipe.predict(sample)),
                                  skops_trusted_types=["numpy.dtype"])
-    from_mlflow = import_challenger(project, Path(f"runs:/{run.info.run_id}/team"))
+    with pytest.raises(ModelImportError, match="MLflow sklearn model is a pickle"):
+        import_challenger(project, Path(f"runs:/{run.info.run_id}/team"))
+    from_mlflow = import_challenger(project, Path(f"runs:/{run.info.run_id}/team"), allow_pickle=True)
     assert from_mlflow.metrics["rmse"] == pytest.approx(from_onnx.metrics["rmse"], rel=1e-4)
     assert registry.version(from_mlflow.version).run_tags["imported_from"] == f"runs:/{run.info.run_id}/team"
 

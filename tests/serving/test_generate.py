@@ -28,7 +28,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> LlmProject:
     """Two registered adapters: v1 (40 steps, champion) and v2 (a different seed, by hand later)."""
     base = build_tiny_model(tmp_path_factory.mktemp("tiny-base") / "model")
     folder = tmp_path_factory.mktemp("lora-serve")
-    cfg = tiny_config(base, serving={"max_concurrent": 1, "max_waiting": 1, "reload_interval_s": 0.5,
+    cfg = tiny_config(base, serving={"max_concurrent": 1, "max_waiting": 1, "max_per_client": 2,
+                                     "reload_interval_s": 0.5,
                                      "max_new_tokens": 64, "default_max_new_tokens": 8,
                                      "max_prompt_tokens": 64, "max_body_bytes": 2048})
     path = write_config(folder, cfg)
@@ -285,6 +286,7 @@ def test_openai_errors_name_the_field(server: ServerProcess) -> None:
     assert missing.value.code == "model_not_found"
     for kwargs, param in (({"temperature": 5}, "temperature"), ({"max_tokens": 65}, "max_tokens"),
                           ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                          ({"stop": "x" * 101}, "stop"),
                           ({"extra_body": {"tools": []}}, "tools")):
         with pytest.raises(openai.BadRequestError) as bad:
             client.completions.create(model="tiny-lora", prompt="x", **kwargs)

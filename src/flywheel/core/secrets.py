@@ -17,6 +17,11 @@ HIDDEN = "***"
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]*:)(?P<password>[^\s@/]+)(?=@)")
 
 
+def has_password(text: str) -> bool:
+    """Whether `text` holds a URL with a password in it."""
+    return _USERINFO.search(text) is not None
+
+
 def redact(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
     return _USERINFO.sub(lambda m: m.group("head") + HIDDEN, text)

@@ -26,6 +26,7 @@ from typing import Any
 
 from flywheel.config import cache_dir
 from flywheel.core.errors import FlywheelError
+from flywheel.core.secrets import has_password
 
 HERE = Path(__file__).parent
 # image kind -> the extra its venv installs
@@ -76,6 +77,23 @@ def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
         raise ImageError(f"{what} failed (pip {' '.join(args[:2])} …):\n{done.stderr[-3000:]}")
 
 
+def _put_config(folder: Path, config: Path | None) -> None:
+    """The project's config into the context, refused when it holds a password."""
+    folder.mkdir(exist_ok=True)
+    if config is None:  # COPY needs something there; the config is mounted at run time
+        (folder / "MOUNT-flywheel.yaml-HERE").write_text("")
+        return
+    if not config.is_file():
+        raise ImageError(f"no config at {config}")
+    if has_password(config.read_text(errors="replace")):
+        # a layer keeps it for everyone who can pull the image, even if a later one deletes it
+        raise ImageError(f"{config} holds a URL with a password, which the image would keep in a "
+                         "layer: give the stores at run time instead (FLYWHEEL_STORES__STATE, or "
+                         "FLYWHEEL_STORES__STATE_FILE naming a mounted secret file), or build "
+                         "without --config and mount the config")
+    shutil.copy(config, folder / "flywheel.yaml")
+
+
 def prepare_context(kind: str, context: Path, config: Path | None = None,
                     base_python: str | None = None) -> str:
     """Fill `context` for `docker build`; the version of mlflywheel it installs."""
@@ -85,13 +103,7 @@ def prepare_context(kind: str, context: Path, config: Path | None = None,
     wheels.mkdir(parents=True, exist_ok=True)
     shutil.copy(HERE / "Dockerfile", context / "Dockerfile")
     shutil.copy(HERE / "entrypoint.sh", context / "entrypoint.sh")
-    (context / "config").mkdir(exist_ok=True)
-    if config is not None:
-        if not config.is_file():
-            raise ImageError(f"no config at {config}")
-        shutil.copy(config, context / "config" / "flywheel.yaml")
-    else:  # COPY needs something there; the config is mounted at run time
-        (context / "config" / "MOUNT-flywheel.yaml-HERE").write_text("")
+    _put_config(context / "config", config)
     ours = installed_version("mlflywheel")
     tree = source_tree()
     for old in wheels.glob("mlflywheel-*.whl"):

@@ -12,12 +12,12 @@ Two kinds of model:
   columns, or an MLflow model (a folder, `runs:/...` or `models:/...`; sklearn or onnx flavor). It
   is served from its own inputs (see `raw_inputs`).
 
-Unpickling runs code from the file, so a pickle (or an MLflow sklearn model) is loaded only by this
-command, on the user's say-so, with a warning; it is converted to ONNX here and the server only
-ever loads the ONNX. Each export is checked against the model it came from on every holdout row
-(refused, with the reason, when it does not match), then scored on the holdout against the
-champion, registered as `challenger`, gated and promoted if it passes; from then on it is served,
-monitored and replaced by a retrained model that beats it, like any version.
+Unpickling runs code from the file, so a pickle (or an MLflow sklearn model) is loaded only by
+this command, and only when the user says so (`--allow-pickle`), with a warning; it is converted
+to ONNX here and the server only ever loads the ONNX. Each export is checked against the model it
+came from on every holdout row (refused, with the reason, when it does not match), then scored on
+the holdout against the champion, registered as `challenger`, gated and promoted if it passes;
+from then on it is served, monitored and replaced by a retrained model that beats it, like any version.
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ class ModelImportError(FlywheelError):
     """The model cannot be imported as it is; the message says why and what would do."""
 
 
-def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
+def read_model(path: Path, task: str, width: int, classes: int, allow_pickle: bool = False) -> FittedModel:
     """A model file over the project's feature vector as a fitted model whose ONNX export answers
-    for `task` over `width` features."""
+    for `task` over `width` features; a pickle only with `allow_pickle`."""
     if not path.is_file():
         raise ModelImportError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -73,7 +73,7 @@ def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
     if suffix == ".onnx":
         return _onnx_model(raw, task, width, classes)
     if suffix in (".pkl", ".pickle", ".joblib"):
-        return _sklearn_model(_unpickle(path), task, width, classes)
+        return _sklearn_model(_unpickle(path, allow_pickle), task, width, classes)
     if raw.startswith(b"tree\n") or suffix in (".txt", ".lgb"):
         return _lightgbm_model(raw.decode(errors="replace"), task, width, classes)
     if suffix in (".json", ".ubj", ".xgb"):
@@ -83,20 +83,22 @@ def read_model(path: Path, task: str, width: int, classes: int) -> FittedModel:
                            "estimator as .pkl/.joblib, or an MLflow model folder or URI)")
 
 
-def read_for_project(source: str, prepared: PreparedData) -> tuple[FittedModel, PreparedData]:
+def read_for_project(source: str, prepared: PreparedData, allow_pickle: bool = False
+                     ) -> tuple[FittedModel, PreparedData]:
     """The model at `source` (a file, an MLflow model folder, or a `models:/`/`runs:/` URI) and the
-    data it reads: the project's prepared features, or its own raw columns."""
+    data it reads: the project's prepared features, or its own raw columns. A pickle (or an MLflow
+    sklearn model, which is one) only with `allow_pickle`."""
     spec = prepared.spec
     task, width, classes = spec.task, len(spec.names), len(spec.classes)
     path = Path(source)
     if ":/" in source or (path / "MLmodel").is_file():
-        model = _mlflow_model(source)
+        model = _mlflow_model(source, allow_pickle)
     elif path.suffix.lower() in (".pkl", ".pickle", ".joblib") and path.is_file():
-        model = _unpickle(path)
+        model = _unpickle(path, allow_pickle)
     elif path.suffix.lower() == ".onnx" and path.is_file():
         model = path.read_bytes()
     else:
-        return read_model(path, task, width, classes), prepared
+        return read_model(path, task, width, classes, allow_pickle), prepared
     columns = _raw_columns(model, prepared)
     if columns is None:
         fitted = (_onnx_model(model, task, width, classes) if isinstance(model, bytes)
@@ -125,7 +127,14 @@ def _raw_columns(model: Any, prepared: PreparedData) -> list[str] | None:
     return names
 
 
-def _unpickle(path: Path) -> Any:
+PICKLE_REFUSED = ("unpickling runs code from the file: if you trust it, import it with --allow-pickle "
+                  "(allow_pickle=True from Python); or export it as ONNX, or a LightGBM or XGBoost "
+                  "model file, which load without running code")
+
+
+def _unpickle(path: Path, allowed: bool) -> Any:
+    if not allowed:
+        raise ModelImportError(f"{path}: a pickle; {PICKLE_REFUSED}")
     log.warning("unpickling %s runs code from the file: import only models you trust", path,
                 extra={"event": "unpickle", "path": str(path)})
     try:
@@ -139,7 +148,7 @@ def _unpickle(path: Path) -> Any:
         raise ModelImportError(f"{path}: could not be unpickled ({exc})") from None
 
 
-def _mlflow_model(uri: str) -> Any:
+def _mlflow_model(uri: str, allow_pickle: bool) -> Any:
     """An MLflow model's scikit-learn estimator (unpickled, with the warning) or ONNX bytes."""
     import mlflow
 
@@ -150,6 +159,8 @@ def _mlflow_model(uri: str) -> Any:
     if "onnx" in flavors:
         return mlflow.onnx.load_model(uri).SerializeToString()
     if "sklearn" in flavors:
+        if not allow_pickle:
+            raise ModelImportError(f"{uri}: an MLflow sklearn model is a pickle; {PICKLE_REFUSED}")
         log.warning("loading %s unpickles it: import only models you trust", uri,
                     extra={"event": "unpickle", "path": uri})
         return mlflow.sklearn.load_model(uri)
@@ -431,7 +442,7 @@ def onnx_answers(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
 
 
 def import_challenger(project: Project, path: Path, reporter: Reporter | None = None,
-                      registry: Registry | None = None) -> TrainResult:
+                      registry: Registry | None = None, allow_pickle: bool = False) -> TrainResult:
     """The whole import: `flywheel train`'s use case (extract and check the configured window,
     register, score the champion on the same holdout, gate, promote) with the model read from
     `path` instead of trained."""
@@ -439,7 +450,7 @@ def import_challenger(project: Project, path: Path, reporter: Reporter | None = 
 
     def read(prepared: PreparedData) -> tuple[FittedModel, dict[str, str], PreparedData]:
         with reporter.step(f"Read {path.name} and convert it to ONNX"):
-            fitted, given = read_for_project(str(path), prepared)
+            fitted, given = read_for_project(str(path), prepared, allow_pickle)
         return fitted, {"model_type": fitted.kind,
                         "imported_from": path.name if path.is_file() else str(path),
                         "imported_sha256": file_sha256(path) if path.is_file() else "",

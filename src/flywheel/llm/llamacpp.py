@@ -54,7 +54,14 @@ from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import require
 from flywheel.llm.base import BASE_REF_TAG, BaseRef, load_tokenizer, merge_adapter
 from flywheel.llm.gguf_export import Precision, write_gguf
-from flywheel.llm.runtime import Generation, TextGenerator, adapter_version, first_stop, lineage
+from flywheel.llm.runtime import (
+    Generation,
+    IncrementalText,
+    TextGenerator,
+    adapter_version,
+    first_stop,
+    lineage,
+)
 from flywheel.registry import Registry, file_sha256
 
 log = logging.getLogger("flywheel.serving")
@@ -251,31 +258,31 @@ class LlamaCppGenerator(TextGenerator):
             sampling = {"temp": 0.0, "top_p": 1.0, "top_k": 1, "min_p": 0.0}
         eos = {self.tokenizer.eos_token_id, llm.token_eos()}
         room = llm.n_ctx()  # a model trained on a shorter context than prompt + max_new_tokens
-        new: list[int] = []
-        full, sent, finish = "", 0, "length"
+        text = IncrementalText(self.tokenizer, stop)  # linear per answer, not O(n^2)
+        generated, finish = 0, "length"
         tokens = llm.generate(prompt_ids, typical_p=1.0, repeat_penalty=1.0, **sampling)
         try:
             for token in tokens:
-                new.append(int(token))
+                generated += 1
                 if token in eos:
                     finish = "stop"
                     break
-                full = self.tokenizer.decode(new, skip_special_tokens=True)
+                piece = text.add(int(token))
                 # The streamer gets the text uncut, as transformers' does: the reader cuts at the stop.
-                if streamer is not None and not full.endswith("\ufffd"):  # a character's bytes complete
-                    streamer.put(full[sent:])
-                    sent = len(full)
-                if (first_stop(full, stop) is not None or len(new) >= max_new_tokens
-                        or len(prompt_ids) + len(new) >= room or (cancel is not None and cancel.is_set())):
+                if streamer is not None and piece:
+                    streamer.put(piece)
+                if (text.stop_at is not None or generated >= max_new_tokens
+                        or len(prompt_ids) + generated >= room or (cancel is not None and cancel.is_set())):
                     break
         finally:
             tokens.close()
+        full = text.final()
         if streamer is not None:
-            streamer.put(full[sent:])
+            streamer.put(full[len(text.text):] if full.startswith(text.text) else "")
         cut = first_stop(full, stop)
         if cut is not None:
             full, finish = full[:cut], "stop"
-        return Generation(full, len(prompt_ids), len(new), finish)
+        return Generation(full, len(prompt_ids), generated, finish)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id,

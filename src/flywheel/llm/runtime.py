@@ -201,6 +201,48 @@ def first_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoded a few tokens at a time and searched for
+    stop strings only where a new one could start: linear in the answer's length.
+
+    Decoding every id so far at each new token, and scanning the whole text for the stop strings,
+    cost O(n^2) per answer. As vLLM and TGI do, each step decodes a short window from the last
+    point where the text was stable (`prefix`) and keeps what it adds beyond the window's start;
+    a piece that ends inside a character (U+FFFD) waits for the next token. `final()` decodes the
+    whole list once, so the answer is exactly what decoding all ids gives."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+        self.stop_at: int | None = None
+
+    def add(self, token: int) -> str:
+        """Take one token; the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        piece = now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        if self.stop and self.stop_at is None:
+            self.stop_at = first_stop(self.text[start:], self.stop)
+            if self.stop_at is not None:
+                self.stop_at += start
+        return piece
+
+    def final(self) -> str:
+        """The whole text, decoded once from every id."""
+        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+
 def _stopping(tokenizer: Any, prompt_len: int, stop: Sequence[str],
               cancel: threading.Event | None) -> Any:
     """Stop once the generated text holds a stop string, or `cancel` is set. The generated part

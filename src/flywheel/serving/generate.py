@@ -12,6 +12,7 @@ lets up to `serving.max_waiting` wait, and answers 429 beyond that.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -37,6 +38,7 @@ from flywheel.serving.http import (
     BodyTooLarge,
     CountedErrors,
     champion_runtime,
+    client_address,
     common_routes,
     new_request_id,
     read_body,
@@ -110,37 +112,50 @@ def _number(body: dict[str, Any], errors: list[FieldError], name: str, default: 
 
 
 class GenerationSlots:
-    """At most `concurrent` generations at once, `waiting` more in line, refusal beyond."""
+    """At most `concurrent` generations at once, `waiting` more in line, refusal beyond; and at
+    most `per_client` of those (running or waiting) for one client address (default: all but one),
+    so that one caller can never hold every slot and the whole line."""
 
-    def __init__(self, concurrent: int, waiting: int, metrics: GenerationMetrics):
+    def __init__(self, concurrent: int, waiting: int, metrics: GenerationMetrics,
+                 per_client: int | None = None):
         self.semaphore = asyncio.Semaphore(concurrent)
         self.max_waiting = waiting
         self.waiting = 0
+        self.per_client = per_client or max(1, concurrent + waiting - 1)
+        self.held: collections.Counter[str] = collections.Counter()
         self.metrics = metrics
 
-    def full(self) -> bool:
-        """Whether `slot` would refuse now (every slot busy and the queue full)."""
-        return self.semaphore.locked() and self.waiting >= self.max_waiting
+    def full(self, client: str = "") -> bool:
+        """Whether `slot` would refuse now (every slot busy and the queue full, or this client at
+        its share)."""
+        return (self.semaphore.locked() and self.waiting >= self.max_waiting) \
+            or self.held[client] >= self.per_client
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[bool]:
-        if self.full():
+    async def slot(self, client: str = "") -> AsyncIterator[bool]:
+        if self.full(client):
             self.metrics.rejected.inc()
             yield False
             return
-        self.waiting += 1
-        self.metrics.waiting.inc()
+        self.held[client] += 1
         try:
-            await self.semaphore.acquire()
+            self.waiting += 1
+            self.metrics.waiting.inc()
+            try:
+                await self.semaphore.acquire()
+            finally:
+                self.waiting -= 1
+                self.metrics.waiting.dec()
+            self.metrics.in_progress.inc()
+            try:
+                yield True
+            finally:
+                self.metrics.in_progress.dec()
+                self.semaphore.release()
         finally:
-            self.waiting -= 1
-            self.metrics.waiting.dec()
-        self.metrics.in_progress.inc()
-        try:
-            yield True
-        finally:
-            self.metrics.in_progress.dec()
-            self.semaphore.release()
+            self.held[client] -= 1
+            if not self.held[client]:
+                del self.held[client]
 
 
 def create_generate_app(project: LlmProject, migrate: bool = True) -> CountedErrors:
@@ -182,7 +197,8 @@ class GenerateEndpoint:
         self.cfg, self.runtime = cfg, runtime
         self.answers = Answers(metrics)
         self.gen_metrics = GenerationMetrics(metrics)
-        self.slots = GenerationSlots(cfg.max_concurrent, cfg.max_waiting, self.gen_metrics)
+        self.slots = GenerationSlots(cfg.max_concurrent, cfg.max_waiting, self.gen_metrics,
+                                     cfg.max_per_client)
 
     async def handle(self, request: Request) -> Response:
         started, request_id = time.perf_counter(), new_request_id()
@@ -199,12 +215,12 @@ class GenerateEndpoint:
         except RequestInvalid as exc:
             return self.answers.send("generate", 422, {"detail": [e.as_dict() for e in exc.errors]},
                                      request_id, started, model.version)
-        return await self.generate(model, req, prompt_ids, request_id, started)
+        return await self.generate(model, req, prompt_ids, request_id, started, client_address(request))
 
     async def parse(self, request: Request, model: TextGenerator) -> tuple[GenerateRequest, list[int]]:
         cfg = self.cfg
         req = parse_generate(parse_json_body(await read_body(request, cfg.max_body_bytes)), cfg)
-        prompt_ids = model.prompt_tokens(req.prompt)
+        prompt_ids = await run_in_threadpool(model.prompt_tokens, req.prompt)  # not on the event loop
         if len(prompt_ids) > cfg.max_prompt_tokens:
             raise RequestInvalid([FieldError(("body", "prompt"), f"{len(prompt_ids)} tokens; at "
                                              f"most {cfg.max_prompt_tokens}", "too_long")])
@@ -213,12 +229,14 @@ class GenerateEndpoint:
         return req, prompt_ids
 
     async def generate(self, model: TextGenerator, req: GenerateRequest, prompt_ids: list[int],
-                       request_id: str, started: float) -> Response:
+                       request_id: str, started: float, client: str = "") -> Response:
         cfg, send = self.cfg, self.answers.send
-        async with self.slots.slot() as granted:
+        async with self.slots.slot(client) as granted:
             if not granted:
                 return send("generate", 429, {"detail": f"{cfg.max_concurrent} generation(s) running "
-                                                        f"and {cfg.max_waiting} waiting: retry later"},
+                                                        f"and {cfg.max_waiting} waiting, at most "
+                                                        f"{self.slots.per_client} for one client: "
+                                                        "retry later"},
                             request_id, started, model.version, {"retry-after": "1"})
             try:
                 out = await run_in_threadpool(model.generate, prompt_ids, req.max_new_tokens,

@@ -104,6 +104,12 @@ class Answers:
         return json_response(payload, status, {"x-request-id": request_id, **(headers or {})})
 
 
+def client_address(request: Request) -> str:
+    """Whose share of the generation slots a request takes: its peer's address (behind a proxy every
+    caller shares one: raise serving.max_per_client there)."""
+    return request.client.host if request.client else ""
+
+
 def admin_refusal(request: Request, clients: Clients | None = None) -> Response | None:
     """None when the request carries the admin bearer token (FLYWHEEL_ADMIN_TOKEN, or a declared
     client's with the `admin` scope); else the 401/403 to answer."""

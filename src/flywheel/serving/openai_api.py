@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from flywheel.config import GenerateServingConfig
 from flywheel.llm.runtime import Generation, NoChatTemplate, TextGenerator
-from flywheel.serving.http import BodyTooLarge, json_response, new_request_id, read_body
+from flywheel.serving.http import BodyTooLarge, client_address, json_response, new_request_id, read_body
 from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE
 from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
 
@@ -41,6 +41,8 @@ ROLES = {"system", "user", "assistant"}
 # Fields an OpenAI client may send that change nothing here at their default value.
 NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "echo": False,
            "user": None, "best_of": 1, "logit_bias": None, "suffix": None, "parallel_tool_calls": None}
+MAX_STOP_CHARS = 100  # each stop string is searched for at every new token
+MAX_MESSAGES = 256
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
           "stream_options", *NEUTRAL}
 
@@ -139,6 +141,9 @@ def _messages(body: dict[str, Any], errors: list[FieldError],
     if not isinstance(raw, list) or not raw:
         errors.append(FieldError(("body", "messages"), "a non-empty list of {role, content}", "missing"))
         return []
+    if len(raw) > MAX_MESSAGES:  # each is templated: bounded before any work is done
+        errors.append(FieldError(("body", "messages"), f"at most {MAX_MESSAGES} messages", "too_long"))
+        return []
     out, chars = [], 0
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -181,8 +186,10 @@ def _stop(raw: Any, errors: list[FieldError]) -> tuple[str, ...]:
     if raw is None:
         return ()
     items = [raw] if isinstance(raw, str) else raw
-    if not isinstance(items, list) or len(items) > 4 or not all(isinstance(s, str) and s for s in items):
-        errors.append(FieldError(("body", "stop"), "a non-empty string or a list of at most 4", "type_error"))
+    if not isinstance(items, list) or len(items) > 4 or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items):
+        errors.append(FieldError(("body", "stop"), f"a string of 1 to {MAX_STOP_CHARS} characters or a "
+                                 "list of at most 4", "type_error"))
         return ()
     return tuple(items)
 
@@ -215,7 +222,7 @@ class OpenAIEndpoints:
                 observe(name, 404, model.version, time.perf_counter() - started)
                 return _error(404, f"the model '{req.model}' does not exist here; this server serves "
                                    f"'{model.name}'", "model", "model_not_found")
-            prompt_ids = self.tokens(model, req)
+            prompt_ids = await run_in_threadpool(self.tokens, model, req)  # templating: off the loop
         except BodyTooLarge:
             observe(name, 413, model.version, time.perf_counter() - started)
             return _error(413, f"body larger than {self.cfg.max_body_bytes} bytes")
@@ -229,14 +236,15 @@ class OpenAIEndpoints:
         if req.stream:
             # The slot is taken inside the stream, never before it: a client that goes away before
             # the stream starts must not keep one (the generator would never run its `finally`).
-            if self.base.slots.full():
+            if self.base.slots.full(client_address(request)):
                 observe(name, 429, model.version, time.perf_counter() - started)
                 return busy
-            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, name),
+            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, name,
+                                                 client_address(request)),
                                      media_type="text/event-stream",
                                      headers={"x-request-id": request_id, "cache-control": "no-cache"})
         stack = contextlib.AsyncExitStack()
-        if not await stack.enter_async_context(self.base.slots.slot()):
+        if not await stack.enter_async_context(self.base.slots.slot(client_address(request))):
             observe(name, 429, model.version, time.perf_counter() - started)
             return busy
         async with stack:
@@ -267,13 +275,13 @@ class OpenAIEndpoints:
         return ids
 
     async def events(self, model: TextGenerator, req: OpenAIRequest, prompt_ids: list[int],
-                     request_id: str, started: float, name: str) -> AsyncIterator[bytes]:
+                     request_id: str, started: float, name: str, client: str = "") -> AsyncIterator[bytes]:
         """Server-sent events: the pieces as they come, a last chunk with the finish reason (and
         the usage when asked), then [DONE]. The slot is released when the stream ends or breaks."""
         cancel = threading.Event()
         status = 200
         try:
-            async with self.base.slots.slot() as granted:
+            async with self.base.slots.slot(client) as granted:
                 if not granted:  # filled between the check and the stream's start
                     status = 429
                     yield sse({"error": {"message": "every generation slot is busy: retry later",
