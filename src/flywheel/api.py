@@ -26,10 +26,10 @@ from typing import Any
 import pandas as pd
 
 from flywheel import lifecycle
-from flywheel.config import MonitorWindow, Project, load_project
+from flywheel.config import Project, load_project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import Reporter
-from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
+from flywheel.monitoring.monitor import MonitorVerdict, choose_window, run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.runs import PipelineRun
 from flywheel.serving.batch import score_frame
@@ -79,13 +79,7 @@ def monitor(project: Project, size: int | None = None, hours: float | None = Non
             report: bool | None = False) -> MonitorVerdict:
     """A monitoring verdict over the prediction log's latest `size` rows, latest `hours`, or event
     time in [start, end) (default: the configured window); stored like the CLI's."""
-    window: Any = project.config.monitoring.window
-    if size is not None:
-        window = MonitorWindow(by="count", size=size)
-    elif hours is not None:
-        window = MonitorWindow(by="time", hours=hours)
-    elif start is not None or end is not None:
-        window = MonitorWindow(by="event", start=start, end=end)  # type: ignore[arg-type]
+    window = choose_window(project, size, hours, start, end)  # the same rules as the CLI's
     return run_monitor(project, window=window, report=report)
 
 

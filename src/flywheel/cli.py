@@ -575,10 +575,10 @@ def monitor(
     """Drift and performance of a window of the prediction log against the training reference."""
 
     def body() -> None:
-        from flywheel.monitoring.monitor import run_monitor
+        from flywheel.monitoring.monitor import choose_window, run_monitor
 
         project = _project(config)
-        window = _monitor_window(project.config.monitoring.window, size, hours, start, end)
+        window = choose_window(project, size, hours, start, end)
         v = run_monitor(project, window=window, report=report)
         if as_json:
             perf = v.performance.__dict__ if v.performance else None
@@ -608,7 +608,9 @@ def monitor(
     _run(body)
 
 
-AtOpt = Annotated[str | None, typer.Option("--at", help="The pipeline's clock (YYYY-MM-DD); default today.")]
+AtOpt = Annotated[str | None, typer.Option("--at", help=(
+    "The pipeline's clock: YYYY-MM-DD, or 'data' (the day after the latest row it could learn "
+    "from); default by retraining.clock (today)."))]
 
 
 def _date(text: str | None) -> Any:
@@ -635,7 +637,7 @@ def retrain(
     def body() -> None:
         from flywheel.pipeline.orchestrate import orchestrate
 
-        run = orchestrate(_project(config), trigger, reason, _date(at), orchestrator)
+        run = orchestrate(_project(config), trigger, reason, at if at == "data" else _date(at), orchestrator)
         _print_pipeline_run(run)
         if run.status != "succeeded":
             raise typer.Exit(1)
@@ -656,16 +658,18 @@ def step(
 
     def body() -> None:
         from dataclasses import asdict
-        from datetime import date
 
         from flywheel.core.errors import PipelineError
+        from flywheel.pipeline.orchestrate import follows_data, pipeline_clock
         from flywheel.pipeline.runner import run_step
         from flywheel.pipeline.runs import STEPS, start_run
 
         if name not in STEPS:  # before a run record is created for it
             raise PipelineError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")
         project = _project(config)
-        start_run(project, trigger, reason, _date(at) or date.today(), run_id)
+        when = at if at == "data" else _date(at)
+        start_run(project, trigger, reason, pipeline_clock(project, when), run_id,
+                  data_time=follows_data(project, when))
         result = run_step(project, name, run_id)
         out.print_json(json.dumps(asdict(result), default=str))
 
@@ -883,30 +887,6 @@ def _print_lora_status(st: dict[str, Any]) -> None:
                       _fmt(m.get("perplexity_after", float("nan"))), v["gate"] or "",
                       _fmt(m.get("seconds_per_step", float("nan"))))
     out.print(table)
-
-
-def _monitor_window(configured: Any, size: int | None, hours: float | None, start: str | None,
-                    end: str | None) -> Any:
-    """The window the options ask for, else the configured one."""
-    from pydantic import ValidationError
-
-    from flywheel.config import MonitorWindow
-
-    if (start is None) != (end is None):
-        raise typer.BadParameter("a window by event time needs both --from and --to")
-    if sum(x is not None for x in (size, hours, start)) > 1:
-        raise typer.BadParameter("choose one window: --size, --hours, or --from/--to")
-    if size is not None:
-        return MonitorWindow(by="count", size=size)
-    if hours is not None:
-        return MonitorWindow(by="time", hours=hours)
-    if start is None:
-        return configured
-    try:
-        return MonitorWindow(by="event", start=start, end=end)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise typer.BadParameter("; ".join(f"{e['msg']} ({e['input']!r})" if e["loc"] else e["msg"]
-                                           for e in exc.errors())) from None
 
 
 def _rows_text(trained_on: dict[str, Any]) -> str:

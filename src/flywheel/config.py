@@ -439,6 +439,9 @@ class RetrainingConfig(_Strict):
     # null: Prefect when its extra is installed, else the local runner
     orchestrator: Literal["local", "prefect"] | None = None
     check_interval_s: float = Field(default=300, gt=0)  # how often `flywheel run` checks triggers
+    # What "now" is for a retrain without --at: the wall clock (today), or the data's own time (the
+    # day after the latest row a retrain could learn from): for history replayed or loaded late.
+    clock: Literal["wall", "data"] = "wall"
 
 
 class RoomConfig(_Strict):

@@ -62,3 +62,17 @@ def test_a_window_may_be_written_in_the_unit_and_a_number_for_a_date_is_explaine
     with pytest.raises(ValueError, match="time_format is for time_unit: text"):
         data(time_format="%Y")
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_window_bound_is_read_in_the_time_unit():
+    from datetime import date
+
+    from flywheel.data.timecol import window_bound
+
+    assert window_bound("2018", "year") == date(2018, 1, 1)
+    assert window_bound("201803", "month") == date(2018, 3, 1)
+    assert window_bound("2018-03-05", "year") == date(2018, 3, 5)
+    with pytest.raises(ValueError, match="write 2018-01-01"):
+        window_bound("2018", "date")  # never Unix seconds
+    with pytest.raises(ValueError, match="YYYYMM"):
+        window_bound("2018", "month")

@@ -166,3 +166,32 @@ def test_a_key_given_twice_in_the_config_is_refused_with_both_lines(tmp_path):
     path.write_text(EXAMPLE.read_text() + "\nserving:\n  host: 0.0.0.0\n")
     with pytest.raises(ConfigError, match="'serving' is given twice"):
         load_project(path, env={"FLYWHEEL_HOME": str(tmp_path / ".flywheel")})
+
+
+def test_three_years_get_split_fractions_that_train_accepts(tmp_path):
+    """A window of three distinct years (the only time column an integer year): the default
+    fractions put two years in one part, so init writes fractions that cut at the years."""
+    frame = tickets(1000).drop(columns="opened_on")
+    frame["year"] = np.repeat([2016, 2017, 2018], [200, 300, 500])
+    data = tmp_path / "three-years.csv"
+    frame.to_csv(data, index=False)
+    config, home = tmp_path / "proj" / "flywheel.yaml", tmp_path / "proj" / ".flywheel"
+    code, said = invoke("init", "--from", str(data), "--target", "escalated", "--time", "year",
+                        "--output", str(config), home=home)
+    assert code == 0, said
+    split = yaml.safe_load(config.read_text())["split"]
+    assert "train/validation/holdout 200/300/500 rows" in config.read_text()
+    assert 0 < split["validation_fraction"] < 0.5 and 0 < split["holdout_fraction"] < 0.5
+    code, said = invoke("train", "--config", str(config), home=home)
+    assert code == 0, said
+
+
+def test_a_split_that_cannot_work_names_the_fractions_that_would():
+    from flywheel.config import SplitConfig
+    from flywheel.training.split import SplitError, split_by_time
+
+    times = pd.Series(pd.to_datetime(["2016-01-01"] * 200 + ["2017-01-01"] * 300 + ["2018-01-01"] * 500))
+    with pytest.raises(SplitError, match=r"set split.validation_fraction: 0\.\d+ and "
+                                         r"split.holdout_fraction: 0\.\d+ \(train/validation/holdout "
+                                         r"200/300/500 rows\)"):
+        split_by_time(times, SplitConfig())

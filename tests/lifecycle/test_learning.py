@@ -10,6 +10,7 @@ from datetime import date, timedelta
 import httpx
 import numpy as np
 import pandas as pd
+import pytest
 import sqlalchemy as sa
 import yaml
 
@@ -19,6 +20,7 @@ from flywheel.data.sources import TARGET, make_engine
 from flywheel.demo.replay import wait_for_log
 from flywheel.lifecycle import project_status
 from flywheel.lifecycle.learning import extract_retraining_rows
+from flywheel.monitoring.monitor import MonitorError
 from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state
@@ -104,7 +106,14 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     same = api.monitor(project, start="2021-01-01", end="2021-07-01")  # the Python API's way
     assert same.drift.rows == len(inside) and same.window_kind == "event"
     code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)
-    assert code == 2 and "needs both --from and --to" in said
+    assert code == 1 and "needs both a start and an end (--from and --to)" in said
+    with pytest.raises(MonitorError, match="needs both a start and an end"):  # the API refuses alike
+        api.monitor(project, start="2021-07-01")
+    # this project's time column is a year: a window's bounds may be years too
+    code, said = cli("monitor", "--config", str(path), "--from", "2021", "--to", "2022", "--no-report",
+                     "--json", home=home)
+    assert code == 0, said
+    assert json.loads(said)["rows"] == len([d for d in days if "2021-01-01" <= d < "2022-01-01"])
     code, said = cli("monitor", "--config", str(path), "--from", "2030-01-01", "--to", "2031-01-01",
                      "--no-report", home=home)
     assert code == 1 and "only 0 predictions in the window (event time in [2030-01-01, 2031-01-01))" in said
@@ -148,3 +157,40 @@ def _with(path, **retraining):
     out = path.with_name("both.yaml")
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
+
+
+def test_history_labelled_long_ago_is_named_and_learnt_with_the_datas_clock(tmp_path):
+    """Labels for rows of 2012-2019 posted today: with the wall clock and 72 months of lookback
+    nothing is in range, and the error says what exists and why; `--at data` learns from them."""
+    path = config(tmp_path / "churn")
+    raw = yaml.safe_load(path.read_text())
+    raw["retraining"] = {"train_from": "feedback", "orchestrator": "local"}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    home = tmp_path / "churn" / ".flywheel"
+    history = tmp_path / "history.csv"
+    customers(2000).to_csv(history, index=False)
+    assert cli("ingest", "--config", str(path), "--input", str(history), home=home)[0] == 0
+    assert cli("train", "--config", str(path), home=home)[0] == 0
+    project = load_project(path, env={"FLYWHEEL_HOME": str(home)})
+    rows = customers(1600, first_id=50_000, seed=3)
+    with ServerProcess(project) as server, httpx.Client(timeout=60) as client:
+        server.wait_ready(90)
+        records = [{"age": int(r.age), "monthly_spend": float(r.monthly_spend), "plan": str(r.plan),
+                    "meta": {"entity_id": str(r.customer_id), "event_time": int(r.signup_year)}}
+                   for r in rows.itertuples()]  # the year, as the time column holds it
+        ids = []
+        for start in range(0, len(records), 500):
+            answer = client.post(f"{server.url}/v1/predict", json=records[start:start + 500])
+            assert answer.status_code == 200, answer.text[:300]
+            ids += [p["record_id"] for p in answer.json()["predictions"]]
+        wait_for_log(open_state(project.state_url), project.config.registered_model, len(ids))
+        labels = [{"record_id": rid, "label": int(y)} for rid, y in zip(ids, rows["churned"], strict=True)]
+        assert client.post(f"{server.url}/v1/feedback", json={"labels": labels}).status_code == 200
+    code, said = cli("retrain", "--config", str(path), home=home)
+    first, last = rows["signup_year"].min(), rows["signup_year"].max()
+    assert code == 1 and f"1,600 served predictions of 'churn' have labels, with event times from " \
+        f"{first}-01-01 to {last}-01-01: outside the window" in said and "--at data" in said, said
+    code, said = cli("retrain", "--config", str(path), "--at", "data", home=home)
+    in_window = int((rows["signup_year"] > last - 6).sum())  # 72 months back from the data's clock
+    assert code == 0 and f"extract {in_window:,} rows" in said and f"({in_window:,} from feedback)" in said
+    assert f"..{last}-01-02" in said  # the window ends at the data's clock, the day after its last row

@@ -270,6 +270,29 @@ def _read_with_spark(engine: sa.Engine, tbl: sa.Table, data: DataConfig,
                                   data.id_column if bounds else None, bounds)
 
 
+def latest_source_time(url: str, data: DataConfig) -> pd.Timestamp | None:
+    """The end of the source table's latest time (a year's or a month's last day for those
+    units), None for an empty or missing table."""
+    engine = make_engine(url)
+    try:
+        if not sa.inspect(engine).has_table(data.table):
+            return None
+        column = sa.Table(data.table, sa.MetaData(), autoload_with=engine).c[data.time_column]
+        with engine.connect() as conn:
+            if data.time_unit == "text" and data.time_format:  # text in another order than ISO's
+                values = pd.Series(conn.execute(sa.select(column).distinct()).scalars().all())
+            else:
+                values = pd.Series([conn.execute(sa.select(sa.func.max(column))).scalar()])
+    finally:
+        engine.dispose()
+    values = values.dropna()
+    if values.empty:
+        return None
+    start = to_timestamps(values, data).max()
+    step = {"year": pd.DateOffset(years=1), "month": pd.DateOffset(months=1)}.get(data.time_unit)
+    return start + step - pd.Timedelta(days=1) if step is not None else start
+
+
 def _empty_window_message(engine: sa.Engine, tbl: sa.Table, data: DataConfig, start: date,
                           end: date, configured: bool) -> str:
     time_col = tbl.c[data.time_column]

@@ -156,6 +156,25 @@ class EventTimes:
         return self.read(value).isoformat()
 
 
+def window_bound(value: str | date, unit: str) -> date:
+    """A window's bound (`monitor --from 2018`) in the project's time unit: a date, or with
+    `year` a year (2018) and with `month` YYYYMM (201803), as the time column holds them;
+    ValueError with what to write instead."""
+    if isinstance(value, date):
+        return value
+    text = str(value).strip()
+    if text.isdigit() and unit in ("year", "month"):
+        try:
+            return EventTimes(unit, date(1, 1, 1)).parse(int(text)).date()
+        except ValueError as exc:
+            raise ValueError(f"{text}: {exc}") from None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        example = {"year": "2018 or 2018-01-01", "month": "201803 or 2018-03-01"}.get(unit, "2018-01-01")
+        raise ValueError(f"{text!r} is not a date the time unit ({unit}) reads: write {example}") from None
+
+
 def served_row_times(inputs: pd.DataFrame, metas: list[dict[str, Any]], served_at: pd.Series,
                      data: DataConfig) -> pd.Series:
     """When each served row happened: the time column when the model reads it (it is among the

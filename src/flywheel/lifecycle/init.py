@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flywheel.config import CategoryFeature, NumericFeature, load_project
+from flywheel.config import CategoryFeature, NumericFeature, SplitConfig, load_project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data import features as feats
 from flywheel.data.checks import standalone_auc, standalone_macro_auc, standalone_r2
 from flywheel.data.sources import make_engine
 from flywheel.lifecycle.intake import ingest, read_rows
+from flywheel.training.split import SplitError, split_by_time, workable_fractions
 
 LEAK_AUC = 0.9  # the default of checks.leakage_auc_threshold
 LEAK_R2 = 0.75  # the default of checks.leakage_r2_threshold
@@ -65,6 +66,8 @@ class Proposal:
     classes: list[str] = field(default_factory=list)  # multiclass, with each class's share
     class_shares: list[float] = field(default_factory=list)
     target_std: float = float("nan")  # regression
+    split: tuple[float, float] | None = None  # (validation, holdout) when the defaults cannot split
+    split_sizes: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def measure(self) -> str:
@@ -100,7 +103,25 @@ def propose_project(frame: pd.DataFrame, target: str, time: str | None = None, p
                         rate, profiles, features, time_format=fmt, task=task)
     _describe_target(proposal, frame[target])
     _screen(proposal, frame)
+    _fit_split(proposal, times[frame[target].notna().to_numpy()])  # the rows train will split
     return proposal
+
+
+def _fit_split(p: Proposal, times: pd.Series) -> None:
+    """Fractions that split these rows by time when the defaults cannot (a few distinct years);
+    an InitError when nothing can, rather than a config that `train` refuses."""
+    try:
+        split_by_time(times, SplitConfig())
+        return
+    except SplitError:
+        found = workable_fractions(times, SplitConfig())
+    if found is None:
+        raise InitError(f"'{p.time_column}' holds {times.nunique()} distinct time(s): a split by time "
+                        "needs at least three (train, validation, holdout; rows that share a time stay "
+                        "in one part); use a finer time column or more history")
+    chosen = split_by_time(times, SplitConfig(validation_fraction=found[0], holdout_fraction=found[1]))
+    p.split = found
+    p.split_sizes = (len(chosen.train), len(chosen.validation), len(chosen.holdout))
 
 
 def guess_task(values: pd.Series) -> str:
@@ -388,6 +409,11 @@ def render_config(p: Proposal, source: str | None = None) -> str:
                  else f"  leakage_auc_threshold: {LEAK_AUC}")
     lines += ["", "checks:", f"{threshold}   # a feature this strong alone stops training", "",
               "gate:", *_gate_lines(p), ""]
+    if p.split:
+        sizes = "/".join(f"{n:,}" for n in p.split_sizes)
+        lines += ["split:   # the default 0.15/0.15 cannot cut these few times into three parts",
+                  f"  validation_fraction: {p.split[0]}", f"  holdout_fraction: {p.split[1]}   # "
+                  f"train/validation/holdout {sizes} rows", ""]
     return "\n".join(one_line(line) for line in lines)
 
 

@@ -25,6 +25,7 @@ from flywheel.data.sources import (
     TARGET,
     EmptyWindowError,
     Snapshot,
+    latest_source_time,
     read_labelled_window,
     save_snapshot,
 )
@@ -42,20 +43,27 @@ def end_of_day(day: date) -> datetime:
     return datetime.combine(day + timedelta(days=1), datetime.min.time())
 
 
-def feedback_rows(project: Project, columns: Sequence[str], start: date, at: date) -> pd.DataFrame:
+def feedback_rows(project: Project, columns: Sequence[str], start: date, at: date,
+                  data_time: bool = False) -> pd.DataFrame:
     """Served rows of the project's model with a label received by the end of day `at`, whose time
     lies in [start, end of `at`): the `columns` as served, the id, the time, the target and when
-    the label arrived. Empty (with those columns) when there are none."""
+    the label arrived. Empty (with those columns) when there are none.
+
+    `data_time` (a run whose clock follows the data: history loaded or labelled late): a label is
+    known from its `observed_at`, else from the row's own time, whenever it was served or
+    received."""
     data = project.config.data
     upper = end_of_day(at)
     label_column = FEEDBACK_LABEL[project.config.task]
     query = (sa.select(predictions.c.record_id, predictions.c.created_at, predictions.c.inputs,
-                       predictions.c.meta, label_column.label("label"), feedback.c.received_at)
+                       predictions.c.meta, label_column.label("label"), feedback.c.received_at,
+                       feedback.c.observed_at)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == project.config.registered_model,
-                    predictions.c.created_at < upper, feedback.c.received_at < upper,
                     label_column.is_not(None))
              .order_by(predictions.c.id))
+    if not data_time:
+        query = query.where(predictions.c.created_at < upper, feedback.c.received_at < upper)
     with open_state(project.state_url).connect() as conn:
         found = conn.execute(query).all()
     wanted = list(dict.fromkeys([data.id_column, data.time_column, *columns]))
@@ -75,6 +83,10 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     frame[data.time_column] = served_row_times(inputs, metas, served_at, data)
     frame[TARGET] = np.array([r.label for r in found], dtype=FEEDBACK_DTYPE[project.config.task])
     frame[LABEL_KNOWN_AT] = naive_utc(pd.Series([r.received_at for r in found]))
+    if data_time:
+        observed = naive_utc(pd.Series([r.observed_at for r in found], dtype=object))
+        frame[LABEL_KNOWN_AT] = observed.fillna(frame[data.time_column]).to_numpy()
+        frame = frame.loc[frame[LABEL_KNOWN_AT] < pd.Timestamp(upper)]
     frame[FROM_FEEDBACK] = True
     # An id served twice: its latest, within each client. A client reusing another's entity id
     # (declared clients only; all callers are one anonymous client otherwise) adds its own row and
@@ -87,7 +99,7 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
 
 
 def extract_retraining_rows(project: Project, extra_columns: Sequence[str], window: tuple[date, date],
-                            at: date) -> Snapshot:
+                            at: date, data_time: bool = False) -> Snapshot:
     """A retrain's rows by `retraining.train_from`, saved as one snapshot whose lineage says how
     many came from the feedback. Never empty (`EmptyWindowError` says what was found)."""
     origin = project.config.retraining.train_from
@@ -103,18 +115,83 @@ def extract_retraining_rows(project: Project, extra_columns: Sequence[str], wind
                 raise
     served = pd.DataFrame()
     if origin in ("feedback", "both"):
-        served = feedback_rows(project, cols, start, at)
+        served = feedback_rows(project, cols, start, at, data_time)
         if served.empty and source.empty:
-            raise EmptyWindowError(
-                f"no labelled rows in [{start}, {at}]: no served prediction of "
-                f"'{project.config.registered_model}' has a label received by the end of {at} "
-                "(POST them to /v1/feedback)" + (" and the source table has none in the window"
-                                                 if origin == "both" else ""))
+            raise EmptyWindowError(f"no labelled rows in [{start}, {at}]: " + _why_no_feedback(project, at)
+                                   + (" The source table has none in the window either."
+                                      if origin == "both" else ""))
     frame = _combine(source, served, data.id_column, data.time_column) if origin == "both" \
         else served if origin == "feedback" else source
     return save_snapshot(frame.reset_index(drop=True), data, project.snapshot_dir, start,
                          at if origin == "feedback" else end, at, immature, origin,
                          feedback_rows=int(len(frame) - len(source)) if origin == "both" else len(served))
+
+
+def labelled_feedback_times(project: Project, at: date | None = None) -> pd.Series:
+    """The event times of the project's served predictions that have a label (received by the end
+    of day `at`, when given): what a retrain from feedback could learn from."""
+    data = project.config.data
+    query = (sa.select(predictions.c.created_at, predictions.c.inputs, predictions.c.meta)
+             .join(feedback, feedback.c.record_id == predictions.c.record_id)
+             .where(predictions.c.model_name == project.config.registered_model,
+                    FEEDBACK_LABEL[project.config.task].is_not(None)))
+    if at is not None:
+        query = query.where(feedback.c.received_at < end_of_day(at))
+    with open_state(project.state_url).connect() as conn:
+        found = conn.execute(query).all()
+    if not found:
+        return pd.Series([], dtype="datetime64[ns]")
+    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in found])
+    metas = [orjson.loads(r.meta) if r.meta else {} for r in found]
+    served_at = naive_utc(pd.Series([r.created_at for r in found]))
+    return served_row_times(inputs, metas, served_at, data)
+
+
+def _why_no_feedback(project: Project, at: date) -> str:
+    """What labelled feedback exists and why none of it is in the window ending at `at`."""
+    name = project.config.registered_model
+    times = labelled_feedback_times(project, at)
+    if times.empty:
+        return (f"no served prediction of '{name}' has a label received by the end of {at} (POST "
+                "them to /v1/feedback).")
+    return (f"{len(times):,} served predictions of '{name}' have labels, with event times from "
+            f"{times.min().date()} to {times.max().date()}: outside the window, which ends at the "
+            f"clock ({at}, {project.config.retraining.clock} time) and reaches back "
+            f"retraining.lookback_months ({project.config.retraining.lookback_months}). To learn "
+            "from them, retrain with --at data (the day after the latest of them) or set "
+            "retraining.clock: data.")
+
+
+def data_clock(project: Project) -> date:
+    """The clock that follows the data: the day after the latest row a retrain could learn from
+    (the source table's latest time and/or the latest labelled prediction's event time, by
+    `retraining.train_from`); today when there is no row at all."""
+    origin = project.config.retraining.train_from
+    latest: list[pd.Timestamp] = []
+    if origin in ("source", "both"):
+        last = latest_source_time(project.source_url, project.config.data)
+        if last is not None:
+            latest.append(last)
+    if origin in ("feedback", "both"):
+        times = labelled_feedback_times(project)
+        if not times.empty:
+            latest.append(times.max())
+        observed = _latest_observed(project)
+        if observed is not None:
+            latest.append(observed)
+    if not latest:
+        return date.today()
+    return (max(latest) + pd.Timedelta(days=1)).date()
+
+
+def _latest_observed(project: Project) -> pd.Timestamp | None:
+    """The latest `observed_at` of a label of the project's served predictions (None: none sent)."""
+    query = (sa.select(sa.func.max(feedback.c.observed_at))
+             .join(predictions, feedback.c.record_id == predictions.c.record_id)
+             .where(predictions.c.model_name == project.config.registered_model))
+    with open_state(project.state_url).connect() as conn:
+        value = conn.execute(query).scalar()
+    return None if value is None else naive_utc(pd.Series([value])).iloc[0]
 
 
 def _combine(source: pd.DataFrame, served: pd.DataFrame, id_col: str, time_col: str) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import installed, require, without
 from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
-from flywheel.data.timecol import naive_utc, served_row_times
+from flywheel.data.timecol import naive_utc, served_row_times, window_bound
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
 from flywheel.monitoring.reference import (
     PREDICTION,
@@ -44,6 +44,31 @@ from flywheel.training.evaluate import (
 )
 
 log = logging.getLogger("flywheel.monitoring")
+
+
+def choose_window(project: Project, size: int | None = None, hours: float | None = None,
+                  start: str | date | None = None, end: str | date | None = None) -> MonitorWindow:
+    """The window asked for (one of the latest `size` rows, the latest `hours`, or event time in
+    [start, end), read in the project's time unit), else the configured one. The CLI and the
+    Python API both ask here, so they refuse the same things."""
+    if (start is None) != (end is None):
+        raise MonitorError("a window by event time needs both a start and an end (--from and --to)")
+    if sum(x is not None for x in (size, hours, start)) > 1:
+        raise MonitorError("choose one window: a size, hours, or a start and end (--from/--to)")
+    if size is not None:
+        return MonitorWindow(by="count", size=size)
+    if hours is not None:
+        return MonitorWindow(by="time", hours=hours)
+    if start is None or end is None:
+        return project.config.monitoring.window
+    unit = project.config.data.time_unit
+    try:
+        bounds = window_bound(start, unit), window_bound(end, unit)
+    except ValueError as exc:
+        raise MonitorError(f"window by event time: {exc}") from None
+    if bounds[0] >= bounds[1]:
+        raise MonitorError(f"window by event time: the start {bounds[0]} is not before the end {bounds[1]}")
+    return MonitorWindow(by="event", start=bounds[0], end=bounds[1])
 
 
 class MonitorError(FlywheelError):

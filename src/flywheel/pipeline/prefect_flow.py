@@ -40,7 +40,7 @@ def configure_prefect(project: Project) -> None:
 
 
 def run_prefect_pipeline(project: Project, trigger: str, reason: str,
-                         at: date | None = None) -> tuple[str, str]:
+                         at: date | None = None, data_time: bool = False) -> tuple[str, str]:
     """Run the pipeline as a Prefect flow run; return (pipeline run id, Prefect flow run id)."""
     configure_prefect(project)
     from prefect import flow, task  # heavy and optional: imported after PREFECT_HOME is set
@@ -60,7 +60,7 @@ def run_prefect_pipeline(project: Project, trigger: str, reason: str,
         return run_id, str(flow_run.id)
 
     recover(project)
-    run_id = start_run(project, trigger, reason, clock)
+    run_id = start_run(project, trigger, reason, clock, data_time=data_time)
     try:
         return retraining(run_id)
     except Exception as exc:

@@ -69,7 +69,7 @@ def _step_call(project: Project, run: PipelineRun, name: str, clock: date,
                reporter: Reporter | None) -> Callable[[], Any]:
     registry = Registry.for_project(project)
     calls: dict[str, Callable[[], Any]] = {
-        "extract": lambda: step_extract(project, registry, clock),
+        "extract": lambda: step_extract(project, registry, clock, bool(run.outputs.get("data_time"))),
         "features": lambda: step_features(project, run.id, run.need("extract", ExtractResult, name)),
         "train": lambda: step_train(project, registry, run.need("features", FeaturesResult, name),
                                     reporter),
@@ -84,11 +84,12 @@ def _step_call(project: Project, run: PipelineRun, name: str, clock: date,
 
 
 def run_pipeline(project: Project, trigger: str = "manual", reason: str = "requested",
-                 at: date | None = None, reporter: Reporter | None = None) -> PipelineRun:
+                 at: date | None = None, reporter: Reporter | None = None,
+                 data_time: bool = False) -> PipelineRun:
     """Every step in order, in this process (the `local` orchestrator)."""
     clock = at or date.today()
     recover(project)
-    run_id = start_run(project, trigger, reason, clock)
+    run_id = start_run(project, trigger, reason, clock, data_time=data_time)
     for name in STEPS:
         try:
             run_step(project, name, run_id, clock, reporter)

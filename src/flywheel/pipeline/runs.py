@@ -129,8 +129,11 @@ class PipelineRun:
         return int(train.version) if train else None
 
 
-def start_run(project: Project, trigger: str, reason: str, at: date, run_id: str | None = None) -> str:
-    """Create (or find) the pipeline run record; `at` is the run's clock (simulated in the replay)."""
+def start_run(project: Project, trigger: str, reason: str, at: date, run_id: str | None = None,
+              data_time: bool = False) -> str:
+    """Create (or find) the pipeline run record; `at` is the run's clock (simulated in the replay);
+    `data_time`: the clock follows the data, and labels posted back count from when they were
+    observed (else from the row's own time), not from when they were received."""
     engine = open_state(project.state_url)
     run_id = run_id or f"{at.isoformat()}-{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
@@ -139,7 +142,7 @@ def start_run(project: Project, trigger: str, reason: str, at: date, run_id: str
             conn.execute(pipeline_runs.insert().values(
                 id=run_id, model_name=project.config.registered_model, trigger=trigger, reason=reason,
                 status="running", step=None, started_at=now(),
-                outputs=json.dumps({"clock": at.isoformat()}), error=None))
+                outputs=json.dumps({"clock": at.isoformat(), "data_time": data_time}), error=None))
     return run_id
 
 

@@ -12,7 +12,7 @@ from datetime import date, datetime
 
 from flywheel.config import MonitorWindow, Project
 from flywheel.monitoring.monitor import MonitorError, MonitorVerdict, run_monitor
-from flywheel.pipeline.orchestrate import orchestrate
+from flywheel.pipeline.orchestrate import orchestrate, pipeline_clock
 from flywheel.pipeline.runs import PipelineRun, get_watermark
 from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.pipeline.triggers import TriggerDecision, due_trigger, last_retrain_clock
@@ -30,7 +30,7 @@ def check_once(project: Project, at: date | None = None, say: Callable[[str], No
                window: MonitorWindow | None = None, monitor_at: datetime | None = None,
                report: bool | None = None) -> Tick:
     """Monitor (`window`, default the config's; `monitor_at`, default now), decide, maybe retrain."""
-    clock = at or date.today()
+    clock = pipeline_clock(project, at)  # today, or the data's time (retraining.clock: data)
     verdict = None
     try:
         verdict = run_monitor(project, Registry.for_project(project), window, monitor_at, report)

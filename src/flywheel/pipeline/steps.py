@@ -84,11 +84,12 @@ def _source_rows_since(project: Project, since: date | None, at: date) -> int:
     return int(n or 0)
 
 
-def step_extract(project: Project, registry: Registry, at: date) -> ExtractResult:
+def step_extract(project: Project, registry: Registry, at: date, data_time: bool = False) -> ExtractResult:
     champion = load_champion(registry)
     window = training_window(project, at)
     try:
-        snap = extract_retraining_rows(project, list(champion.inputs) if champion else [], window, at)
+        snap = extract_retraining_rows(project, list(champion.inputs) if champion else [], window, at,
+                                       data_time)
     except EmptyWindowError as exc:
         raise PipelineError(f"nothing to retrain on: {exc}") from None
     if snap.rows < project.config.checks.min_rows:

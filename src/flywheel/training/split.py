@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,14 +71,45 @@ class SplitError(FlywheelError, ValueError):
     """The window cannot be split by time into three non-empty parts."""
 
 
+def _cuts(ts: np.ndarray, validation: float, holdout: float) -> tuple[Any, Any]:
+    """The validation and holdout cut times of sorted times `ts` for these fractions."""
+    n = len(ts)
+    return (ts[min(int(n * (1 - validation - holdout)), n - 1)],
+            ts[min(int(n * (1 - holdout)), n - 1)])
+
+
+def _sizes(ts: np.ndarray, validation: float, holdout: float) -> tuple[int, int, int]:
+    val_cut, hold_cut = _cuts(ts, validation, holdout)
+    a, b = np.searchsorted(ts, val_cut, "left"), np.searchsorted(ts, hold_cut, "left")
+    return int(a), int(b - a), int(len(ts) - b)
+
+
+def workable_fractions(times: pd.Series, config: SplitConfig) -> tuple[float, float] | None:
+    """The (validation, holdout) fractions nearest the configured ones that split these times
+    into three non-empty parts (whole times per part), in steps of 0.01; None when none can
+    (fewer than three distinct times)."""
+    ts = np.sort(pd.to_datetime(times).to_numpy())
+    if len(ts) == 0 or len(np.unique(ts)) < 3:
+        return None
+    steps = np.round(np.arange(0.01, 0.50, 0.01), 2)
+    wanted = np.array([config.validation_fraction, config.holdout_fraction])
+    best: tuple[float, tuple[float, float]] | None = None
+    for v in steps:
+        for h in steps:
+            if min(_sizes(ts, v, h)) > 0:
+                distance = float(np.abs(np.array([v, h]) - wanted).sum())
+                if best is None or distance < best[0]:
+                    best = (distance, (float(v), float(h)))
+    return best[1] if best else None
+
+
 def split_by_time(times: pd.Series, config: SplitConfig) -> TimeSplit:
     """Cut at time points so that rows sharing a timestamp never straddle two parts."""
     t = pd.to_datetime(times).to_numpy()
     order = np.argsort(t, kind="stable")
     ts = t[order]
     n = len(ts)
-    val_cut = ts[min(int(n * (1 - config.validation_fraction - config.holdout_fraction)), n - 1)]
-    hold_cut = ts[min(int(n * (1 - config.holdout_fraction)), n - 1)]
+    val_cut, hold_cut = _cuts(ts, config.validation_fraction, config.holdout_fraction)
     train = order[ts < val_cut]
     validation = order[(ts >= val_cut) & (ts < hold_cut)]
     holdout = order[ts >= hold_cut]
@@ -89,9 +121,14 @@ def split_by_time(times: pd.Series, config: SplitConfig) -> TimeSplit:
                 "that share a time always stay in one part (never split at random), so train, "
                 "validation and holdout need at least three; widen data.window or use a finer "
                 "time column (a date rather than a year)")
+        fix = workable_fractions(times, config)
+        advice = (f"set split.validation_fraction: {fix[0]} and split.holdout_fraction: {fix[1]} "
+                  f"(train/validation/holdout {'/'.join(f'{x:,}' for x in _sizes(ts, *fix))} rows)"
+                  if fix else "widen data.window or change split's fractions")
         raise SplitError(
             f"cannot split {n:,} rows by time into train/validation/holdout "
-            f"({len(train)}/{len(validation)}/{len(holdout)}) over {distinct} distinct times (rows that "
-            "share a time stay in one part): widen data.window or change split's fractions"
+            f"({len(train)}/{len(validation)}/{len(holdout)}) with split.validation_fraction "
+            f"{config.validation_fraction} and split.holdout_fraction {config.holdout_fraction} over "
+            f"{distinct} distinct times (rows that share a time stay in one part): {advice}"
         )
     return TimeSplit(train, validation, holdout, pd.Timestamp(val_cut), pd.Timestamp(hold_cut))
