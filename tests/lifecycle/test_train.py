@@ -144,3 +144,16 @@ def test_evaluate_scores_challenger_and_champion_on_the_current_holdout(loaded_p
     assert ev2.champion_version == 1 and not ev2.gate.passed
     with pytest.raises(RegistryError, match="has no version 9"):
         evaluate_version(project, version=9)
+
+
+def test_evaluating_a_version_on_a_holdout_it_trained_on_says_its_score_is_optimistic(loaded_project):
+    """v1 trained on a window that ends later than the current configured one: today's holdout
+    holds rows it trained and early-stopped on."""
+    project = loaded_project({**QUICK, "data": {"window": {"start": "1995-10-01", "end": "2004-10-01"}}})
+    assert train_challenger(project).promoted
+    shorter = loaded_project({**QUICK, "data": {"window": {"start": "1995-10-01", "end": "2001-10-01"}},
+                              "stores": {"source": project.source_url, "tracking": project.tracking_url,
+                                         "state": project.state_url}}, name="shorter")
+    ev = evaluate_version(shorter, version=1)
+    assert any(r.startswith("caution: v1 trained and early-stopped on rows up to") for r in ev.gate.reasons)
+    assert not any(r.startswith("caution") for r in evaluate_version(project, version=1).gate.reasons)

@@ -16,7 +16,7 @@ from flywheel.data import features as feats
 from flywheel.data.sources import TARGET, Snapshot, target_values
 from flywheel.lifecycle.card import publish_card
 from flywheel.lifecycle.features import PreparedData, extract_training_window
-from flywheel.registry import CHALLENGER, CHAMPION, Registry
+from flywheel.registry import CHALLENGER, CHAMPION, Registry, VersionInfo
 from flywheel.training.evaluate import GateDecision, decide_gate, task_metrics
 from flywheel.training.onnx import new_session, session_predict
 from flywheel.training.split import split_by_time
@@ -142,5 +142,25 @@ def evaluate_version(project: Project, version: int | None = None, registry: Reg
     champ_metrics = task_metrics(spec.task, y, champion.score(hold), spec.classes) if champion else None
     gate = decide_gate(project.config.gate, metrics, champ_metrics, candidate.inputs,
                        champion.inputs if champion else None)
+    seen = [note for v in (version, champion.version if champion else None) if v is not None
+            if (note := saw_holdout(registry.version(v), split.holdout_from)) is not None]
+    if seen:  # its score here is optimistic: the decision says so, next to the numbers
+        gate = dataclasses.replace(gate, reasons=[*gate.reasons, *seen])
     return Evaluation(version, metrics, champion.version if champion else None, champ_metrics, gate,
                       len(hold))
+
+
+def saw_holdout(info: VersionInfo, holdout_from: pd.Timestamp) -> str | None:
+    """Why a version's score on a holdout starting at `holdout_from` is optimistic: it trained or
+    early-stopped on rows after that start (its own holdout began later). None: it did not."""
+    own = info.params.get("split.holdout_from")
+    if not own:
+        return None
+    try:
+        own_start = pd.Timestamp(own)
+    except ValueError:
+        return None
+    if own_start <= holdout_from:
+        return None
+    return (f"caution: v{info.version} trained and early-stopped on rows up to {own_start.date()}, "
+            f"inside this holdout (from {holdout_from.date()}): its score here is optimistic")

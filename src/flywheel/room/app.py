@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +65,26 @@ def check_listen(host: str) -> None:
                           "127.0.0.1")
 
 
+SERVING_ADDRESS = "serving-address.json"
+
+
+def record_serving_address(home: Path, host: str, port: int) -> None:
+    """Where `flywheel serve` listens, for the room of the same project to find it."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    home.mkdir(parents=True, exist_ok=True)
+    (home / SERVING_ADDRESS).write_text(json.dumps({"url": f"http://{shown}:{port}", "pid": os.getpid()}))
+
+
+def recorded_serving_url(home: Path) -> str | None:
+    """The address a live `flywheel serve` of this project recorded (None: none runs)."""
+    try:
+        found = json.loads((home / SERVING_ADDRESS).read_text())
+        os.kill(int(found["pid"]), 0)
+        return str(found["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS), status,
                     media_type="application/json", headers=headers)
@@ -88,8 +110,15 @@ class Room:
         cfg = project.config.room
         serving = getattr(project.config, "serving", None)
         host = getattr(serving, "host", "127.0.0.1")
-        self.serving_url = cfg.serving_url or (
+        self.configured_url = cfg.serving_url
+        self.default_url = (
             f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{getattr(serving, 'port', 8000)}")
+
+    @property
+    def serving_url(self) -> str:
+        """room.serving_url, else where this project's `flywheel serve` says it listens (it may
+        have been given --port), else serving.host and serving.port."""
+        return self.configured_url or recorded_serving_url(self.project.home) or self.default_url
 
     def viewer_refusal(self, request: Request) -> Response | None:
         expected = env_secret(VIEWER_TOKEN_ENV)

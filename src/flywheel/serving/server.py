@@ -13,7 +13,7 @@ import uvicorn
 from flywheel.config import ConnectionLimits, LlmProject, Project
 from flywheel.lifecycle.aliases import reconcile_aliases
 from flywheel.registry import Registry
-from flywheel.room.app import check_listen, create_room_app
+from flywheel.room.app import check_listen, create_room_app, record_serving_address
 from flywheel.serving.logs import LOG_LEVEL_ENV, configure_json_logging
 from flywheel.serving.logsink import sink_cpus
 from flywheel.serving.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
@@ -81,6 +81,7 @@ def serve(project: Project | LlmProject, host: str | None = None, port: int | No
     # workers load the champion the state database records.
     reconcile_aliases(Registry.for_project(project), open_state(project.state_url))
     close_state(project.state_url)
+    record_serving_address(project.home, host or cfg.host, port or cfg.port)  # for `flywheel room`
     uvicorn.run(
         "flywheel.serving.asgi:app_from_env", factory=True,
         host=host or cfg.host, port=port or cfg.port, workers=workers or cfg.workers,
