@@ -16,7 +16,7 @@ import yaml
 from starlette.testclient import TestClient
 
 from flywheel.config import ConfigError
-from flywheel.data.timecol import EventTimes
+from flywheel.core.times import EventTimes
 from flywheel.lifecycle import train_challenger
 from flywheel.lifecycle.learning import feedback_rows
 from flywheel.registry import Registry

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import Project, load_project
-from flywheel.data.timecol import EventTimes
+from flywheel.core.times import EventTimes
 from flywheel.room.app import room_mount
 from flywheel.serving.clients import ANONYMOUS, Clients
 from flywheel.serving.http import (

@@ -17,8 +17,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from flywheel.core.times import EventTimes
 from flywheel.data.features import FeatureSpec, RowFn, row_function
-from flywheel.data.timecol import EventTimes
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.answers import TaskAnswers
 from flywheel.serving.validation import RecordValidator

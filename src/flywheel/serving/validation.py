@@ -14,9 +14,9 @@ from datetime import UTC
 from typing import Any
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.times import EVENT_TIME, EventTimes
 from flywheel.core.trees import first_path
 from flywheel.data.features import FeatureSpec
-from flywheel.data.timecol import EVENT_TIME, EventTimes
 
 META = "meta"
 MAX_META_KEYS = 50
