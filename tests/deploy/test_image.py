@@ -127,6 +127,17 @@ def container(image, project):
         box.remove()
 
 
+@pytest.mark.parametrize(("limit", "expected"), [(["--cpus", "1"], "1 1.0"), (["--cpus", "1.5"], "1 1.5"),
+                                                 (["--cpuset-cpus", "0"], "1 None")])
+def test_in_a_container_threads_follow_its_cpu_quota_and_cpuset(image, limit, expected):
+    """Docker here writes the quota to cgroup v1's cpu.cfs_quota_us; a v2 host to cpu.max. Both
+    are read: a container with --cpus 1 on a bigger machine runs one compute thread."""
+    code = ("from flywheel.core.cpus import cgroup_quota, usable_cpus; "
+            "print(usable_cpus(), cgroup_quota())")
+    done = docker("run", "--rm", *limit, "--entrypoint", "/opt/flywheel/bin/python", image, "-c", code)
+    assert done.stdout.strip() == expected, done.stdout + done.stderr
+
+
 def test_the_image_is_small_non_root_without_build_tools_or_training_libraries(image):
     size = int(docker("image", "inspect", "--format", "{{.Size}}", image).stdout)
     assert size < 500e6, f"{size / 1e6:.0f} MB"

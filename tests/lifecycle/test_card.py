@@ -26,3 +26,27 @@ def test_a_facts_file_naming_the_environment_inlines_nothing(tmp_path):
     images = card_images(tmp_path, ["/proc/self/environ"])
     html = render_html("![x](/proc/self/environ)", images, "card")
     assert "do-not-show" not in html and "base64" not in html
+
+
+def test_the_card_made_after_training_is_rendered_from_memory_and_equals_the_runs(loaded_project,
+                                                                                  monkeypatch):
+    """Work done once: the facts just logged are not downloaded back to render the card."""
+    from flywheel.lifecycle import train_challenger
+    from flywheel.lifecycle.card import render_card
+    from flywheel.registry import Registry
+
+    project = loaded_project({"model": {"params": {"num_boost_round": 20}}})
+    downloads = []
+    original = Registry.download_run_artifacts
+
+    def counted(self, *args, **kwargs):
+        downloads.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "download_run_artifacts", counted)
+    result = train_challenger(project)
+    assert not [d for d in downloads if "card" in map(str, d)]
+    registry = Registry.for_project(project)
+    logged = registry.download_run_artifacts(result.version, "card", project.home / "card-check")
+    from_run = render_card(project, registry, result.version)
+    assert from_run is not None and (logged / "model_card.md").read_text() == from_run.markdown

@@ -35,6 +35,15 @@ FACTS = "facts.json"
 
 
 @dataclass(frozen=True)
+class CardFacts:
+    """What the training process logged for the card (facts.json and the plots), kept in memory
+    so that the card made right after training is rendered from them, not downloaded back."""
+
+    facts: dict[str, Any]
+    images: dict[str, bytes]
+
+
+@dataclass(frozen=True)
 class ModelCard:
     version: int
     markdown: str  # images referenced as files beside it
@@ -52,9 +61,11 @@ class ModelCard:
         return paths
 
 
-def publish_card(project: Project, registry: Registry, version: int) -> ModelCard | None:
-    """Render the card and log it to the version's run (None: a version trained before cards)."""
-    card = render_card(project, registry, version)
+def publish_card(project: Project, registry: Registry, version: int,
+                 made: CardFacts | None = None) -> ModelCard | None:
+    """Render the card (from `made`, the facts just logged by this process, else from the run) and
+    log it to the version's run (None: a version trained before cards)."""
+    card = render_card(project, registry, version, made)
     if card is None:
         return None
     info = registry.version(version)
@@ -64,17 +75,22 @@ def publish_card(project: Project, registry: Registry, version: int) -> ModelCar
     return card
 
 
-def render_card(project: Project, registry: Registry, version: int) -> ModelCard | None:
+def render_card(project: Project, registry: Registry, version: int,
+                made: CardFacts | None = None) -> ModelCard | None:
     info = registry.version(version)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = registry.download_run_artifacts(version, CARD_DIR, Path(tmp))
-        except Exception:  # no card/ on this run: trained before model cards
-            return None
-        if not (folder / FACTS).is_file():
-            return None
-        facts = json.loads((folder / FACTS).read_text())
-        images = card_images(folder, facts.get("plots", []))
+    if made is not None:
+        facts = made.facts
+        images = {n: b for n, b in made.images.items() if n in CARD_PLOTS and b.startswith(PNG_SIGNATURE)}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = registry.download_run_artifacts(version, CARD_DIR, Path(tmp))
+            except Exception:  # no card/ on this run: trained before model cards
+                return None
+            if not (folder / FACTS).is_file():
+                return None
+            facts = json.loads((folder / FACTS).read_text())
+            images = card_images(folder, facts.get("plots", []))
     served = _served_windows(project, info.name, version)
     markdown = _markdown(project, info, facts, served)
     return ModelCard(version, markdown, render_html(markdown, images, f"{info.name} v{version}"), images)

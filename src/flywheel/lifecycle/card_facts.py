@@ -11,7 +11,7 @@ import numpy as np
 
 from flywheel.config import Project
 from flywheel.data.checks import DataCheckReport
-from flywheel.lifecycle.card import CARD_DIR, FACTS
+from flywheel.lifecycle.card import CARD_DIR, FACTS, CardFacts
 from flywheel.lifecycle.features import PreparedData
 from flywheel.registry import Registry
 from flywheel.training.evaluate import (
@@ -27,8 +27,9 @@ from flywheel.training.onnx import onnx_predict
 
 def log_card_facts(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
                    checks: DataCheckReport, fitted: FittedModel, metrics: dict[str, float],
-                   holdout_out: np.ndarray) -> None:
-    """What the card needs from the training process, logged to the run under `card/`."""
+                   holdout_out: np.ndarray) -> CardFacts:
+    """What the card needs from the training process, logged to the run under `card/`; returned
+    too, so that the card made next in this process is rendered from memory."""
     spec, split, cfg = prepared.spec, prepared.split, project.config
     hold = split.holdout
     importance = permutation_importance(lambda X: onnx_predict(fitted.onnx, X), prepared.X[hold],
@@ -61,3 +62,5 @@ def log_card_facts(registry: Registry, run_id: str, project: Project, prepared: 
         (folder / FACTS).write_text(json.dumps(facts, indent=2, default=str))
         for path in [*plots, folder / FACTS]:
             registry.log_artifact(run_id, path, CARD_DIR)
+        # as the card reads them back: JSON (dates as text), the images by name
+        return CardFacts(json.loads((folder / FACTS).read_text()), {p.name: p.read_bytes() for p in plots})

@@ -15,6 +15,7 @@ from flywheel.core.errors import PipelineError
 from flywheel.core.lineage import git_sha
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data.checks import DataCheckReport
+from flywheel.lifecycle.card import CardFacts
 from flywheel.lifecycle.card_facts import log_card_facts
 from flywheel.lifecycle.features import PreparedData
 from flywheel.monitoring.reference import reference_artifacts
@@ -49,6 +50,7 @@ class Challenger:
     holdout_p: np.ndarray
     fitted: FittedModel
     onnx_max_abs_diff: float
+    card_facts: CardFacts | None = None  # what its model card is made from, kept from training
 
 
 def training_tags(project: Project, prepared: PreparedData) -> dict[str, str]:
@@ -77,13 +79,13 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
             hold = prepared.split.holdout
             exported, max_diff, share_over = onnx_parity(fitted, prepared.X[hold], prepared.spec.task)
             metrics = task_metrics(prepared.spec.task, prepared.y[hold], exported, prepared.spec.classes)
-            log_training(registry, run_id, project, prepared, checks, fitted, metrics, exported,
-                         max_diff, share_over)
+            card_facts = log_training(registry, run_id, project, prepared, checks, fitted, metrics,
+                                      exported, max_diff, share_over)
         with reporter.step("Register the challenger"):
             version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
                                              {**tags, "run_id": run_id})
             registry.set_alias(CHALLENGER, version)
-    return Challenger(run_id, version, tags["model_type"], metrics, exported, fitted, max_diff)
+    return Challenger(run_id, version, tags["model_type"], metrics, exported, fitted, max_diff, card_facts)
 
 
 def onnx_parity(fitted: FittedModel, X_hold: np.ndarray, task: str = "binary"
@@ -118,8 +120,9 @@ def onnx_parity(fitted: FittedModel, X_hold: np.ndarray, task: str = "binary"
 
 def log_training(registry: Registry, run_id: str, project: Project, prepared: PreparedData,
                  checks: DataCheckReport, fitted: FittedModel, metrics: dict[str, float],
-                 holdout_p: np.ndarray, max_diff: float, share_over: float) -> None:
-    """Params, curves, metrics, data checks, calibration plot, native files, monitoring reference."""
+                 holdout_p: np.ndarray, max_diff: float, share_over: float) -> CardFacts:
+    """Params, curves, metrics, data checks, calibration plot, native files, monitoring reference;
+    the card's facts, as logged."""
     params = {**{f"model.{k}": v for k, v in fitted.params.items()},
               **{f"split.{k}": v for k, v in prepared.split.describe().items()},
               "model.type": fitted.kind, "features": ",".join(prepared.spec.names),
@@ -135,7 +138,7 @@ def log_training(registry: Registry, run_id: str, project: Project, prepared: Pr
         "immature_rows_dropped": snapshot.immature_dropped if snapshot else 0,
     })
     registry.log_text(run_id, json.dumps(checks.__dict__, indent=2, default=str), "data_checks.json")
-    log_card_facts(registry, run_id, project, prepared, checks, fitted, metrics, holdout_p)
+    card_facts = log_card_facts(registry, run_id, project, prepared, checks, fitted, metrics, holdout_p)
     with tempfile.TemporaryDirectory() as tmp:
         png = holdout_plot(prepared.spec.task, prepared.y[prepared.split.holdout], holdout_p,
                            Path(tmp), fitted.kind, metrics, prepared.spec.classes)
@@ -150,6 +153,7 @@ def log_training(registry: Registry, run_id: str, project: Project, prepared: Pr
         for path in reference_artifacts(prepared.spec, prepared.X[prepared.split.train], holdout_p,
                                         folder):
             registry.log_artifact(run_id, path, "reference")
+    return card_facts
 
 
 def expected_iterations(model_type: str, params: dict[str, Any]) -> int:

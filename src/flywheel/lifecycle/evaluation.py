@@ -14,7 +14,7 @@ from flywheel.config import Project
 from flywheel.core.errors import PipelineError
 from flywheel.data import features as feats
 from flywheel.data.sources import TARGET, Snapshot, target_values
-from flywheel.lifecycle.card import publish_card
+from flywheel.lifecycle.card import CardFacts, publish_card
 from flywheel.lifecycle.features import PreparedData, extract_training_window
 from flywheel.registry import CHALLENGER, CHAMPION, Registry, VersionInfo
 from flywheel.training.evaluate import GateDecision, decide_gate, task_metrics
@@ -87,7 +87,7 @@ class Evaluation:
 
 def evaluate_against_champion(project: Project, registry: Registry, prepared: PreparedData,
                               version: int, metrics: dict[str, float], run_id: str,
-                              champion: ScoredVersion | None) -> Evaluation:
+                              champion: ScoredVersion | None, card: CardFacts | None = None) -> Evaluation:
     """Score the champion on the challenger's holdout, decide the gate, record it on the version."""
     hold = prepared.split.holdout
     champ_metrics = None
@@ -107,7 +107,7 @@ def evaluate_against_champion(project: Project, registry: Registry, prepared: Pr
         "champion_at_evaluation": str(champion.version) if champion else "none"})
     registry.set_run_tags(run_id, {"gate": verdict})
     try:  # the card states the gate's decision: made now that it is known
-        publish_card(project, registry, version)
+        publish_card(project, registry, version, card)
     except Exception as exc:  # a card that cannot be made must not undo a training
         log.warning("model card not written: %s: %s (flywheel card makes it later)",
                     type(exc).__name__, exc, extra={"event": "model_card_error", "version": version})

@@ -74,7 +74,8 @@ def train_challenger(project: Project, reporter: Reporter | None = None,
     challenger = train_on_features(project, prepared, checks, registry, reporter, fitted, tags)
     with reporter.step("Score the champion on the same holdout; gate"):
         evaluation = evaluate_against_champion(project, registry, prepared, challenger.version,
-                                               challenger.metrics, challenger.run_id, champion)
+                                               challenger.metrics, challenger.run_id, champion,
+                                               challenger.card_facts)
     with reporter.step("Promote: move alias champion" if evaluation.gate.passed else "Gate failed"):
         outcome = promote_if_passed(registry, open_state(project.state_url), challenger.version,
                                     evaluation.gate.passed, evaluation.gate.summary(),
