@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from flywheel.core.cpus import cgroup_quota, compute_budget, usable_cpus
 
 
@@ -55,7 +57,8 @@ def test_flywheel_cpus_and_a_budget_lower_the_count_never_below_one():
 
 
 def _in_child(code, prefix=()):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "FLYWHEEL_CPUS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FLYWHEEL_CPUS")}
     done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -71,18 +74,20 @@ def test_under_taskset_one_cpu_the_trainer_runs_one_thread():
     assert _in_child(code, ("taskset", "-c", "0")) == "1"
 
 
-def test_importing_flywheel_sets_openmp_to_passive_waiting_before_any_trainer_loads():
+def test_importing_flywheel_shortens_openmps_spin_before_any_trainer_loads():
     code = ("import sys, os; import flywheel.training.trainers\n"
             "assert 'lightgbm' not in sys.modules\n"  # libgomp not loaded yet: the setting counts
-            "print(os.environ['OMP_WAIT_POLICY'])")
-    assert _in_child(code) == "PASSIVE"
+            "print(os.environ['GOMP_SPINCOUNT'], os.environ.get('OMP_WAIT_POLICY'))")
+    assert _in_child(code) == "1000 None"
 
 
-def test_a_user_choice_of_openmp_waiting_is_kept():
-    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
-    done = subprocess.run([sys.executable, "-c", "import os, flywheel; print(os.environ['OMP_WAIT_POLICY'])"],
-                          capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.strip() == "ACTIVE"
+@pytest.mark.parametrize(("variable", "value"), [("OMP_WAIT_POLICY", "PASSIVE"), ("GOMP_SPINCOUNT", "50")])
+def test_a_users_choice_of_openmp_waiting_is_kept(variable, value):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", "import os, flywheel; "
+                           "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"],
+                          capture_output=True, text=True, env={**env, variable: value}, timeout=60)
+    assert done.stdout.split() == ([value, "None"] if variable == "OMP_WAIT_POLICY" else ["None", value])
 
 
 def test_onnx_runtime_writes_nothing_under_the_users_home(tmp_path):
