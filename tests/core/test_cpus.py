@@ -100,3 +100,13 @@ def test_onnx_runtime_writes_nothing_under_the_users_home(tmp_path):
                           env={**env, "HOME": str(tmp_path)}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / ".cache" / "Microsoft").exists()
+
+
+def test_the_cpuset_lists_every_cpu_a_process_may_be_moved_to(tmp_path):
+    from flywheel.core.cpus import cpuset_cpus
+
+    write(tmp_path / "cpuset", {"cpuset.effective_cpus": "0-2,5\n"})
+    assert cpuset_cpus(tmp_path) == {0, 1, 2, 5}
+    write(tmp_path, {"cpuset.cpus.effective": "3\n"})  # cgroup v2 first
+    assert cpuset_cpus(tmp_path) == {3}
+    assert cpuset_cpus(tmp_path / "none") == set(range(os.cpu_count() or 1))

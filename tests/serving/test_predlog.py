@@ -126,13 +126,12 @@ def test_the_sink_cpu_list_is_checked_with_a_clear_error():
         sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": "cpu1"})
     with pytest.raises(ConfigError, match=f"not CPU {os.cpu_count()}"):
         sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": f"0,{os.cpu_count()}"})
-    # the CPUs this process may use, not every core the machine has (a taskset or a container)
+    # a worker pinned to one CPU may still place its sink on another (the serving benchmark does)
     mine = sorted(os.sched_getaffinity(0))
     if len(mine) > 1:
         os.sched_setaffinity(0, {mine[0]})
         try:
-            with pytest.raises(ConfigError, match=f"may use CPUs {mine[0]}; not CPU {mine[1]}"):
-                sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": str(mine[1])})
+            assert sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": str(mine[1])}) == {mine[1]}
         finally:
             os.sched_setaffinity(0, set(mine))
 

@@ -31,6 +31,25 @@ def affinity_cpus() -> set[int]:
     return set(range(os.cpu_count() or 1))  # macOS and Windows have no affinity mask to read
 
 
+def cpuset_cpus(root: Path = CGROUP_ROOT) -> set[int]:
+    """The CPUs a process here may be moved to (the container's cpuset), which can be more than
+    its current affinity: a server pinned to CPU 0 may still place its log sink on CPU 1. Read
+    from cgroup v2's `cpuset.cpus.effective` or v1's `cpuset/cpuset.effective_cpus`; every CPU
+    the machine has where neither is readable."""
+    for path in (root / "cpuset.cpus.effective", root / "cpuset" / "cpuset.effective_cpus"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        cpus: set[int] = set()
+        for part in filter(None, text.split(",")):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+        if cpus:
+            return cpus
+    return set(range(os.cpu_count() or 1))
+
+
 def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
     """The container's CPU quota in CPUs (1.5 for `--cpus 1.5`), None where no quota is set.
 

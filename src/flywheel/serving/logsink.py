@@ -20,7 +20,7 @@ import orjson
 import sqlalchemy as sa
 
 from flywheel.config import ConfigError
-from flywheel.core.cpus import affinity_cpus
+from flywheel.core.cpus import cpuset_cpus
 from flywheel.data.engine import make_engine
 from flywheel.serving.logs import configure_json_logging
 from flywheel.serving.metrics import ServingMetrics
@@ -232,12 +232,13 @@ def sink_cpus(env: Mapping[str, str]) -> set[int] | None:
     except ValueError:
         raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: expected CPU numbers separated by commas, "
                           "e.g. 3 or 2,3") from None
-    available = affinity_cpus()  # the CPUs this process may run on, not every core the machine has
+    # The CPUs the sink may be moved to (the container's cpuset), not this process's affinity: a
+    # worker pinned to CPU 0 may put its sink on CPU 1.
+    available = cpuset_cpus()
     missing = sorted(c for c in cpus if c not in available)
     if missing:
         listed = ",".join(str(c) for c in sorted(available))
-        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: this process may use CPUs {listed}; "
-                          f"not CPU {missing[0]}")
+        raise ConfigError(f"{SINK_CPUS_ENV}={value!r}: the CPUs here are {listed}; not CPU {missing[0]}")
     return cpus
 
 
