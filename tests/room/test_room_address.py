@@ -17,3 +17,20 @@ def test_the_room_follows_the_port_serve_was_given_while_that_server_lives(make_
                           text=True, check=True).stdout.strip()
     (project.home / SERVING_ADDRESS).write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": int(gone)}))
     assert room.serving_url == "http://127.0.0.1:8000"  # that server is gone
+
+
+def test_flywheel_room_has_serves_header_cap(make_project):
+    """`flywheel room` ran on plain uvicorn, with no header cap or read deadline."""
+    import socket
+
+    from tests.room.test_room import RoomProcess
+
+    project = make_project({"serving": {"connections": {"max_header_bytes": 4096}}})
+    room = RoomProcess(project).wait()
+    try:
+        with socket.create_connection(("127.0.0.1", room.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    finally:
+        room.stop()
