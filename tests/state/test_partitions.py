@@ -43,22 +43,23 @@ def where_rows_live(engine: sa.Engine) -> dict[str, str]:
 
 def test_the_log_is_partitioned_by_day_and_keeps_every_row(postgres_url):
     engine = open_state(postgres_url)
+    now = datetime.now(UTC).replace(microsecond=0)  # not the module's NOW: a run may cross midnight
     with engine.connect() as conn:
         assert is_partitioned(conn)
         days = day_partitions(conn)
-    today = NOW.date()
+    today = now.date()
     assert {today + timedelta(days=d) for d in range(-1, 8)} <= set(days)
-    far = NOW + timedelta(days=40)  # no partition for that day yet: the default one takes it
+    far = now + timedelta(days=40)  # no partition for that day yet: the default one takes it
     sql = insert_sql("postgresql")
-    first = [("a-0", NOW), ("b-0", NOW - timedelta(days=1)), ("c-0", far)]
+    first = [("a-0", now), ("b-0", now - timedelta(days=1)), ("c-0", far)]
     assert write(engine, sql, [frame(first)]) == (3, 0)
     assert where_rows_live(engine) == {"a-0": partition_name(today),
                                        "b-0": partition_name(today - timedelta(days=1)), "c-0": DEFAULT}
     # a sink's retry of a stored row (same id, same time) is skipped; the new row of the frame kept
-    assert write(engine, sql, [frame([("a-0", NOW), ("d-0", NOW)])]) == (1, 0)
-    assert ensure_partitions(engine, at=NOW) == [partition_name(far.date())]  # the stray row moves
+    assert write(engine, sql, [frame([("a-0", now), ("d-0", now)])]) == (1, 0)
+    assert ensure_partitions(engine, at=now) == [partition_name(far.date())]  # the stray row moves
     assert where_rows_live(engine)["c-0"] == partition_name(far.date())
-    assert ensure_partitions(engine, at=NOW) == []  # idempotent
+    assert ensure_partitions(engine, at=now) == []  # idempotent
     # labels: upserted by record id as before (the feedback table is not partitioned)
     assert store_feedback(engine, [{"record_id": "a-0", "label": 1}]) == 1
     assert store_feedback(engine, [{"record_id": "a-0", "label": 0}]) == 1

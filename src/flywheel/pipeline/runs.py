@@ -142,7 +142,8 @@ def start_run(project: Project, trigger: str, reason: str, at: date, run_id: str
             conn.execute(pipeline_runs.insert().values(
                 id=run_id, model_name=project.config.registered_model, trigger=trigger, reason=reason,
                 status="running", step=None, started_at=now(),
-                outputs=json.dumps({"clock": at.isoformat(), "data_time": data_time}), error=None))
+                outputs=json.dumps({"clock": at.isoformat(), **({"data_time": True} if data_time else {})}),
+                error=None))
     return run_id
 
 
