@@ -28,26 +28,42 @@ def affinity_cpus() -> set[int]:
     """The CPU numbers the scheduler lets this process run on."""
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
-    return set(range(os.cpu_count() or 1))  # macOS and Windows have no affinity mask to read
+    # macOS and Windows have no affinity mask to read: Python 3.13's per-process count, else the cores
+    count = getattr(os, "process_cpu_count", os.cpu_count)()
+    return set(range(count or 1))
 
 
 def cpuset_cpus(root: Path = CGROUP_ROOT) -> set[int]:
     """The CPUs a process here may be moved to (the container's cpuset), which can be more than
     its current affinity: a server pinned to CPU 0 may still place its log sink on CPU 1. Read
-    from cgroup v2's `cpuset.cpus.effective` or v1's `cpuset/cpuset.effective_cpus`; every CPU
-    the machine has where neither is readable."""
+    from cgroup v2's `cpuset.cpus.effective` or v1's `cpuset/cpuset.effective_cpus`, else the
+    kernel's online CPUs, else this process's affinity."""
     for path in (root / "cpuset.cpus.effective", root / "cpuset" / "cpuset.effective_cpus"):
         try:
             text = path.read_text().strip()
         except OSError:
             continue
-        cpus: set[int] = set()
-        for part in filter(None, text.split(",")):
-            low, _, high = part.partition("-")
-            cpus.update(range(int(low), int(high or low) + 1))
+        cpus = _cpu_list(text)
         if cpus:
             return cpus
-    return set(range(os.cpu_count() or 1))
+    return _online_cpus() or affinity_cpus()
+
+
+def _online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> set[int]:
+    """The CPUs the kernel has online ("0-3,6"), empty where that is not readable."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return set()
+    return _cpu_list(text)
+
+
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
