@@ -35,7 +35,7 @@ import yaml
 from flywheel.config import load_project
 from flywheel.data.sources import write_table
 from flywheel.demo.sba import SOURCE_TYPES
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.serving.process import free_port
 from flywheel.state.db import (
     alias_history,

@@ -380,7 +380,7 @@ def _wait_port(port: int, timeout: float = 30) -> None:
 def hot_swap(config: Path, env: dict[str, str], body: Path, moves: int = 6) -> None:
     """wrk for long enough for 50,000+ requests while champion moves between v1 and v2."""
     from flywheel.config import load_project
-    from flywheel.lifecycle import promote
+    from flywheel.lifecycle.aliases import promote
 
     port = free_port()
     srv = Server([str(BIN / "flywheel"), "serve", "--config", str(config), "--port", str(port)], env,

@@ -125,7 +125,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory: pytest.TempPathFactory, sba_sample: pd.DataFrame) -> Any:
     """The example project's training window on the sample: features built, split by time."""
-    from flywheel.lifecycle import extract_training_window, prepare_features
+    from flywheel.lifecycle.features import extract_training_window, prepare_features
 
     folder = tmp_path_factory.mktemp("prepared")
     path = folder / "flywheel.yaml"

@@ -10,7 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from flywheel import api
 from flywheel.cli import app
+from flywheel.core.jsonable import jsonable
 from tests.conftest import example_config
 
 runner = CliRunner()
@@ -31,6 +33,7 @@ def test_train_then_status_json_has_lineage_of_champion_and_challenger(cli_proje
     res = runner.invoke(app, ["status", "--config", cfg, "--json"])
     assert res.exit_code == 0, res.output
     st = json.loads(res.stdout)
+    assert st == jsonable(api.status(cli_project))  # --json is the API's result, by the one rule
     assert st["model"] == "sba-loans"
     champ = st["champion"]
     assert champ["version"] == 1 and len(champ["run_id"]) == 32
@@ -59,6 +62,7 @@ def test_evaluate_json(cli_project):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["version"] == 1 and out["gate"]["passed"] is True
+    assert out == jsonable(api.evaluate(cli_project))
 
 
 def test_leaky_feature_stops_training_with_its_name(cli_project):

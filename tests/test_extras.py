@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from flywheel.core.extras import EXTRAS
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from tests.conftest import REPO, ServerProcess
 
 BLOCKER = '''

@@ -46,10 +46,11 @@ def main(workdir: Path) -> None:
     print(f"retrain {run.id}: {run.status}, v{run.version} "
           f"{'promoted' if run.promoted else 'not promoted'}")
 
-    champion = api.status(project)["champion"]
-    trained = champion["trained_on"]
-    print(f"champion v{champion['version']}: trained on {trained['rows']:,} rows "
-          f"{trained['from']}..{trained['to']} ({trained['rows_from']})")
+    champion = api.status(project).champion
+    assert champion is not None
+    trained = champion.trained_on
+    print(f"champion v{champion.version}: trained on {trained.rows or 0:,} rows "
+          f"{trained.start}..{trained.end} ({trained.rows_from})")
 
 
 if __name__ == "__main__":

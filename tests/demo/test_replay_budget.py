@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.demo import replay
 from flywheel.demo.replay import ThreadBudget, run_replay
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 16])

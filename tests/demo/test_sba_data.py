@@ -7,7 +7,7 @@ import pytest
 from flywheel.data.checks import DataCheckError, run_data_checks, standalone_auc
 from flywheel.data.features import input_columns
 from flywheel.demo.sba import LEAKY_DROPPED, LEAKY_KEPT_NOT_FEATURES, SOURCE_TYPES
-from flywheel.lifecycle import check_data, extract_training_window, prepare_features
+from flywheel.lifecycle.features import check_data, extract_training_window, prepare_features
 
 LEAKY_NAMES = {"term", "chgoff_date", "chgoff_prin_gr", "balance_gross", "mis_status"}
 

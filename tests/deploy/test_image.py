@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from flywheel.image import build_image, docker
-from flywheel.lifecycle import promote, train_challenger
+from flywheel.lifecycle.aliases import promote
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.process import free_port
 from flywheel.serving.runtime import load_version

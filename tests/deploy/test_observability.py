@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from flywheel.config import load_project
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.monitoring.monitor import run_monitor
 from flywheel.pipeline.runs import list_runs
 from flywheel.serving.process import ServerProcess, free_port

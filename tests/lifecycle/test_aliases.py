@@ -26,7 +26,8 @@ import pytest
 
 from flywheel.config import Project, load_llm_project, load_project
 from flywheel.core.lineage import CRASH_ENV
-from flywheel.lifecycle import promote, reconcile_aliases, train_challenger
+from flywheel.lifecycle.aliases import promote, reconcile_aliases
+from flywheel.lifecycle.train import train_challenger
 from flywheel.pipeline.runner import run_pipeline
 from flywheel.pipeline.runs import list_runs
 from flywheel.registry import CHAMPION, Registry

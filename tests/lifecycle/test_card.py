@@ -31,8 +31,8 @@ def test_a_facts_file_naming_the_environment_inlines_nothing(tmp_path):
 def test_the_card_made_after_training_is_rendered_from_memory_and_equals_the_runs(loaded_project,
                                                                                   monkeypatch):
     """Work done once: the facts just logged are not downloaded back to render the card."""
-    from flywheel.lifecycle import train_challenger
     from flywheel.lifecycle.card import render_card
+    from flywheel.lifecycle.train import train_challenger
     from flywheel.registry import Registry
 
     project = loaded_project({"model": {"params": {"num_boost_round": 20}}})

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 from flywheel.cli import app
 from flywheel.config import Project, load_project
 from flywheel.data.sources import infer_sql_types, write_table
-from flywheel.lifecycle import train_challenger
 from flywheel.lifecycle.features import extract_training_window, prepare_features
 from flywheel.lifecycle.importing import ModelImportError, import_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.app import create_app
 

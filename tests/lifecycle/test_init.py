@@ -9,8 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flywheel.cli import app
-from flywheel.lifecycle import propose_project
-from flywheel.lifecycle.init import InitError
+from flywheel.lifecycle.init import InitError, propose_project
 
 runner = CliRunner()
 

@@ -18,8 +18,8 @@ from flywheel import api
 from flywheel.config import load_project
 from flywheel.data.sources import TARGET, make_engine
 from flywheel.demo.replay import wait_for_log
-from flywheel.lifecycle import project_status
 from flywheel.lifecycle.learning import extract_retraining_rows
+from flywheel.lifecycle.status import project_status
 from flywheel.monitoring.monitor import MonitorError
 from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.serving.process import ServerProcess
@@ -124,12 +124,12 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     assert labelled_rows_since(project, today - timedelta(days=1), today) == total
     assert labelled_rows_since(project, today, today) == 0  # the retrain's watermark: all consumed
 
-    champion = project_status(project)["champion"]
-    assert champion["version"] == 2
-    trained = champion["trained_on"]
-    assert trained["rows_from"] == "feedback" and trained["rows"] == total
-    assert trained["feedback_rows"] == total
-    assert trained["from"] == (date.today() - pd.DateOffset(months=240)).date().isoformat()
+    champion = project_status(project).champion
+    assert champion.version == 2
+    trained = champion.trained_on
+    assert trained.rows_from == "feedback" and trained.rows == total
+    assert trained.feedback_rows == total
+    assert trained.start == (date.today() - pd.DateOffset(months=240)).date().isoformat()
     engine = make_engine(project.source_url)
     with engine.connect() as conn:  # the learnt rows never entered the source table
         assert conn.execute(sa.text("SELECT count(*) FROM customers WHERE customer_id >= 100000")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flywheel.cli import app
 from flywheel.config import load_project
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle import project_status
+from flywheel.lifecycle.status import project_status
 
 runner = CliRunner()
 
@@ -62,8 +62,8 @@ def test_integer_years_ingest_train_and_append(tmp_path):
     assert code == 0, said
     assert "Snapshot" in said and "4,000 labelled rows from 2012-01-01 to 2020-01-01" in said
     assert "Gate PASSED" in said
-    champion = project_status(load_project(path, env={"FLYWHEEL_HOME": str(home)}))["champion"]
-    assert champion["trained_on"]["rows"] == 4000
+    champion = project_status(load_project(path, env={"FLYWHEEL_HOME": str(home)})).champion
+    assert champion.trained_on.rows == 4000
 
     more = customers(500, first_id=3800, seed=1)  # 200 ids already there, 300 new ones
     more_file = tmp_path / "more.parquet"

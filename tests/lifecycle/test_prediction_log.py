@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel.core.errors import FlywheelError
-from flywheel.lifecycle import train_challenger
 from flywheel.lifecycle.prediction_log import export_log, prune_log
+from flywheel.lifecycle.train import train_challenger
 from flywheel.serving.process import ServerProcess
 from tests.pipeline.test_loop import WEAK, send_traffic
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.process import ServerProcess
 from flywheel.serving.runtime import load_version

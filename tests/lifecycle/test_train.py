@@ -5,13 +5,10 @@ from pathlib import Path
 import pytest
 
 from flywheel.core.errors import PipelineError
-from flywheel.lifecycle import (
-    evaluate_version,
-    project_status,
-    promote,
-    rollback,
-    train_challenger,
-)
+from flywheel.lifecycle.aliases import promote, rollback
+from flywheel.lifecycle.evaluation import evaluate_version
+from flywheel.lifecycle.status import project_status
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry, RegistryError
 from flywheel.state.aliases import alias_moves
 from flywheel.state.db import open_state
@@ -106,8 +103,8 @@ def test_floor_refuses_a_first_model_and_status_shows_no_champion(loaded_project
     result = train_challenger(project)
     assert not result.gate.passed and not result.promoted
     status = project_status(project)
-    assert status["champion"] is None
-    assert status["challenger"]["version"] == 1 and status["challenger"]["gate"] == "failed"
+    assert status.champion is None
+    assert status.challenger.version == 1 and status.challenger.gate == "failed"
 
 
 def test_a_tampered_model_file_is_refused(loaded_project):

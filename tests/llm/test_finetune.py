@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flywheel.cli import app
 from flywheel.config import LlmProject, load_llm_project
-from flywheel.lifecycle import project_status
+from flywheel.lifecycle.status import project_status
 from flywheel.llm.finetune import FinetuneResult, finetune
 from flywheel.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from tests.tiny_llm import build_tiny_model, tiny_config, write_config
@@ -103,7 +103,7 @@ def test_gate_scores_the_champion_on_the_same_heldout(trained: tuple[LlmProject,
     assert registry.alias_version(CHALLENGER) == weak.version
     assert registry.version(weak.version).tags["gate"] == "failed"
     status = project_status(project)
-    assert status["challenger"]["metrics"]["champion_perplexity"] == pytest.approx(first.perplexity_after,
+    assert status.challenger.metrics["champion_perplexity"] == pytest.approx(first.perplexity_after,
                                                                                 rel=1e-5)
 
 

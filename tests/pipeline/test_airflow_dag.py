@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.config import cache_dir
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.pipeline.runner import run_pipeline
 from flywheel.pipeline.runs import list_runs
 from flywheel.registry import CHAMPION, Registry

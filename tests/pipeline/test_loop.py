@@ -27,7 +27,7 @@ from flywheel.config import MonitorWindow, Project, load_project
 from flywheel.data import features as feats
 from flywheel.data.sources import extract_window
 from flywheel.demo.replay import feed_labels, records_of, send_quarter, wait_for_log
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.monitoring.monitor import run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.prefect_flow import flow_run_states

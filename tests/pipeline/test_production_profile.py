@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from flywheel import api
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from flywheel.monitoring.monitor import run_monitor
 from flywheel.serving.process import ServerProcess
 from tests.conftest import mlflow_server

@@ -18,7 +18,8 @@ from starlette.testclient import TestClient
 
 from flywheel.data.features import build_matrix
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle import promote, rollback, train_challenger
+from flywheel.lifecycle.aliases import promote, rollback
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.app import create_app
 from flywheel.serving.http import ADMIN_TOKEN_ENV

@@ -31,7 +31,8 @@ import yaml
 
 from flywheel.config import Project
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle import promote, train_challenger
+from flywheel.lifecycle.aliases import promote
+from flywheel.lifecycle.train import train_challenger
 from flywheel.serving.process import free_port
 from tests.conftest import SOURCE_TYPES, ServerProcess, example_config, load_project, write_table
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from flywheel.config import LlmProject, load_llm_project
-from flywheel.lifecycle import promote
+from flywheel.lifecycle.aliases import promote
 from flywheel.llm.finetune import finetune
 from tests.conftest import ServerProcess
 from tests.tiny_llm import build_tiny_model, openai_client, reference_generation, tiny_config, write_config

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from flywheel.config import LlmProject, load_llm_project
-from flywheel.lifecycle import promote
+from flywheel.lifecycle.aliases import promote
 from flywheel.llm.finetune import finetune
 from flywheel.llm.llamacpp import HASHES, ExportCost, load_llamacpp, served_export
 from flywheel.registry import Registry, RegistryError, file_sha256

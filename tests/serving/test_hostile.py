@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from flywheel.lifecycle import train_challenger
+from flywheel.lifecycle.train import train_challenger
 from tests.conftest import SOURCE_TYPES, ServerProcess, example_config, load_project, write_table
 
 # One worker builds this module's shared fixture (a trained model, a server) once.

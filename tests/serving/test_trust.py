@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 
 from flywheel.config import ConfigError
 from flywheel.core.times import EventTimes
-from flywheel.lifecycle import train_challenger
 from flywheel.lifecycle.learning import feedback_rows
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.app import create_app
 from flywheel.serving.runtime import load_version

@@ -25,7 +25,8 @@ import yaml
 from flywheel.config import load_project
 from flywheel.data.sources import make_engine, write_table
 from flywheel.demo.sba import SOURCE_TYPES
-from flywheel.lifecycle import promote, train_challenger
+from flywheel.lifecycle.aliases import promote
+from flywheel.lifecycle.train import train_challenger
 from flywheel.monitoring.monitor import run_monitor
 from flywheel.registry import Registry
 from flywheel.serving.runtime import load_version

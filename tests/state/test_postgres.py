@@ -4,7 +4,9 @@ import pytest
 import sqlalchemy as sa
 
 from flywheel.data.sources import make_engine
-from flywheel.lifecycle import project_status, rollback, train_challenger
+from flywheel.lifecycle.aliases import rollback
+from flywheel.lifecycle.status import project_status
+from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.state.db import head_revision
 
@@ -22,8 +24,8 @@ def test_all_three_stores_on_one_postgresql_database(loaded_project, postgres_ur
     reg = Registry.for_project(project)
     reg.set_alias("champion", 2)  # a move outside Flywheel is still a valid registry state
     status = project_status(project)
-    assert status["champion"]["version"] == 2
-    assert status["champion"]["trained_on"]["rows"] == first.prepared.snapshot.rows
+    assert status.champion.version == 2
+    assert status.champion.trained_on.rows == first.prepared.snapshot.rows
     with make_engine(postgres_url).connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
         n_loans = conn.execute(sa.text("SELECT count(*) FROM loans")).scalar()
@@ -36,7 +38,7 @@ def test_all_three_stores_on_one_postgresql_database(loaded_project, postgres_ur
     # rollback returns to the champion it replaced
     back = rollback(project)
     assert (back.version, back.previous_version) == (1, 2)
-    history = [(m["version"], m["action"]) for m in project_status(project)["champion_history"]]
+    history = [(m.version, m.action) for m in project_status(project).champion_history]
     assert history == [(1, "promote"), (2, "adopt"), (1, "rollback")]
 
 

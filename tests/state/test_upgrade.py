@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from flywheel.config import Project, load_project
-from flywheel.lifecycle import project_status, rollback
+from flywheel.lifecycle.aliases import rollback
+from flywheel.lifecycle.status import project_status
 from flywheel.pipeline.runs import EvaluateResult, PromoteResult, list_runs
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.aliases import alias_moves, pointer
@@ -81,8 +82,8 @@ def test_state_migrates_to_head_and_keeps_its_rows(upgraded):
 
 def test_status_and_the_alias_path_work_on_the_upgraded_store(upgraded):
     status = project_status(upgraded)
-    assert status["champion"]["version"] == 2 and status["champion"]["model_type"] == "lightgbm"
-    assert len(status["champion_history"]) == 4
+    assert status.champion.version == 2 and status.champion.model_type == "lightgbm"
+    assert len(status.champion_history) == 4
     back = rollback(upgraded)  # the state DB has no alias row yet: it adopts MLflow's champion
     assert (back.version, back.previous_version, back.action) == (1, 2, "rollback")
     assert Registry.for_project(upgraded).alias_version(CHAMPION) == 1

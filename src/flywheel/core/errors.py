@@ -11,6 +11,14 @@ from __future__ import annotations
 class FlywheelError(RuntimeError):
     """A failure a user can act on; the message names the cause and the fix."""
 
+    exit_code = 1  # what the `flywheel` command exits with
+
+
+class InvalidArgument(FlywheelError, ValueError):
+    """An argument of a use case (a command's option) that cannot be used; the message names it."""
+
+    exit_code = 2  # a usage error, as for an option the command line itself refuses
+
 
 class PipelineError(FlywheelError):
     """A step of the loop could not complete; the message says which and why."""

@@ -42,7 +42,7 @@ from flywheel.data import features as feats
 from flywheel.data.sources import infer_sql_types, upsert_table, write_table
 from flywheel.demo.replay import records_of, replayed_before, send_quarter, wait_for_log
 from flywheel.fetch import fetch_wheel
-from flywheel.lifecycle import TrainResult, train_challenger
+from flywheel.lifecycle.train import TrainResult, train_challenger
 from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.runs import EvaluateResult, PipelineRun

@@ -558,3 +558,25 @@ def markdown_report(report: dict[str, Any]) -> str:
                      f"{','.join(f'v{v}' for v in q['served_versions'])} | {_f(q['static_auc'])} | "
                      f"{_f(q['loop_auc'])} | {_f(q['oracle_auc'])} | {_f(q['drift_share'])} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    """The headline of a replay's report (the whole of it is `folder`/report.json)."""
+
+    quarters: int
+    mean_static_auc: float | None
+    mean_loop_auc: float | None
+    mean_oracle_auc: float | None
+    loop_retrains: int
+    loop_promotions: int
+    oracle_retrains: int
+    oracle_error: str | None
+    seconds: float
+    folder: Path
+
+    @classmethod
+    def of(cls, report: dict[str, Any], folder: Path) -> ReplaySummary:
+        return cls(len(report["quarters"]), report["mean_static_auc"], report["mean_loop_auc"],
+                   report["mean_oracle_auc"], report["loop_retrains"], report["loop_promotions"],
+                   report["oracle_retrains"], report.get("oracle_error"), report["seconds"], folder)

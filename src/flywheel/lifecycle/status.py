@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 from flywheel.config import ProjectBase
 from flywheel.core.secrets import redact
@@ -14,49 +14,98 @@ _LORA_METRICS = ("perplexity_before", "perplexity_after", "champion_perplexity",
                  "tokens_per_second")
 
 
-def project_status(project: ProjectBase) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a version learnt from: its window, when its labels were known, its rows."""
+
+    start: str | None = field(metadata={"json": "from"})
+    end: str | None = field(metadata={"json": "to"})
+    as_of: str | None
+    rows: int | None
+    rows_from: str = "source"  # source, or feedback: the labels posted back
+    feedback_rows: int = 0
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One registered version: its metrics, gate verdict and lineage (run, data hash, git SHA)."""
+
+    version: int
+    run_id: str
+    aliases: list[str]
+    model_type: str | None
+    metrics: dict[str, float]
+    gate: str | None
+    gate_reasons: str | None
+    data_hash: str | None
+    git_sha: str | None
+    config_hash: str | None
+    trained_on: TrainedOn
+
+
+@dataclass(frozen=True)
+class ChampionMove:
+    """One move of the champion alias, from the alias history."""
+
+    version: int
+    previous_version: int | None
+    action: str
+    reason: str
+    moved_at: str
+    actor: str | None
+    applied: bool
+
+
+@dataclass(frozen=True)
+class ProjectStatus:
+    """What `flywheel status` shows (and prints with --json)."""
+
+    model: str
+    project: str
+    kind: str  # tabular or lora
+    gate_metric: str
+    tracking_uri: str
+    champion: VersionStatus | None
+    challenger: VersionStatus | None
+    champion_history: list[ChampionMove]
+    champion_history_error: str | None = None  # the state database could not be read
+
+
+def project_status(project: ProjectBase) -> ProjectStatus:
+    """Champion, challenger and the champion's alias history of a project (either kind)."""
     registry = Registry.for_project(project)
-    out: dict[str, Any] = {"model": registry.model_name, "project": project.config.project,
-                           "kind": project.config.kind,  # type: ignore[attr-defined]
-                           "gate_metric": project.config.gate.metric,  # type: ignore[attr-defined]
-                           "tracking_uri": redact(project.tracking_url)}
+    found = {}
     for alias in (CHAMPION, CHALLENGER):
         version = registry.alias_version(alias)
-        out[alias] = describe(registry.version(version)) if version is not None else None
+        found[alias] = describe(registry.version(version)) if version is not None else None
+    history: list[ChampionMove] = []
+    error = None
     try:
         state = open_state(project.state_url)
-        out["champion_history"] = [
-            {"version": m.version, "previous_version": m.previous_version, "action": m.action,
-             "reason": m.reason, "moved_at": m.moved_at.isoformat(), "actor": m.actor,
-             "applied": m.applied}
-            for m in alias_moves(state, registry.model_name, CHAMPION)
-        ]
+        history = [ChampionMove(m.version, m.previous_version, m.action, m.reason, m.moved_at.isoformat(),
+                                m.actor, m.applied)
+                   for m in alias_moves(state, registry.model_name, CHAMPION)]
     except Exception as exc:  # status must still answer when the state DB is unreachable
-        out["champion_history_error"] = str(exc)
-    return out
+        error = str(exc)
+    return ProjectStatus(registry.model_name, project.config.project,
+                         project.config.kind,  # type: ignore[attr-defined]
+                         project.config.gate.metric,  # type: ignore[attr-defined]
+                         redact(project.tracking_url), found[CHAMPION], found[CHALLENGER], history, error)
 
 
-def describe(info: VersionInfo) -> dict[str, Any]:
+def describe(info: VersionInfo) -> VersionStatus:
+    """A registered version as `status` shows it."""
     metrics = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
     for name in ("train_seconds", *_LORA_METRICS):
         if name in info.metrics:
             metrics[name] = info.metrics[name]
-    return {
-        "version": info.version,
-        "run_id": info.run_id,
-        "aliases": info.aliases,
-        "model_type": info.run_tags.get("model_type"),
-        "metrics": metrics,
-        "gate": info.tags.get("gate"),
-        "gate_reasons": info.tags.get("gate_reasons"),
-        "data_hash": info.run_tags.get("data_hash"),
-        "git_sha": info.run_tags.get("git_sha"),
-        "config_hash": info.run_tags.get("config_hash"),
-        "trained_on": {"from": info.run_tags.get("window_start"), "to": info.run_tags.get("window_end"),
-                       "as_of": info.run_tags.get("as_of"), "rows": _int(info.run_tags.get("rows")),
-                       "rows_from": info.run_tags.get("rows_from", "source"),
-                       "feedback_rows": _int(info.run_tags.get("feedback_rows")) or 0},
-    }
+    tags = info.run_tags
+    return VersionStatus(
+        info.version, info.run_id, list(info.aliases), tags.get("model_type"), metrics,
+        info.tags.get("gate"), info.tags.get("gate_reasons"), tags.get("data_hash"), tags.get("git_sha"),
+        tags.get("config_hash"),
+        TrainedOn(tags.get("window_start"), tags.get("window_end"), tags.get("as_of"), _int(tags.get("rows")),
+                  tags.get("rows_from", "source"), _int(tags.get("feedback_rows")) or 0))
 
 
 def _int(value: str | None) -> int | None:

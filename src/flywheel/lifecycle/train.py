@@ -7,9 +7,10 @@ ONNX session scores the holdout), the features are built once, the gate is decid
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flywheel.config import Project
+from flywheel.core.jsonable import leave_out
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data.checks import DataCheckReport
 from flywheel.lifecycle.aliases import promote_if_passed
@@ -37,9 +38,9 @@ class TrainResult:
     champion_metrics: dict[str, float] | None
     gate: GateDecision
     promoted: bool
-    prepared: PreparedData
+    prepared: PreparedData = field(metadata=leave_out())  # the frames: not in the JSON form
     checks: DataCheckReport
-    fitted: FittedModel
+    fitted: FittedModel = field(metadata=leave_out())
     onnx_max_abs_diff: float
     promotion: str = ""  # why it was or was not promoted
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
@@ -115,6 +115,17 @@ class MonitorVerdict:
     mlflow_run_id: str | None
     # category feature -> rows of the window whose value the model never learnt (scored as "other")
     unseen: dict[str, int] = field(default_factory=dict)
+
+    # the JSON form (`flywheel monitor --json`) also names these, at its top level
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("rows", "drift_share", "drift_detected")
+
+    @property
+    def rows(self) -> int:
+        return self.drift.rows
+
+    @property
+    def drift_share(self) -> float:
+        return self.drift.share
 
     @property
     def drift_detected(self) -> bool:

@@ -10,8 +10,8 @@ from flywheel.core.errors import PipelineError
 from flywheel.core.extras import installed, require, without
 from flywheel.lifecycle.learning import data_clock
 from flywheel.pipeline.prefect_flow import run_prefect_pipeline
-from flywheel.pipeline.runner import run_pipeline
-from flywheel.pipeline.runs import PipelineRun, load_run
+from flywheel.pipeline.runner import run_pipeline, run_step
+from flywheel.pipeline.runs import STEPS, PipelineRun, StepResult, load_run, start_run
 
 log = logging.getLogger("flywheel.pipeline")
 
@@ -50,3 +50,15 @@ def orchestrate(project: Project, trigger: str, reason: str, at: date | str | No
         raise PipelineError(f"unknown orchestrator '{which}': use local or prefect "
                             "(Airflow runs the steps itself: see deploy/airflow)")
     return run_pipeline(project, trigger, reason, at, data_time=data_time)
+
+
+def step_of_run(project: Project, name: str, run_id: str, trigger: str = "external",
+                reason: str = "orchestrator", at: date | str | None = None) -> StepResult:
+    """One step of pipeline run `run_id` (an external orchestrator's task): the run is created on
+    its first step with this trigger, reason and clock; earlier steps' results come from the
+    state database."""
+    if name not in STEPS:  # before a run record is created for it
+        raise PipelineError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")
+    start_run(project, trigger, reason, pipeline_clock(project, at), run_id,
+              data_time=follows_data(project, at))
+    return run_step(project, name, run_id)

@@ -20,6 +20,7 @@ from flywheel.pipeline.runs import (
     ExtractResult,
     FeaturesResult,
     PipelineRun,
+    StepResult,
     TrainStepResult,
     fail_dead_runs,
     load_run,
@@ -46,7 +47,7 @@ def recover(project: Project) -> list[str]:
 
 
 def run_step(project: Project, name: str, run_id: str, at: date | None = None,
-             reporter: Reporter | None = None) -> Any:
+             reporter: Reporter | None = None) -> StepResult:
     """Run one step of an existing pipeline run, reading earlier results from the state DB."""
     if name not in STEPS:
         raise PipelineError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")

@@ -81,6 +81,9 @@ class AlertResult:
     title: str
 
 
+# What one step returns (and stores as JSON in the run's record).
+StepResult = ExtractResult | FeaturesResult | TrainStepResult | EvaluateResult | PromoteResult | AlertResult
+
 RESULT_TYPES: dict[str, type] = {"extract": ExtractResult, "features": FeaturesResult,
                                  "train": TrainStepResult, "evaluate": EvaluateResult,
                                  "promote": PromoteResult, "alert": AlertResult}

@@ -17,8 +17,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from flywheel.config import ProjectBase
+from flywheel.core.jsonable import jsonable
 from flywheel.core.secrets import redact
-from flywheel.lifecycle.status import project_status
+from flywheel.lifecycle.status import VersionStatus, project_status
 from flywheel.registry import CHALLENGER, CHAMPION, Registry
 from flywheel.state.aliases import alias_moves
 from flywheel.state.db import (
@@ -49,30 +50,30 @@ def models(project: ProjectBase) -> dict[str, Any]:
     """Champion and challenger (metrics, window, data hash, run, gate) and both aliases' moves."""
     status = project_status(project)
     engine = _state(project)
-    name = status["model"]
+    name = status.model
     history = [{"alias": m.alias, "version": m.version, "previous_version": m.previous_version,
                 "action": m.action, "reason": m.reason, "moved_at": _iso(m.moved_at), "actor": m.actor,
                 "applied": m.applied}
                for alias in (CHAMPION, CHALLENGER) for m in alias_moves(engine, name, alias)]
     history.sort(key=lambda m: str(m["moved_at"]), reverse=True)
-    return {"model": name, "project": status["project"], "kind": status["kind"],
-            "gate_metric": status["gate_metric"], "champion": status.get(CHAMPION),
-            "challenger": status.get(CHALLENGER), "history": history,
-            "same_holdout": _same_holdout(project, status.get(CHALLENGER))}
+    return {"model": name, "project": status.project, "kind": status.kind,
+            "gate_metric": status.gate_metric, "champion": jsonable(status.champion),
+            "challenger": jsonable(status.challenger), "history": history,
+            "same_holdout": _same_holdout(project, status.challenger)}
 
 
-def _same_holdout(project: ProjectBase, challenger: dict[str, Any] | None) -> dict[str, Any] | None:
+def _same_holdout(project: ProjectBase, challenger: VersionStatus | None) -> dict[str, Any] | None:
     """The challenger's holdout metrics beside those of the champion it was gated against, scored
     on the same rows at evaluation (recorded on the challenger's run as `champion_*`)."""
     if challenger is None:
         return None
-    info = Registry.for_project(project).version(challenger["version"])
+    info = Registry.for_project(project).version(challenger.version)
     champion = {k.removeprefix("champion_"): v for k, v in info.metrics.items() if k.startswith("champion_")}
     against = info.tags.get("champion_at_evaluation")
     if not champion or against in (None, "none"):
         return None
     own = {k.removeprefix("holdout_"): v for k, v in info.metrics.items() if k.startswith("holdout_")}
-    return {"challenger_version": challenger["version"], "champion_version": int(against),
+    return {"challenger_version": challenger.version, "champion_version": int(against),
             "metrics": {k: {"challenger": own[k], "champion": v} for k, v in sorted(champion.items())
                         if k in own and k != "rows"},
             "rows": own.get("rows")}
