@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= examples/sba-loans/flywheel.yaml
 LORA_CONFIG ?= examples/constitution-lora/flywheel.yaml
 
-.PHONY: demo finetune flights bikeshare test lint lock lock-airflow clean-state
+.PHONY: demo finetune flights bikeshare test lint docs lock lock-airflow clean-state
 
 $(STAMP): requirements.lock pyproject.toml scripts/make-venv.sh
 	# The lock's venv is built once per lock under ~/.cache/flywheel/venvs and copied (hard links)
@@ -38,9 +38,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts benchmarks deploy examples
+	$(BIN)/ruff check src tests scripts benchmarks deploy examples docs/hooks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The documentation site on http://127.0.0.1:8001 (not 8000: that is `flywheel serve`'s port),
+# rebuilt on each save; `mkdocs build` writes it to site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
 
 # Re-pin after changing pyproject.toml's bounds: fresh venv, install, freeze.
 lock:

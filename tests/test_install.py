@@ -54,7 +54,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from the sdist, so a file missing from the sdist fails here."""
     tree, out = tmp_path_factory.mktemp("tree"), tmp_path_factory.mktemp("wheel")
     shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, tree / name)
     subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
                     "build_meta.build_sdist(sys.argv[1])", str(out)], cwd=tree, check=True, timeout=300,

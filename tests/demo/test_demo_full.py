@@ -47,7 +47,7 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     assert status["challenger"]["data_hash"] == champ["data_hash"]  # same snapshot, same hash
 
 
-    # The loop on the real data, shortened to three quarters (the README's demo replays 36; the
+    # The loop on the real data, shortened to three quarters (the demo replays 36; the
     # first drift retrain comes in the third). Retraining runs in-process here: the same steps
     # under Prefect are tested in tests/pipeline/test_loop.py.
     replay = flywheel("replay", "--config", str(config), "--quarters", "3",

@@ -1,4 +1,4 @@
-"""The production profile, as the README documents it: the source table, the state database and
+"""The production profile, as the docs' Scale out page documents it: the source table, the state database and
 MLflow's backend on the PostgreSQL server, MLflow as a tracking server reached over http:// (with
 proxied artifacts), `flywheel serve` with two workers. A short loop runs on it: train, serve,
 traffic with labels, monitor, retrain, promote, and the server hot-swaps."""

@@ -1,6 +1,6 @@
 """Hostile input against a real server on 127.0.0.1: schemathesis's generated requests (schema-valid
 and schema-violating, on every operation, admin with and without its token) never get a 5xx,
-and hand-written cases, one class of attack each, get the answer the README promises.
+and hand-written cases, one class of attack each, get the answer the Serving page of the docs promises.
 
 - structure depth: meta 300 levels deep, a body of 100,000 nested arrays: 422;
 - sizes: 2 MB streamed, a declared 1 TB (refused before reading), 21 records, a 1,001-character
