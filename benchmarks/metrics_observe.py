@@ -14,8 +14,8 @@ import tempfile
 import timeit
 from pathlib import Path
 
-from flywheel.serving.metrics import ServingMetrics
-from flywheel.serving.traffic import TrafficRollup
+from flywheel.serving.http.metrics import ServingMetrics
+from flywheel.serving.http.traffic import TrafficRollup
 from flywheel.state.db import open_state
 
 

@@ -19,7 +19,7 @@ import httpx
 import pandas as pd
 
 # Waits out 503 (the state database busy) and 429 (the server full) as their Retry-After asks.
-from flywheel.serving.client import post_with_retry
+from flywheel.serving.http.client import post_with_retry
 
 
 def served_inputs(client: httpx.Client) -> list[str]:

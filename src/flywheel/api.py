@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from flywheel.llm.finetune import FinetuneResult
     from flywheel.monitoring.monitor import MonitorVerdict
     from flywheel.pipeline.runs import PipelineRun, StepResult
-    from flywheel.serving.batch import BatchResult
+    from flywheel.serving.tabular.batch import BatchResult
     from flywheel.state.aliases import AliasMove
 
 __all__ = [
@@ -198,7 +198,7 @@ def predict(project: Project, frame: pd.DataFrame, version: int | None = None,
             keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """`frame` scored by `version` (default: the champion) with the served model and features:
     id and time columns, the `keep` columns, probability, decision, model_version."""
-    from flywheel.serving.batch import score_frame
+    from flywheel.serving.tabular.batch import score_frame
 
     return score_frame(project, frame, version, keep)
 
@@ -206,7 +206,7 @@ def predict(project: Project, frame: pd.DataFrame, version: int | None = None,
 def predict_file(project: Project, source: str | Path, output: str | Path, version: int | None = None,
                  keep: tuple[str, ...] = ()) -> BatchResult:
     """Score a .parquet/.csv file or a source table, written to `output` (.parquet or .csv)."""
-    from flywheel.serving.batch import predict_batch
+    from flywheel.serving.tabular.batch import predict_batch
 
     return predict_batch(project, str(source), Path(output), version, keep)
 
@@ -214,7 +214,7 @@ def predict_file(project: Project, source: str | Path, output: str | Path, versi
 def serve(project: AnyProject, host: str | None = None, port: int | None = None,
           workers: int | None = None, log_level: str = "info") -> None:
     """Serve the champion over HTTP until stopped (SIGTERM/SIGINT); follows the alias."""
-    from flywheel.serving.logs import LEVELS
+    from flywheel.serving.http.logs import LEVELS
     from flywheel.serving.server import serve as run_server
 
     if log_level.lower() not in LEVELS:

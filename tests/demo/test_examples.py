@@ -19,8 +19,8 @@ from starlette.testclient import TestClient
 from flywheel.config import Project, load_project
 from flywheel.demo.examples import ExampleError, WalkResult, walk
 from flywheel.registry import Registry
-from flywheel.serving.app import create_app
-from flywheel.serving.batch import score_frame
+from flywheel.serving.tabular.app import create_app
+from flywheel.serving.tabular.batch import score_frame
 from flywheel.state.db import feedback, monitor_runs, open_state, predictions
 from flywheel.training.evaluate import multiclass_metrics, regression_metrics
 

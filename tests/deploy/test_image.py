@@ -27,7 +27,7 @@ from flywheel.lifecycle.aliases import promote
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.process import free_port
-from flywheel.serving.runtime import load_version
+from flywheel.serving.tabular.runtime import load_version
 from tests.conftest import REPO, example_config, load_project, load_sample
 
 pytestmark = [pytest.mark.serial, pytest.mark.slow]

@@ -28,7 +28,7 @@ from flywheel.lifecycle.features import extract_training_window, prepare_feature
 from flywheel.lifecycle.importing import ModelImportError, import_challenger
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import CHAMPION, Registry
-from flywheel.serving.app import create_app
+from flywheel.serving.tabular.app import create_app
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.xdist_group("import")

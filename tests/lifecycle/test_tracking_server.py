@@ -11,7 +11,7 @@ import numpy as np
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
 from flywheel.serving.process import ServerProcess
-from flywheel.serving.runtime import load_version
+from flywheel.serving.tabular.runtime import load_version
 from tests.conftest import mlflow_server
 
 

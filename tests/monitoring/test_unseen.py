@@ -7,7 +7,7 @@ import pandas as pd
 from flywheel.config import CategoryFeature, NumericFeature
 from flywheel.data.features import build_matrix, fit_spec
 from flywheel.monitoring.monitor import unseen_categories
-from flywheel.serving.metrics import _verdict_text
+from flywheel.serving.http.metrics import _verdict_text
 
 
 def test_values_outside_the_vocabulary_are_counted_and_empty_ones_are_not():

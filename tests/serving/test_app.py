@@ -21,9 +21,9 @@ from flywheel.data.sources import make_engine
 from flywheel.lifecycle.aliases import promote, rollback
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
-from flywheel.serving.app import create_app
-from flywheel.serving.http import ADMIN_TOKEN_ENV
-from flywheel.serving.runtime import load_version
+from flywheel.serving.http.common import ADMIN_TOKEN_ENV
+from flywheel.serving.tabular.app import create_app
+from flywheel.serving.tabular.runtime import load_version
 from tests.conftest import SOURCE_TYPES, ServerProcess, load_project, write_table
 
 # One worker builds this module's shared fixture (a trained model, a server) once.
@@ -213,9 +213,15 @@ def test_list_limits_and_bad_json(client, records):
 
 def test_oversized_bodies_get_413_declared_or_streamed(client):
     big = b"[" + b" " * 1_100_000 + b"]"
-    assert client.post("/v1/predict", content=big).status_code == 413
-    assert client.post("/v1/feedback", content=big).status_code == 413
-    assert client.post("/v2/models/sba-loans/infer", content=big).status_code == 413
+    answers = [client.post(path, content=big, headers={"content-type": "application/json"})
+               for path in ("/v1/predict", "/v1/feedback", "/v2/models/sba-loans/infer", "/invocations")]
+    # one error type, one answer: status, code, detail and the request id, in body and header
+    for r in answers:
+        body = r.json()
+        assert r.status_code == 413 and body["code"] == "body_too_large", r.text
+        assert body["detail"] == "body larger than 1048576 bytes"
+        assert body["request_id"] == r.headers["x-request-id"]
+    assert len({r.json()["request_id"] for r in answers}) == len(answers)
 
     def chunks():  # no content-length: the limit is enforced while reading
         for _ in range(40):
@@ -387,7 +393,7 @@ def test_the_shipped_client_waits_out_a_locked_state_database_as_retry_after_ask
     the labels are stored once the lock is gone (the replay used to raise at the first 503)."""
     import sqlite3
 
-    from flywheel.serving.client import post_with_retry
+    from flywheel.serving.http.client import post_with_retry
 
     rid = client.post("/v1/predict", json=records[0]).json()["predictions"][0]["record_id"]
     locker = sqlite3.connect(project.state_url.removeprefix("sqlite:///"), isolation_level=None,

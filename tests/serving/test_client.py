@@ -2,7 +2,7 @@
 
 import httpx
 
-from flywheel.serving.client import post_with_retry, retry_after
+from flywheel.serving.http.client import post_with_retry, retry_after
 
 
 def answer(status, retry=None):

@@ -159,7 +159,7 @@ def trained(tmp_path: Path, sba_sample: Any, tracking: str, state: str) -> tuple
     """A project on these stores with v1 champion (v2 would not be promoted by the gate), a small
     log buffer (so an outage shows as backlog and counted drops), and one valid record."""
     from flywheel.registry import Registry
-    from flywheel.serving.runtime import load_version
+    from flywheel.serving.tabular.runtime import load_version
 
     cfg = example_config()
     cfg["model"]["params"] = {"num_boost_round": 30}

@@ -333,7 +333,11 @@ def test_streams_that_are_dropped_or_refused_keep_no_slot(server: ServerProcess)
     assert set(statuses) <= {200, 429} and statuses.count(429) >= 1, statuses
     refused = next(r for r in answers if r.status_code == 429)
     assert refused.json()["error"]["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
-    assert all(r.text.rstrip().endswith("data: [DONE]") for r in answers if r.status_code == 200)
+    # a stream that passed the check but found the last waiting place taken before it started (two
+    # requests racing for it) says so in its one event; every other stream ends with [DONE]
+    raced = '"type": "rate_limit_error"'
+    assert all(r.text.rstrip().endswith("data: [DONE]") or (raced in r.text and r.text.count("data:") == 1)
+               for r in answers if r.status_code == 200), [r.text[-200:] for r in answers]
     done = openai_client(server).completions.create(model="tiny-lora", prompt="Article 1", max_tokens=4,
                                                     temperature=0)
     assert done.choices[0].finish_reason in ("length", "stop")  # a slot is still there to take

@@ -6,10 +6,10 @@ import asyncio
 import pytest
 
 from flywheel.config import GenerateServingConfig
-from flywheel.serving.generate import GenerationSlots
-from flywheel.serving.metrics import GenerationMetrics, ServingMetrics
-from flywheel.serving.openai_api import MAX_MESSAGES, MAX_STOP_CHARS, parse_openai
-from flywheel.serving.validation import RequestInvalid
+from flywheel.serving.generation.app import GenerationSlots
+from flywheel.serving.generation.openai import MAX_MESSAGES, MAX_STOP_CHARS, parse_openai
+from flywheel.serving.http.errors import RequestInvalid
+from flywheel.serving.http.metrics import GenerationMetrics, ServingMetrics
 
 
 def test_one_client_can_never_hold_every_slot_and_the_whole_line():

@@ -90,7 +90,7 @@ def test_no_generated_request_gets_a_server_error(fuzz_server, label, mode, auth
 @pytest.fixture(scope="module")
 def record(fuzz_server, sba_sample):
     from flywheel.registry import Registry
-    from flywheel.serving.runtime import load_version
+    from flywheel.serving.tabular.runtime import load_version
 
     spec = load_version(Registry.for_project(fuzz_server.project), 1).spec
     row = sba_sample[spec.input_columns].dropna().iloc[0]

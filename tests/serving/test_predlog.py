@@ -5,7 +5,7 @@ import sqlalchemy as sa
 
 from flywheel.config import PredictionLogConfig
 from flywheel.data.sources import make_engine
-from flywheel.serving.predlog import PredictionLogWriter, db_rows
+from flywheel.serving.tabular.predlog import PredictionLogWriter, db_rows
 from flywheel.state.db import open_state
 
 
@@ -88,8 +88,8 @@ def test_the_sink_takes_every_frame_already_in_the_pipe_as_one_batch_and_drops_a
 
     import orjson
 
-    from flywheel.serving.logsink import read_batches
-    from flywheel.serving.predlog import FRAME_HEADER
+    from flywheel.serving.tabular.logsink import read_batches
+    from flywheel.serving.tabular.predlog import FRAME_HEADER
 
     def frame(ids: range) -> bytes:
         body = orjson.dumps([list(row(i)) for i in ids])
@@ -118,7 +118,7 @@ def test_the_sink_cpu_list_is_checked_with_a_clear_error():
     import pytest
 
     from flywheel.config import ConfigError
-    from flywheel.serving.logsink import sink_cpus
+    from flywheel.serving.tabular.logsink import sink_cpus
 
     assert sink_cpus({}) is None and sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": " "}) is None
     assert sink_cpus({"FLYWHEEL_LOG_SINK_CPUS": "0"}) == {0}
@@ -212,8 +212,8 @@ def test_a_locked_state_database_degrades_the_log_which_recovers_and_the_numbers
 def test_binary_rows_leave_the_task_columns_out_of_sqlites_insert_and_other_rows_fill_them(tmp_path):
     import orjson
 
-    from flywheel.serving.logsink import write
-    from flywheel.serving.predlog import insert_sql
+    from flywheel.serving.tabular.logsink import write
+    from flywheel.serving.tabular.predlog import insert_sql
     from flywheel.state.db import open_state
 
     url = f"sqlite:///{tmp_path / 'state.db'}"

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
+from flywheel.serving.http.protocol import GuardedHttpToolsProtocol, limits_from_env
 from flywheel.serving.process import free_port
-from flywheel.serving.protocol import GuardedHttpToolsProtocol, limits_from_env
 
 LIMITS = {"max_header_bytes": 4096.0, "header_timeout_s": 1.0, "body_timeout_s": 1.0}
 seen: dict[str, int] = {"disconnects": 0}

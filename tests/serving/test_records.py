@@ -3,7 +3,7 @@ issued to, and nothing a client can send makes the check fail with an exception.
 
 import hashlib
 
-from flywheel.serving.records import RecordIds
+from flywheel.serving.tabular.records import RecordIds
 
 KEY = b"k" * 32
 

@@ -20,9 +20,10 @@ from flywheel.core.times import EventTimes
 from flywheel.lifecycle.learning import feedback_rows
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import Registry
-from flywheel.serving.app import create_app
-from flywheel.serving.runtime import load_version
-from flywheel.serving.validation import RecordValidator, RequestInvalid
+from flywheel.serving.http.errors import RequestInvalid
+from flywheel.serving.tabular.app import create_app
+from flywheel.serving.tabular.runtime import load_version
+from flywheel.serving.tabular.validation import RecordValidator
 from tests.conftest import SOURCE_TYPES, example_config, load_project, write_table
 
 pytestmark = pytest.mark.xdist_group("serving-test_trust")
@@ -170,6 +171,16 @@ def test_a_far_future_observed_at_is_refused(open_client, record):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "labels", 0, "observed_at"]
 
 
+def test_a_time_at_the_edge_of_what_python_can_hold_is_a_field_error_not_a_500(open_client, record):
+    """0001-01-01T00:00+00:03 is three minutes before year 1 in UTC: converting it overflowed."""
+    rid = open_client.post("/v1/predict", json=record).json()["predictions"][0]["record_id"]
+    r = open_client.post("/v1/feedback", json={"labels": [{"record_id": rid, "label": 1,
+                                                           "observed_at": "0001-01-01T00:00:00+00:03"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "labels", 0, "observed_at"]
+    r = open_client.post("/v1/predict", json={**record, "meta": {"event_time": "0001-01-01T00:00:00+01:00"}})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+
+
 def test_numbers_are_read_in_the_projects_time_unit(project):
     spec = load_version(Registry.for_project(project), 1).spec
     record = {name: (1.0 if kind == "number" else "x") for name, kind in spec.input_types.items()}
@@ -217,7 +228,7 @@ def test_every_unexpected_exception_is_one_counted_json_500(open_client, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("flywheel.serving.app.monitoring_gauges", broken)
+    monkeypatch.setattr("flywheel.serving.tabular.app.monitoring_gauges", broken)
     r = open_client.get("/metrics")
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json()["detail"] == "internal error; see the server log"

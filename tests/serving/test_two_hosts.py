@@ -29,7 +29,7 @@ from flywheel.lifecycle.aliases import promote
 from flywheel.lifecycle.train import train_challenger
 from flywheel.monitoring.monitor import run_monitor
 from flywheel.registry import Registry
-from flywheel.serving.runtime import load_version
+from flywheel.serving.tabular.runtime import load_version
 from tests.conftest import example_config, mlflow_server
 from tests.serving.test_failures import Cluster
 

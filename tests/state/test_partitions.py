@@ -14,8 +14,8 @@ from alembic.config import Config as AlembicConfig
 
 from flywheel.config import MonitorWindow
 from flywheel.monitoring.monitor import read_window
-from flywheel.serving.logsink import write
-from flywheel.serving.predlog import insert_sql, store_feedback
+from flywheel.serving.tabular.logsink import write
+from flywheel.serving.tabular.predlog import insert_sql, store_feedback
 from flywheel.state.db import MIGRATIONS, close_state, feedback, open_state, predictions
 from flywheel.state.partitions import (
     DEFAULT,

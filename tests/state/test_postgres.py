@@ -88,8 +88,8 @@ def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplic
 
     import orjson
 
-    from flywheel.serving.logsink import write
-    from flywheel.serving.predlog import insert_sql
+    from flywheel.serving.tabular.logsink import write
+    from flywheel.serving.tabular.predlog import insert_sql
     from flywheel.state.db import open_state, predictions
 
     def frame(ids: list[int]) -> list[list]:

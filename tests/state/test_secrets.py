@@ -37,7 +37,7 @@ def test_no_output_of_a_run_shows_a_store_password(loaded_project, postgres_url)
     assert '"tracking_uri": "postgresql://postgres:***@' in seen[-2]
     with ServerProcess(project) as server:
         processes = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
-        assert "flywheel.serving.logsink" in processes  # the sink runs, and its argv holds no URL
+        assert "flywheel.serving.tabular.logsink" in processes  # the sink runs, and its argv holds no URL
         seen.append(processes)
         assert httpx.post(f"{server.url}/v1/predict", json={"x": 1}).status_code == 422
     seen.append(server.log_path.read_text())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from flywheel.serving.traffic import TrafficRollup
+from flywheel.serving.http.traffic import TrafficRollup
 from flywheel.state.db import close_state, open_state, traffic_minutes
 from flywheel.state.traffic import BOUNDS_MS, Minute, add_minutes, bucket_of, quantile, traffic_series
 

@@ -56,7 +56,10 @@ class EventTimes:
             raise ValueError("an ISO 8601 date or date-time, e.g. 2018-01-01 or "
                              "2018-01-01T12:00:00Z") from None
         if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+            try:
+                parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+            except OverflowError:  # 0001-01-01T00:00+00:03 is before the first instant Python has
+                raise ValueError("outside the times Python can represent (years 1 to 9999, in UTC)") from None
         return parsed
 
     def iso(self, value: Any) -> str:

@@ -46,7 +46,7 @@ from flywheel.lifecycle.train import TrainResult, train_challenger
 from flywheel.monitoring.monitor import MonitorVerdict, run_monitor
 from flywheel.pipeline.orchestrate import orchestrate
 from flywheel.pipeline.runs import EvaluateResult, PipelineRun
-from flywheel.serving.client import post_with_retry
+from flywheel.serving.http.client import post_with_retry
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
 

@@ -41,7 +41,7 @@ from flywheel.pipeline.scheduler import check_once
 from flywheel.pipeline.steps import training_window
 from flywheel.pipeline.triggers import TriggerDecision
 from flywheel.registry import CHAMPION, Registry
-from flywheel.serving.client import post_with_retry
+from flywheel.serving.http.client import post_with_retry
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state, predictions
 from flywheel.training.onnx import onnx_predict

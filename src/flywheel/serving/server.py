@@ -14,9 +14,9 @@ from flywheel.config import ConnectionLimits, LlmProject, Project
 from flywheel.lifecycle.aliases import reconcile_aliases
 from flywheel.registry import Registry
 from flywheel.room.app import check_listen, create_room_app, record_serving_address
-from flywheel.serving.logs import LOG_LEVEL_ENV, configure_json_logging
-from flywheel.serving.logsink import sink_cpus
-from flywheel.serving.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
+from flywheel.serving.http.logs import LOG_LEVEL_ENV, configure_json_logging
+from flywheel.serving.http.protocol import LIMITS_ENV, GuardedHttpToolsProtocol
+from flywheel.serving.tabular.logsink import sink_cpus
 from flywheel.state.db import close_state, open_state
 
 

@@ -2,7 +2,7 @@
 
 Hot path: one tuple appended to a deque (atomic, no lock, no thread wake-up). Every
 `flush_interval_s` a flusher thread sends what accumulated as one orjson frame down a pipe to a
-log-sink process (`python -m flywheel.serving.logsink`), which serialises the inputs and inserts
+log-sink process (`python -m flywheel.serving.tabular.logsink`), which serialises the inputs and inserts
 in batches. Inserting in the worker itself cost about 1.3 ms of p99 latency (the database driver
 binds parameters while holding the GIL); in its own process it costs the request path nothing.
 
@@ -74,7 +74,7 @@ class PredictionLogWriter:
         # The URL goes by the environment, not argv: `ps` shows argv (and a password in it) to
         # every user of the machine.
         self._sink = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.serving.logsink"],
+            [sys.executable, "-m", "flywheel.serving.tabular.logsink"],
             stdin=subprocess.PIPE, env={**os.environ, SINK_STATE_ENV: self.state_url},
         )
 

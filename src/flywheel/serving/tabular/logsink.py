@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from flywheel.config import ConfigError
 from flywheel.core.cpus import cpuset_cpus
 from flywheel.data.engine import make_engine
-from flywheel.serving.logs import configure_json_logging
-from flywheel.serving.metrics import ServingMetrics
-from flywheel.serving.predlog import (
+from flywheel.serving.http.logs import configure_json_logging
+from flywheel.serving.http.metrics import ServingMetrics
+from flywheel.serving.tabular.predlog import (
     BINARY_PARAMS,
     FRAME_HEADER,
     LOG_COLUMNS,

@@ -17,6 +17,7 @@ from typing import Any
 
 from flywheel.config import ConfigError, ServingClient
 from flywheel.core.secrets import env_secret
+from flywheel.serving.http.errors import refused
 
 ANONYMOUS = ""
 
@@ -70,6 +71,21 @@ class Clients:
             if key == b"authorization":
                 return self.identify(value.decode("latin-1"), wanted)
         return ANONYMOUS, UNAUTHENTICATED
+
+
+    def caller(self, authorization: str, scope: str) -> str:
+        """The client an `Authorization` header names; raises its 401/403 when it may not do `scope`."""
+        name, refusal = self.identify(authorization, scope)
+        if refusal is not None:
+            raise refused(refusal.status, refusal.detail)
+        return name
+
+    def caller_of(self, asgi_scope: Any, wanted: str) -> str:
+        """`caller` for a raw ASGI request (the hot path reads no header when none are declared)."""
+        name, refusal = self.from_asgi(asgi_scope, wanted)
+        if refusal is not None:
+            raise refused(refusal.status, refusal.detail)
+        return name
 
 
 def _digest(token: str) -> bytes:

@@ -2,21 +2,21 @@
 
 A record is a JSON object with exactly the model's input fields (null only where the training
 data had missing values) plus an optional `meta` object that is logged, never used as input.
+
+
+Labels posted to `/v1/feedback` are checked here too.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
-from flywheel.core.errors import FlywheelError
 from flywheel.core.times import EVENT_TIME, EventTimes
-from flywheel.core.trees import first_path
 from flywheel.data.features import FeatureSpec
+from flywheel.serving.http.errors import FieldError, RequestInvalid
 
 META = "meta"
 MAX_META_KEYS = 50
@@ -26,34 +26,7 @@ MAX_META_DEPTH = 8
 MAX_META_VALUES = 1_000
 META_RULE = (f"meta must be an object of at most {MAX_META_KEYS} keys, nested at most "
              f"{MAX_META_DEPTH} levels deep, with at most {MAX_META_VALUES:,} values in all")
-
-
-@dataclass(frozen=True)
-class FieldError:
-    loc: tuple[str | int, ...]
-    msg: str
-    type: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
-
-
-MAX_ERRORS = 50  # per answer: a small wrong request must not get a large answer
 FLOAT32_MAX = 3.4028234663852886e38  # the models compute in float32: a larger number becomes inf
-
-
-class RequestInvalid(FlywheelError):
-    """A request that fails validation; `errors` name the fields that are wrong (the first
-    MAX_ERRORS of them, then one entry that counts the rest)."""
-
-    def __init__(self, errors: list[FieldError], more: int = 0):
-        """`more`: errors found beyond `errors` and not built (a caller that stops collecting)."""
-        if len(errors) > MAX_ERRORS or more:
-            more += max(0, len(errors) - MAX_ERRORS)
-            errors = [*errors[:MAX_ERRORS],
-                      FieldError(("body",), f"{more:,} more errors not shown", "too_many_errors")]
-        super().__init__("; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors))
-        self.errors = errors
 
 
 class RecordValidator:
@@ -191,40 +164,6 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def parse_json_body(raw: bytes) -> Any:
-    """Parse a body with orjson; on failure, explain where (NaN and Infinity are named by field)."""
-    import orjson
-
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        # Only a body with such a literal is parsed again (with the slower stdlib parser) to name
-        # its field; any other invalid body is answered from orjson's message.
-        suspect = b"NaN" in raw or b"Infinity" in raw or "infinity" in str(exc)  # 1e999 too
-        nonfinite = _find_nonfinite(raw) if suspect else None
-        if nonfinite is not None:
-            raise RequestInvalid([FieldError(nonfinite, "must be a finite number (no NaN or infinity)",
-                                             "finite_number")]) from None
-        raise RequestInvalid([FieldError(("body",), f"invalid JSON: {exc}", "json_invalid")]) from None
-
-
-def _find_nonfinite(raw: bytes) -> tuple[str | int, ...] | None:
-    """The path of the first NaN/Infinity literal, which orjson (rightly) refuses as JSON."""
-    try:
-        body = json.loads(raw, parse_constant=lambda c: _NonFinite())
-    except (ValueError, RecursionError):
-        return None
-    return first_path(body, _nonfinite, ("body",))
-
-
-class _NonFinite:
-    pass
-
-
-def _nonfinite(value: Any) -> bool:
-    return isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value))
-
-
 MAX_FEEDBACK_LABELS = 10_000
 
 
@@ -307,4 +246,3 @@ def _task_label(label: Any, loc: tuple[str | int, ...], errors: list[FieldError]
         errors.append(FieldError(loc, "must be 0, 1, true or false", "type_error"))
         return {}
     return {"label": int(label)}
-

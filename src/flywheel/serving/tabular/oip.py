@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flywheel.serving.runtime import LoadedModel
-from flywheel.serving.validation import FieldError, RequestInvalid
+from flywheel.serving.http.errors import FieldError, RequestInvalid
+from flywheel.serving.tabular.runtime import LoadedModel
 
 _DATATYPE = {"number": "FP64", "string": "BYTES"}
 MAX_SHAPE_DIMS = 8  # a column is [n] or [n, 1]; more dimensions than this is never a table

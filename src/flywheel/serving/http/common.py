@@ -1,5 +1,6 @@
 """What every Flywheel server shares over HTTP, whatever it serves (ONNX or a merged LoRA model):
-request ids, bounded bodies, JSON answers counted in the metrics, admin auth, the champion runtime,
+request ids, JSON answers, the counted 500 of anything unexpected, admin auth, the champion
+runtime,
 and the routes /health, /ready, /admin/reload, /v1/models, /metrics, /openapi.json and /docs
 (Swagger UI on the served OpenAPI document, its assets from the installed package: no network)."""
 
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,27 +23,21 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from flywheel.config import ProjectBase
 from flywheel.core.secrets import env_secret
 from flywheel.registry import Registry
-from flywheel.serving.clients import Clients
-from flywheel.serving.metrics import ServingMetrics
-from flywheel.serving.runtime import M, ModelRuntime
+from flywheel.serving.http.clients import Clients
+from flywheel.serving.http.errors import INTERNAL, HttpError, error_answer
+from flywheel.serving.http.metrics import ServingMetrics
+from flywheel.serving.http.runtime import M, ModelRuntime
 
 log = logging.getLogger("flywheel.serving")
+
+# More routes for an app, given its champion runtime: what the composing layer mounts (the room).
+Mounts = Callable[[ModelRuntime[Any]], list[BaseRoute]]
 ADMIN_TOKEN_ENV = "FLYWHEEL_ADMIN_TOKEN"
-
-
-class BodyTooLarge(Exception):
-    """The request body is over the configured limit (answered 413)."""
-
-
-def is_json(content_type: str) -> bool:
-    """application/json (any parameters), or a +json type such as application/merge-patch+json."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -63,45 +59,50 @@ class RequestIds:
 new_request_id = RequestIds()
 
 
-async def receive_body(scope: Any, receive: Any, limit: int) -> bytes:
-    """The whole body of a raw ASGI request, refused (BodyTooLarge) past `limit` bytes: declared
-    (content-length) or streamed."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise BodyTooLarge
-            break
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+@dataclass
+class Call:
+    """One request as its endpoint handles it: its id, when it started, the version serving it."""
+
+    request_id: str
+    started: float
+    version: int = 0
+    counted: bool = False  # the handler counts it itself (a stream, counted when it ends)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return await receive_body(request.scope, request.receive, limit)
+Handle = Callable[[Request, Call], Awaitable[Response | dict[str, Any]]]
+# An endpoint's own error format (the OpenAI endpoints'): (status, payload, what was raised) ->
+# the (status, payload) to answer.
+ErrorBody = Callable[[int, dict[str, Any], BaseException], tuple[int, dict[str, Any]]]
 
 
-class Answers:
-    """JSON answers of one endpoint family, each counted in the request metrics."""
+class Endpoint:
+    """A route's one answer path. The handler returns a JSON payload (or a Response) or raises: an
+    `HttpError` is answered with its status, code and detail, anything else is a logged 500 with
+    no internals; every answer carries the request id and is counted once under `name`."""
 
-    def __init__(self, metrics: ServingMetrics):
-        self.metrics = metrics
+    def __init__(self, name: str, metrics: ServingMetrics, handle: Handle,
+                 error_body: ErrorBody | None = None):
+        self.name, self.metrics, self.handle, self.error_body = name, metrics, handle, error_body
 
-    def send(self, endpoint: str, status: int, payload: dict[str, Any], request_id: str,
-             started: float, version: int = 0, headers: dict[str, str] | None = None) -> Response:
-        self.metrics.observe(endpoint, status, version, time.perf_counter() - started)
-        if status != 200:
-            payload = {**payload, "request_id": request_id}
-            if status >= 500 or status == 413:
-                log.warning("request refused", extra={"event": "request_error", "status": status,
-                                                       "request_id": request_id, "endpoint": endpoint})
-        return json_response(payload, status, {"x-request-id": request_id, **(headers or {})})
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # ASGI: a route's endpoint
+        response = await self.answer(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def answer(self, request: Request) -> Response:
+        call = Call(new_request_id(), time.perf_counter())
+        try:
+            result = await self.handle(request, call)
+            response = result if isinstance(result, Response) else json_response(result)
+        except Exception as exc:
+            status, payload, headers = error_answer(exc, call.request_id, self.name)
+            if self.error_body is not None:
+                status, payload = self.error_body(status, payload, exc)
+            response = json_response(payload, status, headers)
+        response.headers["x-request-id"] = call.request_id
+        if not call.counted:
+            self.metrics.observe(self.name, response.status_code, call.version,
+                                 time.perf_counter() - call.started)
+        return response
 
 
 def client_address(request: Request) -> str:
@@ -281,7 +282,8 @@ def worker_lifespan(runtime: ModelRuntime[Any], start: Callable[[], None] | None
 class CountedErrors:
     """The one handler of unexpected exceptions, around a whole server: whatever a route raises
     becomes a JSON 500 with a request id, counted in the request metrics under the route's
-    endpoint name, and logged with its traceback. Routes answer what they expect (413, 422, 503);
+    endpoint name, and logged with its traceback. Routes raise what they expect (an `HttpError`:
+    413, 422, 503, ...) and their `Endpoint` answers it;
     everything else lands here, so no failure is an HTML page or missing from /metrics."""
 
     def __init__(self, app: Any, metrics: ServingMetrics, endpoint_of: Callable[[str], str] | None = None):
@@ -328,7 +330,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     """Starlette's answer to an unexpected exception (its error middleware then re-raises it for
     `CountedErrors` to log and count): the same JSON 500 as every other error."""
     request_id = request.scope[REQUEST_ID_KEY] = new_request_id()
-    return json_response({"detail": "internal error; see the server log", "request_id": request_id},
+    return json_response({"detail": INTERNAL, "code": HttpError.code, "request_id": request_id},
                          500, {"x-request-id": request_id})
 
 

@@ -16,7 +16,6 @@ event; a client that goes away stops its generation within a token.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -31,9 +30,10 @@ from starlette.responses import Response, StreamingResponse
 
 from flywheel.config import GenerateServingConfig
 from flywheel.llm.runtime import Generation, NoChatTemplate, TextGenerator
-from flywheel.serving.http import BodyTooLarge, client_address, json_response, new_request_id, read_body
-from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE
-from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+from flywheel.serving.generation.openapi import MAX_SEED, MIN_TEMPERATURE
+from flywheel.serving.http.bodies import parse_json_body, read_body
+from flywheel.serving.http.common import Call, client_address
+from flywheel.serving.http.errors import FieldError, NotFound, RequestInvalid, TooBusy, Unavailable
 
 log = logging.getLogger("flywheel.serving")
 
@@ -62,13 +62,26 @@ class OpenAIRequest:
     include_usage: bool
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           detail: list[dict[str, Any]] | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    if detail:
-        body["detail"] = detail
-    return json_response(body, status, headers)
+class ModelNotFound(NotFound):
+    """A request for a model this server does not serve (OpenAI's `model_not_found`)."""
+
+    code = "model_not_found"
+    param = "model"
+
+
+def openai_error(status: int, payload: dict[str, Any], exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """The error body OpenAI's clients read: `{"error": {message, type, param, code}}`; an invalid
+    request is a 400 naming its first field (`detail` lists every one)."""
+    kind = ("rate_limit_error" if status == 429 else "server_error" if status >= 500
+            else "invalid_request_error")
+    if isinstance(exc, RequestInvalid):
+        first = exc.errors[0]
+        message = "; ".join(f"{_param(e) or 'body'}: {e.msg}" for e in exc.errors)
+        return 400, {"error": {"message": message, "type": kind, "param": _param(first), "code": first.type},
+                     "detail": payload["detail"]}
+    code = exc.code if isinstance(exc, ModelNotFound) else None
+    return status, {"error": {"message": str(payload["detail"]), "type": kind,
+                              "param": getattr(exc, "param", None), "code": code}}
 
 
 def parse_openai(body: Any, cfg: GenerateServingConfig, chat: bool) -> OpenAIRequest:
@@ -198,67 +211,44 @@ class OpenAIEndpoints:
     """The two routes, on the GenerateEndpoint's runtime, slots, answers and metrics."""
 
     def __init__(self, endpoint: Any):
-        self.base = endpoint  # serving.generate.GenerateEndpoint
+        self.base = endpoint  # serving.generation.app.GenerateEndpoint
         self.cfg: GenerateServingConfig = endpoint.cfg
 
-    async def chat(self, request: Request) -> Response:
-        return await self.handle(request, chat=True)
+    async def chat(self, request: Request, call: Call) -> Response | dict[str, Any]:
+        return await self.handle(request, call, chat=True)
 
-    async def completions(self, request: Request) -> Response:
-        return await self.handle(request, chat=False)
+    async def completions(self, request: Request, call: Call) -> Response | dict[str, Any]:
+        return await self.handle(request, call, chat=False)
 
-    async def handle(self, request: Request, chat: bool) -> Response:
-        name = "chat_completions" if chat else "completions"
-        started, request_id = time.perf_counter(), new_request_id()
+    async def handle(self, request: Request, call: Call, chat: bool) -> Response | dict[str, Any]:
         model = self.base.runtime.current
-        observe = self.base.answers.metrics.observe
         if model is None:
-            observe(name, 503, 0, time.perf_counter() - started)
-            return _error(503, "no champion adapter is loaded yet", kind="server_error")
-        try:
-            body = parse_json_body(await read_body(request, self.cfg.max_body_bytes))
-            req = parse_openai(body, self.cfg, chat)
-            if req.model not in (model.name, f"{model.name}:{model.version}"):
-                observe(name, 404, model.version, time.perf_counter() - started)
-                return _error(404, f"the model '{req.model}' does not exist here; this server serves "
-                                   f"'{model.name}'", "model", "model_not_found")
-            prompt_ids = await run_in_threadpool(self.tokens, model, req)  # templating: off the loop
-        except BodyTooLarge:
-            observe(name, 413, model.version, time.perf_counter() - started)
-            return _error(413, f"body larger than {self.cfg.max_body_bytes} bytes")
-        except RequestInvalid as exc:
-            observe(name, 400, model.version, time.perf_counter() - started)
-            first = exc.errors[0]
-            message = "; ".join(f"{_param(e) or 'body'}: {e.msg}" for e in exc.errors)
-            return _error(400, message, _param(first), first.type, [e.as_dict() for e in exc.errors])
-        busy = _error(429, f"{self.cfg.max_concurrent} generation(s) running and {self.cfg.max_waiting} "
-                           "waiting: retry later", kind="rate_limit_error", headers={"retry-after": "1"})
+            raise Unavailable("no champion adapter is loaded yet")
+        call.version = model.version
+        req = parse_openai(parse_json_body(await read_body(request, self.cfg.max_body_bytes)), self.cfg, chat)
+        if req.model not in (model.name, f"{model.name}:{model.version}"):
+            raise ModelNotFound(f"the model '{req.model}' does not exist here; this server serves "
+                                f"'{model.name}'")
+        prompt_ids = await run_in_threadpool(self.tokens, model, req)  # templating: off the loop
+        client = client_address(request)
         if req.stream:
             # The slot is taken inside the stream, never before it: a client that goes away before
             # the stream starts must not keep one (the generator would never run its `finally`).
-            if self.base.slots.full(client_address(request)):
-                observe(name, 429, model.version, time.perf_counter() - started)
-                return busy
-            return StreamingResponse(self.events(model, req, prompt_ids, request_id, started, name,
-                                                 client_address(request)),
-                                     media_type="text/event-stream",
-                                     headers={"x-request-id": request_id, "cache-control": "no-cache"})
-        stack = contextlib.AsyncExitStack()
-        if not await stack.enter_async_context(self.base.slots.slot(client_address(request))):
-            observe(name, 429, model.version, time.perf_counter() - started)
-            return busy
-        async with stack:
-            try:
-                out = await run_in_threadpool(model.generate, prompt_ids, req.max_tokens, req.temperature,
-                                              req.top_p, req.seed, req.stop)
-            except Exception:
-                log.exception("generation failed", extra={"event": "request_error", "status": 500,
-                                                           "request_id": request_id})
-                observe(name, 500, model.version, time.perf_counter() - started)
-                return _error(500, "internal error; see the server log", kind="server_error")
-        self.base.record(model, out, request_id, started)
-        observe(name, 200, model.version, time.perf_counter() - started)
-        return json_response(answer(model, req, out, request_id), 200, {"x-request-id": request_id})
+            if self.base.slots.full(client):
+                raise TooBusy(f"{self.cfg.max_concurrent} generation(s) running and "
+                              f"{self.cfg.max_waiting} waiting: retry later")
+            call.counted = True  # the stream counts itself when it ends
+            return StreamingResponse(self.events(model, req, prompt_ids, call.request_id, call.started,
+                                                 "chat_completions" if chat else "completions", client),
+                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        async with self.base.slots.slot(client) as granted:
+            if not granted:
+                raise TooBusy(f"{self.cfg.max_concurrent} generation(s) running and "
+                              f"{self.cfg.max_waiting} waiting: retry later")
+            out = await run_in_threadpool(model.generate, prompt_ids, req.max_tokens, req.temperature,
+                                          req.top_p, req.seed, req.stop)
+        self.base.record(model, out, call.request_id, call.started)
+        return answer(model, req, out, call.request_id)
 
     def tokens(self, model: TextGenerator, req: OpenAIRequest) -> list[int]:
         try:
@@ -314,7 +304,7 @@ class OpenAIEndpoints:
             raise
         finally:
             cancel.set()
-            self.base.answers.metrics.observe(name, status, model.version, time.perf_counter() - started)
+            self.base.metrics.observe(name, status, model.version, time.perf_counter() - started)
 
 
 def _param(error: FieldError) -> str | None:

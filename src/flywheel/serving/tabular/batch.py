@@ -13,8 +13,8 @@ from flywheel.core.errors import PipelineError
 from flywheel.data.features import build_matrix
 from flywheel.data.sources import SourceError, make_engine
 from flywheel.registry import CHAMPION, Registry
-from flywheel.serving.answers import TaskAnswers
-from flywheel.serving.runtime import load_version
+from flywheel.serving.tabular.answers import TaskAnswers
+from flywheel.serving.tabular.runtime import load_version
 
 
 @dataclass(frozen=True)

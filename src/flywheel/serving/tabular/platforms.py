@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
@@ -27,11 +26,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flywheel.serving.clients import Clients
-from flywheel.serving.http import Answers, BodyTooLarge, is_json, json_response, new_request_id, read_body
-from flywheel.serving.oip import oip_metadata, oip_records, oip_response
-from flywheel.serving.runtime import LoadedModel
-from flywheel.serving.validation import MAX_ERRORS, FieldError, RequestInvalid, parse_json_body
+from flywheel.serving.http.bodies import is_json, parse_json_body, read_body
+from flywheel.serving.http.clients import Clients
+from flywheel.serving.http.common import Call, Endpoint, json_response
+from flywheel.serving.http.errors import MAX_ERRORS, FieldError, RequestInvalid, Unavailable
+from flywheel.serving.http.metrics import ServingMetrics
+from flywheel.serving.tabular.oip import oip_metadata, oip_records, oip_response
+from flywheel.serving.tabular.runtime import LoadedModel
 
 VERTEX_PREDICT_ENV, VERTEX_HEALTH_ENV = "AIP_PREDICT_ROUTE", "AIP_HEALTH_ROUTE"
 
@@ -41,7 +42,7 @@ Fields = list[tuple[Any, ...]]
 class DataPlane(Protocol):
     """What the platform routes need of the tabular service (see `serving.app.TabularService`)."""
 
-    answers: Answers
+    metrics: ServingMetrics
     max_body_bytes: int
     clients: Clients
 
@@ -155,39 +156,23 @@ Parse = Callable[[Request, LoadedModel], Awaitable[list[dict[str, Any]]]]
 
 
 class PlatformRoutes:
-    """The routes of every contract; each request goes through `_serve` (validate, score, log)."""
+    """The routes of every contract; each request goes through `_serve` (validate, score, log),
+    and its errors through the one answer path (`Endpoint`)."""
 
     def __init__(self, plane: DataPlane):
         self.plane = plane
-        self.send = plane.answers.send
 
-    async def _serve(self, endpoint: str, request: Request, parse: Parse,
+    async def _serve(self, request: Request, call: Call, parse: Parse,
                      render: Callable[[LoadedModel, str, list[str], Fields], Response | dict[str, Any]],
-                     model: LoadedModel | None = None) -> Response:
-        started, request_id = time.perf_counter(), new_request_id()
-        client, refused = self.plane.clients.identify(request.headers.get("authorization", ""), "predict")
-        if refused is not None:
-            return self.send(endpoint, refused.status, {"detail": refused.detail}, request_id, started,
-                             headers=refused.headers)
+                     model: LoadedModel | None = None) -> Response | dict[str, Any]:
+        client = self.plane.clients.caller(request.headers.get("authorization", ""), "predict")
         model = model or self.plane.current
         if model is None:
-            return self.send(endpoint, 503, {"detail": "no champion model is loaded yet"}, request_id,
-                             started)
-        try:
-            records = await parse(request, model)
-        except BodyTooLarge:
-            return self.send(endpoint, 413, {"detail": f"body larger than {self.plane.max_body_bytes} "
-                                                       "bytes"}, request_id, started, model.version)
-        except RequestInvalid as exc:
-            return self.send(endpoint, 422, {"detail": [e.as_dict() for e in exc.errors]}, request_id,
-                             started, model.version)
-        ids, fields = await self.plane.score_and_log(model, records, request_id, started, client)
-        answer = render(model, request_id, ids, fields)
-        if isinstance(answer, Response):
-            self.plane.answers.metrics.observe(endpoint, 200, model.version, time.perf_counter() - started)
-            answer.headers["x-request-id"] = request_id
-            return answer
-        return self.send(endpoint, 200, answer, request_id, started, model.version)
+            raise Unavailable("no champion model is loaded yet")
+        call.version = model.version
+        records = await parse(request, model)
+        ids, fields = await self.plane.score_and_log(model, records, call.request_id, call.started, client)
+        return render(model, call.request_id, ids, fields)
 
     async def _body(self, request: Request) -> bytes:
         return await read_body(request, self.plane.max_body_bytes)
@@ -197,7 +182,7 @@ class PlatformRoutes:
         model = self.plane.current
         return json_response({"ready": model is not None}, 200 if model is not None else 503)
 
-    async def invocations(self, request: Request) -> Response:
+    async def invocations(self, request: Request, call: Call) -> Response | dict[str, Any]:
         async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
             body = await self._body(request)
             kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -223,10 +208,10 @@ class PlatformRoutes:
             return {"predictions": rows, "model": model.name, "version": model.version,
                     **model.answers.top_level}
 
-        return await self._serve("invocations", request, parse, render)
+        return await self._serve(request, call, parse, render)
 
     # Vertex AI ------------------------------------------------------------------------------
-    async def vertex_predict(self, request: Request) -> Response:
+    async def vertex_predict(self, request: Request, call: Call) -> Response | dict[str, Any]:
         async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
             data = parse_json_body(await self._body(request))
             if not isinstance(data, dict):
@@ -236,7 +221,7 @@ class PlatformRoutes:
         def render(model: LoadedModel, _: str, ids: list[str], fields: Fields) -> dict[str, Any]:
             return {"predictions": predictions(model, ids, fields), "deployedModelId": str(model.version)}
 
-        return await self._serve("vertex_predict", request, parse, render)
+        return await self._serve(request, call, parse, render)
 
     # Open Inference Protocol v2 ---------------------------------------------------------------
     async def v2_server(self, request: Request) -> Response:
@@ -269,15 +254,12 @@ class PlatformRoutes:
         model, refused = self._model(request)
         return refused or json_response({"name": model.name, "ready": True})  # type: ignore[union-attr]
 
-    async def v2_infer(self, request: Request) -> Response:
-        started = time.perf_counter()
+    async def v2_infer(self, request: Request, call: Call) -> Response | dict[str, Any]:
         if self.plane.current is None:
-            return self.send("infer", 503, {"detail": "no champion model is loaded yet"}, new_request_id(),
-                             started)
+            raise Unavailable("no champion model is loaded yet")
         model, refused = self._model(request)
         if refused is not None:
-            self.plane.answers.metrics.observe("infer", 404, 0, time.perf_counter() - started)
-            return refused
+            return refused  # the protocol's own 404 body
         body: Any = {}
 
         async def parse(request: Request, model: LoadedModel) -> list[dict[str, Any]]:
@@ -288,25 +270,29 @@ class PlatformRoutes:
         def render(model: LoadedModel, request_id: str, ids: list[str], fields: Fields) -> dict[str, Any]:
             return oip_response(model, body, request_id, ids, fields)
 
-        return await self._serve("infer", request, parse, render, model)
+        return await self._serve(request, call, parse, render, model)
 
     def routes(self, env: dict[str, str] | None = None) -> list[Route]:
         env = dict(os.environ) if env is None else env
+        metrics = self.plane.metrics
+        infer = Endpoint("infer", metrics, self.v2_infer)
         routes = [
             Route("/ping", self.ping, methods=["GET"]),
-            Route("/invocations", self.invocations, methods=["POST"]),
+            Route("/invocations", Endpoint("invocations", metrics, self.invocations),
+                  methods=["POST"]),
             Route("/v2", self.v2_server, methods=["GET"]),
             Route("/v2/health/live", self.v2_live, methods=["GET"]),
             Route("/v2/health/ready", self.v2_ready, methods=["GET"]),
             Route("/v2/models/{name}", self.v2_model, methods=["GET"]),
             Route("/v2/models/{name}/ready", self.v2_model_ready, methods=["GET"]),
-            Route("/v2/models/{name}/infer", self.v2_infer, methods=["POST"]),
+            Route("/v2/models/{name}/infer", infer, methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}", self.v2_model, methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}/ready", self.v2_model_ready, methods=["GET"]),
-            Route("/v2/models/{name}/versions/{version}/infer", self.v2_infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         ]
         if env.get(VERTEX_PREDICT_ENV):
-            routes.append(Route(env[VERTEX_PREDICT_ENV], self.vertex_predict, methods=["POST"]))
+            vertex = Endpoint("vertex_predict", metrics, self.vertex_predict)
+            routes.append(Route(env[VERTEX_PREDICT_ENV], vertex, methods=["POST"]))
         if env.get(VERTEX_HEALTH_ENV):
             routes.append(Route(env[VERTEX_HEALTH_ENV], self.v2_ready, methods=["GET"]))
         return routes

@@ -21,37 +21,30 @@ from starlette.routing import Route
 
 from flywheel.config import Project, load_project
 from flywheel.core.times import EventTimes
-from flywheel.room.app import room_mount
-from flywheel.serving.clients import ANONYMOUS, Clients
-from flywheel.serving.http import (
+from flywheel.serving.http.bodies import is_json, parse_json_body, read_body, receive_body
+from flywheel.serving.http.clients import ANONYMOUS, Clients
+from flywheel.serving.http.common import (
     ERROR_HANDLERS,
-    Answers,
-    BodyTooLarge,
+    Call,
     CountedErrors,
+    Endpoint,
     HotPathDispatch,
+    Mounts,
     champion_runtime,
     common_routes,
     freeze_heap,
-    is_json,
     new_request_id,
-    read_body,
-    receive_body,
     worker_lifespan,
 )
-from flywheel.serving.metrics import ServingMetrics, monitoring_gauges
-from flywheel.serving.openapi import openapi_document
-from flywheel.serving.platforms import PlatformRoutes
-from flywheel.serving.predlog import PredictionLogWriter, store_feedback
-from flywheel.serving.records import RecordIds
-from flywheel.serving.runtime import LoadedModel, load_version
-from flywheel.serving.traffic import TrafficRollup
-from flywheel.serving.validation import (
-    META,
-    RequestInvalid,
-    feedback_labels,
-    parse_json_body,
-    refuse_unissued,
-)
+from flywheel.serving.http.errors import Unavailable, UnsupportedMediaType, error_answer
+from flywheel.serving.http.metrics import ServingMetrics, monitoring_gauges
+from flywheel.serving.http.traffic import TrafficRollup
+from flywheel.serving.tabular.openapi import openapi_document
+from flywheel.serving.tabular.platforms import PlatformRoutes
+from flywheel.serving.tabular.predlog import PredictionLogWriter, store_feedback
+from flywheel.serving.tabular.records import RecordIds
+from flywheel.serving.tabular.runtime import LoadedModel, load_version
+from flywheel.serving.tabular.validation import META, feedback_labels, refuse_unissued
 from flywheel.state.db import CLIENT_META, open_state
 
 log = logging.getLogger("flywheel.serving")
@@ -107,7 +100,6 @@ class TabularService:
         self.times = EventTimes(project.config.data.time_unit, cfg.times.earliest,
                                 timedelta(days=cfg.times.max_future_days))
         self.metrics = ServingMetrics()
-        self.answers = Answers(self.metrics)
         self.runtime = champion_runtime(
             project, cfg.reload_interval_s, self.metrics,
             lambda registry, version: load_version(registry, version, cfg.max_records,
@@ -163,82 +155,54 @@ class TabularService:
         return ids, fields
 
     async def predict(self, scope: Any, receive: Any, send: Any) -> None:
-        """POST /v1/predict as a plain ASGI callable."""
+        """POST /v1/predict as a plain ASGI callable; its errors take the one answer path too."""
         started = time.perf_counter()
         request_id = new_request_id()
         model = self.runtime.current
-        version = model.version if model else 0
-        client, refused = self.clients.from_asgi(scope, "predict")
-        if refused is None:
-            status, payload = await self._predict(model, scope, receive, request_id, started, client)
-        else:
-            status, payload = refused.status, {"detail": refused.detail}
-        if status != 200:
-            payload["request_id"] = request_id
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
+        try:
+            status, payload = 200, await self._predict(model, scope, receive, request_id, started)
+        except Exception as exc:
+            status, payload, extra = error_answer(exc, request_id, "predict")
+            headers += [(k.encode(), v.encode()) for k, v in extra.items()]
         body = orjson.dumps(payload)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"x-request-id", request_id.encode())]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
+        headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.observe("predict", status, version, time.perf_counter() - started)
+        self.metrics.observe("predict", status, model.version if model else 0, time.perf_counter() - started)
 
     async def _predict(self, model: LoadedModel | None, scope: Any, receive: Any, request_id: str,
-                       started: float, client: str) -> tuple[int, dict[str, Any]]:
+                       started: float) -> dict[str, Any]:
+        client = self.clients.caller_of(scope, "predict")
         if model is None:
-            return 503, {"detail": "no champion model is loaded yet"}
-        limit = self.cfg.max_body_bytes
-        try:
-            records = model.validator.records(parse_json_body(await receive_body(scope, receive, limit)))
-            ids, fields = await self.score_and_log(model, records, request_id, started, client)
-        except BodyTooLarge:
-            return 413, {"detail": f"body larger than {limit} bytes"}
-        except RequestInvalid as exc:
-            return 422, {"detail": [e.as_dict() for e in exc.errors]}
-        except Exception:
-            log.exception("predict failed", extra={"event": "request_error", "status": 500,
-                                                    "request_id": request_id})
-            return 500, {"detail": "internal error; see the server log"}
+            raise Unavailable("no champion model is loaded yet")
+        body = await receive_body(scope, receive, self.cfg.max_body_bytes)
+        records = model.validator.records(parse_json_body(body))
+        ids, fields = await self.score_and_log(model, records, request_id, started, client)
         answers = model.answers
-        return 200, {"model": model.name, "version": model.version, "request_id": request_id,
-                     **answers.top_level, "predictions": answers.predictions(ids, fields)}
+        return {"model": model.name, "version": model.version, "request_id": request_id,
+                **answers.top_level, "predictions": answers.predictions(ids, fields)}
 
-    async def feedback(self, request: Request) -> Response:
-        started, request_id, limit = time.perf_counter(), new_request_id(), self.cfg.max_body_bytes
-        client, refused = self.clients.identify(request.headers.get("authorization", ""), "feedback")
-        if refused is not None:
-            return self.answers.send("feedback", refused.status, {"detail": refused.detail}, request_id,
-                                     started, headers=refused.headers)
-        try:
-            body = await read_body(request, limit)
-            if not is_json(request.headers.get("content-type", "")):
-                # A web page may post text/plain or a form to any origin without asking first;
-                # only JSON needs the browser's CORS preflight, which this server never grants.
-                return self.answers.send("feedback", 415, {
-                    "detail": "send the labels as JSON (content-type: application/json)"},
-                    request_id, started)
-            model = self.runtime.current
-            labels = feedback_labels(parse_json_body(body), self.project.config.task,
-                                     model.spec.classes if model else None, self.times)
-            if not self.cfg.accept_unsigned_feedback:
-                refuse_unissued(labels, lambda rid: self.record_ids.issued(rid, client))
-        except BodyTooLarge:
-            return self.answers.send("feedback", 413, {"detail": f"body larger than {limit} bytes"},
-                                     request_id, started)
-        except RequestInvalid as exc:
-            return self.answers.send("feedback", 422, {"detail": [e.as_dict() for e in exc.errors]},
-                                     request_id, started)
+    async def feedback(self, request: Request, call: Call) -> dict[str, Any]:
+        client = self.clients.caller(request.headers.get("authorization", ""), "feedback")
+        body = await read_body(request, self.cfg.max_body_bytes)
+        if not is_json(request.headers.get("content-type", "")):
+            # A web page may post text/plain or a form to any origin without asking first;
+            # only JSON needs the browser's CORS preflight, which this server never grants.
+            raise UnsupportedMediaType("send the labels as JSON (content-type: application/json)")
+        model = self.runtime.current
+        labels = feedback_labels(parse_json_body(body), self.project.config.task,
+                                 model.spec.classes if model else None, self.times)
+        if not self.cfg.accept_unsigned_feedback:
+            refuse_unissued(labels, lambda rid: self.record_ids.issued(rid, client))
         try:
             stored = await run_in_threadpool(store_feedback, self.engine, labels)
         except sa.exc.SQLAlchemyError as exc:  # locked, down, full: the client may send them again
             log.warning("feedback not stored: state database unavailable", extra={
-                "event": "feedback_error", "error": type(exc).__name__, "request_id": request_id})
-            return self.answers.send("feedback", 503, {
-                "detail": "the state database is unavailable; send the labels again later"},
-                request_id, started, headers={"retry-after": "5"})
-        return self.answers.send("feedback", 200, {"accepted": stored, "request_id": request_id},
-                                 request_id, started)
+                "event": "feedback_error", "error": type(exc).__name__, "request_id": call.request_id})
+            raise Unavailable("the state database is unavailable; send the labels again later",
+                              {"retry-after": "5"}) from None
+        return {"accepted": stored, "request_id": call.request_id}
 
     async def monitoring_metrics(self) -> bytes:
         """The log queue's depth now, and the latest monitoring verdicts as gauges."""
@@ -259,8 +223,9 @@ class TabularService:
         return {"sent_to_log": self.writer.sent, "dropped": self.writer.dropped, "sink_exit": sink_code}
 
 
-def create_app(project: Project | None = None, migrate: bool = True) -> Any:
-    """The ASGI app for one project; `migrate=False` when `flywheel serve` already migrated."""
+def create_app(project: Project | None = None, migrate: bool = True, mounts: Mounts | None = None) -> Any:
+    """The ASGI app for one project; `migrate=False` when `flywheel serve` already migrated;
+    `mounts`: more routes, given the runtime (the control room, where the app is composed)."""
     project = project or load_project(os.environ["FLYWHEEL_CONFIG"])
     service = TabularService(project, migrate)
 
@@ -270,8 +235,8 @@ def create_app(project: Project | None = None, migrate: bool = True) -> Any:
     routes = [
         Route("/v1/predict", predict_elsewhere, methods=["POST"]),
         *PlatformRoutes(service).routes(),
-        Route("/v1/feedback", service.feedback, methods=["POST"]),
-        *room_mount(project, service.runtime),
+        Route("/v1/feedback", Endpoint("feedback", service.metrics, service.feedback), methods=["POST"]),
+        *(mounts(service.runtime) if mounts else []),
         *common_routes(service.runtime, service.metrics, service.openapi,
                        {"threshold": service.cfg.threshold}, service.monitoring_metrics,
                        lambda: {"prediction_log": service.writer.health()}, service.clients),

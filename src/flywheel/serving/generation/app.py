@@ -24,32 +24,30 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.config import GenerateServingConfig, LlmProject
 from flywheel.core.cpus import usable_cpus
 from flywheel.llm.llamacpp import load_llamacpp
 from flywheel.llm.runtime import Generation, TextGenerator, load_generator
-from flywheel.room.app import room_mount
-from flywheel.serving.http import (
+from flywheel.serving.generation.openai import OpenAIEndpoints, openai_error
+from flywheel.serving.generation.openapi import MAX_SEED, MIN_TEMPERATURE, generate_openapi
+from flywheel.serving.http.bodies import parse_json_body, read_body
+from flywheel.serving.http.common import (
     ERROR_HANDLERS,
-    Answers,
-    BodyTooLarge,
+    Call,
     CountedErrors,
+    Endpoint,
+    Mounts,
     champion_runtime,
     client_address,
     common_routes,
-    new_request_id,
-    read_body,
     worker_lifespan,
 )
-from flywheel.serving.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
-from flywheel.serving.openai_api import OpenAIEndpoints
-from flywheel.serving.openapi import MAX_SEED, MIN_TEMPERATURE, generate_openapi
-from flywheel.serving.runtime import ModelRuntime
-from flywheel.serving.traffic import TrafficRollup
-from flywheel.serving.validation import FieldError, RequestInvalid, parse_json_body
+from flywheel.serving.http.errors import FieldError, RequestInvalid, TooBusy, Unavailable
+from flywheel.serving.http.metrics import GENERATION_BUCKETS, GenerationMetrics, ServingMetrics
+from flywheel.serving.http.runtime import ModelRuntime
+from flywheel.serving.http.traffic import TrafficRollup
 from flywheel.state.db import open_state
 
 log = logging.getLogger("flywheel.serving")
@@ -158,7 +156,8 @@ class GenerationSlots:
                 del self.held[client]
 
 
-def create_generate_app(project: LlmProject, migrate: bool = True) -> CountedErrors:
+def create_generate_app(project: LlmProject, migrate: bool = True,
+                        mounts: Mounts | None = None) -> CountedErrors:
     """The ASGI app of a LoRA project; its only state rows are the traffic rollups (`migrate`:
     False when `flywheel serve` already migrated the state database)."""
     cfg = project.config.serving
@@ -179,10 +178,14 @@ def create_generate_app(project: LlmProject, migrate: bool = True) -> CountedErr
         return generate_openapi(project.config.registered_model, cfg, version)
 
     compatible = OpenAIEndpoints(endpoint)
-    app = Starlette(routes=[Route("/v1/generate", endpoint.handle, methods=["POST"]),
-                            Route("/v1/chat/completions", compatible.chat, methods=["POST"]),
-                            Route("/v1/completions", compatible.completions, methods=["POST"]),
-                            *common_routes(runtime, metrics, openapi), *room_mount(project, runtime)],
+    chat = Endpoint("chat_completions", metrics, compatible.chat, openai_error)
+    completions = Endpoint("completions", metrics, compatible.completions, openai_error)
+    app = Starlette(routes=[Route("/v1/generate", Endpoint("generate", metrics, endpoint.handle),
+                                  methods=["POST"]),
+                            Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/v1/completions", completions, methods=["POST"]),
+                            *common_routes(runtime, metrics, openapi),
+                            *(mounts(runtime) if mounts else [])],
                     lifespan=worker_lifespan(runtime, start=rollup.start, stop=rollup.stopped),
                     exception_handlers=ERROR_HANDLERS)
     app.state.runtime = runtime
@@ -195,27 +198,18 @@ class GenerateEndpoint:
     def __init__(self, cfg: GenerateServingConfig, runtime: ModelRuntime[TextGenerator],
                  metrics: ServingMetrics):
         self.cfg, self.runtime = cfg, runtime
-        self.answers = Answers(metrics)
+        self.metrics = metrics
         self.gen_metrics = GenerationMetrics(metrics)
         self.slots = GenerationSlots(cfg.max_concurrent, cfg.max_waiting, self.gen_metrics,
                                      cfg.max_per_client)
 
-    async def handle(self, request: Request) -> Response:
-        started, request_id = time.perf_counter(), new_request_id()
+    async def handle(self, request: Request, call: Call) -> dict[str, Any]:
         model = self.runtime.current  # this request finishes on this model, whatever swaps meanwhile
         if model is None:
-            return self.answers.send("generate", 503, {"detail": "no champion adapter is loaded yet"},
-                                     request_id, started)
-        try:
-            req, prompt_ids = await self.parse(request, model)
-        except BodyTooLarge:
-            return self.answers.send("generate", 413, {"detail": f"body larger than "
-                                                                 f"{self.cfg.max_body_bytes} bytes"},
-                                     request_id, started, model.version)
-        except RequestInvalid as exc:
-            return self.answers.send("generate", 422, {"detail": [e.as_dict() for e in exc.errors]},
-                                     request_id, started, model.version)
-        return await self.generate(model, req, prompt_ids, request_id, started, client_address(request))
+            raise Unavailable("no champion adapter is loaded yet")
+        call.version = model.version
+        req, prompt_ids = await self.parse(request, model)
+        return await self.generate(model, req, prompt_ids, call, client_address(request))
 
     async def parse(self, request: Request, model: TextGenerator) -> tuple[GenerateRequest, list[int]]:
         cfg = self.cfg
@@ -228,32 +222,26 @@ class GenerateEndpoint:
             raise RequestInvalid([FieldError(("body", "prompt"), "has no tokens", "type_error")])
         return req, prompt_ids
 
+    def busy(self) -> TooBusy:
+        cfg = self.cfg
+        return TooBusy(f"{cfg.max_concurrent} generation(s) running and {cfg.max_waiting} waiting, at "
+                       f"most {self.slots.per_client} for one client: retry later")
+
     async def generate(self, model: TextGenerator, req: GenerateRequest, prompt_ids: list[int],
-                       request_id: str, started: float, client: str = "") -> Response:
-        cfg, send = self.cfg, self.answers.send
+                       call: Call, client: str = "") -> dict[str, Any]:
         async with self.slots.slot(client) as granted:
             if not granted:
-                return send("generate", 429, {"detail": f"{cfg.max_concurrent} generation(s) running "
-                                                        f"and {cfg.max_waiting} waiting, at most "
-                                                        f"{self.slots.per_client} for one client: "
-                                                        "retry later"},
-                            request_id, started, model.version, {"retry-after": "1"})
-            try:
-                out = await run_in_threadpool(model.generate, prompt_ids, req.max_new_tokens,
-                                              req.temperature, req.top_p, req.seed)
-            except Exception:
-                log.exception("generation failed", extra={"event": "request_error", "status": 500,
-                                                           "request_id": request_id})
-                return send("generate", 500, {"detail": "internal error; see the server log"},
-                            request_id, started, model.version)
-        self.record(model, out, request_id, started)
-        return send("generate", 200, {
-            "model": model.name, "version": model.version, "request_id": request_id,
+                raise self.busy()
+            out = await run_in_threadpool(model.generate, prompt_ids, req.max_new_tokens,
+                                          req.temperature, req.top_p, req.seed)
+        self.record(model, out, call.request_id, call.started)
+        return {
+            "model": model.name, "version": model.version, "request_id": call.request_id,
             "text": out.text, "finish_reason": out.finish_reason,
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
             "parameters": {"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
                            "top_p": req.top_p, "seed": req.seed},
-        }, request_id, started, model.version)
+        }
 
     def record(self, model: TextGenerator, out: Generation, request_id: str, started: float) -> None:
         version = str(model.version)
