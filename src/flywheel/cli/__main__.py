@@ -2,4 +2,5 @@
 
 from flywheel.cli import app
 
-app()
+if __name__ == "__main__":  # importing it (a tool walking the package) runs nothing
+    app()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 from rich.table import Table
 
-from flywheel.cli.common import out
+from flywheel.cli.common import console, out
 from flywheel.core.secrets import redact
 
 if TYPE_CHECKING:
@@ -198,8 +198,8 @@ def pipeline_run(run: PipelineRun) -> None:
 def demo_data(data: DemoData) -> None:
     from flywheel.demo.sba import LEAKY_DROPPED
 
-    c = data.clean
-    out.print(f"Cleaned {c.raw_rows:,} raw rows: kept {c.rows:,}, dropped {c.dropped_no_status:,} "
+    c = data.clean  # on stderr, beside the progress: what was done to the data, not a result
+    console.print(f"Cleaned {c.raw_rows:,} raw rows: kept {c.rows:,}, dropped {c.dropped_no_status:,} "
               f"without a status, fixed {c.dates_fixed_century} two-digit-year dates; dropped columns "
               f"{', '.join(LEAKY_DROPPED)}.")
 
