@@ -47,7 +47,8 @@ def test_the_site_builds_strict_with_the_api_and_the_configuration_reference(sit
     missing = [name for name in documented if f'id="flywheel.api.{name}"' not in api_page]
     assert missing == [], f"functions of flywheel.api without a reference entry: {missing}"
     reference = (site / "reference" / "configuration" / "index.html").read_text()
-    assert "serving.log.retention_days" in reference and "lora.target_modules" in reference
+    assert 'id="serving"' in reference and "<code>log.retention_days</code>" in reference
+    assert "<code>target_modules</code>" in reference
     assert not list(site.rglob("*.py")), "the hook was copied into the site"
     assert "fonts.googleapis" not in (site / "index.html").read_text()  # nothing fetched when read
 
@@ -67,16 +68,28 @@ def test_the_configuration_reference_covers_every_field_and_the_guide_names_only
     from flywheel.config import Config, LlmConfig
 
     reference = hook().render()
-    paths = {row[0] for model in (Config, LlmConfig) for row in hook().fields_of(model)}
+    tabular, lora = reference.split("## A LoRA fine-tuning project", 1)
+    for model, page in ((Config, tabular), (LlmConfig, lora)):
+        rows = hook().fields_of(model)
+        # every field is on its section's table, under the heading of its top-level key
+        sections = dict(re.findall(r"^### `(\w+)`\n\n(.*?)(?=^### |\Z)", page, flags=re.M | re.S))
+        for path, *_ in rows:
+            top = re.split(r"[.\[]", path, maxsplit=1)[0]
+            rest = path[len(top):].lstrip(".")
+            where = sections.get(top, page) if rest else page
+            assert f"`{rest or path}`" in where, f"{model.__name__}: {path} missing from the reference"
+        # and says what it is: a field added without the comment above it fails here
+        undescribed = [path for path, *_, note in rows if not note]
+        assert undescribed == [], f"fields of {model.__name__} with no comment in config.py: {undescribed}"
+    paths = {re.sub(r"\[kind=\w+\]", "", row[0]) for model in (Config, LlmConfig)
+             for row in hook().fields_of(model)}
     assert {"data.window.start", "serving.clients", "retraining.triggers.drift", "text.template",
-            "serving.runtime"} <= {re.sub(r"\[kind=\w+\]", "", p) for p in paths}
-    assert all(f"`{p}`" in reference for p in paths)
+            "serving.runtime"} <= paths
     # the topic guide's tables name fields in their first column: each must exist
-    known = {re.sub(r"\[kind=\w+\]", "", p) for p in paths}
     guide = (DOCS / "configuration.md").read_text()
     named = {name for cell in re.findall(r"^\| (`[^|]+) \|", guide, flags=re.M)
              for name in re.findall(r"`([a-z_.]+)", cell)}
-    unknown = sorted(n for n in named if n not in known and not any(k.startswith(n + ".") for k in known))
+    unknown = sorted(n for n in named if n not in paths and not any(k.startswith(n + ".") for k in paths))
     assert unknown == [], f"docs/configuration.md names fields the config does not have: {unknown}"
 
 

@@ -99,12 +99,31 @@ def fields_of(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, 
     return rows
 
 
-def _table(model: type[BaseModel]) -> str:
-    out = ["| field | type | default | bounds | what it is |", "|---|---|---|---|---|"]
-    for path, kind, default, bounds, comment in fields_of(model):
-        note = comment.replace("|", "\\|")
-        out.append(f"| `{path}` | {kind} | {default} | {bounds} | {note} |")
-    return "\n".join(out)
+def _row(path: str, kind: str, default: str, bounds: str, comment: str) -> str:
+    note = comment.replace("|", "\\|")
+    return f"| `{path}` | {kind} | {default} | {bounds} | {note} |"
+
+
+HEAD = "| field | type | default | bounds | what it is |\n|---|---|---|---|---|"
+
+
+def _sections(model: type[BaseModel], level: str) -> list[str]:
+    """The top-level scalar fields in one table, then a section per nested model (its fields by
+    their path below it), so that each part of the file has its own heading."""
+    rows = fields_of(model)
+    tops = [r for r in rows if "." not in r[0] and "[" not in r[0]]
+    nested = {r[0] for r in tops if r[2] == "(below)" or _is_group(rows, r[0])}
+    out = [HEAD + "\n" + "\n".join(_row(*r) for r in tops if r[0] not in nested)]
+    for top in [r for r in tops if r[0] in nested]:
+        out.append(f"{level} `{top[0]}`")
+        below = [(r[0].removeprefix(top[0]).lstrip("."), *r[1:]) for r in rows
+                 if r[0] != top[0] and (r[0].startswith(top[0] + ".") or r[0].startswith(top[0] + "["))]
+        out.append(HEAD + "\n" + "\n".join(_row(*r) for r in below))
+    return out
+
+
+def _is_group(rows: list[tuple[str, str, str, str, str]], path: str) -> bool:
+    return any(r[0].startswith(path + ".") or r[0].startswith(path + "[") for r in rows)
 
 
 def render() -> str:
@@ -118,8 +137,8 @@ def render() -> str:
         "may also be set from the environment: `FLYWHEEL_` + the path in capitals with `__` between "
         "levels (`FLYWHEEL_GATE__FLOOR=0.65`). [Configuration](../configuration.md) explains them "
         "by topic.",
-        "## A tabular project (`kind: tabular`, the default)", _table(Config),
-        "## A LoRA fine-tuning project (`kind: lora`)", _table(LlmConfig), ""])
+        "## A tabular project (`kind: tabular`, the default)", *_sections(Config, "###"),
+        "## A LoRA fine-tuning project (`kind: lora`)", *_sections(LlmConfig, "###"), ""])
 
 
 def on_files(files: Any, config: Any) -> Any:

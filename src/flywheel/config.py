@@ -33,15 +33,20 @@ class _Strict(BaseModel):
 class Stores(_Strict):
     """Three SQLAlchemy URLs. Unset means a SQLite file under the project's .flywheel/ folder."""
 
+    # SQLAlchemy URL of the business data (default: SQLite under .flywheel/).
     source: str | None = None
+    # MLflow's tracking and registry store: a SQLAlchemy URL, or an MLflow server's http(s):// URL.
     tracking: str | None = None
+    # Flywheel's own tables: alias history, prediction log, verdicts, runs (default: SQLite).
     state: str | None = None
 
 
 class Window(_Strict):
     """Half-open time window [start, end) on the time column."""
 
+    # First time in the window (included).
     start: date
+    # End of the window (excluded).
     end: date
 
     @model_validator(mode="after")
@@ -65,11 +70,18 @@ DEFAULT_GATE_METRIC = {"binary": "roc_auc", "regression": "rmse", "multiclass": 
 class PerformanceWindowTarget(_Strict):
     """Positive when the event happened within `months` of the row's time; known `months` later."""
 
+    # A label made from an event within a performance window after each row's time.
     kind: Literal["performance_window"]
+    # Always binary: the event happened within the window or not.
     task: Literal["binary"] = "binary"
+    # The column that records the event (e.g. the loan's status).
     event_column: str
+    # The value of `event_column` that is the event (e.g. CHGOFF).
     event_value: str
+    # When the event happened.
     event_time_column: str
+    # The window's length: an event later than this is a negative; a row is labelled only this long after
+    # its time.
     months: int = Field(gt=0, le=240)
 
 
@@ -79,10 +91,15 @@ class ColumnTarget(_Strict):
     (default: the classes the training window holds, in sorted order). Rows whose target is empty
     are not labelled yet (regression, multiclass)."""
 
+    # The label is a column of the table.
     kind: Literal["column"]
+    # The column to predict.
     column: str
+    # binary (two values), regression (a number) or multiclass (one of several values).
     task: Task = "binary"
+    # Binary: the value that is the positive class (default: found from the values).
     positive: str | int | bool | None = None
+    # Multiclass: the classes, in order (default: those the window holds, sorted).
     classes: list[str] | None = Field(default=None, min_length=2)
 
     @model_validator(mode="after")
@@ -111,9 +128,13 @@ class SparkConfig(_Strict):
     standalone cluster (`spark://HOST:7077`), or what a managed service gives; any Spark setting
     in `conf`; extra jars (a JDBC driver) in `jars`."""
 
+    # local[N], a standalone cluster spark://HOST:7077, or what a managed service gives.
     master: str = "local[2]"
+    # The Spark application's name.
     app_name: str = "flywheel"
+    # Any Spark setting, as in spark-defaults.conf.
     conf: dict[str, str] = {}
+    # More jars for the session (Debian's PostgreSQL JDBC driver is added when present).
     jars: list[str] = []
     # A PostgreSQL source is read over JDBC by Spark in this many parallel slices of the id column
     # (an integer id; one slice otherwise).
@@ -130,18 +151,26 @@ class DataConfig(_Strict):
     (`start: 2010`, `start: 201001`).
     """
 
+    # The source table that holds the rows.
     table: str
+    # Each row's unique id.
     id_column: str
+    # When each row happened: windows, splits and monitoring follow it.
     time_column: str
+    # What the time column holds: a date or timestamp, a year (2017), a month (201703) or text.
     time_unit: TimeUnit = "date"
+    # With time_unit text: its strftime pattern, such as %d/%m/%Y (none: ISO text).
     time_format: str | None = None
+    # The half-open time window to train on.
     window: Window
+    # What to predict: a column, or an event within a performance window.
     target: Target
     # Train only on labels known by this date (default: the window's end).
     as_of: date | None = None
     # What computes the features at training: DuckDB in this process, or Spark (data.spark).
     # Serving computes them per record in Python either way, with the same values.
     engine: Literal["duckdb", "spark"] = "duckdb"
+    # The Spark session, when data.engine is spark.
     spark: SparkConfig = SparkConfig()
 
     @model_validator(mode="before")
@@ -178,26 +207,39 @@ def period_start(value: int, unit: str, where: str) -> date:
 
 
 class NumericFeature(_Strict):
+    # A column's number, as it is.
     kind: Literal["numeric"]
+    # The feature's name (what the model and the reports call it).
     name: str
+    # The source column.
     column: str
 
 
 class RatioFeature(_Strict):
+    # One column divided by another; missing when the denominator is 0 or missing.
     kind: Literal["ratio"]
+    # The feature's name.
     name: str
+    # The column on top.
     numerator: str
+    # The column below.
     denominator: str
 
 
 class FlagFeature(_Strict):
     """1.0 when `column OP value` (or `column OP other`) holds, 0.0 when not, missing when null."""
 
+    # 1 when a comparison holds, else 0.
     kind: Literal["flag"]
+    # The feature's name.
     name: str
+    # The column compared.
     column: str
+    # The comparison: == != > >= < <= or in.
     op: Literal["==", "!=", ">", ">=", "<", "<=", "in"]
+    # What it is compared with (a list for in).
     value: str | float | int | list[str | float | int] | None = None
+    # Or another column to compare with.
     other: str | None = None
 
     @model_validator(mode="after")
@@ -214,9 +256,13 @@ class FlagFeature(_Strict):
 class BucketFeature(_Strict):
     """Index of the bucket the value falls in, given increasing edges."""
 
+    # The index of the interval a number falls in.
     kind: Literal["bucket"]
+    # The feature's name.
     name: str
+    # The column bucketed.
     column: str
+    # Increasing edges of the intervals.
     edges: list[float] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -229,11 +275,17 @@ class BucketFeature(_Strict):
 class CategoryFeature(_Strict):
     """A category passed through; the vocabulary is learnt on the training slice."""
 
+    # A text column's values, the frequent ones kept and the rest as other.
     kind: Literal["category"]
+    # The feature's name.
     name: str
+    # The column.
     column: str
+    # Keep only the value's first N characters (an industry code's sector, say).
     prefix: int | None = Field(default=None, gt=0)
+    # Keep at most this many values, the most frequent.
     max_categories: int = Field(default=50, gt=0, le=10_000)
+    # A value seen fewer times than this in training is other.
     min_count: int = Field(default=20, ge=1)
 
 
@@ -244,9 +296,11 @@ Feature = Annotated[
 
 
 class ChecksConfig(_Strict):
+    # Training stops on fewer labelled rows than this.
     min_rows: int = 1000
     # Each class needs at least this many labelled rows (a rate floor would reject rare events).
     min_class_rows: int = Field(default=50, ge=1)
+    # Training stops when a feature is missing in more than this share of rows.
     max_null_fraction: float = Field(default=0.5, ge=0, le=1)
     # Any single feature whose standalone ROC-AUC reaches this stops training (binary; multiclass:
     # the macro one-vs-rest ROC-AUC). 0.9: at 0.8 a legitimate feature (a customer's age, 0.84) was
@@ -257,11 +311,14 @@ class ChecksConfig(_Strict):
     leakage_r2_threshold: float = Field(default=0.75, gt=0, le=1)
     # Regression: the values a target may take; a row outside stops training (a unit or entry error).
     target_range: tuple[float, float] | None = None
+    # Features the leakage screen may pass although they reach the threshold (say why in the config).
     accept_leaky: list[str] = []
 
 
 class SplitConfig(_Strict):
+    # The share of the window, by time, for early stopping.
     validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    # The latest share of the window, by time, held out for the gate.
     holdout_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     # The most of a holdout that rows learnt from /v1/feedback may make up when it also holds
     # source rows: the gate decides on it, and callers choose what they label and when it happened.
@@ -269,8 +326,11 @@ class SplitConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    # The trainer: lightgbm, sklearn (a logistic or ridge pipeline) or torch-mlp.
     type: Literal["lightgbm", "sklearn", "torch-mlp"] = "lightgbm"
+    # The trainer's parameters (see Configuration: trainer parameters).
     params: dict[str, Any] = {}
+    # Seed of every random choice in training.
     seed: int = 42
 
 
@@ -281,17 +341,22 @@ GateMetric = Literal["roc_auc", "pr_auc", "log_loss", "brier", "rmse", "mae", "r
 class GateConfig(_Strict):
     # default: roc_auc (binary), rmse (regression), log_loss (multiclass)
     metric: GateMetric = "roc_auc"
+    # The worst value of the gate's metric a challenger may have and be promoted.
     floor: float
+    # How much better than the champion, on the same holdout, a challenger must be.
     min_improvement: float = Field(default=0.0, ge=0)
+    # Refuse a challenger that needs an input the champion's clients do not send, or changes one's type.
     require_schema_compatible: bool = True
 
 
 class PredictionLogConfig(_Strict):
     """The batched writer of the prediction log: bounded, never silently lossy."""
 
+    # Records the log may hold in memory before requests wait for room.
     queue_size: int = Field(default=100_000, ge=1)
     # Rows per frame sent to the log sink, each one insert transaction there.
     batch_size: int = Field(default=128, ge=1, le=100_000)
+    # The longest a record waits in memory before it is sent to the log sink.
     flush_interval_s: float = Field(default=0.05, gt=0, le=60)
     # A full queue makes the request wait this long for room, then the record is counted as dropped.
     queue_wait_s: float = Field(default=0.25, ge=0, le=60)
@@ -305,10 +370,15 @@ class ConnectionLimits(_Strict):
     time to arrive, an idle keep-alive connection's life, and the connections open at once
     (beyond `max_connections` a request is answered 503)."""
 
+    # Request headers larger than this get 431 and the connection closes.
     max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)
+    # Headers not complete within this get 408 and a close.
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # A body not complete within this of its headers gets 408 and a close.
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # An idle keep-alive connection is closed after this.
     keep_alive_s: int = Field(default=5, ge=1, le=600)
+    # Connections at once per worker; more get 503.
     max_connections: int = Field(default=1_000, ge=1, le=100_000)
 
 
@@ -318,7 +388,9 @@ class PlausibleTimes(_Strict):
     never clamped: a time read in the wrong unit (a year taken for Unix seconds is 1970) would
     otherwise file rows under the wrong window, or put them in a holdout."""
 
+    # meta.event_time and observed_at before this are refused.
     earliest: date = date(1900, 1, 1)
+    # Times more than this many days ahead are refused.
     max_future_days: float = Field(default=1.0, ge=0, le=36_500)
 
 
@@ -330,8 +402,11 @@ class ServingClient(_Strict):
     environment variable that holds its bearer token (or `<name>_FILE`, a mounted secret), and what
     it may do: `predict`, `feedback` (label only the record ids issued to it), `admin`."""
 
+    # The client's name, in the log and the metrics.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # The environment variable (or _FILE) that holds its bearer token.
     token_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    # What it may do: predict, feedback, admin.
     scopes: list[Scope] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -345,23 +420,35 @@ class ServingClient(_Strict):
 class ServerConfig(_Strict):
     """What every `flywheel serve` has: where it listens, its workers, how often it checks the alias."""
 
+    # The address the server binds.
     host: str = "127.0.0.1"
+    # The port it listens on.
     port: int = Field(default=8000, ge=1, le=65535)
+    # Worker processes.
     workers: int = Field(default=1, ge=1, le=64)
+    # How often each worker checks where the champion alias points.
     reload_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # Log one JSON line per request.
     access_log: bool = False
+    # The connection limits (header size and time, body time, keep-alive, connections).
     connections: ConnectionLimits = ConnectionLimits()
 
 
 class ServingConfig(ServerConfig):
+    # Binary: the decision is positive when the probability reaches this.
     threshold: float = Field(default=0.5, ge=0, le=1)
+    # Larger request bodies get 413.
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # The most records in one request.
     max_records: int = Field(default=1_000, ge=1)
+    # The longest text value a record may carry.
     max_string_length: int = Field(default=1_000, ge=1)
     # Labels for record ids this deployment did not issue (rows scored elsewhere): refused unless
     # set, so nobody can label what they were not served or fill the feedback table with junk.
     accept_unsigned_feedback: bool = False
+    # The prediction log's writer: batching, waiting, retention.
     log: PredictionLogConfig = PredictionLogConfig()
+    # The plausible range of a request's own times (meta.event_time, observed_at).
     times: PlausibleTimes = PlausibleTimes()
     # Callers with their own tokens and scopes. None declared: no token for predict and feedback
     # (the quick start), and /admin takes FLYWHEEL_ADMIN_TOKEN.
@@ -382,10 +469,16 @@ class MonitorWindow(_Strict):
     latest `hours`, or those whose event time (the time column when the model reads it, else the
     request's meta.event_time, else when it was served) lies in [start, end)."""
 
+    # count (the latest size predictions), time (the latest hours) or event (rows' own time in [start,
+    # end)).
     by: Literal["count", "time", "event"] = "count"
+    # With by count: how many predictions.
     size: int = Field(default=10_000, ge=100)
+    # With by time: how many hours.
     hours: float = Field(default=24.0, gt=0)
+    # With by event: the first time.
     start: date | None = None
+    # With by event: the end (excluded).
     end: date | None = None
 
     @model_validator(mode="after")
@@ -397,19 +490,24 @@ class MonitorWindow(_Strict):
 
 
 class MonitoringConfig(_Strict):
+    # Which predictions a monitoring run reads.
     window: MonitorWindow = MonitorWindow()
     # Evidently's defaults: a column drifts at distance >= 0.1, the data at half the columns.
     drift_threshold: float = Field(default=0.1, gt=0)
+    # Dataset drift when at least this share of the features drift.
     drift_share: float = Field(default=0.5, gt=0, le=1)
     # Performance over the latest labelled predictions (labels arrive late: feedback or source).
     performance_rows: int = Field(default=5_000, ge=50)
+    # Performance is judged only on at least this many labelled predictions.
     min_labelled: int = Field(default=500, ge=10)
+    # Binary: and at least this many positives among them.
     min_positives: int = Field(default=10, ge=1)
     # A drop: the window's value of the gate's metric worse than what the serving versions
     # promised (their holdout value, weighted by rows): ROC-AUC or PR-AUC lower by more than
     # max_auc_drop; any other metric (log loss, Brier, RMSE, macro F1, ...) worse by more than
     # max_relative_drop of the promised value.
     max_auc_drop: float = Field(default=0.05, ge=0, le=1)
+    # A gate metric other than ROC-AUC or PR-AUC worse than promised by this share is a drop.
     max_relative_drop: float = Field(default=0.1, gt=0, le=10)
     # Rows of each side given to Evidently for the HTML/JSON report (verdicts use every row).
     report_sample_rows: int = Field(default=10_000, ge=100)
@@ -420,9 +518,13 @@ class MonitoringConfig(_Strict):
 class TriggersConfig(_Strict):
     """What starts the retraining pipeline; each is checked by `flywheel run` and the replay."""
 
+    # Retrain at least this often (none: no schedule).
     schedule_days: float | None = Field(default=None, gt=0)
+    # Retrain when this many labelled rows arrived since the last retrain (none: off).
     new_labelled_rows: int | None = Field(default=None, ge=1)
+    # Retrain on a dataset-drift verdict.
     drift: bool = True
+    # Retrain on a performance drop.
     performance_drop: bool = True
     # A retraining budget: no trigger fires within this many days of the last retrain.
     min_days_between: float = Field(default=0, ge=0)
@@ -435,6 +537,7 @@ class RetrainingConfig(_Strict):
     # back through /v1/feedback, or both (a served row whose meta.entity_id is a source id is
     # learnt once, from the source). `flywheel train` always reads the source table.
     train_from: Literal["source", "feedback", "both"] = "source"
+    # What starts a retrain.
     triggers: TriggersConfig = TriggersConfig()
     # null: Prefect when its extra is installed, else the local runner
     orchestrator: Literal["local", "prefect"] | None = None
@@ -447,7 +550,9 @@ class RetrainingConfig(_Strict):
 class RoomConfig(_Strict):
     """`flywheel room`: the control-room page. Beyond 127.0.0.1 it needs FLYWHEEL_VIEWER_TOKEN."""
 
+    # The control room's bind address.
     host: str = "127.0.0.1"
+    # The control room's port.
     port: int = Field(default=8090, ge=1, le=65535)
     # MLflow's UI, for links to runs and versions (e.g. http://127.0.0.1:5000); none: no links.
     mlflow_url: str | None = None
@@ -468,10 +573,15 @@ class CardConfig(_Strict):
 class CommonConfig(_Strict):
     """What every project has: a name, the three stores, and the registered model's name."""
 
+    # The project's name: MLflow's experiment.
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # The registered model's name (default: the project's).
     model_name: str | None = None
+    # The three stores: source data, MLflow, Flywheel's state.
     stores: Stores = Stores()
+    # The control room.
     room: RoomConfig = RoomConfig()
+    # What the model card says beyond what is measured.
     card: CardConfig = CardConfig()
 
     @property
@@ -482,15 +592,25 @@ class CommonConfig(_Strict):
 class Config(CommonConfig):
     """A tabular project: a source table, row-level features, a classifier."""
 
+    # tabular (the default) or lora.
     kind: Literal["tabular"] = "tabular"
+    # Where the rows are, their time, the training window and the target.
     data: DataConfig
+    # The features, each computed from a row alone.
     features: list[Feature] = Field(min_length=1)
+    # The data checks before every training, with the leakage screen.
     checks: ChecksConfig = ChecksConfig()
+    # The split by time into train, validation and holdout.
     split: SplitConfig = SplitConfig()
+    # The trainer and its parameters.
     model: ModelConfig = ModelConfig()
+    # What a challenger must reach to be promoted.
     gate: GateConfig
+    # The prediction server.
     serving: ServingConfig = ServingConfig()
+    # Drift and performance verdicts over the prediction log.
     monitoring: MonitoringConfig = MonitoringConfig()
+    # When and on what to retrain.
     retraining: RetrainingConfig = RetrainingConfig()
 
     @model_validator(mode="after")
@@ -539,10 +659,15 @@ class TextConfig(_Strict):
     with `template` (Python format fields from the object) and identified by `id_field`.
     """
 
+    # indian-constitution (a wheel on PyPI) or file.
     source: Literal["indian-constitution", "file"] = "indian-constitution"
+    # With source file: a JSON Lines file, relative to the config.
     path: str | None = None
+    # Each record's id: the split into training and held-out text is by it.
     id_field: str = "article"
+    # Each record as text: Python format fields of the record.
     template: str = "Article {article}: {title}\n{description}"
+    # The share of records held out for the perplexity gate.
     heldout_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     # The split hashes "salt:id": the same documents land in held-out on every machine and run.
     split_salt: str = "flywheel"
@@ -555,30 +680,43 @@ class TextConfig(_Strict):
 
 
 class LoraConfig(_Strict):
+    # The adapter's rank.
     r: int = Field(default=8, ge=1, le=512)
+    # LoRA's scaling numerator (scale = alpha / r).
     alpha: float = Field(default=16, gt=0)
+    # Dropout on the adapter's input.
     dropout: float = Field(default=0.05, ge=0, lt=1)
+    # The base model's modules that get an adapter.
     target_modules: list[str] = Field(default=["q_proj", "v_proj"], min_length=1)
 
 
 class FinetuneTrainingConfig(_Strict):
+    # Optimizer steps.
     steps: int = Field(default=100, ge=1, le=1_000_000)
+    # Blocks of tokens per step.
     batch_size: int = Field(default=4, ge=1, le=4096)
     # Documents are packed into blocks of this many tokens (no padding is trained on).
     max_seq_length: int = Field(default=128, ge=8, le=32_768)
+    # The peak learning rate (linear warm-up, then linear decay).
     learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    # Steps of linear warm-up.
     warmup_steps: int = Field(default=10, ge=0)
+    # AdamW's weight decay.
     weight_decay: float = Field(default=0.0, ge=0)
+    # Seed of the data order and the adapter's initial weights.
     seed: int = 42
     # Held-out perplexity over at most this many tokens (None: all of them), before and after.
     eval_max_tokens: int | None = Field(default=None, ge=8)
+    # auto (CUDA when there is one), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class GenerationSamples(_Strict):
     """Fixed prompts generated greedily before and after training, logged side by side."""
 
+    # Prompts generated greedily before and after training, shown side by side.
     prompts: list[str] = []
+    # Tokens generated for each.
     max_new_tokens: int = Field(default=40, ge=1, le=2048)
 
 
@@ -592,22 +730,33 @@ class LlmGateConfig(_Strict):
     fails the gate (None: measured and logged, never refused).
     """
 
+    # Held-out perplexity: lower is better.
     metric: Literal["perplexity"] = "perplexity"
+    # The highest perplexity a version may have and be promoted.
     floor: float = Field(gt=1)
+    # How much lower than the champion's a challenger's perplexity must be.
     min_improvement: float = Field(default=0.0, ge=0)
+    # On llama.cpp: how much higher, as a fraction, the served GGUF's perplexity may be than the full
+    # model's (none: measure only).
     max_export_cost: float | None = Field(default=0.02, ge=0)
     require_schema_compatible: bool = False  # prompts in, text out: nothing to compare
 
 
 class GenerateServingConfig(ServerConfig):
+    # Larger request bodies get 413.
     max_body_bytes: int = Field(default=65_536, ge=1024)
+    # The longest prompt, in characters.
     max_prompt_chars: int = Field(default=4_000, ge=1)
+    # The longest prompt, in tokens.
     max_prompt_tokens: int = Field(default=1_024, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)        # the largest a request may ask for
+    # Tokens generated when a request does not say.
     default_max_new_tokens: int = Field(default=64, ge=1)
+    # The highest sampling temperature a request may ask for.
     max_temperature: float = Field(default=2.0, gt=0, le=10)
     # Generations run at once per worker; more wait (up to max_waiting), beyond that 429.
     max_concurrent: int = Field(default=1, ge=1, le=64)
+    # Generations that may wait for a slot; more get 429.
     max_waiting: int = Field(default=8, ge=0, le=10_000)
     # Of those, the most one client address may hold, running or waiting (None: all but one).
     max_per_client: int | None = Field(default=None, ge=1, le=10_064)
@@ -617,6 +766,7 @@ class GenerateServingConfig(ServerConfig):
     # transformers: the merged model in PyTorch. llama.cpp: the merged model as a GGUF file at
     # `precision` (written at fine-tuning, hash-checked), decoded by llama-cpp-python.
     runtime: Literal["transformers", "llama.cpp"] = "transformers"
+    # On llama.cpp: the GGUF's weights (f32, f16, q8_0, q4_0, q4_k_m).
     precision: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "iq4_nl"] = "f16"
 
     @model_validator(mode="after")
@@ -629,15 +779,23 @@ class GenerateServingConfig(ServerConfig):
 class LlmConfig(CommonConfig):
     """A LoRA fine-tuning project: a base causal LM, documents, an adapter, the same gate."""
 
+    # lora: a LoRA fine-tuning project.
     kind: Literal["lora"]
     # The built-in SmolLM2-135M-Instruct (a PyPI wheel), a local model folder, or a hub id.
     base_model: str = BUILTIN_BASE_MODEL
+    # The hub revision of base_model, when it is a hub id.
     base_revision: str | None = None
+    # The documents to train on and how they become text.
     text: TextConfig = TextConfig()
+    # The adapter's shape.
     lora: LoraConfig = LoraConfig()
+    # The fine-tuning run.
     training: FinetuneTrainingConfig = FinetuneTrainingConfig()
+    # Generations shown before and after training.
     samples: GenerationSamples = GenerationSamples()
+    # What a version must reach to be promoted.
     gate: LlmGateConfig
+    # The generation server.
     serving: GenerateServingConfig = GenerateServingConfig()
 
 
