@@ -314,9 +314,11 @@ class DemoResult:
 
 
 def demo(project: Project, reporter: Reporter | None = None, replay: bool = True, quarters: int = 36,
-         say: Say = _quiet, trained: Callable[[DemoData, TrainResult], None] | None = None) -> DemoResult:
+         say: Say = _quiet, trained: Callable[[DemoData, TrainResult, bool], None] | None = None
+         ) -> DemoResult:
     """The SBA demo: load the loans, train, then replay `quarters` quarters from FY2002 through the
-    loop (`trained` is told the first model as soon as it is registered)."""
+    loop (`trained` is told the first model as soon as it is registered, and whether the replay
+    runs now: not when this project's log or runs show it replayed before)."""
     import time
 
     from flywheel.config import cache_dir
@@ -329,9 +331,9 @@ def demo(project: Project, reporter: Reporter | None = None, replay: bool = True
     rep = reporter or QuietReporter()
     data = load_into(project, cache_dir(), rep)
     first = train_challenger(project, rep)
-    if trained is not None:
-        trained(data, first)
     skipped = replayed_before(project) if replay else "not asked for"
+    if trained is not None:
+        trained(data, first, not skipped)
     summary = None if skipped else _replay(project, quarters, say)
     return DemoResult(data, first, summary, skipped, time.perf_counter() - started)
 

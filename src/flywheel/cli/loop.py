@@ -31,10 +31,10 @@ def demo(
     """The whole loop on the SBA loans: load, train, serve, replay 2002-2010, monitor, retrain, report."""
     project = api.load(config)
 
-    def trained(data: DemoData, first: TrainResult) -> None:
+    def trained(data: DemoData, first: TrainResult, replaying: bool) -> None:
         render.demo_data(data)
         render.trained(project, first)
-        if replay:
+        if replaying:
             say(f"Replaying {quarters} quarters from FY2002 Q1 as live traffic "
                 "(server, prediction log, feedback, monitoring, triggers, retraining)...")
 
