@@ -159,16 +159,35 @@ def test_a_killed_sink_is_replaced_and_the_log_goes_on(tmp_path):
     for i in range(100):
         assert writer.offer(row(i))
     wait_until(lambda: len(stored_ids(url)) == 100)
-    assert writer._sink is not None
-    writer._sink.send_signal(signal.SIGKILL)
-    writer._sink.wait()
-    assert writer.health()["reasons"] == ["sink_down"]  # until the flusher notices
+    # One handle: the flusher may replace `writer._sink` between a kill and a wait on the
+    # attribute, and waiting on the new sink would wait forever.
+    sink = writer._sink
+    assert sink is not None
+    sink.send_signal(signal.SIGKILL)
+    sink.wait()
     wait_until(lambda: writer.sink_restarts == 1)
+    assert writer._sink is not sink
     for i in range(100, 200):
         assert writer.offer(row(i))
     assert writer.close() == 0
     assert stored_ids(url) == [f"r{i}" for i in range(200)] and writer.dropped == 0
     assert health[-1]["state"] == "ok" and health[-1]["sink_restarts"] == 1
+
+
+def test_a_dead_sink_shows_in_health_until_the_flusher_replaces_it(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    open_state(url)
+    writer = PredictionLogWriter(url, PredictionLogConfig(flush_interval_s=0.01))
+    writer._start_sink()  # the sink alone: no flusher yet to replace it
+    assert writer._sink is not None
+    writer._sink.kill()
+    writer._sink.wait()
+    assert writer.health()["state"] == "degraded" and writer.health()["reasons"] == ["sink_down"]
+    writer._thread.start()
+    wait_until(lambda: writer.sink_restarts == 1)
+    assert writer.health()["state"] == "ok"
+    assert writer.offer(row(0)) and writer.close() == 0
+    assert stored_ids(url) == ["r0"]
 
 
 def test_a_locked_state_database_degrades_the_log_which_recovers_and_the_numbers_add_up(tmp_path):
