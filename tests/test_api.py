@@ -52,6 +52,7 @@ COMMANDS = {"demo": "demo", "example": "example", "replay": "replay", "monitor":
             "train": "train", "import": "import_model", "evaluate": "evaluate", "promote": "promote",
             "rollback": "rollback", "status": "status", "card": "card", "serve": "serve", "room": "room",
             "predict": "predict_file", "log export": "log_export", "log prune": "log_prune",
+            "log compact": "log_compact",
             "image build": "build_image", "finetune": "finetune", "export": "export", "publish": "publish"}
 
 

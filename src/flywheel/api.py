@@ -53,12 +53,13 @@ if TYPE_CHECKING:
     from flywheel.pipeline.runs import PipelineRun, StepResult
     from flywheel.serving.tabular.batch import BatchResult
     from flywheel.state.aliases import AliasMove
+    from flywheel.state.segments import Compacted
 
 __all__ = [
     "AnyProject", "CardWritten", "DemoResult", "ExampleResult", "FlywheelError", "InvalidArgument",
     "Published", "Say", "build_image", "card", "demo", "evaluate", "example", "export", "finetune",
-    "import_model", "ingest", "init", "load",
-    "load_any", "load_llm", "log_export", "log_prune", "monitor", "predict", "predict_file", "promote",
+    "import_model", "ingest", "init", "load", "load_any", "load_llm", "log_compact", "log_export",
+    "log_prune", "monitor", "predict", "predict_file", "promote",
     "publish", "replay", "retrain", "rollback", "room", "run", "serve", "status", "step", "train",
 ]
 
@@ -250,6 +251,16 @@ def log_prune(project: Project, days: int | None = None) -> PruneResult:
     if done is None:
         raise InvalidArgument("no retention: set serving.log.retention_days or give --days")
     return done
+
+
+def log_compact(project: Project,
+                progress: Callable[[str, int, int], None] | None = None) -> Compacted:
+    """Rewrite the log's rows still in JSON text (logged before the columnar log) into segments
+    and merge small segments; safe beside running servers. `progress(stage, done, total)`."""
+    from flywheel.state.db import open_state
+    from flywheel.state.segments import compact
+
+    return compact(open_state(project.state_url), project.config.registered_model, progress)
 
 
 # ---- the loop ---------------------------------------------------------------------------------

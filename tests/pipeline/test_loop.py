@@ -35,6 +35,7 @@ from flywheel.pipeline.runs import list_runs
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.process import ServerProcess, free_port
 from flywheel.state.db import open_state
+from flywheel.state.logread import read_log
 from flywheel.state.verdicts import latest_verdict
 
 WEAK = {"model": {"params": {"num_boost_round": 2}}, "gate": {"floor": 0.5}}
@@ -283,10 +284,7 @@ def test_without_feedback_performance_comes_from_labels_the_source_db_knows_by_t
     frame = extract_window(project.source_url, project.config.data, ["loan_nr"], project.snapshot_dir,
                            window=(date(2002, 1, 1), date(2004, 1, 1)), as_of=date(2006, 6, 1)).frame()
     with open_state(project.state_url).connect() as conn:
-        import sqlalchemy as sa
-
-        rows = conn.execute(sa.text("SELECT meta, probability FROM predictions ORDER BY id DESC LIMIT :n"),
-                            {"n": late.performance.rows}).all()
+        logged = read_log(conn, project.config.registered_model, last=late.performance.rows)
     truth = dict(zip(frame["loan_nr"].astype(str), frame["__target__"], strict=True))
-    y = [truth[json.loads(m)["entity_id"]] for m, _ in rows]
-    assert late.performance.roc_auc == pytest.approx(roc_auc_score(y, [p for _, p in rows]))
+    y = [truth[entity] for entity in logged.meta_values("entity_id")]
+    assert late.performance.roc_auc == pytest.approx(roc_auc_score(y, logged.base["probability"]))

@@ -141,7 +141,11 @@ def test_partitioning_an_existing_log_keeps_every_row_and_steps_back(postgres_ur
     cfg.attributes["engine"] = engine
     command.upgrade(cfg, "0008")
     rows = [(f"r{i}-0", NOW - timedelta(days=i % 12, minutes=i)) for i in range(600)]
-    assert write(engine, insert_sql("postgresql"), [frame(rows)]) == (600, 0)
+    with engine.begin() as conn:  # as that version's sink stored them: inputs as JSON text
+        conn.execute(sa.insert(predictions), [
+            {"record_id": rid, "request_id": "r", "created_at": at, "model_name": "m", "model_version": 1,
+             "inputs": f'{{"x":{i}}}', "probability": 0.5, "decision": True, "latency_ms": 1.0}
+            for i, (rid, at) in enumerate(rows)])
 
     def contents() -> list[tuple]:
         with engine.connect() as conn:
@@ -161,4 +165,5 @@ def test_partitioning_an_existing_log_keeps_every_row_and_steps_back(postgres_ur
     with engine.connect() as conn:
         assert not is_partitioned(conn)
     assert contents()[:-1] == before
+    assert contents()[-1][3] == '{"x":0}'  # a row logged in columns went back to JSON text
     engine.dispose()

@@ -67,7 +67,7 @@ def test_migrations_build_exactly_the_declared_schema_and_step_back(backend, pos
     assert differences() == []
     with engine.connect() as conn:
         indexes = {i["name"] for i in sa.inspect(conn).get_indexes("predictions")}
-    assert indexes == {"ix_predictions_record_id", "ix_predictions_model_time"}
+    assert indexes == {"ix_predictions_record_id", "ix_predictions_model_time", "ix_predictions_json"}
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -91,6 +91,7 @@ def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplic
     from flywheel.serving.tabular.logsink import write
     from flywheel.serving.tabular.predlog import insert_sql
     from flywheel.state.db import open_state, predictions
+    from flywheel.state.logread import read_log
 
     def frame(ids: list[int]) -> list[list]:
         text = 'tab\there "quoted" back\\slash'
@@ -107,13 +108,16 @@ def test_log_sink_stores_the_same_rows_in_postgresql_and_sqlite_and_skips_duplic
         # a frame that repeats a stored record id: the others are still stored, nothing twice
         assert write(engine, sql, [orjson.dumps(frame([3, 4]))]) == (1, 0)
         with engine.connect() as conn:
-            rows = conn.execute(sa.select(predictions).order_by(predictions.c.record_id)).all()
+            rows = conn.execute(sa.select(predictions).order_by(predictions.c.id)).all()
+            logged = read_log(conn, "m")
+        inputs = logged.inputs.to_dict("records")
         stored[dialect] = [(r.record_id, r.created_at.astimezone(UTC).replace(tzinfo=None)
-                            if r.created_at.tzinfo else r.created_at, r.model_version, r.inputs, r.meta,
-                            r.probability, r.decision, r.latency_ms) for r in rows]
+                            if r.created_at.tzinfo else r.created_at, r.model_version, inputs[i],
+                            logged.meta_values("entity_id")[i], r.probability, r.decision, r.latency_ms)
+                           for i, r in enumerate(rows)]
         engine.dispose()
     assert [r[0] for r in stored["postgresql"]] == ["req1-0", "req2-0", "req3-0", "req4-0"]
     assert stored["postgresql"] == stored["sqlite"]
     assert stored["sqlite"][0][1].isoformat() == "2025-11-24T16:00:00.123457"
-    assert stored["sqlite"][0][3] == '{"a":1.5,"s":"tab\\there \\"quoted\\" back\\\\slash"}'
-    assert stored["sqlite"][0][4] == '{"entity_id":1}' and stored["sqlite"][1][4] is None
+    assert stored["sqlite"][0][3] == {"a": 1.5, "s": 'tab\there "quoted" back\\slash'}
+    assert stored["sqlite"][0][4] == 1 and stored["sqlite"][1][4] is None

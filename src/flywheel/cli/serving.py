@@ -6,11 +6,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from flywheel import api
 from flywheel.cli.common import ConfigOpt, command, console, out, parse_date
 
-log_app = typer.Typer(help="The prediction log: export a window of it, apply its retention.",
+log_app = typer.Typer(help="The prediction log: export a window of it, apply its retention, compact it.",
                       no_args_is_help=True)
 image_app = typer.Typer(help="Container images: the slim serving image and the full one.",
                         no_args_is_help=True)
@@ -22,6 +31,7 @@ def register(app: typer.Typer) -> None:
         command(app, name)(fn)
     command(log_app, "export")(log_export)
     command(log_app, "prune")(log_prune)
+    command(log_app, "compact")(log_compact)
     command(image_app, "build")(image_build)
     app.add_typer(log_app, name="log")
     app.add_typer(image_app, name="image")
@@ -86,6 +96,25 @@ def log_prune(
     out.print(f"{done.rows:,} predictions and {done.feedback:,} labels older than "
               f"{done.cutoff:%Y-%m-%d %H:%M} UTC removed"
               + (f" ({len(done.partitions)} day partitions dropped)" if done.partitions else ""))
+
+
+def log_compact(config: ConfigOpt) -> None:
+    """Rewrite predictions logged as JSON text (older versions) into segments; merge small ones."""
+    project = api.load(config)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=16),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                label = "rewriting JSON rows" if stage == "rewrite" else "merging small segments"
+                tasks[stage] = bar.add_task(label, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        done = api.log_compact(project, progress)
+    out.print(f"{done.rewritten_rows:,} predictions rewritten from JSON text, {done.merged_segments:,} "
+              f"small segments merged; the log of '{project.config.registered_model}' is "
+              f"{done.segments:,} segments")
 
 
 def image_build(

@@ -7,6 +7,7 @@ the split by time and the label timing work on one axis whatever the source hold
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -15,7 +16,7 @@ import pandas as pd
 
 from flywheel.config import DataConfig
 from flywheel.core.errors import FlywheelError
-from flywheel.core.times import EVENT_TIME, EventTimes
+from flywheel.core.times import EventTimes
 
 
 class TimeColumnError(FlywheelError, ValueError):
@@ -119,17 +120,18 @@ def window_bound(value: str | date, unit: str) -> date:
         raise ValueError(f"{text!r} is not a date the time unit ({unit}) reads: write {example}") from None
 
 
-def served_row_times(inputs: pd.DataFrame, metas: list[dict[str, Any]], served_at: pd.Series,
+def served_row_times(inputs: pd.DataFrame, events: Sequence[Any], served_at: pd.Series,
                      data: DataConfig) -> pd.Series:
     """When each served row happened: the time column when the model reads it (it is among the
-    inputs), else the request's `meta.event_time`, else the moment it was served (`served_at`,
-    naive UTC). What learning from feedback and monitoring by event time both go by."""
-    served_at = served_at.reset_index(drop=True)
+    inputs), else the request's `meta.event_time` (`events`, None where absent), else the moment
+    it was served (`served_at`, naive UTC). What learning from feedback and monitoring by event
+    time both go by."""
+    served_at = naive_utc(served_at.reset_index(drop=True))
     if data.time_column in inputs.columns:
         return to_timestamps(inputs[data.time_column].reset_index(drop=True), data).fillna(served_at)
     # Numbers in the time unit (logs written before the server normalised meta.event_time)
     reader = EventTimes(data.time_unit)
-    raw = [m.get(EVENT_TIME) for m in metas]
+    raw = list(events)
     raw = [_event_number(v, reader) if isinstance(v, int | float) and not isinstance(v, bool) else v
            for v in raw]
     event = pd.to_datetime(pd.Series(raw, dtype=object), errors="coerce", format="mixed", utc=True)

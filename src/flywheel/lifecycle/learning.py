@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import numpy as np
-import orjson
 import pandas as pd
 import sqlalchemy as sa
 
 from flywheel.config import Project
+from flywheel.core.errors import FlywheelError
+from flywheel.core.times import EVENT_TIME
 from flywheel.data import features as feats
 from flywheel.data.sources import (
     FROM_FEEDBACK,
@@ -31,6 +33,7 @@ from flywheel.data.sources import (
 )
 from flywheel.data.timecol import naive_utc, served_row_times
 from flywheel.state.db import CLIENT_META, feedback, open_state, predictions
+from flywheel.state.logread import LogRows, read_log
 
 ENTITY_ID = "entity_id"  # the key of `meta` that names the row's id in the source table
 # Where a label posted to /v1/feedback is kept, by task, and the target's type in a snapshot.
@@ -55,9 +58,8 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     data = project.config.data
     upper = end_of_day(at)
     label_column = FEEDBACK_LABEL[project.config.task]
-    query = (sa.select(predictions.c.record_id, predictions.c.created_at, predictions.c.inputs,
-                       predictions.c.meta, label_column.label("label"), feedback.c.received_at,
-                       feedback.c.observed_at)
+    query = (sa.select(predictions.c.id, predictions.c.record_id, predictions.c.created_at,
+                       label_column.label("label"), feedback.c.received_at, feedback.c.observed_at)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == project.config.registered_model,
                     label_column.is_not(None))
@@ -66,11 +68,11 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
         query = query.where(predictions.c.created_at < upper, feedback.c.received_at < upper)
     with open_state(project.state_url).connect() as conn:
         found = conn.execute(query).all()
+        served = _served(conn, project.config.registered_model, found)
     wanted = list(dict.fromkeys([data.id_column, data.time_column, *columns]))
     if not found:
         return pd.DataFrame(columns=[*wanted, TARGET, LABEL_KNOWN_AT, FROM_FEEDBACK])
-    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in found])
-    metas = [orjson.loads(r.meta) if r.meta else {} for r in found]
+    inputs = served.inputs
     missing = [c for c in columns if c not in inputs.columns and c != data.time_column]
     if missing:
         raise EmptyWindowError(
@@ -78,9 +80,10 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
             "need, so the feedback cannot be learnt from; retrain from the source table "
             "(retraining.train_from: source) or serve a model whose inputs include them")
     frame = inputs.reindex(columns=[c for c in wanted if c in inputs.columns])
-    frame[data.id_column] = [str(m.get(ENTITY_ID) or r.record_id) for m, r in zip(metas, found, strict=True)]
-    served_at = naive_utc(pd.Series([r.created_at for r in found]))
-    frame[data.time_column] = served_row_times(inputs, metas, served_at, data)
+    frame[data.id_column] = [str(e or r.record_id) for e, r in
+                             zip(served.meta_values(ENTITY_ID), found, strict=True)]
+    frame[data.time_column] = served_row_times(inputs, served.meta_values(EVENT_TIME),
+                                               served.base["created_at"], data)
     frame[TARGET] = np.array([r.label for r in found], dtype=FEEDBACK_DTYPE[project.config.task])
     frame[LABEL_KNOWN_AT] = naive_utc(pd.Series([r.received_at for r in found]))
     if data_time:
@@ -91,7 +94,7 @@ def feedback_rows(project: Project, columns: Sequence[str], start: date, at: dat
     # An id served twice: its latest, within each client. A client reusing another's entity id
     # (declared clients only; all callers are one anonymous client otherwise) adds its own row and
     # never displaces the other's labelled one.
-    frame["__client__"] = [str(m.get(CLIENT_META, "")) for m in metas]
+    frame["__client__"] = ["" if c is None else str(c) for c in served.meta_values(CLIENT_META)]
     frame = frame.drop_duplicates([data.id_column, "__client__"], keep="last").drop(columns="__client__")
     when = frame[data.time_column]
     frame = frame.loc[(when >= pd.Timestamp(start)) & (when < pd.Timestamp(upper))]
@@ -131,7 +134,7 @@ def labelled_feedback_times(project: Project, at: date | None = None) -> pd.Seri
     """The event times of the project's served predictions that have a label (received by the end
     of day `at`, when given): what a retrain from feedback could learn from."""
     data = project.config.data
-    query = (sa.select(predictions.c.created_at, predictions.c.inputs, predictions.c.meta)
+    query = (sa.select(predictions.c.id, predictions.c.created_at)
              .join(feedback, feedback.c.record_id == predictions.c.record_id)
              .where(predictions.c.model_name == project.config.registered_model,
                     FEEDBACK_LABEL[project.config.task].is_not(None)))
@@ -139,12 +142,26 @@ def labelled_feedback_times(project: Project, at: date | None = None) -> pd.Seri
         query = query.where(feedback.c.received_at < end_of_day(at))
     with open_state(project.state_url).connect() as conn:
         found = conn.execute(query).all()
+        served = _served(conn, project.config.registered_model, found)
     if not found:
         return pd.Series([], dtype="datetime64[ns]")
-    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in found])
-    metas = [orjson.loads(r.meta) if r.meta else {} for r in found]
-    served_at = naive_utc(pd.Series([r.created_at for r in found]))
-    return served_row_times(inputs, metas, served_at, data)
+    return served_row_times(served.inputs, served.meta_values(EVENT_TIME), served.base["created_at"], data)
+
+
+def _served(conn: sa.Connection, model_name: str, found: Sequence[Any]) -> LogRows:
+    """What the log holds of the rows `found` (each with its id and created_at), in their order:
+    their inputs and meta read from the segments (or JSON text) of the span they were served in."""
+    if not found:
+        return read_log(conn, model_name, ids=[])
+    times = [r.created_at for r in found]
+    rows = read_log(conn, model_name, ids=[r.id for r in found], start=min(times), end=max(times))
+    position = pd.Index(rows.base["id"]).get_indexer([r.id for r in found])
+    if (position < 0).any():
+        raise FlywheelError(f"{int((position < 0).sum())} labelled predictions have no inputs in the "
+                            "prediction log: their segment is missing (the log was edited by hand?)")
+    return LogRows(rows.base.iloc[position].reset_index(drop=True),
+                   rows.inputs.iloc[position].reset_index(drop=True),
+                   rows.meta.iloc[position].reset_index(drop=True))
 
 
 def _why_no_feedback(project: Project, at: date) -> str:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
+import orjson
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 from flywheel.config import Project
 from flywheel.core.errors import FlywheelError
 from flywheel.state.db import feedback, open_state, predictions
+from flywheel.state.logread import read_log
 from flywheel.state.partitions import PruneResult, ensure_partitions, prune
 
 SCHEMA = pa.schema([
@@ -53,8 +56,8 @@ def export_log(project: Project, start: date | datetime, end: date | datetime, o
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     p, f = predictions.c, feedback.c
-    query = (sa.select(p.record_id, p.request_id, p.created_at, p.model_name, p.model_version, p.inputs,
-                       p.meta, p.probability, p.decision, p.value, p.label, p.scores, p.latency_ms,
+    query = (sa.select(p.record_id, p.request_id, p.created_at, p.model_name, p.model_version, p.id,
+                       p.id, p.probability, p.decision, p.value, p.label, p.scores, p.latency_ms,
                        f.label, f.value, f.label_text, f.observed_at)
              .select_from(predictions.outerjoin(feedback, f.record_id == p.record_id))
              .where(p.model_name == project.config.registered_model, p.created_at >= begin,
@@ -68,6 +71,8 @@ def export_log(project: Project, start: date | datetime, end: date | datetime, o
             for part in result.partitions(chunk_rows):
                 columns = list(zip(*part, strict=True))
                 batch = {name: list(values) for name, values in zip(SCHEMA.names, columns, strict=True)}
+                batch["inputs"], batch["meta"] = _inputs_and_meta(conn, project.config.registered_model,
+                                                                  batch["inputs"], batch["created_at"])
                 batch["created_at"] = [_utc(v) for v in batch["created_at"]]
                 batch["feedback_observed_at"] = [_utc(v) for v in batch["feedback_observed_at"]]
                 writer.write_table(pa.Table.from_pydict(batch, schema=SCHEMA))
@@ -77,6 +82,27 @@ def export_log(project: Project, start: date | datetime, end: date | datetime, o
     finally:
         partial.unlink(missing_ok=True)
     return LogExport(output, rows, labelled, begin, stop)
+
+
+def _inputs_and_meta(conn: sa.Connection, model_name: str, ids: list[int],
+                     times: list[datetime]) -> tuple[list[str], list[str | None]]:
+    """The rows' inputs and meta as JSON text (one object each), from the log's segments."""
+    found = read_log(conn, model_name, ids=ids, start=min(times), end=max(times))
+    position = pd.Index(found.base["id"]).get_indexer(ids)
+    inputs = _no_nan(found.inputs).to_dict("records")
+    metas = _no_nan(found.meta).to_dict("records")
+    numpy = orjson.OPT_SERIALIZE_NUMPY
+    text = [orjson.dumps(inputs[i], option=numpy).decode() if i >= 0 else "{}" for i in position]
+    meta = []
+    for i in position:
+        kept = {k: v for k, v in metas[i].items() if v is not None} if i >= 0 else {}
+        meta.append(orjson.dumps(kept, option=numpy).decode() if kept else None)
+    return text, meta
+
+
+def _no_nan(frame: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None (JSON null), every column as Python objects."""
+    return frame.astype(object).mask(frame.isna(), None)  # type: ignore[arg-type]
 
 
 def _utc(value: datetime | None) -> datetime | None:

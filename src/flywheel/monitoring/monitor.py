@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -23,9 +24,10 @@ import sqlalchemy as sa
 from flywheel.config import DataConfig, MonitoringConfig, MonitorWindow, Project
 from flywheel.core.errors import FlywheelError
 from flywheel.core.extras import installed, require, without
+from flywheel.core.times import EVENT_TIME
 from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
-from flywheel.data.timecol import naive_utc, served_row_times, window_bound
+from flywheel.data.timecol import served_row_times, window_bound
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
 from flywheel.monitoring.reference import (
     PREDICTION,
@@ -36,6 +38,7 @@ from flywheel.monitoring.reference import (
 )
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open_state, predictions
+from flywheel.state.logread import read_log
 from flywheel.training.evaluate import (
     HIGHER_IS_BETTER,
     holdout_metrics,
@@ -169,41 +172,41 @@ def _version_facts(registry: Registry, version: int,
 
 
 def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
-                at: datetime | None = None, data: DataConfig | None = None) -> pd.DataFrame:
-    """The window's predictions: inputs (parsed), probability, model version, time. A window by
-    event time needs `data` (which column is the time column)."""
-    cols = [predictions.c.id, predictions.c.created_at, predictions.c.model_version,
-            predictions.c.inputs, predictions.c.probability, predictions.c.meta,
-            predictions.c.value, predictions.c.label]
-    query = sa.select(*cols).where(predictions.c.model_name == model_name)
-    if window.by == "time":
-        end = at or now()
-        query = query.where(predictions.c.created_at >= end - timedelta(hours=window.hours),
-                            predictions.c.created_at < end)
-    elif window.by == "event":  # a row is served at or after it happened: a bound that SQL can use
-        query = query.where(predictions.c.created_at >= _utc_midnight(window.start))
-    else:
-        query = query.order_by(predictions.c.id.desc()).limit(window.size)
+                at: datetime | None = None, data: DataConfig | None = None,
+                inputs: Sequence[str] | None = None) -> pd.DataFrame:
+    """The window's predictions: inputs (those named, default all), probability, model version,
+    time, read from the log's segments (and rows logged before them). A window by event time
+    needs `data` (which column is the time column)."""
+    wanted = None if inputs is None else \
+        [*inputs, *([data.time_column] if data is not None and window.by == "event" else [])]
+    keys = [EVENT_TIME] if window.by == "event" else []
     with engine.connect() as conn:
-        rows = conn.execute(query).all()
-    if not rows:
+        if window.by == "time":
+            end = at or now()
+            found = read_log(conn, model_name, start=end - timedelta(hours=window.hours), end=end,
+                             inputs=wanted, meta=keys, categories=True)
+        elif window.by == "event":  # a row is served at or after it happened: a bound for the read
+            found = read_log(conn, model_name, start=_utc_midnight(window.start), inputs=wanted,
+                             meta=keys, categories=True)
+        else:
+            found = read_log(conn, model_name, last=window.size, inputs=wanted, meta=keys,
+                             categories=True)
+    if not len(found):
         return pd.DataFrame(columns=["id", "created_at", "model_version", "probability", SERVED_VALUE,
                                      SERVED_LABEL])
-    inputs = pd.DataFrame.from_records([orjson.loads(r.inputs) for r in rows])
-    meta = pd.DataFrame({"id": [r.id for r in rows], "created_at": [r.created_at for r in rows],
-                         "model_version": [r.model_version for r in rows],
-                         "probability": [r.probability for r in rows],
-                         SERVED_VALUE: [r.value for r in rows], SERVED_LABEL: [r.label for r in rows]})
-    frame = pd.concat([meta, inputs], axis=1)
+    meta = found.base.rename(columns={"value": SERVED_VALUE, "label": SERVED_LABEL})
+    frame = pd.concat([meta, found.inputs], axis=1)
     if window.by == "event":
         if data is None:
             raise ValueError("a window by event time needs the project's data config")
-        metas = [orjson.loads(r.meta) if r.meta else {} for r in rows]
-        when = served_row_times(inputs, metas, naive_utc(meta["created_at"]), data)
+        served = found.inputs
+        if data.time_column in served.columns:  # times are parsed from the texts, not their codes
+            served = served.assign(**{data.time_column: served[data.time_column].astype(object)})
+        when = served_row_times(served, found.meta_values(EVENT_TIME), meta["created_at"], data)
         inside = (when >= pd.Timestamp(_utc_midnight(window.start).replace(tzinfo=None))) & \
             (when < pd.Timestamp(_utc_midnight(window.end).replace(tzinfo=None)))
         frame = frame.loc[inside.to_numpy()]
-    return frame.sort_values("id").reset_index(drop=True)
+    return frame.reset_index(drop=True)
 
 
 SERVED_VALUE, SERVED_LABEL = "__served_value__", "__served_label__"  # a regression's, a multiclass'
@@ -261,16 +264,22 @@ def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, r
                          since: datetime | None = None) -> pd.DataFrame:
     """Labels from the source database for the latest predictions (or those `within`) whose
     `meta.entity_id` names a source row whose label is known by `at` (the target's own rule)."""
-    query = (sa.select(predictions.c.id, predictions.c.model_version, predictions.c.probability,
-                       predictions.c.value, predictions.c.scores, predictions.c.meta)
-             .where(predictions.c.model_name == model_name, predictions.c.meta.is_not(None)))
-    query = _in_window(query, within, since)
     with engine.connect() as conn:
-        found = conn.execute(query if within is not None else query.limit(rows)).all()
-    entity = [str((orjson.loads(r.meta) or {}).get("entity_id", "")) for r in found]
-    preds = pd.DataFrame({"id": [r.id for r in found], "model_version": [r.model_version for r in found],
-                          "probability": [r.probability for r in found],
-                          "value": [r.value for r in found], "scores": [r.scores for r in found],
+        if within is None:
+            found = read_log(conn, model_name, last=rows, inputs=(), meta=["entity_id"])
+        else:
+            found = read_log(conn, model_name, start=since, ids=within.astype(np.int64).tolist(),
+                             inputs=(), meta=["entity_id"])
+        ids = found.base["id"].tolist()
+        scores: dict[int, Any] = {}
+        if ids:  # multiclass scores: kept in the row, not in the segment
+            p = predictions.c
+            scores = dict(conn.execute(sa.select(p.id, p.scores).where(
+                p.model_name == model_name, p.id.between(min(ids), max(ids)), p.scores.is_not(None))).all())
+    entity = ["" if v is None else str(v) for v in found.meta_values("entity_id")]
+    preds = pd.DataFrame({"id": ids, "model_version": found.base["model_version"].tolist(),
+                          "probability": found.base["probability"].tolist(),
+                          "value": found.base["value"].tolist(), "scores": [scores.get(i) for i in ids],
                           "entity_id": entity})
     preds = preds[preds["entity_id"] != ""]
     if within is not None:
@@ -366,7 +375,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
         raise MonitorError("no champion: nothing is served, so there is nothing to monitor")
     started = time.perf_counter()
     profile, sample_path, spec = _version_facts(registry, version, project.home / "cache")
-    frame = read_window(engine, registry.model_name, window, at, project.config.data)
+    frame = read_window(engine, registry.model_name, window, at, project.config.data, spec.input_columns)
     if len(frame) < 100:
         raise MonitorError(f"only {len(frame)} predictions in the window{_described(window)}; "
                            "monitoring needs at least 100")

@@ -58,6 +58,8 @@ predictions = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("model_name", sa.String(200), nullable=False),
     sa.Column("model_version", sa.Integer, nullable=False),
+    # JSON text of the inputs (and `meta`) in rows logged before the columnar log; '' (and NULL)
+    # since: a row's inputs and meta are in the segment written with it (prediction_segments).
     sa.Column("inputs", sa.Text, nullable=False),
     sa.Column("meta", sa.Text, nullable=True),
     # binary: probability and decision; regression: value; multiclass: label, scores (JSON of
@@ -71,6 +73,26 @@ predictions = sa.Table(
     # (record_id, created_at): a partitioned table's unique key holds its partition key (0009).
     sa.Index("ix_predictions_record_id", "record_id", "created_at", unique=True),
     sa.Index("ix_predictions_model_time", "model_name", "created_at"),
+    # the rows whose inputs are still JSON text (logged before the columnar log; see 0011)
+    sa.Index("ix_predictions_json", "model_name", "id", sqlite_where=sa.text("inputs <> ''"),
+             postgresql_where=sa.text("inputs <> ''")),
+)
+# The log's columns, one row per log-sink batch (flywheel.state.segments has the blob's format),
+# written in the transaction that inserts the batch's `predictions` rows.
+prediction_segments = sa.Table(
+    "prediction_segments",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("first_id", sa.BigInteger, nullable=False),  # the smallest and largest prediction id
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("first_at", sa.DateTime(timezone=True), nullable=False),  # the earliest created_at
+    sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),  # the latest created_at
+    sa.Column("columns", sa.LargeBinary, nullable=False),
+    sa.Index("ix_prediction_segments_time", "model_name", "last_at"),
+    sa.Index("ix_prediction_segments_last_id", "model_name", "last_id"),
 )
 feedback = sa.Table(
     "feedback",

@@ -18,6 +18,7 @@ and an id this deployment did not issue is refused by its signature with no read
 `prune` applies `serving.log.retention_days`: on PostgreSQL it drops the partitions whose whole
 day is older than the cutoff (a catalogue change, no row-by-row delete, no table bloat) and
 deletes the default partition's older rows; on SQLite it deletes the older rows in batches.
+The log's columns (`prediction_segments`) of the older rows go first, in their own batches.
 Feedback received before the cutoff goes too (a label arrives after its prediction, so such a
 label's prediction is already gone).
 """
@@ -31,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import sqlalchemy as sa
 
+from flywheel.state import segments
 from flywheel.state.db import feedback, predictions
 
 PARENT = "predictions"
@@ -47,6 +49,7 @@ class PruneResult:
     partitions: list[str] = field(default_factory=list)
     rows: int = 0  # predictions removed (in dropped partitions, or deleted)
     feedback: int = 0
+    segments: int = 0  # segments of the log's columns removed or rewritten
 
 
 def partition_name(day: date) -> str:
@@ -127,6 +130,9 @@ def prune(engine: sa.Engine, retention_days: int, at: datetime | None = None) ->
     """Remove the predictions older than `retention_days` (see the module's note)."""
     cutoff = (at or datetime.now(UTC)).astimezone(UTC) - timedelta(days=retention_days)
     result = PruneResult(cutoff=cutoff)
+    # The columns first: a crash in between leaves old rows without their inputs (going anyway),
+    # never inputs of rows that are gone.
+    result.segments = segments.prune(engine, cutoff)
     with engine.begin() as conn:
         partitioned = is_partitioned(conn)
         if partitioned:

@@ -24,6 +24,7 @@ from flywheel.registry import Registry
 from flywheel.serving.http.common import ADMIN_TOKEN_ENV
 from flywheel.serving.tabular.app import create_app
 from flywheel.serving.tabular.runtime import load_version
+from flywheel.state.logread import read_log
 from tests.conftest import SOURCE_TYPES, ServerProcess, load_project, write_table
 
 # One worker builds this module's shared fixture (a trained model, a server) once.
@@ -516,10 +517,9 @@ def test_sigterm_flushes_every_prediction_to_the_log(project, records):
     assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     after = count_predictions(project.state_url)
     with make_engine(project.state_url).connect() as conn:
-        last = conn.execute(sa.text(
-            "SELECT model_version, inputs, meta FROM predictions ORDER BY id DESC LIMIT 1")).one()
+        last = read_log(conn, project.config.registered_model, last=1)
     assert after - before == sent
-    assert last.model_version == 1 and json.loads(last.inputs)["state"] == records[0]["state"]
+    assert last.base["model_version"].tolist() == [1] and last.inputs["state"][0] == records[0]["state"]
     log = srv.log_path.read_text().splitlines()
     events = [json.loads(line).get("event") for line in log if line.startswith("{")]
     assert "worker_stopped" in events and "log_sink_stopped" in events

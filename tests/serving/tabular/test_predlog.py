@@ -60,10 +60,12 @@ def test_a_row_that_cannot_be_serialised_is_counted_and_the_log_goes_on(tmp_path
     assert stored == ["r1", "r2", "r3"]
 
 
-def test_rows_become_database_parameters_with_inputs_and_meta_apart():
-    [sqlite_row] = db_rows([list(row(7))], "sqlite")
+def test_rows_become_database_parameters_with_inputs_and_meta_in_the_segment():
+    segment: list = []
+    [sqlite_row] = db_rows([list(row(7))], "sqlite", segment)
     assert sqlite_row[0] == "r7" and sqlite_row[2] == "2023-11-14 22:13:20.000049"
-    assert sqlite_row[5] == '{"a":1.0}' and sqlite_row[6] == '{"id":7}'
+    assert sqlite_row[5] == "" and sqlite_row[6] is None  # the row holds neither
+    assert segment == [("m", 1_700_000_000_000_049, 1, 0.2, None, None, {"a": 1.0}, {"id": 7})]
     [pg_row] = db_rows([list(row(7))], "postgresql")
     assert pg_row[2].isoformat() == "2023-11-14T22:13:20.000049+00:00"
 

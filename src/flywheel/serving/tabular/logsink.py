@@ -29,9 +29,11 @@ from flywheel.serving.tabular.predlog import (
     FRAME_HEADER,
     LOG_COLUMNS,
     SINK_STATE_ENV,
+    SegmentRow,
     db_rows,
     insert_sql,
 )
+from flywheel.state import segments
 from flywheel.state.partitions import ensure_partitions
 
 log = logging.getLogger("flywheel.logsink")
@@ -106,21 +108,61 @@ def run(state_url: str, fd: int) -> tuple[int, int]:
     written = dropped = 0
     keep_partitions_ahead(engine)
     checked = time.monotonic()
+    small = SmallSegments()
     for frames in read_batches(fd):
         if time.monotonic() - checked > PARTITIONS_EVERY_S:
             keep_partitions_ahead(engine)
             checked = time.monotonic()
-        n_ok, n_lost = write(engine, sql, frames)
+        n_ok, n_lost = write(engine, sql, frames, small)
         written, dropped = written + n_ok, dropped + n_lost
         metrics.log_written.inc(n_ok)
         if n_lost:
             metrics.log_dropped.inc(n_lost)
+        small.compact(engine)
+    small.compact(engine, finishing=True)
     engine.dispose()
     return written, dropped
 
 
-def _slices(frames: list[bytes], dialect: str) -> Iterator[list[tuple[Any, ...]]]:
-    """The frames' rows as database parameters, SLICE_ROWS at a time, yielding the core between.
+COMPACT_AFTER_S = 300.0  # ... or, at a trickle of traffic, once the oldest of them is this old
+
+
+class SmallSegments:
+    """The segments this sink wrote with fewer than COMPACT_ROWS rows, merged into one when they
+    add up to that many (or have waited COMPACT_AFTER_S, or the sink is finishing): a reader then
+    reads about a thousand segments for a million rows however the traffic came."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[tuple[int, int]]] = {}
+        self.since: dict[str, float] = {}
+
+    def add(self, model_name: str, segment_id: int, rows: int) -> None:
+        if rows >= segments.COMPACT_ROWS:
+            return
+        self.pending.setdefault(model_name, []).append((segment_id, rows))
+        self.since.setdefault(model_name, time.monotonic())
+
+    def compact(self, engine: sa.Engine, finishing: bool = False) -> None:
+        for model_name, found in list(self.pending.items()):
+            due = sum(n for _, n in found) >= segments.COMPACT_ROWS or finishing or \
+                time.monotonic() - self.since[model_name] > COMPACT_AFTER_S
+            if not due or len(found) < 2:
+                continue
+            del self.pending[model_name], self.since[model_name]
+            try:
+                with engine.begin() as conn:
+                    merged = segments.merge(conn, [sid for sid, _ in found])
+            except Exception as exc:  # the small segments stay as they are: readable, just slower
+                log.warning("prediction log segments not merged", extra={
+                    "event": "prediction_log_compact", "segments": len(found), "error": str(exc)})
+                continue
+            if merged is not None:
+                self.add(model_name, *merged)
+
+
+def _slices(frames: list[bytes], dialect: str, segment: list[SegmentRow]) -> Iterator[list[tuple[Any, ...]]]:
+    """The frames' rows as database parameters, SLICE_ROWS at a time, yielding the core between
+    (their inputs and meta go to `segment`).
 
     On a core shared with the server every stretch of work here that does not yield delays
     every request in flight by its length: converting a whole batch in one go (a few ms when
@@ -129,40 +171,76 @@ def _slices(frames: list[bytes], dialect: str) -> Iterator[list[tuple[Any, ...]]
     for body in frames:
         rows = orjson.loads(body)
         for start in range(0, len(rows), SLICE_ROWS):
-            yield db_rows(rows[start : start + SLICE_ROWS], dialect)
+            yield db_rows(rows[start : start + SLICE_ROWS], dialect, segment)
             os.sched_yield()
 
 
-def _insert(conn: sa.Connection, sql: str, frames: list[bytes]) -> int:
+def _insert(conn: sa.Connection, sql: str, frames: list[bytes]) -> tuple[int, list[tuple[str, int, int]]]:
+    """The frames' rows and their segments (one per model) in the caller's transaction: (rows,
+    [(model, segment id, rows), ...])."""
     # One transaction per batch, written slice by slice: a commit per slice would cost more than
     # the sink can spare at full load.
-    n = 0
+    segment: list[SegmentRow] = []
+    ids: list[int] = []
     if conn.dialect.name == "postgresql":
         # COPY: the rows stream to the server, which does the insert work in its own process
-        # (half the sink's CPU per row of executemany's, on the worker's core).
+        # (half the sink's CPU per row of executemany's, on the worker's core). The ids are
+        # taken from the sequence first: COPY cannot hand them back.
+        total = sum(_frame_rows(body) for body in frames)
+        ids = _next_ids(conn, total)
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(_COPY_SQL) as copy:
-            for rows in _slices(frames, "postgresql"):
+            n = 0
+            for rows in _slices(frames, "postgresql", segment):
                 for row in rows:
-                    copy.write_row(row)
-                n += len(rows)
-        return n
-    for rows in _slices(frames, conn.dialect.name):
-        execute_rows(conn, sql, rows)
-        n += len(rows)
-    return n
+                    copy.write_row((ids[n], *row))
+                    n += 1
+    else:
+        for rows in _slices(frames, conn.dialect.name, segment):
+            ids += execute_rows(conn, sql, rows)
+    return len(ids), _store_segments(conn, segment, ids)
 
 
-def execute_rows(conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """`sql` (every column) for full rows, the binary INSERT for binary rows (see `db_rows`)."""
-    short = [r for r in rows if len(r) == BINARY_PARAMS]
-    if short:
-        conn.exec_driver_sql(insert_sql(conn.dialect.name, BINARY_PARAMS), short)
-    if len(short) < len(rows):
-        conn.exec_driver_sql(sql, [r for r in rows if len(r) != BINARY_PARAMS])
+def _frame_rows(body: bytes) -> int:
+    return len(orjson.loads(body))
 
 
-_COPY_SQL = f"COPY predictions ({', '.join(LOG_COLUMNS)}) FROM STDIN"
+def _next_ids(conn: sa.Connection, n: int) -> list[int]:
+    return list(conn.exec_driver_sql(
+        "SELECT nextval(pg_get_serial_sequence('predictions', 'id')) FROM generate_series(1, %(n)s)",
+        {"n": n}).scalars())
+
+
+def _store_segments(conn: sa.Connection, segment: list[SegmentRow],
+                    ids: list[int]) -> list[tuple[str, int, int]]:
+    by_model: dict[str, list[segments.LogRow]] = {}
+    for rid, (name, *rest) in zip(ids, segment, strict=True):
+        by_model.setdefault(name, []).append((rid, *rest))  # type: ignore[arg-type]
+    stored = []
+    for name, rows in by_model.items():
+        stored.append((name, *segments.store(conn, name, rows)))
+        os.sched_yield()
+    return stored
+
+
+def execute_rows(conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]]) -> list[int]:
+    """`sql` (every column) for full rows, the binary INSERT for binary rows (see `db_rows`), on
+    SQLite; the ids the rows were given, in the rows' order (an INSERT's rows get consecutive
+    ids while its transaction holds the database's write lock)."""
+    ids = [0] * len(rows)
+    for short in (True, False):
+        at = [i for i, r in enumerate(rows) if (len(r) == BINARY_PARAMS) == short]
+        if not at:
+            continue
+        statement = insert_sql(conn.dialect.name, BINARY_PARAMS) if short else sql
+        conn.exec_driver_sql(statement, [rows[i] for i in at])
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        for k, i in enumerate(at):
+            ids[i] = last - len(at) + 1 + k
+    return ids
+
+
+_COPY_SQL = f"COPY predictions (id, {', '.join(LOG_COLUMNS)}) FROM STDIN"
 
 
 def _duplicate(exc: Exception) -> bool:
@@ -176,42 +254,53 @@ def _duplicate(exc: Exception) -> bool:
     return isinstance(exc, psycopg.IntegrityError)
 
 
-def write(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, int]:
-    """Insert the frames' rows; on a duplicate record id insert the others one by one; retry
-    other errors. Returns (rows written, rows dropped)."""
+def write(engine: sa.Engine, sql: str, frames: list[bytes],
+          small: SmallSegments | None = None) -> tuple[int, int]:
+    """Insert the frames' rows with their segments; on a duplicate record id insert the others
+    one by one; retry other errors. Returns (rows written, rows dropped)."""
     for attempt in range(1, 8):
         try:
             with engine.begin() as conn:
-                return _insert(conn, sql, frames), 0
+                n, stored = _insert(conn, sql, frames)
         except Exception as exc:
             if not _duplicate(exc):
                 log.error("prediction log write failed", extra={
                     "event": "prediction_log_error", "attempt": attempt, "error": str(exc)})
                 time.sleep(min(0.2 * 2**attempt, 10.0))
                 continue
-            return _one_by_one(engine, sql, frames)
+            return _one_by_one(engine, sql, frames, small)
+        if small is not None:
+            for name, sid, rows in stored:
+                small.add(name, sid, rows)
+        return n, 0
     lost = sum(len(orjson.loads(body)) for body in frames)
     log.error("prediction log batch dropped after retries",
               extra={"event": "prediction_log_drop", "rows": lost})
     return 0, lost
 
 
-def _one_by_one(engine: sa.Engine, sql: str, frames: list[bytes]) -> tuple[int, int]:
-    """After a duplicate: each row alone; a duplicate is skipped (already stored), any other
-    failure drops and counts that row, and the sink goes on."""
+def _one_by_one(engine: sa.Engine, sql: str, frames: list[bytes],
+                small: SmallSegments | None) -> tuple[int, int]:
+    """After a duplicate: each row alone (with a segment of its own, merged later); a duplicate
+    is skipped (already stored), any other failure drops and counts that row, and the sink goes
+    on."""
     ok = lost = 0
-    for rows in _slices(frames, engine.dialect.name):
-        for row in rows:
+    for body in frames:
+        for row in orjson.loads(body):
             try:
                 with engine.begin() as conn:
-                    execute_rows(conn, sql, [row])
+                    _, stored = _insert(conn, sql, [orjson.dumps([row])])
                 ok += 1
-            except sa.exc.IntegrityError:
-                continue
             except Exception as exc:
+                if _duplicate(exc):
+                    continue
                 lost += 1
                 log.error("prediction log row dropped", extra={
                     "event": "prediction_log_drop", "rows": 1, "error": type(exc).__name__})
+                continue
+            if small is not None:
+                for name, sid, rows in stored:
+                    small.add(name, sid, rows)
     return ok, lost
 
 

@@ -227,8 +227,15 @@ def insert_sql(dialect: str, params: int = len(LOG_COLUMNS)) -> str:
     return f"INSERT INTO predictions ({', '.join(LOG_COLUMNS[:params])}) VALUES ({marks})"
 
 
-def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
-    """Frame rows as the database's parameter tuples (inputs and meta as JSON text).
+# A row of the batch's segment: (model name, time in µs, version, probability, value, label,
+# inputs, meta); the sink adds each row's id once the database has given it one.
+SegmentRow = tuple[str, int, int, float | None, float | None, str | None, dict[str, Any], Any]
+
+
+def db_rows(rows: list[list[Any]], dialect: str,
+            segment: list[SegmentRow] | None = None) -> list[tuple[Any, ...]]:
+    """Frame rows as the database's parameter tuples; their inputs and meta go to `segment`
+    (the batch's columns), not into the row (`inputs` is '' and `meta` NULL).
 
     The sink runs on the worker's core in the default setup, so this is written for its cost:
     the time of day is formatted once per second and the microseconds appended (strftime on
@@ -236,7 +243,6 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
     """
     out = []
     seconds: dict[int, Any] = {}
-    dumps = orjson.dumps
     sqlite = dialect == "sqlite"
     for row in rows:
         rid, req, t_us, name, version, record, p, d, latency = row[:9]
@@ -249,10 +255,11 @@ def db_rows(rows: list[list[Any]], dialect: str) -> list[tuple[Any, ...]]:
             base = seconds[second] = when.strftime("%Y-%m-%d %H:%M:%S.") if sqlite else when
         stamp = f"{base}{micro:06d}" if sqlite else base.replace(microsecond=micro)
         meta = record.pop("meta", None)
-        base_row: tuple[Any, ...] = (rid, req, stamp, name, version, dumps(record).decode(),
-                    None if meta is None else dumps(meta).decode(), p, d, latency)
+        if segment is not None:
+            segment.append((name, t_us, version, p, value, label, record, meta))
+        base_row: tuple[Any, ...] = (rid, req, stamp, name, version, "", None, p, d, latency)
         if len(row) > 9 or not sqlite:  # PostgreSQL's COPY takes every column
-            base_row += (value, label, None if scores is None else dumps(scores).decode())
+            base_row += (value, label, None if scores is None else orjson.dumps(scores).decode())
         out.append(base_row)
     return out
 
