@@ -21,6 +21,7 @@ a DataFrame needs pandas (`flywheel.state.logread`).
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,55 +39,47 @@ ID, TIME, VERSION, PROBABILITY, VALUE, LABEL = "id", "t_us", "version", "probabi
 BASE = (ID, TIME, VERSION, PROBABILITY, VALUE, LABEL)
 INPUT, META = "i:", "m:"  # prefixes of an input column's and a meta key's name
 _U32 = struct.Struct("<I")
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # A column's part of one segment, decoded: an array (i8, f8), (texts, codes) (dict), or a list.
 Part = Any
 
 
-def _kind(values: Sequence[Any]) -> str:
-    numbers = texts = other = False
-    ints = True
-    for v in values:
-        if v is None:
-            ints = False
-            continue
-        t = type(v)
-        if t is float:
-            numbers, ints = True, False
-        elif t is int:
-            numbers = True
-            if not _I64_MIN <= v <= _I64_MAX:
-                other = True
-        elif t is str:
-            texts = True
-        else:
-            other = True
-    if other or (numbers and texts):
-        return "json"
-    if texts:
-        return "dict"
-    if numbers:
-        return "i8" if ints else "f8"
-    return "dict"  # every value missing: the cheapest kind that says so
+_NONE = type(None)
 
 
 def encode_column(values: Sequence[Any]) -> tuple[str, bytes]:
-    kind = _kind(values)
-    if kind == "i8":
-        return kind, np.asarray(values, dtype="<i8").tobytes()
-    if kind == "f8":
-        return kind, np.array([np.nan if v is None else v for v in values], dtype="<f8").tobytes()
-    if kind == "dict":
-        index: dict[Any, int] = {None: 0}
-        setdefault = index.setdefault
-        codes = np.fromiter((setdefault(v, len(index)) for v in values), dtype="<i4", count=len(values))
-        words = orjson.dumps(list(index)[1:])
-        return kind, _U32.pack(len(words)) + words + codes.tobytes()
-    return kind, orjson.dumps(list(values))
+    """A column's kind and bytes; its values' types are read once, in C (`map(type, ...)`): the
+    log sink spends its core here, beside the server."""
+    types = set(map(type, values))
+    missing = _NONE in types
+    types.discard(_NONE)
+    if types == {int} and not missing:
+        try:
+            return "i8", np.asarray(values, dtype="<i8").tobytes()
+        except OverflowError:  # beyond int64
+            return "json", orjson.dumps(list(values))
+    if types and types <= {int, float}:
+        try:
+            data = np.array([np.nan if v is None else v for v in values] if missing else values, dtype="<f8")
+        except OverflowError:
+            return "json", orjson.dumps(list(values))
+        if int in types and (np.abs(data) > 2**53).any():  # an integer a float cannot hold exactly
+            return "json", orjson.dumps(list(values))
+        return "f8", data.tobytes()
+    if types <= {str}:  # texts, or every value missing: a dictionary and a code per row
+        index = dict.fromkeys(values)
+        index.pop(None, None)
+        words = list(index)
+        code = {w: i for i, w in enumerate(words, 1)}
+        code[None] = 0  # type: ignore[index]
+        codes = np.fromiter(map(code.__getitem__, values), dtype="<i4", count=len(values))
+        text = orjson.dumps(words)
+        return "dict", _U32.pack(len(text)) + text + codes.tobytes()
+    return "json", orjson.dumps(list(values))
 
 
-def encode(columns: Mapping[str, Sequence[Any]]) -> bytes:
-    """One segment from equally long columns (values as JSON would hold them)."""
+def encode(columns: Mapping[str, Sequence[Any]], pause: Callable[[], None] | None = None) -> bytes:
+    """One segment from equally long columns (values as JSON would hold them). `pause` is called
+    between columns (the log sink yields its core there: it shares one with the server)."""
     spec: list[list[Any]] = []
     parts: list[bytes] = []
     offset = 0
@@ -97,6 +90,8 @@ def encode(columns: Mapping[str, Sequence[Any]]) -> bytes:
         elif len(values) != rows:
             raise ValueError(f"column {name!r} has {len(values)} values, not {rows}")
         kind, data = encode_column(values)
+        if pause is not None:
+            pause()
         spec.append([name, kind, offset, len(data)])
         parts.append(data)
         offset += len(data)
@@ -151,22 +146,27 @@ def columns_of(rows: Sequence[tuple[int, int, int, float | None, float | None, s
     meta). An input or meta key absent from a row is missing (None) in that row."""
     if not rows:
         return {name: [] for name in BASE}
-    out = {name: list(values) for name, values in zip(BASE, zip(*(r[:6] for r in rows), strict=True),
-                                                       strict=True)}
-    out.update({INPUT + k: v for k, v in _keyed([r[6] for r in rows]).items()})
-    out.update({META + k: v for k, v in _keyed([r[7] for r in rows]).items()})
+    return columns_from(*zip(*rows, strict=True))
+
+
+def columns_from(ids: Sequence[int], times: Sequence[int], versions: Sequence[int],
+                 probabilities: Sequence[Any], values: Sequence[Any], labels: Sequence[Any],
+                 inputs: Sequence[Mapping[str, Any]], metas: Sequence[Mapping[str, Any] | None]) \
+        -> dict[str, list[Any]]:
+    """`columns_of` from the rows' fields, each already a column (the log sink's batch)."""
+    out = {name: list(v) for name, v in zip(BASE, (ids, times, versions, probabilities, values, labels),
+                                            strict=True)}
+    out.update({INPUT + k: v for k, v in _keyed(list(inputs)).items()})
+    out.update({META + k: v for k, v in _keyed(list(metas)).items()})
     return out
 
 
 def _keyed(records: list[Mapping[str, Any] | None]) -> dict[str, list[Any]]:
-    """One list per key over the records. The usual batch (every record with the same keys in
-    the same order: validated requests) is transposed in one step; any other key by key."""
-    first = records[0]
-    if first is not None:
-        keys = tuple(first)
-        if all(r is not None and tuple(r) == keys for r in records):
-            columns = zip(*(r.values() for r in records if r is not None), strict=True)
-            return {k: list(v) for k, v in zip(keys, columns, strict=True)}
+    """One list per key over the records. The usual batch (every record with the same keys:
+    validated requests) is transposed in C; any other key by key."""
+    same = _transposed(records)
+    if same is not None:
+        return same
     out: dict[str, list[Any]] = {}
     for n, record in enumerate(records):
         if record:
@@ -178,6 +178,24 @@ def _keyed(records: list[Mapping[str, Any] | None]) -> dict[str, list[Any]]:
             if len(column) <= n:
                 column.append(None)
     return out
+
+
+def _transposed(records: list[Any]) -> dict[str, list[Any]] | None:
+    """The columns when every record has the first one's keys (one itemgetter per record, then
+    zip: no Python step per value), else None."""
+    first = records[0]
+    if not first or None in records:
+        return None
+    keys = tuple(first)
+    if set(map(len, records)) != {len(keys)}:
+        return None
+    try:
+        picked = list(map(operator.itemgetter(*keys), records))
+    except KeyError:  # as many keys, other names
+        return None
+    if len(keys) == 1:
+        return {keys[0]: picked}
+    return {k: list(v) for k, v in zip(keys, zip(*picked, strict=True), strict=True)}
 
 
 def rows_of(columns: Mapping[str, tuple[str, Part]], rows: int) -> list[tuple[Any, ...]]:
@@ -204,19 +222,25 @@ def _moment(t_us: int) -> datetime:
     return datetime.fromtimestamp(t_us // 1_000_000, UTC).replace(microsecond=t_us % 1_000_000)
 
 
-def store(conn: sa.Connection, model_name: str, rows: Sequence[LogRow]) -> tuple[int, int]:
+def store(conn: sa.Connection, model_name: str, rows: Sequence[LogRow],
+          pause: Callable[[], None] | None = None) -> tuple[int, int]:
     """One segment of `rows` (ids already given), in the caller's transaction: (its id, rows)."""
-    ids = [r[0] for r in rows]
-    times = [r[1] for r in rows]
-    blob = encode(columns_of(rows))
+    return store_columns(conn, model_name, columns_of(rows), pause)
+
+
+def store_columns(conn: sa.Connection, model_name: str, columns: Mapping[str, Sequence[Any]],
+                  pause: Callable[[], None] | None = None) -> tuple[int, int]:
+    """One segment of `columns` (as `columns_of` makes them), in the caller's transaction."""
+    ids, times = columns[ID], columns[TIME]
     found = conn.execute(sa.insert(prediction_segments).values(
-        model_name=model_name, rows=len(rows), first_id=min(ids), last_id=max(ids),
-        first_at=_moment(min(times)), last_at=_moment(max(times)), columns=blob)
+        model_name=model_name, rows=len(ids), first_id=min(ids), last_id=max(ids),
+        first_at=_moment(min(times)), last_at=_moment(max(times)), columns=encode(columns, pause))
         .returning(prediction_segments.c.id)).scalar_one()
-    return int(found), len(rows)
+    return int(found), len(ids)
 
 
-def merge(conn: sa.Connection, segment_ids: Sequence[int]) -> tuple[int, int] | None:
+def merge(conn: sa.Connection, segment_ids: Sequence[int],
+          pause: Callable[[], None] | None = None) -> tuple[int, int] | None:
     """The segments `segment_ids` (of one model) rewritten as one, in the caller's transaction:
     (the new segment's id, its rows); None when fewer than two of them are still there. Raises
     `SegmentsMoved` when another writer removed one between the read and the delete (a prune):
@@ -226,14 +250,15 @@ def merge(conn: sa.Connection, segment_ids: Sequence[int]) -> tuple[int, int] | 
                          .order_by(s.first_id)).all()
     if len(found) < 2 or len({r.model_name for r in found}) != 1:
         return None
-    rows: list[tuple[Any, ...]] = []
-    for r in found:
-        n, columns = decode(bytes(r.columns))
-        rows += rows_of(columns, n)
+    parts = [decode(bytes(r.columns)) for r in found]
+    names = list(dict.fromkeys(name for _, columns in parts for name in columns))
+    merged = {name: [v for n, columns in parts
+                     for v in (values_of(*columns[name]) if name in columns else [None] * n)]
+              for name in names}
     deleted = conn.execute(sa.delete(prediction_segments).where(s.id.in_([r.id for r in found]))).rowcount
     if deleted != len(found):
         raise SegmentsMoved(f"{len(found) - deleted} of the segments to merge were removed meanwhile")
-    return store(conn, found[0].model_name, rows)  # type: ignore[arg-type]
+    return store_columns(conn, found[0].model_name, merged, pause)
 
 
 class SegmentsMoved(RuntimeError):

@@ -124,6 +124,7 @@ def run(state_url: str, fd: int) -> tuple[int, int]:
     return written, dropped
 
 
+SEGMENT_ROWS = 4096  # at most this many rows in a segment the sink writes at once
 COMPACT_AFTER_S = 300.0  # ... or, at a trickle of traffic, once the oldest of them is this old
 
 
@@ -151,7 +152,7 @@ class SmallSegments:
             del self.pending[model_name], self.since[model_name]
             try:
                 with engine.begin() as conn:
-                    merged = segments.merge(conn, [sid for sid, _ in found])
+                    merged = segments.merge(conn, [sid for sid, _ in found], os.sched_yield)
             except Exception as exc:  # the small segments stay as they are: readable, just slower
                 log.warning("prediction log segments not merged", extra={
                     "event": "prediction_log_compact", "segments": len(found), "error": str(exc)})
@@ -196,8 +197,15 @@ def _insert(conn: sa.Connection, sql: str, frames: list[bytes]) -> tuple[int, li
                     copy.write_row((ids[n], *row))
                     n += 1
     else:
+        order: list[int] = []  # each row's place in the batch, in the order it was inserted
         for rows in _slices(frames, conn.dialect.name, segment):
-            ids += execute_rows(conn, sql, rows)
+            order += execute_rows(conn, sql, rows, len(order))
+        # An INSERT's rows get consecutive ids while the transaction holds SQLite's write lock:
+        # the batch's ids end at the last one given.
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one() if order else 0
+        ids = [0] * len(order)
+        for k, i in enumerate(order):
+            ids[i] = last - len(order) + 1 + k
     return len(ids), _store_segments(conn, segment, ids)
 
 
@@ -213,31 +221,35 @@ def _next_ids(conn: sa.Connection, n: int) -> list[int]:
 
 def _store_segments(conn: sa.Connection, segment: list[SegmentRow],
                     ids: list[int]) -> list[tuple[str, int, int]]:
-    by_model: dict[str, list[segments.LogRow]] = {}
-    for rid, (name, *rest) in zip(ids, segment, strict=True):
-        by_model.setdefault(name, []).append((rid, *rest))  # type: ignore[arg-type]
+    names = {row[0] for row in segment}
+    groups = [(segment, ids)] if len(names) == 1 else [
+        ([r for r in segment if r[0] == name], [i for i, r in zip(ids, segment, strict=True) if r[0] == name])
+        for name in names]
     stored = []
-    for name, rows in by_model.items():
-        stored.append((name, *segments.store(conn, name, rows)))
-        os.sched_yield()
+    for rows, row_ids in groups:
+        # A backlog of 10,000 rows is a few segments, each encoded a column at a time with a
+        # yield between: one long stretch of encoding delayed every request in flight.
+        for start in range(0, len(rows), SEGMENT_ROWS):
+            part = rows[start:start + SEGMENT_ROWS]
+            _, times, versions, probabilities, values, labels, inputs, meta = zip(*part, strict=True)
+            columns = segments.columns_from(row_ids[start:start + SEGMENT_ROWS], times, versions,
+                                            probabilities, values, labels, inputs, meta)
+            stored.append((part[0][0], *segments.store_columns(conn, part[0][0], columns, os.sched_yield)))
     return stored
 
 
-def execute_rows(conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]]) -> list[int]:
+def execute_rows(conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]], offset: int = 0) -> list[int]:
     """`sql` (every column) for full rows, the binary INSERT for binary rows (see `db_rows`), on
-    SQLite; the ids the rows were given, in the rows' order (an INSERT's rows get consecutive
-    ids while its transaction holds the database's write lock)."""
-    ids = [0] * len(rows)
+    SQLite; returns the rows' places (`offset` + their index) in the order they were inserted."""
+    order = []
     for short in (True, False):
         at = [i for i, r in enumerate(rows) if (len(r) == BINARY_PARAMS) == short]
         if not at:
             continue
         statement = insert_sql(conn.dialect.name, BINARY_PARAMS) if short else sql
         conn.exec_driver_sql(statement, [rows[i] for i in at])
-        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
-        for k, i in enumerate(at):
-            ids[i] = last - len(at) + 1 + k
-    return ids
+        order += [offset + i for i in at]
+    return order
 
 
 _COPY_SQL = f"COPY predictions (id, {', '.join(LOG_COLUMNS)}) FROM STDIN"
