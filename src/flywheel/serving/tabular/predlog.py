@@ -87,8 +87,8 @@ class PredictionLogWriter:
         with contextlib.suppress(OSError):
             if self._sink.stdin:
                 self._sink.stdin.close()
-        self.sink_restarts += 1
         self._start_sink()
+        self.sink_restarts += 1  # after the new sink is in place: a reader of the count sees it
         return True
 
     def health(self) -> dict[str, Any]:
