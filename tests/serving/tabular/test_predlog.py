@@ -95,11 +95,12 @@ def test_the_sink_takes_every_frame_already_in_the_pipe_as_one_batch_and_drops_a
 
     def frame(ids: range) -> bytes:
         body = orjson.dumps([list(row(i)) for i in ids])
-        return FRAME_HEADER.pack(len(body)) + body
+        return FRAME_HEADER.pack(len(body), len(ids)) + body
 
     read_fd, write_fd = os.pipe()
     os.write(write_fd, frame(range(0, 3)) + frame(range(3, 5)) + frame(range(5, 6)))
-    batches = (sum((orjson.loads(body) for body in frames), []) for frames in read_batches(read_fd))
+    batches = (sum((orjson.loads(body) for body in frames), [])
+               for frames in read_batches(read_fd, linger_s=0.05))
     assert [r[0] for r in next(batches)] == [f"r{i}" for i in range(6)]  # three frames, one batch
     later = frame(range(6, 8))
     # a frame that arrives in two writes is waited for, not cut
@@ -112,6 +113,42 @@ def test_the_sink_takes_every_frame_already_in_the_pipe_as_one_batch_and_drops_a
     writer.join()
     os.close(read_fd)
     assert "truncated frame" in caplog.text
+
+
+def test_a_sink_batch_waits_for_frames_until_it_is_full_or_its_linger_is_over():
+    import os
+    import threading
+
+    import orjson
+
+    from flywheel.serving.tabular.logsink import read_batches
+    from flywheel.serving.tabular.predlog import FRAME_HEADER
+
+    def frame(ids: range) -> bytes:
+        body = orjson.dumps([list(row(i)) for i in ids])
+        return FRAME_HEADER.pack(len(body), len(ids)) + body
+
+    read_fd, write_fd = os.pipe()
+
+    def send() -> None:
+        for k in range(10):  # 10 frames of 2 rows, 20 ms apart: 200 ms in all
+            os.write(write_fd, frame(range(2 * k, 2 * k + 2)))
+            time.sleep(0.02)
+        time.sleep(0.5)  # longer than the linger: the next frame starts a new batch
+        os.write(write_fd, frame(range(20, 21)))
+        os.close(write_fd)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    sizes = [sum(len(orjson.loads(body)) for body in frames)
+             for frames in read_batches(read_fd, max_rows=8, linger_s=0.3)]
+    sender.join()
+    os.close(read_fd)
+    # frames of 2 rows were waited for until a batch had 8 (more when a busy machine let frames
+    # pile up); what was left closed when the linger ran out, without waiting for the frame
+    # that came after the pause (usually [8, 8, 4, 1])
+    assert sum(sizes) == 21 and sizes[-1] == 1 and len(sizes) >= 3
+    assert all(size >= 8 for size in sizes[:-2]) and sizes[0] >= 8
 
 
 def test_the_sink_cpu_list_is_checked_with_a_clear_error():

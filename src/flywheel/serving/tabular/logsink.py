@@ -41,34 +41,28 @@ SLICE_ROWS = 16
 MAX_BATCH_BYTES = 4 << 20  # at most this much of the pipe in one transaction (~10,000 rows)
 
 
-def read_batches(fd: int, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[bytes]]:
-    """Every complete frame that has arrived, as one batch of frame bodies per wake-up.
+BATCH_ROWS = 1024  # a batch (one transaction, one segment) closes at this many rows ...
+LINGER_S = 0.25  # ... or this long after its first frame arrived, whichever comes first
 
-    Waits for the first frame, then takes whatever else is already in the pipe without waiting
-    (up to `max_bytes`): when the sink falls behind, frames pile up in the pipe and are written
-    in one transaction, so the commits per row shrink exactly when the database is the
-    bottleneck (PostgreSQL waits for its WAL flush on every commit).
+
+def read_batches(fd: int, max_rows: int = BATCH_ROWS, linger_s: float = LINGER_S,
+                 max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[bytes]]:
+    """The frames that arrive, as batches of frame bodies: a batch closes `linger_s` after its
+    first frame, at `max_rows` rows, at `max_bytes`, or at end of input.
+
+    Waiting for a batch to fill (instead of writing each frame as it comes) is what lets a sink
+    on the server's core keep up at full load: a saturated server's frames of 128 rows make one
+    transaction and one segment of about a thousand rows, where a frame at a time was eight
+    commits, eight segments and a merge re-encoding them all (measured in docs/measurements.md).
+    A backlog in the pipe closes each batch at once, so the sink catches up in transactions of
+    `max_rows` or more when the database is the bottleneck (PostgreSQL waits for its WAL flush
+    on every commit).
     """
     buffer = bytearray()
     eof = False
     while True:
-        while not eof and (not _complete_frames(buffer) or select.select([fd], [], [], 0)[0]):
-            if len(buffer) >= max_bytes and _complete_frames(buffer):
-                break
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                eof = True
-            buffer += chunk
-        frames: list[bytes] = []
-        offset = 0
-        while len(buffer) - offset >= FRAME_HEADER.size:
-            (size,) = FRAME_HEADER.unpack_from(buffer, offset)
-            end = offset + FRAME_HEADER.size + size
-            if end > len(buffer):
-                break
-            frames.append(bytes(buffer[offset + FRAME_HEADER.size : end]))
-            offset = end
-        del buffer[:offset]
+        eof = eof or _fill(fd, buffer, max_rows, linger_s, max_bytes)
+        frames = _take_frames(buffer)
         if frames:
             yield frames
         if eof:
@@ -77,11 +71,50 @@ def read_batches(fd: int, max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[byt
             return
 
 
-def _complete_frames(buffer: bytearray) -> bool:
-    if len(buffer) < FRAME_HEADER.size:
-        return False
-    (size,) = FRAME_HEADER.unpack_from(buffer, 0)
-    return len(buffer) >= FRAME_HEADER.size + size
+def _fill(fd: int, buffer: bytearray, max_rows: int, linger_s: float, max_bytes: int) -> bool:
+    """Read into `buffer` until a batch is due (see `read_batches`); True at end of input."""
+    first = None
+    while True:
+        rows, size = _complete(buffer)
+        wait: float | None = None  # no complete frame yet: wait for one as long as it takes
+        if rows:
+            first = first or time.monotonic()
+            wait = first + linger_s - time.monotonic()
+            if rows >= max_rows or size >= max_bytes or wait <= 0:
+                return False
+        if not select.select([fd], [], [], wait)[0]:
+            return False  # the linger is over
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return True
+        buffer += chunk
+
+
+def _take_frames(buffer: bytearray) -> list[bytes]:
+    """The bodies of the complete frames at the front of `buffer`, removed from it."""
+    frames: list[bytes] = []
+    offset = 0
+    while len(buffer) - offset >= FRAME_HEADER.size:
+        size, _ = FRAME_HEADER.unpack_from(buffer, offset)
+        end = offset + FRAME_HEADER.size + size
+        if end > len(buffer):
+            break
+        frames.append(bytes(buffer[offset + FRAME_HEADER.size : end]))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
+def _complete(buffer: bytearray) -> tuple[int, int]:
+    """The rows and bytes of the complete frames at the front of `buffer`."""
+    rows = offset = 0
+    while len(buffer) - offset >= FRAME_HEADER.size:
+        size, n = FRAME_HEADER.unpack_from(buffer, offset)
+        if len(buffer) < offset + FRAME_HEADER.size + size:
+            break
+        rows += n
+        offset += FRAME_HEADER.size + size
+    return rows, offset
 
 
 PARTITIONS_EVERY_S = 3600.0
@@ -126,12 +159,15 @@ def run(state_url: str, fd: int) -> tuple[int, int]:
 
 
 SEGMENT_ROWS = 1024  # at most this many rows in a segment the sink writes at once
+# A segment of the sink's with fewer rows is merged with the next ones: a full batch (a busy
+# server's) makes segments of 512 to 1,024 rows, never merged; a trickle's small ones are.
+MERGE_BELOW = SEGMENT_ROWS // 2
 COMPACT_AFTER_S = 300.0  # ... or, at a trickle of traffic, once the oldest of them is this old
 
 
 class SmallSegments:
-    """The segments this sink wrote with fewer than COMPACT_ROWS rows, merged into one when they
-    add up to that many (or have waited COMPACT_AFTER_S, or the sink is finishing): a reader then
+    """The segments this sink wrote with fewer than MERGE_BELOW rows, merged into one when they
+    add up to COMPACT_ROWS (or have waited COMPACT_AFTER_S, or the sink is finishing): a reader then
     reads about a thousand segments for a million rows however the traffic came."""
 
     def __init__(self) -> None:
@@ -139,7 +175,7 @@ class SmallSegments:
         self.since: dict[str, float] = {}
 
     def add(self, model_name: str, segment_id: int, rows: int) -> None:
-        if rows >= segments.COMPACT_ROWS:
+        if rows >= MERGE_BELOW:
             return
         self.pending.setdefault(model_name, []).append((segment_id, rows))
         self.since.setdefault(model_name, time.monotonic())
@@ -231,11 +267,12 @@ def _store_segments(conn: sa.Connection, segment: list[SegmentRow],
         # A backlog of 10,000 rows is ten segments, each encoded a column at a time with a yield
         # between: one long stretch of encoding (segments of 4,096 rows: p99 x1.44 of the JSON
         # sink on a shared core) delays every request in flight.
-        for start in range(0, len(rows), SEGMENT_ROWS):
+        step = -(-len(rows) // -(-len(rows) // SEGMENT_ROWS))  # equal parts of <= SEGMENT_ROWS
+        for start in range(0, len(rows), step):
             os.sched_yield()
-            part = rows[start:start + SEGMENT_ROWS]
+            part = rows[start:start + step]
             _, times, versions, probabilities, values, labels, inputs, meta = zip(*part, strict=True)
-            columns = segments.columns_from(row_ids[start:start + SEGMENT_ROWS], times, versions,
+            columns = segments.columns_from(row_ids[start:start + step], times, versions,
                                             probabilities, values, labels, inputs, meta)
             stored.append((part[0][0], *segments.store_columns(conn, part[0][0], columns, os.sched_yield)))
     return stored

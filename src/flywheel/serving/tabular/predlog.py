@@ -43,7 +43,7 @@ log = logging.getLogger("flywheel.predlog")
 #  regression's carry (value, None, None) with probability and decision None, a multiclass
 #  model's (None, label, {class: probability}) with the label's probability.
 Row = tuple[Any, ...]
-FRAME_HEADER = struct.Struct(">I")
+FRAME_HEADER = struct.Struct(">II")  # a frame's body length and rows, then its body
 SINK_STATE_ENV = "FLYWHEEL_LOG_SINK_STATE"  # the state database's URL, for the log-sink process
 
 
@@ -199,7 +199,7 @@ class PredictionLogWriter:
         for attempt in (1, 2):
             try:
                 assert self._sink is not None and self._sink.stdin is not None
-                self._sink.stdin.write(FRAME_HEADER.pack(len(frame)) + frame)
+                self._sink.stdin.write(FRAME_HEADER.pack(len(frame), len(rows)) + frame)
                 self._sink.stdin.flush()
                 self.sent += len(rows)
                 return
