@@ -12,10 +12,11 @@ per window, µs per row, and JSON / segments as a ratio; with `--cli`, also `fly
 --size N` as a user runs it (a fresh process), the cost of each row beyond the smallest window.
 
     .venv/bin/python benchmarks/monitor_window.py [--rows 10000 100000 1000000] [--repeat 3]
-        [--backend sqlite postgresql] [--batch 1024] [--cli]
+        [--backend sqlite postgresql] [--batch 1024] [--cli] [--layouts json segments]
 
 PostgreSQL: FLYWHEEL_BENCH_PG (default postgresql://postgres@127.0.0.1:5432/postgres), a database
-of its own created and dropped. 10M rows: `--rows 10000000` (about 20 minutes and 10 GB here).
+of its own created and dropped. 10M rows: `--rows 10000000 --layouts segments` (the JSON layout
+there takes about 20 minutes and 10 GB more).
 """
 
 from __future__ import annotations
@@ -148,15 +149,20 @@ def cli_seconds(project: Project, n: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(label: str, project: Project, sizes: list[int], repeat: int, batch: int, cli: bool) -> None:
+LAYOUTS = ("json", "segments")
+
+
+def measure(label: str, project: Project, sizes: list[int], repeat: int, batch: int, cli: bool,
+            layouts: tuple[str, ...] = LAYOUTS) -> None:
     engine = open_state(project.state_url)
     window = lambda n: MonitorWindow(by="count", size=n)  # noqa: E731
     print(f"{label}: run_monitor on the latest N rows (best of {repeat})")
-    print(f"  {'rows':>10}  {'json s':>8} {'µs/row':>7}  {'segments s':>10} {'µs/row':>7}  json/segments")
-    cli_times: dict[str, list[float]] = {"json": [], "segments": []}
+    print(f"  {'rows':>10}  " + "  ".join(f"{kind + ' s':>10} {'µs/row':>7}" for kind in layouts)
+          + ("  json/segments" if len(layouts) == 2 else ""))
+    cli_times: dict[str, list[float]] = {kind: [] for kind in layouts}
     for n in sizes:
         t: dict[str, float] = {}
-        for kind in ("json", "segments"):
+        for kind in layouts:
             clear(engine)
             if kind == "json":
                 fill_json(engine, served_rows(project, n))
@@ -167,8 +173,8 @@ def measure(label: str, project: Project, sizes: list[int], repeat: int, batch: 
             t[kind] = best(lambda: run_monitor(project, window=size, report=False), repeat)  # noqa: B023
             if cli:
                 cli_times[kind].append(cli_seconds(project, n))
-        print(f"  {n:>10,}  {t['json']:8.2f} {t['json'] / n * 1e6:7.2f}  {t['segments']:10.2f} "
-              f"{t['segments'] / n * 1e6:7.2f}  x{t['json'] / t['segments']:.1f}")
+        print(f"  {n:>10,}  " + "  ".join(f"{t[kind]:10.2f} {t[kind] / n * 1e6:7.2f}" for kind in layouts)
+              + (f"  x{t['json'] / t['segments']:.1f}" if len(layouts) == 2 else ""))
     if cli and len(sizes) > 1:
         span = sizes[-1] - sizes[0]
         for kind, times in cli_times.items():
@@ -204,20 +210,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--cli", action="store_true")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                        help="e.g. only segments at 10M rows (the JSON reader takes minutes there)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backend:
             if backend == "sqlite":
                 project = make_project(Path(tmp) / "sqlite", None)
                 assert train_challenger(project).promoted
-                measure("SQLite", project, args.rows, args.repeat, args.batch, args.cli)
+                measure("SQLite", project, args.rows, args.repeat, args.batch, args.cli, tuple(args.layouts))
                 continue
             with postgres() as url:
                 if url is None:
                     continue
                 project = make_project(Path(tmp) / "postgresql", url)
                 assert train_challenger(project).promoted
-                measure("PostgreSQL", project, args.rows, args.repeat, args.batch, args.cli)
+                measure("PostgreSQL", project, args.rows, args.repeat, args.batch, args.cli,
+                        tuple(args.layouts))
 
 
 if __name__ == "__main__":

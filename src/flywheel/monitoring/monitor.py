@@ -300,7 +300,9 @@ def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: 
     feedback_rows = read_labelled(engine, model_name, rows, within, project.config.task, since)
     source_rows = read_source_labelled(project, engine, model_name, rows, at, within, since)
     source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
-    both = pd.concat([feedback_rows, source_rows], ignore_index=True) if len(source_rows) else feedback_rows
+    # Only frames with rows are concatenated (pandas deprecates deciding dtypes from empty ones).
+    parts = [frame for frame in (feedback_rows, source_rows) if len(frame)] or [feedback_rows]
+    both = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     both = both.sort_values("id", ascending=False)
     return (both if within is not None else both.head(rows)).reset_index(drop=True)
 

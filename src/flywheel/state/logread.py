@@ -120,7 +120,7 @@ def _segments_between(conn: sa.Connection, model_name: str, start: datetime | No
         query = query.where(s.first_at <= end)
     if ids is not None:
         query = query.where(s.last_id >= int(min(ids)), s.first_id <= int(max(ids)))
-    return [bytes(b) for b in conn.execute(query.order_by(s.first_id)).scalars()]
+    return _blobs(conn, query.order_by(s.first_id))
 
 
 def _empty() -> LogRows:
@@ -162,9 +162,23 @@ def _latest_segments(conn: sa.Connection, model_name: str, last: int) -> list[by
         return []
     blobs: list[bytes] = []
     for i in range(0, len(chosen), 500):
-        blobs += [bytes(b) for b in conn.execute(sa.select(s.columns).where(s.id.in_(chosen[i:i + 500])))
-                  .scalars()]
+        blobs += _blobs(conn, sa.select(s.columns).where(s.id.in_(chosen[i:i + 500])))
     return blobs
+
+
+def _blobs(conn: sa.Connection, query: sa.Select[Any]) -> list[bytes]:
+    """The one bytes column of `query`'s rows. On PostgreSQL through a binary cursor: psycopg
+    otherwise fetches bytea as hex text and decodes it (0.9-1.1 s of a 1M-row window's 164 MB,
+    against 0.33-0.36 s in binary)."""
+    if conn.dialect.name != "postgresql":
+        return [bytes(b) for b in conn.execute(query).scalars()]
+    compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    cursor = conn.connection.dbapi_connection.cursor(binary=True)  # type: ignore[union-attr]
+    try:
+        cursor.execute(str(compiled), compiled.params)
+        return [bytes(row[0]) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
 
 
 def _legacy(conn: sa.Connection, model_name: str, start: datetime | None, end: datetime | None,
