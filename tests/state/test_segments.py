@@ -60,6 +60,26 @@ def test_rows_become_columns_and_back_with_keys_a_row_lacks_missing():
     assert [r[:6] for r in back] == [r[:6] for r in rows]
 
 
+@pytest.mark.parametrize("pieces", [
+    [[1, 2], [3]],  # ints stay ints
+    [[1, 2], None, [3]],  # a segment without the column: missing values, so floats
+    [[1, None], [2.5, 3]],
+    [[2**60, 1], [0.5]],  # an integer a float cannot hold: the values themselves
+    [["CA", None, "NY"], None, ["NY", "TX"], [None, None]],  # dictionaries merged
+    [["CA"], [7, "7"]],  # texts and mixed values
+    [[None, None], None],  # nothing but missing values
+    [[True, None], [1]],
+])
+def test_a_column_merged_from_segments_equals_the_column_of_all_their_values(pieces):
+    sizes = [2 if p is None else len(p) for p in pieces]
+    parts = [None if p is None else seg.decode(seg.encode({"c": p}))[1]["c"] for p in pieces]
+    values = [v for p, n in zip(pieces, sizes, strict=True) for v in ([None] * n if p is None else p)]
+    kind, part = seg.concat_parts(parts, sizes)
+    assert kind == seg.typed_column(values)[0]
+    assert seg.values_of(kind, part) == values
+    assert seg.values_of(*seg.decode(seg.encode_parts({"c": (kind, part)}))[1]["c"]) == values
+
+
 # ---- in a database -----------------------------------------------------------------------------
 
 def served(i: int, inputs: dict, meta: dict | None = None, model: str = "m", version: int = 1,

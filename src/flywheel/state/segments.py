@@ -47,56 +47,120 @@ _NONE = type(None)
 
 
 def encode_column(values: Sequence[Any]) -> tuple[str, bytes]:
-    """A column's kind and bytes; its values' types are read once, in C (`map(type, ...)`): the
-    log sink spends its core here, beside the server."""
+    """A column's kind and bytes (see `typed_column`)."""
+    kind, part = typed_column(values)
+    return kind, part_bytes(kind, part)
+
+
+def typed_column(values: Sequence[Any]) -> tuple[str, Part]:
+    """A column's kind and its part, as `decode` gives them back; the values' types are read
+    once, in C (`map(type, ...)`): the log sink spends its core here, beside the server."""
     types = set(map(type, values))
     missing = _NONE in types
     types.discard(_NONE)
     if types == {int} and not missing:
         try:
-            return "i8", np.asarray(values, dtype="<i8").tobytes()
+            return "i8", np.asarray(values, dtype="<i8")
         except OverflowError:  # beyond int64
-            return "json", orjson.dumps(list(values))
+            return "json", list(values)
     if types and types <= {int, float}:
         try:
             data = np.array([np.nan if v is None else v for v in values] if missing else values, dtype="<f8")
         except OverflowError:
-            return "json", orjson.dumps(list(values))
+            return "json", list(values)
         if int in types and (np.abs(data) > 2**53).any():  # an integer a float cannot hold exactly
-            return "json", orjson.dumps(list(values))
-        return "f8", data.tobytes()
+            return "json", list(values)
+        return "f8", data
     if types <= {str}:  # texts, or every value missing: a dictionary and a code per row
         index = dict.fromkeys(values)
         index.pop(None, None)
         words = list(index)
         code = {w: i for i, w in enumerate(words, 1)}
         code[None] = 0  # type: ignore[index]
-        codes = np.fromiter(map(code.__getitem__, values), dtype="<i4", count=len(values))
+        return "dict", (words, np.fromiter(map(code.__getitem__, values), dtype="<i4", count=len(values)))
+    return "json", list(values)
+
+
+def part_bytes(kind: str, part: Part) -> bytes:
+    if kind in ("i8", "f8"):
+        return bytes(np.asarray(part, dtype=f"<{kind}").tobytes())
+    if kind == "dict":
+        words, codes = part
         text = orjson.dumps(words)
-        return "dict", _U32.pack(len(text)) + text + codes.tobytes()
-    return "json", orjson.dumps(list(values))
+        return _U32.pack(len(text)) + text + np.asarray(codes, dtype="<i4").tobytes()
+    return orjson.dumps(list(part))
 
 
 def encode(columns: Mapping[str, Sequence[Any]], pause: Callable[[], None] | None = None) -> bytes:
     """One segment from equally long columns (values as JSON would hold them). `pause` is called
     between columns (the log sink yields its core there: it shares one with the server)."""
+    return encode_parts({name: _typed(values, pause) for name, values in columns.items()})
+
+
+def _typed(values: Sequence[Any], pause: Callable[[], None] | None) -> tuple[str, Part]:
+    typed = typed_column(values)
+    if pause is not None:
+        pause()
+    return typed
+
+
+def encode_parts(columns: Mapping[str, tuple[str, Part]]) -> bytes:
+    """One segment from typed columns of equal length (`typed_column`'s or `decode`'s parts)."""
     spec: list[list[Any]] = []
     parts: list[bytes] = []
     offset = 0
     rows = None
-    for name, values in columns.items():
+    for name, (kind, part) in columns.items():
+        n = len(part[1]) if kind == "dict" else len(part)
         if rows is None:
-            rows = len(values)
-        elif len(values) != rows:
-            raise ValueError(f"column {name!r} has {len(values)} values, not {rows}")
-        kind, data = encode_column(values)
-        if pause is not None:
-            pause()
+            rows = n
+        elif n != rows:
+            raise ValueError(f"column {name!r} has {n} values, not {rows}")
+        data = part_bytes(kind, part)
         spec.append([name, kind, offset, len(data)])
         parts.append(data)
         offset += len(data)
     header = orjson.dumps({"v": FORMAT, "rows": rows or 0, "columns": spec})
     return _U32.pack(len(header)) + header + b"".join(parts)
+
+
+def concat_parts(parts: Sequence[tuple[str, Part] | None], sizes: Sequence[int]) -> tuple[str, Part]:
+    """One column from the same column of several segments (None: a segment without it, its
+    values missing), as `typed_column` would type the values together, without a Python step
+    per value where the kinds allow: numbers are concatenated, dictionaries merged and their
+    codes remapped by one take per segment."""
+    parts = [None if p is not None and p[0] == "dict" and not p[1][0] else p for p in parts]
+    kinds = {p[0] for p in parts if p is not None}
+    if kinds == {"i8"} and None not in parts:
+        return "i8", np.concatenate([p[1] for p in parts if p is not None])
+    if kinds and kinds <= {"i8", "f8"} and not any(
+            p is not None and p[0] == "i8" and len(p[1]) and np.abs(p[1]).max() > 2**53 for p in parts):
+        return "f8", np.concatenate([np.full(n, np.nan) if p is None else p[1].astype("<f8")
+                                     for p, n in zip(parts, sizes, strict=True)])
+    if kinds <= {"dict"}:  # texts, or nothing but missing values
+        index: dict[str, int] = {}
+        codes = []
+        for p, n in zip(parts, sizes, strict=True):
+            if p is None:
+                codes.append(np.zeros(n, dtype="<i4"))
+                continue
+            words, local = p[1]
+            table = np.array([0, *(index.setdefault(w, len(index) + 1) for w in words)], dtype="<i4")
+            codes.append(table[local])
+        return "dict", (list(index), np.concatenate(codes) if codes else np.zeros(0, dtype="<i4"))
+    values: list[Any] = []
+    for p, n in zip(parts, sizes, strict=True):
+        values += [None] * n if p is None else values_of(*p)
+    return typed_column(values)
+
+
+def take_part(kind: str, part: Part, keep: np.ndarray) -> Part:
+    """The rows of a decoded part where the boolean mask `keep` is true."""
+    if kind in ("i8", "f8"):
+        return part[keep]
+    if kind == "dict":
+        return part[0], part[1][keep]
+    return [v for v, k in zip(part, keep.tolist(), strict=True) if k]
 
 
 def decode(blob: bytes | memoryview,
@@ -231,10 +295,15 @@ def store(conn: sa.Connection, model_name: str, rows: Sequence[LogRow],
 def store_columns(conn: sa.Connection, model_name: str, columns: Mapping[str, Sequence[Any]],
                   pause: Callable[[], None] | None = None) -> tuple[int, int]:
     """One segment of `columns` (as `columns_of` makes them), in the caller's transaction."""
-    ids, times = columns[ID], columns[TIME]
+    return _store_parts(conn, model_name, {name: _typed(values, pause) for name, values in columns.items()})
+
+
+def _store_parts(conn: sa.Connection, model_name: str,
+                 parts: Mapping[str, tuple[str, Part]]) -> tuple[int, int]:
+    ids, times = np.asarray(parts[ID][1], dtype=np.int64), np.asarray(parts[TIME][1], dtype=np.int64)
     found = conn.execute(sa.insert(prediction_segments).values(
-        model_name=model_name, rows=len(ids), first_id=min(ids), last_id=max(ids),
-        first_at=_moment(min(times)), last_at=_moment(max(times)), columns=encode(columns, pause))
+        model_name=model_name, rows=len(ids), first_id=int(ids.min()), last_id=int(ids.max()),
+        first_at=_moment(int(times.min())), last_at=_moment(int(times.max())), columns=encode_parts(parts))
         .returning(prediction_segments.c.id)).scalar_one()
     return int(found), len(ids)
 
@@ -250,15 +319,18 @@ def merge(conn: sa.Connection, segment_ids: Sequence[int],
                          .order_by(s.first_id)).all()
     if len(found) < 2 or len({r.model_name for r in found}) != 1:
         return None
-    parts = [decode(bytes(r.columns)) for r in found]
-    names = list(dict.fromkeys(name for _, columns in parts for name in columns))
-    merged = {name: [v for n, columns in parts
-                     for v in (values_of(*columns[name]) if name in columns else [None] * n)]
-              for name in names}
+    decoded = [decode(bytes(r.columns)) for r in found]
+    sizes = [n for n, _ in decoded]
+    names = list(dict.fromkeys(name for _, columns in decoded for name in columns))
+    merged = {}
+    for name in names:
+        merged[name] = concat_parts([columns.get(name) for _, columns in decoded], sizes)
+        if pause is not None:
+            pause()
     deleted = conn.execute(sa.delete(prediction_segments).where(s.id.in_([r.id for r in found]))).rowcount
     if deleted != len(found):
         raise SegmentsMoved(f"{len(found) - deleted} of the segments to merge were removed meanwhile")
-    return store_columns(conn, found[0].model_name, merged, pause)
+    return _store_parts(conn, found[0].model_name, merged)
 
 
 class SegmentsMoved(RuntimeError):
@@ -290,11 +362,12 @@ def prune(engine: sa.Engine, cutoff: datetime) -> int:
             found = conn.execute(sa.select(s.model_name, s.columns).where(s.id == sid)).first()
             if found is None:
                 continue
-            n, columns = decode(bytes(found.columns))
-            kept = [r for r in rows_of(columns, n) if r[1] >= limit_us]
+            _, columns = decode(bytes(found.columns))
+            keep = np.asarray(columns[TIME][1]) >= limit_us
             conn.execute(sa.delete(prediction_segments).where(s.id == sid))
-            if kept:
-                store(conn, found.model_name, kept)  # type: ignore[arg-type]
+            if keep.any():
+                kept = {name: (kind, take_part(kind, part, keep)) for name, (kind, part) in columns.items()}
+                _store_parts(conn, found.model_name, kept)
         done += 1
     return done
 
