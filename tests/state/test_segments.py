@@ -275,3 +275,39 @@ def test_outputs_of_every_task_are_read_back(engine):
 def _segments(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(prediction_segments)).scalar_one()
+
+
+def test_a_cached_reader_fetches_each_segment_once_and_a_merge_meanwhile_loses_no_row(engine, monkeypatch):
+    from flywheel.state import logread
+
+    sql = insert_sql(engine.dialect.name)
+    rows = awkward_rows(120)
+    for i in range(0, 120, 20):
+        write(engine, sql, frames(rows[i:i + 20]))
+    fetched: list[int] = []
+    blobs = logread._blobs
+    monkeypatch.setattr(logread, "_blobs", lambda conn, query: fetched.append(1) or blobs(conn, query))
+    cache: dict[int, bytes] = {}
+    with engine.connect() as conn:
+        first = read_log(conn, "m", last=120, cache=cache)
+        assert len(cache) == 6 and fetched
+        fetched.clear()
+        again = read_log(conn, "m", last=100, cache=cache)  # within what was read: no fetch
+        assert not fetched and again.base["id"].tolist() == first.base["id"].tolist()[-100:]
+    monkeypatch.undo()
+    # A merge between choosing the segments and fetching them (another writer, committed) takes
+    # the chosen ones away: they are chosen again, and every row is still read.
+    with engine.connect() as conn:
+        chosen = [logread._latest_ids(conn, "m", 120)]
+
+        def ids_then_merge() -> list[int]:
+            if chosen:
+                ids = chosen.pop()
+                with engine.begin() as other:
+                    seg.merge(other, ids)
+                return ids
+            return logread._latest_ids(conn, "m", 120)
+
+        blobs_read = logread._fetch(conn, ids_then_merge, {})
+    n = sum(seg.decode(b)[0] for b in blobs_read)
+    assert n == 120 and _segments(engine) == 1

@@ -173,10 +173,10 @@ def _version_facts(registry: Registry, version: int,
 
 def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
                 at: datetime | None = None, data: DataConfig | None = None,
-                inputs: Sequence[str] | None = None) -> pd.DataFrame:
+                inputs: Sequence[str] | None = None, cache: dict[int, bytes] | None = None) -> pd.DataFrame:
     """The window's predictions: inputs (those named, default all), probability, model version,
     time, read from the log's segments (and rows logged before them). A window by event time
-    needs `data` (which column is the time column)."""
+    needs `data` (which column is the time column). `cache`: see `read_log`."""
     wanted = None if inputs is None else \
         [*inputs, *([data.time_column] if data is not None and window.by == "event" else [])]
     keys = [EVENT_TIME] if window.by == "event" else []
@@ -184,13 +184,13 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
         if window.by == "time":
             end = at or now()
             found = read_log(conn, model_name, start=end - timedelta(hours=window.hours), end=end,
-                             inputs=wanted, meta=keys, categories=True)
+                             inputs=wanted, meta=keys, categories=True, cache=cache)
         elif window.by == "event":  # a row is served at or after it happened: a bound for the read
             found = read_log(conn, model_name, start=_utc_midnight(window.start), inputs=wanted,
-                             meta=keys, categories=True)
+                             meta=keys, categories=True, cache=cache)
         else:
             found = read_log(conn, model_name, last=window.size, inputs=wanted, meta=keys,
-                             categories=True)
+                             categories=True, cache=cache)
     if not len(found):
         return pd.DataFrame(columns=["id", "created_at", "model_version", "probability", SERVED_VALUE,
                                      SERVED_LABEL])
@@ -260,16 +260,16 @@ def read_labelled(engine: sa.Engine, model_name: str, rows: int,
 
 
 def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, rows: int,
-                         at: datetime, within: pd.Series | None = None,
-                         since: datetime | None = None) -> pd.DataFrame:
+                         at: datetime, within: pd.Series | None = None, since: datetime | None = None,
+                         cache: dict[int, bytes] | None = None) -> pd.DataFrame:
     """Labels from the source database for the latest predictions (or those `within`) whose
     `meta.entity_id` names a source row whose label is known by `at` (the target's own rule)."""
     with engine.connect() as conn:
         if within is None:
-            found = read_log(conn, model_name, last=rows, inputs=(), meta=["entity_id"])
+            found = read_log(conn, model_name, last=rows, inputs=(), meta=["entity_id"], cache=cache)
         else:
             found = read_log(conn, model_name, start=since, ids=within.astype(np.int64).tolist(),
-                             inputs=(), meta=["entity_id"])
+                             inputs=(), meta=["entity_id"], cache=cache)
         ids = found.base["id"].tolist()
         scores: dict[int, Any] = {}
         if ids:  # multiclass scores: kept in the row, not in the segment
@@ -294,11 +294,12 @@ def read_source_labelled(project: Project, engine: sa.Engine, model_name: str, r
 
 def labelled_window(project: Project, engine: sa.Engine, model_name: str, rows: int,
                     at: datetime, within: pd.Series | None = None,
-                    since: datetime | None = None) -> pd.DataFrame:
+                    since: datetime | None = None, cache: dict[int, bytes] | None = None) -> pd.DataFrame:
     """The latest `rows` labelled predictions (or every labelled one among the ids `within`,
-    served at or after `since`): feedback labels first, else the source database's."""
+    served at or after `since`): feedback labels first, else the source database's. `cache`:
+    the log's segments already fetched (see `read_log`)."""
     feedback_rows = read_labelled(engine, model_name, rows, within, project.config.task, since)
-    source_rows = read_source_labelled(project, engine, model_name, rows, at, within, since)
+    source_rows = read_source_labelled(project, engine, model_name, rows, at, within, since, cache)
     source_rows = source_rows[~source_rows["id"].isin(feedback_rows["id"])]
     # Only frames with rows are concatenated (pandas deprecates deciding dtypes from empty ones).
     parts = [frame for frame in (feedback_rows, source_rows) if len(frame)] or [feedback_rows]
@@ -377,7 +378,9 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
         raise MonitorError("no champion: nothing is served, so there is nothing to monitor")
     started = time.perf_counter()
     profile, sample_path, spec = _version_facts(registry, version, project.home / "cache")
-    frame = read_window(engine, registry.model_name, window, at, project.config.data, spec.input_columns)
+    fetched: dict[int, bytes] = {}  # the log's segments, read once for the window and its labels
+    frame = read_window(engine, registry.model_name, window, at, project.config.data, spec.input_columns,
+                        fetched)
     if len(frame) < 100:
         raise MonitorError(f"only {len(frame)} predictions in the window{_described(window)}; "
                            "monitoring needs at least 100")
@@ -392,7 +395,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     pred = detect_drift(profile, current, cfg.drift_threshold, 1.0, columns=[PREDICTION]).columns[0]
     labelled = labelled_window(project, engine, registry.model_name, cfg.performance_rows, at or now(),
                                frame["id"] if window.by == "event" else None,
-                               _utc_midnight(window.start) if window.by == "event" else None)
+                               _utc_midnight(window.start) if window.by == "event" else None, fetched)
     metric = project.config.gate.metric
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
     promised = expected_metric(registry, labelled, metric) if perf is not None else None

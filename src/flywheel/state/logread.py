@@ -57,19 +57,23 @@ def _us(moment: datetime) -> int:
 def read_log(conn: sa.Connection, model_name: str, *, start: datetime | None = None,
              end: datetime | None = None, last: int | None = None,
              ids: Sequence[int] | None = None, inputs: Collection[str] | None = None,
-             meta: Collection[str] | None = None, categories: bool = False) -> LogRows:
+             meta: Collection[str] | None = None, categories: bool = False,
+             cache: dict[int, bytes] | None = None) -> LogRows:
     """The model's logged rows served in [start, end) (either bound may be left out), or the
     `last` N of them (by id), or those whose id is among `ids` (within [start, end] when given:
     the bounds only narrow the search). `inputs` and `meta` name the columns and keys to read
     (default: all); a reader that needs a few of them decodes only those. `categories`: texts
-    that repeat as pandas Categoricals (else objects, as JSON would give them)."""
+    that repeat as pandas Categoricals (else objects, as JSON would give them). `cache`: the
+    segments fetched so far, by id (a segment never changes: a merge or a prune writes a new
+    one), kept by a caller that reads overlapping windows, so each is fetched once."""
     if ids is not None and not len(ids):
         return _empty()
+    cache = {} if cache is None else cache
     if last is not None:
-        blobs = _latest_segments(conn, model_name, last)
+        blobs = _latest_segments(conn, model_name, last, cache)
         legacy = _legacy(conn, model_name, None, None, None, last)
     else:
-        blobs = _segments_between(conn, model_name, start, end, ids)
+        blobs = _segments_between(conn, model_name, start, end, ids, cache)
         legacy = _legacy(conn, model_name, start, end, ids, None)
     wanted = _wanted(inputs, meta)
     parts = [seg.decode(b, wanted) for b in blobs]
@@ -110,17 +114,17 @@ def _wanted(inputs: Collection[str] | None, meta: Collection[str] | None) -> Cal
     return wanted
 
 
-def _segments_between(conn: sa.Connection, model_name: str, start: datetime | None,
-                      end: datetime | None, ids: Sequence[int] | None) -> list[bytes]:
+def _segments_between(conn: sa.Connection, model_name: str, start: datetime | None, end: datetime | None,
+                      ids: Sequence[int] | None, cache: dict[int, bytes]) -> list[bytes]:
     s = prediction_segments.c
-    query = sa.select(s.columns).where(s.model_name == model_name)
+    query = sa.select(s.id).where(s.model_name == model_name)
     if start is not None:
         query = query.where(s.last_at >= start)
     if end is not None:
         query = query.where(s.first_at <= end)
     if ids is not None:
         query = query.where(s.last_id >= int(min(ids)), s.first_id <= int(max(ids)))
-    return _blobs(conn, query.order_by(s.first_id))
+    return _fetch(conn, lambda: list(conn.execute(query.order_by(s.first_id)).scalars()), cache)
 
 
 def _empty() -> LogRows:
@@ -141,11 +145,15 @@ def _rows(base: pd.DataFrame, inputs: pd.DataFrame, meta: pd.DataFrame, picked: 
     return LogRows(out, frames[1], frames[2])
 
 
-def _latest_segments(conn: sa.Connection, model_name: str, last: int) -> list[bytes]:
+def _latest_segments(conn: sa.Connection, model_name: str, last: int, cache: dict[int, bytes]) -> list[bytes]:
     """The segments that hold the model's `last` highest ids: newest first by their last id until
     they hold `last` rows, and any other whose last id reaches above the lowest id taken."""
     if last <= 0:
         return []
+    return _fetch(conn, lambda: _latest_ids(conn, model_name, last), cache)
+
+
+def _latest_ids(conn: sa.Connection, model_name: str, last: int) -> list[int]:
     s = prediction_segments.c
     found = conn.execute(sa.select(s.id, s.rows, s.first_id, s.last_id)
                          .where(s.model_name == model_name).order_by(s.last_id.desc()))
@@ -158,25 +166,36 @@ def _latest_segments(conn: sa.Connection, model_name: str, last: int) -> list[by
         rows += n
         lowest = first_id if lowest is None else min(lowest, first_id)
     found.close()
-    if not chosen:
-        return []
-    blobs: list[bytes] = []
-    for i in range(0, len(chosen), 500):
-        blobs += _blobs(conn, sa.select(s.columns).where(s.id.in_(chosen[i:i + 500])))
-    return blobs
+    return chosen
 
 
-def _blobs(conn: sa.Connection, query: sa.Select[Any]) -> list[bytes]:
-    """The one bytes column of `query`'s rows. On PostgreSQL through a binary cursor: psycopg
+def _fetch(conn: sa.Connection, segment_ids: Callable[[], list[int]], cache: dict[int, bytes],
+           tries: int = 5) -> list[bytes]:
+    """The segments whose ids `segment_ids()` gives, those not in `cache` fetched (and added).
+    A sink's merge or a prune between the two queries removes segments (their rows move to a
+    new one): the ids are then chosen again, so no row is silently left out."""
+    s = prediction_segments.c
+    for _ in range(tries):
+        chosen = segment_ids()
+        missing = [i for i in chosen if i not in cache]
+        for at in range(0, len(missing), 500):
+            cache.update(_blobs(conn, sa.select(s.id, s.columns).where(s.id.in_(missing[at:at + 500]))))
+        if all(i in cache for i in chosen):
+            return [cache[i] for i in chosen]
+    raise RuntimeError(f"the prediction log's segments kept changing while being read ({tries} tries)")
+
+
+def _blobs(conn: sa.Connection, query: sa.Select[Any]) -> dict[int, bytes]:
+    """{id: bytes} of `query`'s (id, bytes) rows. On PostgreSQL through a binary cursor: psycopg
     otherwise fetches bytea as hex text and decodes it (0.9-1.1 s of a 1M-row window's 164 MB,
     against 0.33-0.36 s in binary)."""
     if conn.dialect.name != "postgresql":
-        return [bytes(b) for b in conn.execute(query).scalars()]
+        return {int(i): bytes(b) for i, b in conn.execute(query)}
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     cursor = conn.connection.dbapi_connection.cursor(binary=True)  # type: ignore[union-attr]
     try:
         cursor.execute(str(compiled), compiled.params)
-        return [bytes(row[0]) for row in cursor.fetchall()]
+        return {int(i): bytes(b) for i, b in cursor.fetchall()}
     finally:
         cursor.close()
 
