@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flywheel.core.cpus import usable_cpus
 from flywheel.serving.process import wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def build_onnx(merged: Path, out: Path, precision: str) -> None:
                     str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "onnx-cache")],
                    check=True, capture_output=True)
     config = json.loads((out / "genai_config.json").read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = os.cpu_count() or 1
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = usable_cpus()
     (out / "genai_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -381,7 +382,7 @@ def _ttft(httpx: Any, url: str, name: str, tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--http-tokens", type=int, default=64)
