@@ -88,7 +88,21 @@ class DriftResult:
 
 
 def _values(series: pd.Series) -> np.ndarray:
+    if series.dtype.kind == "f":  # a mask, not pandas' dropna (a tenth of the time at 1M rows)
+        values = series.to_numpy()
+        missing = np.isnan(values)
+        return values[~missing] if missing.any() else values
     return series.dropna().to_numpy()
+
+
+def quantiles_of(values: np.ndarray, probs: np.ndarray = PROBS) -> np.ndarray:
+    """np.quantile's default (linear) quantiles of `values` (no NaN) at `probs`, by one sort: for
+    1,000 probabilities numpy partitions around 2,000 points, a third slower than sorting."""
+    ordered = np.sort(values.astype(np.float64, copy=False))
+    at = probs * (len(ordered) - 1)
+    low = np.floor(at).astype(np.int64)
+    high = np.minimum(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
 def _series_shares(series: pd.Series) -> dict[str, float]:
@@ -109,7 +123,7 @@ def profile_column(name: str, series: pd.Series, categorical: bool) -> ColumnPro
     if numeric and len(np.unique(values)) > LOW_CARDINALITY:
         v = values.astype(np.float64)
         return ColumnProfile(name, "numeric", "wasserstein", len(v),
-                             quantiles=np.quantile(v, PROBS).tolist(), std=float(np.std(v)))
+                             quantiles=quantiles_of(v).tolist(), std=float(np.std(v)))
     return ColumnProfile(name, "numeric" if numeric else "categorical", "jensenshannon", len(values),
                          shares=_series_shares(series))
 
@@ -143,7 +157,7 @@ def column_drift(ref: ColumnProfile, series: pd.Series, threshold: float) -> Col
         return ColumnDrift(ref.name, ref.stattest, float("nan"), threshold, False)
     if ref.stattest == "wasserstein":
         assert ref.quantiles is not None and ref.std is not None
-        cur_q = np.quantile(values.astype(np.float64), PROBS)
+        cur_q = quantiles_of(values)
         distance = wasserstein_from_quantiles(np.asarray(ref.quantiles), cur_q)
         score = distance / max(ref.std, MIN_NORM)
     else:

@@ -195,7 +195,7 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
         return pd.DataFrame(columns=["id", "created_at", "model_version", "probability", SERVED_VALUE,
                                      SERVED_LABEL])
     meta = found.base.rename(columns={"value": SERVED_VALUE, "label": SERVED_LABEL})
-    frame = pd.concat([meta, found.inputs], axis=1)
+    frame = side_by_side(meta, found.inputs)
     if window.by == "event":
         if data is None:
             raise ValueError("a window by event time needs the project's data config")
@@ -206,10 +206,21 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
         inside = (when >= pd.Timestamp(_utc_midnight(window.start).replace(tzinfo=None))) & \
             (when < pd.Timestamp(_utc_midnight(window.end).replace(tzinfo=None)))
         frame = frame.loc[inside.to_numpy()]
-    return frame.reset_index(drop=True)
+        frame.index = pd.RangeIndex(len(frame))
+    return frame
 
 
 SERVED_VALUE, SERVED_LABEL = "__served_value__", "__served_label__"  # a regression's, a multiclass'
+
+
+def side_by_side(left: pd.DataFrame, right: pd.DataFrame) -> pd.DataFrame:
+    """The columns of two frames of the same rows (both indexed 0..n-1) as one frame, without
+    copying them: pd.concat would copy every column into one 2-D block per dtype (0.4 s of a
+    1M-row window). Names in both: concat's frame, which keeps both."""
+    if set(left.columns) & set(right.columns):
+        return pd.concat([left, right], axis=1)
+    return pd.DataFrame({**{c: left[c] for c in left.columns}, **{c: right[c] for c in right.columns}},
+                        copy=False)
 
 
 def served_prediction(spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
