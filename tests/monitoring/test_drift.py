@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel.monitoring.drift import ReferenceProfile, build_profile, detect_drift, jensenshannon
+from flywheel.monitoring.drift import (
+    PROBS,
+    ReferenceProfile,
+    build_profile,
+    detect_drift,
+    jensenshannon,
+    quantiles_of,
+)
 from tests.drift_data import SHIFTED, make_frame
 
 
@@ -59,3 +66,16 @@ def test_missing_values_are_ignored_and_a_missing_column_is_an_error():
     assert detect_drift(build_profile(ref), cur).columns[0].score == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError, match="lacks column"):
         detect_drift(build_profile(ref), pd.DataFrame({"y": [1.0]}))
+
+
+@pytest.mark.parametrize("values", [
+    np.array([3.5]), np.array([2.0, -1.0]), np.arange(1001.0)[::-1],
+    np.random.default_rng(1).lognormal(size=20_000),  # skewed
+    np.random.default_rng(2).integers(0, 4, 5_000).astype(float),  # heavy ties
+    np.random.default_rng(3).integers(-50, 50, 777),  # integers, not floats
+])
+def test_quantiles_by_one_sort_are_numpys(values):
+    """The window's quantiles come from one sort instead of np.quantile's partitions: the same
+    numbers (to rounding), so the drift scores and verdicts are those numpy gave."""
+    np.testing.assert_allclose(quantiles_of(values), np.quantile(values.astype(float), PROBS),
+                               rtol=1e-12, atol=1e-12)

@@ -14,7 +14,13 @@ import pytest
 from flywheel.config import CategoryFeature, FlagFeature, MonitorWindow, NumericFeature, RatioFeature
 from flywheel.data.features import build_matrix, fit_spec
 from flywheel.monitoring.drift import build_profile, detect_drift
-from flywheel.monitoring.monitor import PREDICTION, read_window, served_prediction, unseen_categories
+from flywheel.monitoring.monitor import (
+    PREDICTION,
+    read_window,
+    served_prediction,
+    side_by_side,
+    unseen_categories,
+)
 from flywheel.monitoring.reference import feature_frame
 from flywheel.serving.tabular.logsink import write
 from flywheel.serving.tabular.predlog import insert_sql
@@ -100,3 +106,17 @@ def test_the_verdicts_are_the_same_read_from_json_rows_or_from_segments(task, ba
     assert old[3]["state"] > 0 and old[3]["code"] > 0 and old[4] == 1500
     assert dict((c, d) for c, _, d in old[0])["amount"]
     close_state(url)
+
+
+def test_the_window_joins_the_log_columns_and_the_inputs_without_copying_them():
+    """A 1M-row window is not copied to be joined: the frame's columns are the decoded arrays.
+    An input named like a log column (a client's own `id`) keeps both, as pandas' concat does."""
+    log = pd.DataFrame({"id": np.arange(5), "probability": np.linspace(0, 1, 5)}, copy=False)
+    inputs = pd.DataFrame({"amount": np.arange(5.0), "state": pd.Categorical(list("abcab"))}, copy=False)
+    frame = side_by_side(log, inputs)
+    assert list(frame.columns) == ["id", "probability", "amount", "state"]
+    assert np.shares_memory(frame["amount"].to_numpy(), inputs["amount"].to_numpy())
+    assert frame["state"].dtype == "category"
+    clash = side_by_side(log, pd.DataFrame({"id": ["x1", "x2", "x3", "x4", "x5"]}))
+    assert list(clash.columns) == ["id", "probability", "id"]
+    assert clash.iloc[:, 2].tolist() == ["x1", "x2", "x3", "x4", "x5"]
