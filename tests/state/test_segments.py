@@ -3,6 +3,7 @@ back (against rows logged as JSON text before segments existed), compaction and 
 
 from __future__ import annotations
 
+import warnings
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -201,6 +202,25 @@ def test_the_latest_rows_come_from_the_newest_segments_even_when_writers_interle
         for n in (1, 7, 8, 20, 42, 100):
             assert read_log(conn, "m", last=n).base["id"].tolist() == everything[-n:]
         assert len(read_log(conn, "m", last=0)) == 0 and len(read_log(conn, "other", last=5)) == 0
+
+
+@pytest.mark.parametrize("how", ["all", "last", "ids"])
+def test_the_frames_read_are_the_callers_own(engine, how):
+    """The rows are slices of the decoded segments, not copies: a caller adding or changing a
+    column gets no pandas "copy of a slice" warning and changes nothing another read sees."""
+    sql = insert_sql(engine.dialect.name)
+    for k in range(3):
+        write(engine, sql, frames([served(10 * k + i, {"x": k}) for i in range(7)]))
+    kwargs = {"all": {}, "last": {"last": 9}, "ids": {"ids": [3, 4, 5, 11, 12]}}[how]
+    with engine.connect() as conn, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = read_log(conn, "m", **kwargs)
+        for frame in (found.base, found.inputs, found.meta):
+            frame["added"] = 1
+        found.inputs.loc[0, "x"] = 99
+        again = read_log(conn, "m", **kwargs)
+    assert len(found) == len(again) == {"all": 21, "last": 9, "ids": 5}[how]
+    assert "added" not in again.base.columns and again.inputs["x"].iloc[0] != 99
 
 
 def test_small_segments_are_merged_and_readers_see_the_same_rows(engine):

@@ -205,7 +205,7 @@ def read_window(engine: sa.Engine, model_name: str, window: MonitorWindow,
         when = served_row_times(served, found.meta_values(EVENT_TIME), meta["created_at"], data)
         inside = (when >= pd.Timestamp(_utc_midnight(window.start).replace(tzinfo=None))) & \
             (when < pd.Timestamp(_utc_midnight(window.end).replace(tzinfo=None)))
-        frame = frame.loc[inside.to_numpy()]
+        frame = frame.loc[inside.to_numpy()].copy(deep=False)  # its own frame, not a "slice"
         frame.index = pd.RangeIndex(len(frame))
     return frame
 
