@@ -9,7 +9,8 @@ the verdicts; the champion's reference cached by a first run, Evidently off) is 
 latest N rows of each, best of `--repeat`. The JSON rows are inserted as the old sink did; the
 segments are written by the log sink's own `write` in batches of `--batch` rows. Printed: seconds
 per window, µs per row, and JSON / segments as a ratio; with `--cli`, also `flywheel monitor
---size N` as a user runs it (a fresh process), the cost of each row beyond the smallest window.
+--size N` as a user runs it (a fresh process, best of `--repeat`), the cost of each row beyond the
+smallest window.
 
     .venv/bin/python benchmarks/monitor_window.py [--rows 10000 100000 1000000] [--repeat 3]
         [--backend sqlite postgresql] [--batch 1024] [--cli] [--layouts json segments]
@@ -172,7 +173,7 @@ def measure(label: str, project: Project, sizes: list[int], repeat: int, batch: 
             run_monitor(project, window=size, report=False)  # warm: the reference is cached
             t[kind] = best(lambda: run_monitor(project, window=size, report=False), repeat)  # noqa: B023
             if cli:
-                cli_times[kind].append(cli_seconds(project, n))
+                cli_times[kind].append(best(lambda: cli_seconds(project, n), repeat))  # noqa: B023
         print(f"  {n:>10,}  " + "  ".join(f"{t[kind]:10.2f} {t[kind] / n * 1e6:7.2f}" for kind in layouts)
               + (f"  x{t['json'] / t['segments']:.1f}" if len(layouts) == 2 else ""))
     if cli and len(sizes) > 1:
