@@ -206,8 +206,9 @@ def test_the_latest_rows_come_from_the_newest_segments_even_when_writers_interle
 
 @pytest.mark.parametrize("how", ["all", "last", "ids"])
 def test_the_frames_read_are_the_callers_own(engine, how):
-    """The rows are slices of the decoded segments, not copies: a caller adding or changing a
-    column gets no pandas "copy of a slice" warning and changes nothing another read sees."""
+    """The rows are slices of the decoded segments, not copies, yet each read is the caller's
+    own: adding or changing a column (with warnings as errors) changes nothing another read sees,
+    whether the read is every row, the latest rows (a slice) or chosen ids (a gather)."""
     sql = insert_sql(engine.dialect.name)
     for k in range(3):
         write(engine, sql, frames([served(10 * k + i, {"x": k}) for i in range(7)]))

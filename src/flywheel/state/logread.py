@@ -140,8 +140,8 @@ def _rows(base: pd.DataFrame, inputs: pd.DataFrame, meta: pd.DataFrame, picked: 
     frames = [base, inputs, meta]
     if not (run and picked[0] == 0 and len(picked) == len(base)):  # else: every row, as assembled
         where: Any = slice(int(picked[0]), int(picked[-1]) + 1) if run else picked
-        # A shallow copy: the rows' own frame (a caller adding a column gets no "copy of a slice"
-        # warning), its columns still the slice's; positions from 0 without reset_index's copy.
+        # A shallow copy: a frame of its own (not linked to the assembled one as a pandas "slice"),
+        # its columns still the slice's; positions from 0 without reset_index's copy.
         frames = [f.iloc[where].copy(deep=False) for f in frames]
         for f in frames:
             f.index = pd.RangeIndex(len(f))
