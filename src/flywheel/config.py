@@ -489,6 +489,21 @@ class MonitorWindow(_Strict):
         return self
 
 
+class EstimationConfig(_Strict):
+    """The gate's metric estimated in every monitoring window from the served outputs alone."""
+
+    # Estimate in every monitoring run (false: no estimate, no calibration read).
+    enabled: bool = True
+    # The band: this many standard deviations of the metric over label draws (3: about 99.7%).
+    band_sigmas: float = Field(default=3.0, gt=0)
+    # Fewer predictions than this in a window: no estimate (the band would say nothing).
+    min_rows: int = Field(default=100, ge=20)
+    # Label draws from the calibrated probabilities ...
+    draws: int = Field(default=64, ge=8, le=10_000)
+    # ... on at most this many rows of the window (the band is scaled to the window's size).
+    sample_rows: int = Field(default=20_000, ge=1_000)
+
+
 class MonitoringConfig(_Strict):
     # Which predictions a monitoring run reads.
     window: MonitorWindow = MonitorWindow()
@@ -513,6 +528,8 @@ class MonitoringConfig(_Strict):
     report_sample_rows: int = Field(default=10_000, ge=100)
     # null: when Evidently (the `reports` extra) is installed
     evidently_report: bool | None = None
+    # The gate's metric estimated in every window from its answers, before labels arrive.
+    estimation: EstimationConfig = EstimationConfig()
 
 
 class TriggersConfig(_Strict):

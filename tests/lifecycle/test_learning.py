@@ -24,6 +24,7 @@ from flywheel.monitoring.monitor import MonitorError
 from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.serving.process import ServerProcess
 from flywheel.state.db import open_state
+from flywheel.state.verdicts import latest_verdict
 from tests.lifecycle.test_own_data import cli, config, customers
 
 FED = 3000  # served rows with a label posted back
@@ -103,6 +104,16 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     verdict = json.loads(said)
     inside = [d for d in days if "2021-01-01" <= d < "2021-07-01"]
     assert verdict["rows"] == len(inside) and verdict["performance"]["rows"] == len(inside)
+    # the gate's metric estimated from the answers alone, each row calibrated by the version that
+    # answered it (v1 here: the window was served before the retrain), stored with the run. These
+    # customers churn by the opposite age effect (a concept shift): the scores cannot show it, so
+    # the realized value lands far outside the band, which is what the estimate is audited for.
+    estimated = verdict["estimate"]
+    assert estimated["metric"] == "roc_auc" and estimated["rows"] == len(inside), estimated
+    assert estimated["low"] <= estimated["value"] <= estimated["high"] <= 1.0
+    assert verdict["performance"]["value"] < estimated["low"] - 0.1, (estimated, verdict["performance"])
+    stored = latest_verdict(open_state(project.state_url), project.config.registered_model)
+    assert stored["estimated_value"] == pytest.approx(estimated["value"]) and stored["estimate_note"] is None
     same = api.monitor(project, start="2021-01-01", end="2021-07-01")  # the Python API's way
     assert same.drift.rows == len(inside) and same.window_kind == "event"
     code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)

@@ -119,6 +119,14 @@ def test_monitor_then_a_strict_gate_refuses_and_a_normal_gate_promotes_and_the_s
         metrics = httpx.get(f"{server.url}/metrics").text
         assert f'flywheel_drift_share{{model_version="1"}} {verdict.drift.share}' in metrics
         assert 'flywheel_feature_drifted{feature="gr_appv"} 1' in metrics
+        # the sample's validation slice holds too few charge-offs to calibrate on: no estimate,
+        # and the verdict, the stored run and the summary say why instead of giving a number
+        estimated = verdict.estimate
+        assert estimated is not None and estimated.metric == "roc_auc" and estimated.value is None
+        assert "could not be calibrated" in estimated.reason and "positive" in estimated.reason
+        assert stored["estimate_note"] == estimated.reason and stored["estimated_value"] is None
+        assert "estimated roc_auc: none (" in verdict.summary()
+        assert "flywheel_window_estimated_metric" not in metrics
 
         strict = orchestrate(with_env(project, GATE__MIN_IMPROVEMENT="0.5"), "drift",
                              verdict.summary(), RETRAIN_AT, "local")

@@ -18,6 +18,12 @@ from flywheel.data.checks import DataCheckReport
 from flywheel.lifecycle.card import CardFacts
 from flywheel.lifecycle.card_facts import log_card_facts
 from flywheel.lifecycle.features import PreparedData
+from flywheel.monitoring.estimation import (
+    CALIBRATION_FILE,
+    ESTIMATION_ARTIFACT,
+    EstimationError,
+    fit_calibration,
+)
 from flywheel.monitoring.reference import reference_artifacts
 from flywheel.registry import CHALLENGER, Registry
 from flywheel.training.evaluate import holdout_plot, task_metrics
@@ -84,8 +90,29 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
         with reporter.step("Register the challenger"):
             version = registry.register_onnx(run_id, fitted.onnx, prepared.spec.to_json(),
                                              {**tags, "run_id": run_id})
+            attach_calibration(registry, version, prepared, fitted.onnx)
             registry.set_alias(CHALLENGER, version)
     return Challenger(run_id, version, tags["model_type"], metrics, exported, fitted, max_diff, card_facts)
+
+
+def attach_calibration(registry: Registry, version: int, prepared: PreparedData, onnx: bytes) -> None:
+    """What performance estimation needs, fitted on the validation slice (never the holdout the
+    gate scores) from the export's outputs, as served; attached to the version, hash-checked.
+    A classifier that cannot be calibrated gets the reason instead, which monitoring shows."""
+    task = prepared.spec.task
+    if task == "regression":
+        return
+    val = prepared.split.validation
+    try:
+        served = onnx_predict(onnx, prepared.X[val])
+        calibration: dict[str, Any] = fit_calibration(task, prepared.y[val], served,
+                                                      prepared.spec.classes).to_dict()
+    except EstimationError as exc:
+        calibration = {"refused": str(exc)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / CALIBRATION_FILE).write_text(json.dumps(calibration))
+        registry.attach_folder(version, folder, ESTIMATION_ARTIFACT)
 
 
 def onnx_parity(fitted: FittedModel, X_hold: np.ndarray, task: str = "binary"

@@ -29,6 +29,15 @@ from flywheel.data.features import FeatureSpec, build_matrix
 from flywheel.data.sources import labels_known_at
 from flywheel.data.timecol import served_row_times, window_bound
 from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drift
+from flywheel.monitoring.estimation import (
+    CALIBRATION_FILE,
+    ESTIMATION_ARTIFACT,
+    Calibration,
+    Estimate,
+    EstimationSettings,
+    estimate,
+    refused,
+)
 from flywheel.monitoring.reference import (
     PREDICTION,
     PROFILE_FILE,
@@ -36,7 +45,7 @@ from flywheel.monitoring.reference import (
     categorical_features,
     feature_frame,
 )
-from flywheel.registry import CHAMPION, Registry
+from flywheel.registry import CHAMPION, Registry, RegistryError
 from flywheel.state.db import feedback, monitor_columns, monitor_runs, now, open_state, predictions
 from flywheel.state.logread import read_log
 from flywheel.training.evaluate import (
@@ -118,6 +127,8 @@ class MonitorVerdict:
     mlflow_run_id: str | None
     # category feature -> rows of the window whose value the model never learnt (scored as "other")
     unseen: dict[str, int] = field(default_factory=dict)
+    # the gate's metric estimated from the window's outputs alone, before any label
+    estimate: Estimate | None = None
 
     # the JSON form (`flywheel monitor --json`) also names these, at its top level
     JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("rows", "drift_share", "drift_detected")
@@ -141,6 +152,8 @@ class MonitorVerdict:
         if any(self.unseen.values()):
             parts.append("categories the model never learnt: " + ", ".join(
                 f"{name} {n:,} rows" for name, n in self.unseen.items() if n))
+        if self.estimate is not None:
+            parts.append(self.estimate.describe())
         if self.performance is not None:
             perf = self.performance
             parts.append(f"{perf.metric} {perf.value:.4g} on {perf.rows:,} labelled"
@@ -411,11 +424,13 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
     promised = expected_metric(registry, labelled, metric) if perf is not None else None
     drop = performance_dropped(perf, promised, cfg, spec.task)
+    estimated = window_estimate(registry, spec, frame, engine, metric, cfg, project.home / "cache") \
+        if cfg.estimation.enabled else None
     seconds = time.perf_counter() - started
     w_start, w_end = (frame["created_at"].min(), frame["created_at"].max()) if window.by != "event" \
         else (_utc_midnight(window.start), _utc_midnight(window.end))
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
-                        pred.score, perf, drop, seconds, unseen)
+                        pred.score, perf, drop, seconds, unseen, estimated)
     report_path, mlflow_run = None, None
     if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
@@ -426,7 +441,85 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
             conn.execute(monitor_runs.update().where(monitor_runs.c.id == verdict_id).values(
                 report_path=str(report_path), mlflow_run_id=mlflow_run))
     return MonitorVerdict(verdict_id, registry.model_name, version, window.by, w_start, w_end, drift,
-                          pred.score, perf, drop, seconds, report_path, mlflow_run, unseen)
+                          pred.score, perf, drop, seconds, report_path, mlflow_run, unseen, estimated)
+
+
+_CALIBRATIONS: dict[tuple[str, str, int], tuple[Calibration | None, str | None]] = {}
+
+
+def calibration_of(registry: Registry, version: int, cache: Path) -> tuple[Calibration | None, str | None]:
+    """A version's calibration (hash-checked), or None and why: fetched once per process."""
+    key = (registry.tracking_url, registry.model_name, version)
+    if key not in _CALIBRATIONS:
+        try:
+            folder = registry.download_attached(version, ESTIMATION_ARTIFACT,
+                                                cache / f"estimation-v{version}")
+        except RegistryError as exc:
+            if registry.attached_hashes(version, ESTIMATION_ARTIFACT):
+                raise  # files that fail their hash are never used
+            log.debug("no calibration", extra={"version": version, "error": str(exc)})
+            _CALIBRATIONS[key] = (None, f"v{version} has no calibration (trained before performance "
+                                        "estimation existed): retrain it to get estimates")
+        else:
+            data = json.loads((folder / CALIBRATION_FILE).read_text())
+            _CALIBRATIONS[key] = (None, f"v{version}'s probabilities could not be calibrated: "
+                                        f"{data['refused']}") if "refused" in data \
+                else (Calibration.from_dict(data), None)
+    return _CALIBRATIONS[key]
+
+
+def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, engine: sa.Engine,
+                    metric: str, cfg: MonitoringConfig, cache: Path) -> Estimate:
+    """The gate's metric estimated over the window from what its rows were answered, each row
+    calibrated by the version that answered it (a window of a backfill or across a promotion holds
+    several); rows of a version without a calibration are left out, and with none left the
+    estimate says why."""
+    if spec.task == "regression":
+        return refused(metric, len(frame), "estimates for regression models are not available yet",
+                       "dle")
+    if spec.task == "binary":
+        out = frame["probability"].to_numpy(dtype=np.float64)
+    else:
+        out = _class_scores(engine, registry.model_name, frame["id"], spec.classes)
+    versions = frame["model_version"].to_numpy()
+    answered = np.isfinite(out) if out.ndim == 1 else np.isfinite(out).all(axis=1)
+    parts, why = [], []
+    for version in np.unique(versions):
+        calibration, reason = calibration_of(registry, int(version), cache)
+        rows = (versions == version) & answered
+        if calibration is None or len(calibration.steps) != (1 if out.ndim == 1 else out.shape[-1]):
+            why.append(reason or f"v{version}'s calibration does not match its answers")
+            continue
+        parts.append((rows, calibration.apply(out[rows])))
+    if not parts:
+        return refused(metric, len(frame), "; ".join(why))
+    keep = np.zeros(len(frame), dtype=bool)
+    p = np.zeros(out.shape)
+    for rows, calibrated in parts:
+        keep |= rows
+        p[rows] = calibrated
+    e = cfg.estimation
+    settings = EstimationSettings(e.min_rows, e.draws, e.sample_rows, e.band_sigmas)
+    return estimate(spec.task, metric, p[keep], out[keep], settings, spec.classes)
+
+
+def _class_scores(engine: sa.Engine, model_name: str, ids: pd.Series, classes: list[str]) -> np.ndarray:
+    """The class probabilities answered for the rows `ids`, in their order (multiclass keeps them
+    in the row, not the segment); NaN for a row without them."""
+    out = np.full((len(ids), len(classes)), np.nan)
+    if not len(ids):
+        return out
+    p = predictions.c
+    with engine.connect() as conn:
+        found = dict(conn.execute(sa.select(p.id, p.scores).where(
+            p.model_name == model_name, p.id.between(int(ids.min()), int(ids.max())),
+            p.scores.is_not(None))).all())
+    for i, rid in enumerate(ids.astype(np.int64).tolist()):
+        scores = found.get(rid)
+        if scores is not None:
+            row = orjson.loads(scores)
+            out[i] = [row.get(c, 0.0) for c in classes]
+    return out
 
 
 def unseen_categories(spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray) -> dict[str, int]:
@@ -444,7 +537,7 @@ def unseen_categories(spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray) -> 
 
 def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: Any, end: Any,
            drift: DriftResult, prediction_drift: float, perf: Performance | None, drop: bool,
-           seconds: float, unseen: dict[str, int]) -> int:
+           seconds: float, unseen: dict[str, int], estimated: Estimate | None = None) -> int:
     with engine.begin() as conn:
         verdict_id = conn.execute(monitor_runs.insert().values(  # type: ignore[index]
             model_name=model_name, model_version=version, window_kind=kind, window_start=start,
@@ -456,6 +549,11 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             metric_value=_finite(perf.value) if perf else None,
             metrics=orjson.dumps({k: v for k, v in perf.metrics.items() if np.isfinite(v)}).decode()
             if perf else None,
+            estimated_metric=estimated.metric if estimated else None,
+            estimated_value=_finite(estimated.value) if estimated and estimated.value is not None else None,
+            estimated_low=estimated.low if estimated else None,
+            estimated_high=estimated.high if estimated else None,
+            estimate_note=estimated.reason if estimated else None,
         )).inserted_primary_key[0]
         conn.execute(monitor_columns.insert(), [
             {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,

@@ -132,6 +132,12 @@ monitor_runs = sa.Table(
     sa.Column("metric", sa.String(50), nullable=True),
     sa.Column("metric_value", sa.Float, nullable=True),
     sa.Column("metrics", sa.Text, nullable=True),  # JSON: every metric of the window
+    # the gate's metric estimated from the window's outputs alone (see monitoring.estimation)
+    sa.Column("estimated_metric", sa.String(50), nullable=True),
+    sa.Column("estimated_value", sa.Float, nullable=True),
+    sa.Column("estimated_low", sa.Float, nullable=True),
+    sa.Column("estimated_high", sa.Float, nullable=True),
+    sa.Column("estimate_note", sa.Text, nullable=True),  # why there is no estimate
     sa.Index("ix_monitor_runs_model", "model_name", "id"),
 )
 monitor_columns = sa.Table(

@@ -174,6 +174,15 @@ def _verdict_text(v: dict[str, Any]) -> str:
         lines += ["# HELP flywheel_window_metric The task's metric (the gate's) over the latest labelled "
                   "predictions", "# TYPE flywheel_window_metric gauge",
                   f'flywheel_window_metric{{metric="{_label(v["metric"])}"}} {float(v["metric_value"])}']
+    if v.get("estimated_metric") is not None and v.get("estimated_value") is not None:
+        metric = f'metric="{_label(v["estimated_metric"])}"'
+        lines += ["# HELP flywheel_window_estimated_metric The gate's metric estimated over the latest "
+                  "window from its predictions alone (before labels), with its band",
+                  "# TYPE flywheel_window_estimated_metric gauge"]
+        lines += [f'flywheel_window_estimated_metric{{{metric},bound="{bound}"}} {float(v[key])}'
+                  for bound, key in (("estimate", "estimated_value"), ("low", "estimated_low"),
+                                     ("high", "estimated_high"))
+                  if v.get(key) is not None]
     return "\n".join(lines) + "\n"
 
 

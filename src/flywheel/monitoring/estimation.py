@@ -1,0 +1,330 @@
+"""Performance estimated before the labels arrive, from a window's served outputs alone.
+
+A classifier's probabilities, once calibrated, say how often it is right: a row scored 0.8 that
+is truly positive four times in five. Confidence-based performance estimation (CBPE, as NannyML
+names it) takes the expected value of a metric over labels drawn from the calibrated
+probabilities; the same draws give the band within which the realized value should fall when the
+labels come back (the sampling spread of a window of this size). What it cannot see by
+construction is a change in what a score means (concept shift, a prior shift the scores do not
+follow): then the realized value leaves the band, which is what the audit looks for.
+
+The calibration is fitted at training time on the validation slice (never on the holdout the
+gate scores), per class for multiclass (one-vs-rest, renormalised), as isotonic steps stored as
+JSON with the version: no pickle.
+
+Expected values are exact where the metric allows (ROC-AUC as the expected pair counts, log
+loss, Brier, accuracy); PR-AUC and F1 take the mean of the draws. The band is `band_sigmas`
+standard deviations of the metric over `draws` label draws, on at most `sample_rows` rows and
+scaled to the window's size (these metrics' spread shrinks as one over the root of the rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+CALIBRATION_FILE = "calibration.json"
+ESTIMATION_ARTIFACT = "estimation"  # the version's folder of what estimation needs
+EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss, as the gate does
+MIN_CLASS_ROWS = 20  # calibration needs at least this many rows of each class on the validation slice
+BINARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier")
+MULTICLASS_METRICS = ("log_loss", "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc")
+
+
+class EstimationError(ValueError):
+    """A calibration or an estimate that cannot be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Isotonic steps per output (binary: P(positive); multiclass: each class's probability)."""
+
+    task: str
+    classes: list[str]
+    steps: list[tuple[list[float], list[float]]]  # per output: (scores, calibrated probabilities)
+    rows: int  # validation rows it was fitted on
+
+    def apply(self, out: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of served outputs: (n,) for binary, (n, classes) rows summing
+        to one for multiclass."""
+        out = np.asarray(out, dtype=np.float64)
+        if self.task == "binary":
+            x, y = self.steps[0]
+            return np.interp(out, x, y)
+        P = np.column_stack([np.interp(out[:, i], x, y) for i, (x, y) in enumerate(self.steps)])
+        total = P.sum(axis=1, keepdims=True)
+        even = np.full_like(P, 1.0 / P.shape[1])  # every class calibrated to 0: no information
+        return np.where(total > 0, P / np.where(total > 0, total, 1.0), even)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "classes": self.classes, "rows": self.rows,
+                "steps": [{"scores": x, "probabilities": y} for x, y in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        return cls(data["task"], list(data.get("classes") or []),
+                   [(list(s["scores"]), list(s["probabilities"])) for s in data["steps"]],
+                   int(data["rows"]))
+
+
+def fit_calibration(task: str, y: np.ndarray, out: np.ndarray,
+                    classes: list[str] | None = None) -> Calibration:
+    """Isotonic calibration of served outputs `out` against true labels `y` (binary 0/1; multiclass
+    class indices); EstimationError when the slice cannot calibrate (a class with fewer than
+    MIN_CLASS_ROWS rows, or scores that never vary)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    if task not in ("binary", "multiclass"):
+        raise EstimationError(f"calibration is for classifiers; a {task} model's estimate is a "
+                              "loss model's")
+    y = np.asarray(y, dtype=np.int64)
+    out = np.asarray(out, dtype=np.float64)
+    columns = [(y == 1, out)] if task == "binary" else \
+        [(y == i, out[:, i]) for i in range(out.shape[1])]
+    names = ["positive"] if task == "binary" else list(classes or range(out.shape[1]))
+    steps = []
+    for name, (hit, score) in zip(names, columns, strict=True):
+        counts = int(hit.sum()), int((~hit).sum())
+        if min(counts) < MIN_CLASS_ROWS:
+            raise EstimationError(
+                f"the validation slice has {counts[0]:,} rows of class {name!s} and {counts[1]:,} "
+                f"of the others; calibrating needs at least {MIN_CLASS_ROWS} of each")
+        if np.ptp(score) == 0:
+            raise EstimationError(f"the model gives every validation row the same score for class "
+                                  f"{name!s}: its probabilities cannot be calibrated")
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(score, hit.astype(float))
+        steps.append(([float(v) for v in iso.X_thresholds_], [float(v) for v in iso.y_thresholds_]))
+    return Calibration(task, [str(c) for c in classes or []], steps, len(y))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The expected value of `metric` on a window, and the band its realized value should fall in;
+    `value` None with `reason` when the window cannot be estimated."""
+
+    metric: str
+    value: float | None
+    low: float | None
+    high: float | None
+    rows: int
+    method: str = "cbpe"
+    reason: str | None = None
+    others: dict[str, float] = field(default_factory=dict)  # the task's other metrics, expected
+
+    def covers(self, realized: float) -> bool | None:
+        """Whether `realized` lies within the band (None without one)."""
+        if self.low is None or self.high is None or not math.isfinite(realized):
+            return None
+        return self.low <= realized <= self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.value, "low": self.low, "high": self.high,
+                "rows": self.rows, "method": self.method, "reason": self.reason,
+                "others": self.others}
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"estimated {self.metric}: none ({self.reason})"
+        return f"estimated {self.metric} {self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def refused(metric: str, rows: int, reason: str, method: str = "cbpe") -> Estimate:
+    return Estimate(metric, None, None, None, rows, method, reason)
+
+
+@dataclass(frozen=True)
+class EstimationSettings:
+    min_rows: int = 100  # fewer rows than this: no band worth the name
+    draws: int = 64
+    sample_rows: int = 20_000
+    band_sigmas: float = 3.0
+    seed: int = 0
+
+
+def estimate(task: str, metric: str, p: np.ndarray, out: np.ndarray,
+             settings: EstimationSettings | None = None, classes: list[str] | None = None) -> Estimate:
+    """The expected `metric` of served outputs `out` (binary: P(positive), multiclass: (n, classes)
+    probabilities) given their calibrated probabilities `p` (see `Calibration.apply`), with its
+    band; a refusal (value None, with the reason) for a window too small or a metric the method
+    cannot estimate."""
+    s = settings or EstimationSettings()
+    out = np.asarray(out, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    n = len(out)
+    if n < s.min_rows:
+        return refused(metric, n, f"{n} predictions with a calibration in the window; a band needs "
+                       f"at least {s.min_rows}")
+    if task == "binary":
+        if metric not in BINARY_METRICS:
+            return refused(metric, n, f"{metric} cannot be estimated; estimable: {', '.join(BINARY_METRICS)}")
+        return _binary(p, metric, out, s)
+    if metric not in MULTICLASS_METRICS:
+        return refused(metric, n, f"{metric} cannot be estimated; estimable: {', '.join(MULTICLASS_METRICS)}")
+    return _multiclass(p, metric, out, s, classes or [])
+
+
+# ---- binary -------------------------------------------------------------------------------------
+
+
+def expected_auc(p: np.ndarray, s: np.ndarray) -> float:
+    """E[#(positive, negative) pairs ranked right] / E[#(positive, negative) pairs] for labels
+    drawn independently with P(positive) = p, scores s (ties count half, as ROC-AUC counts them)."""
+    order = np.argsort(s, kind="stable")
+    s_sorted, p_sorted = s[order], p[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    P = np.add.reduceat(p_sorted, starts)  # per group of tied scores
+    Q = np.add.reduceat(1.0 - p_sorted, starts)
+    R = np.add.reduceat(p_sorted * (1.0 - p_sorted), starts)  # a row is never paired with itself
+    below = np.cumsum(Q) - Q  # expected negatives scored lower than each group
+    pairs = float(p.sum() * (1.0 - p).sum() - (p * (1.0 - p)).sum())
+    if pairs <= 0:
+        return float("nan")
+    return float((P @ below + 0.5 * (P @ Q - R.sum())) / pairs)
+
+
+def _binary_expected(metric: str, p: np.ndarray, q: np.ndarray) -> float | None:
+    """Exact expectations (None: the metric has none in closed form)."""
+    if metric == "roc_auc":
+        return expected_auc(p, q)
+    qc = np.clip(q, EPS, 1 - EPS)
+    if metric == "log_loss":
+        return float(-np.mean(p * np.log(qc) + (1 - p) * np.log(1 - qc)))
+    if metric == "brier":
+        return float(np.mean(p * (1 - q) ** 2 + (1 - p) * q ** 2))
+    return None
+
+
+def _binary_draws(metric: str, Y: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """`metric` for each row of drawn labels Y (draws, rows) and scores q; NaN where a draw holds
+    one class only."""
+    m = Y.shape[1]
+    n1 = Y.sum(axis=1).astype(np.float64)
+    one_class = (n1 == 0) | (n1 == m)
+    if metric == "roc_auc":
+        from scipy.stats import rankdata
+
+        ranks = rankdata(q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = (Y @ ranks - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
+    elif metric == "log_loss":
+        qc = np.clip(q, EPS, 1 - EPS)
+        a, b = np.log(qc), np.log(1 - qc)
+        return -(Y @ (a - b) + b.sum()) / m
+    elif metric == "brier":
+        return (Y @ (1 - 2 * q) + (q ** 2).sum()) / m
+    else:  # pr_auc: average precision, sklearn's step form (tied scores are one threshold)
+        order = np.argsort(-q, kind="stable")
+        qs = q[order]
+        ends = np.r_[np.flatnonzero(qs[1:] != qs[:-1]), m - 1]
+        tp = np.cumsum(Y[:, order], axis=1, dtype=np.float64)[:, ends]
+        precision = tp / (ends + 1)
+        gained = np.diff(tp, axis=1, prepend=0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = (gained * precision).sum(axis=1) / n1
+    return np.where(one_class, np.nan, v)
+
+
+def _binary(p: np.ndarray, metric: str, q: np.ndarray, s: EstimationSettings) -> Estimate:
+    n = len(q)
+    rng = np.random.default_rng(s.seed)
+    take = np.sort(rng.choice(n, size=s.sample_rows, replace=False)) if n > s.sample_rows else slice(None)
+    ps, qs = p[take], q[take]
+    Y = rng.random((s.draws, len(ps))) < ps
+    drawn = _binary_draws(metric, Y, qs)
+    drawn = drawn[np.isfinite(drawn)]
+    if len(drawn) < s.draws // 2:
+        return refused(metric, n, f"the calibrated probabilities expect {p.sum():.1f} positives in "
+                       f"{n:,} rows: too few for {metric} to be defined")
+    value = _binary_expected(metric, p, q)
+    if value is None:
+        value = float(drawn.mean())
+    half = s.band_sigmas * float(drawn.std(ddof=1)) * math.sqrt(len(ps) / n)
+    others = {k: v for k in ("log_loss", "brier") if k != metric
+              for v in [_binary_expected(k, p, q)] if v is not None}
+    others["positive_rate"] = float(p.mean())
+    return Estimate(metric, value, *_bounded(metric, value, half), n, others=others)
+
+
+# ---- multiclass ---------------------------------------------------------------------------------
+
+
+def _multiclass_draws(metric: str, labels: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """`metric` for each row of drawn class indices `labels` (draws, rows), outputs S."""
+    B, m = labels.shape
+    k = S.shape[1]
+    predicted = S.argmax(axis=1)
+    if metric == "accuracy":
+        return (labels == predicted).mean(axis=1)
+    if metric == "log_loss":
+        logs = np.log(np.clip(S / S.sum(axis=1, keepdims=True), EPS, 1.0))
+        return -logs[np.arange(m), labels].mean(axis=1)
+    if metric == "macro_roc_auc":
+        from scipy.stats import rankdata
+
+        aucs = np.full((B, k), np.nan)
+        for c in range(k):
+            hit = labels == c
+            n1 = hit.sum(axis=1).astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                aucs[:, c] = (hit @ rankdata(S[:, c]) - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
+        aucs[~np.isfinite(aucs)] = np.nan
+        with np.errstate(all="ignore"):
+            return np.nanmean(aucs, axis=1)
+    # F1 per class from the confusion counts of each draw
+    f1 = np.zeros((B, k))
+    support = np.zeros((B, k))
+    for c in range(k):
+        truth, said = labels == c, predicted == c
+        tp = (truth & said).sum(axis=1)
+        fp = said.sum() - tp
+        fn = truth.sum(axis=1) - tp
+        denom = 2 * tp + fp + fn
+        f1[:, c] = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        support[:, c] = truth.sum(axis=1)
+    if metric == "macro_f1":
+        return f1.mean(axis=1)
+    return (f1 * support).sum(axis=1) / m
+
+
+def _multiclass(P: np.ndarray, metric: str, S: np.ndarray, s: EstimationSettings,
+                classes: list[str]) -> Estimate:
+    if S.ndim != 2 or S.shape != P.shape:
+        return refused(metric, len(S), f"outputs of shape {S.shape} do not match the calibrated "
+                       f"probabilities' {P.shape}")
+    n, k = P.shape
+    predicted = S.argmax(axis=1)
+    never = [classes[c] if c < len(classes) else str(c) for c in range(k) if not (predicted == c).any()]
+    if never and metric in ("macro_f1", "weighted_f1"):
+        return refused(metric, n, f"the model predicts no row of class {', '.join(never[:5])} in "
+                       f"this window: {metric}'s precision for it is undefined")
+    rng = np.random.default_rng(s.seed)
+    take = np.sort(rng.choice(n, size=s.sample_rows, replace=False)) if n > s.sample_rows else slice(None)
+    Ps, Ss = P[take], S[take]
+    cum = np.cumsum(Ps, axis=1)
+    u = rng.random((s.draws, len(Ps), 1))
+    labels = np.minimum((u > cum[None, :, :]).sum(axis=2), k - 1)
+    drawn = _multiclass_draws(metric, labels, Ss)
+    drawn = drawn[np.isfinite(drawn)]
+    if len(drawn) < s.draws // 2:
+        return refused(metric, n, f"{metric} is undefined for most label draws of this window")
+    Sn = np.clip(S / S.sum(axis=1, keepdims=True), EPS, 1.0)
+    exact = {"accuracy": float(P[np.arange(n), predicted].mean()),
+             "log_loss": float(-(P * np.log(Sn)).sum(axis=1).mean())}
+    if metric == "macro_roc_auc":
+        aucs = [expected_auc(P[:, c], S[:, c]) for c in range(k)]
+        exact["macro_roc_auc"] = float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
+    value = exact.get(metric, float(drawn.mean()))
+    half = s.band_sigmas * float(drawn.std(ddof=1)) * math.sqrt(len(Ps) / n)
+    others = {key: v for key, v in exact.items() if key != metric}
+    return Estimate(metric, value, *_bounded(metric, value, half), n, others=others)
+
+
+def _bounded(metric: str, value: float, half: float) -> tuple[float, float]:
+    """The band around `value`, within the metric's range."""
+    low, high = value - half, value + half
+    if metric in ("log_loss", "brier"):
+        return max(low, 0.0), high
+    return max(low, 0.0), min(high, 1.0)
