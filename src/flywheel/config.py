@@ -502,6 +502,9 @@ class EstimationConfig(_Strict):
     draws: int = Field(default=64, ge=8, le=10_000)
     # ... on at most this many rows of the window (the band is scaled to the window's size).
     sample_rows: int = Field(default=20_000, ge=1_000)
+    # The audit: once this share of a window's rows is labelled, the realized value is checked
+    # against the estimate for the same rows; outside the band is a probable concept shift.
+    audit_labelled_share: float = Field(default=0.9, gt=0, le=1)
 
 
 class MonitoringConfig(_Strict):
@@ -543,6 +546,10 @@ class TriggersConfig(_Strict):
     drift: bool = True
     # Retrain on a performance drop.
     performance_drop: bool = True
+    # Retrain when a window's realized metric falls outside its estimate's band (the audit).
+    concept_shift: bool = True
+    # Retrain when the estimated metric (before labels) drops by the monitoring drop thresholds.
+    estimated_performance_drop: bool = False
     # A retraining budget: no trigger fires within this many days of the last retrain.
     min_days_between: float = Field(default=0, ge=0)
 

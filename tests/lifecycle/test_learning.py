@@ -112,8 +112,13 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     assert estimated["metric"] == "roc_auc" and estimated["rows"] == len(inside), estimated
     assert estimated["low"] <= estimated["value"] <= estimated["high"] <= 1.0
     assert verdict["performance"]["value"] < estimated["low"] - 0.1, (estimated, verdict["performance"])
+    # every row of the window is labelled: the audit compares them and flags the shift
+    audit = verdict["audit"]
+    assert audit["rows"] == len(inside) and audit["labelled_share"] == 1.0 and audit["shift"] is True
+    assert audit["realized"] == pytest.approx(verdict["performance"]["value"])
     stored = latest_verdict(open_state(project.state_url), project.config.registered_model)
     assert stored["estimated_value"] == pytest.approx(estimated["value"]) and stored["estimate_note"] is None
+    assert stored["concept_shift"] is True and stored["audit_rows"] == len(inside)
     same = api.monitor(project, start="2021-01-01", end="2021-07-01")  # the Python API's way
     assert same.drift.rows == len(inside) and same.window_kind == "event"
     code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)

@@ -39,3 +39,25 @@ def test_no_verdict_no_trigger_unless_schedule_or_new_data(make_project):
     assert due_trigger(project, date(2003, 1, 1), verdict(), date(2002, 12, 1), 99) is None
     assert due_trigger(project, date(2003, 1, 1), verdict(), date(2002, 12, 1), 100).trigger == "new_data"
     assert due_trigger(project, date(2003, 3, 2), verdict(), date(2002, 12, 1), 0).trigger == "schedule"
+
+
+def test_the_audit_and_the_estimate_fire_their_own_triggers_when_switched_on(make_project):
+    from flywheel.monitoring.estimation import Audit, Estimate
+
+    band = Estimate("roc_auc", 0.72, 0.69, 0.75, 4000)
+    shifted = verdict()
+    shifted.audit = Audit(3900, 0.975, band, 0.61, True)
+    d = due_trigger(make_project(), date(2003, 1, 1), shifted, None)
+    assert d.trigger == "concept_shift" and "realized roc_auc 0.61 outside [0.69, 0.75]" in d.reason
+    shifted.audit = Audit(3900, 0.975, band, 0.71, False)  # within the band: nothing to say
+    assert due_trigger(make_project(name="within"), date(2003, 1, 1), shifted, None) is None
+
+    low = verdict()
+    low.estimate, low.estimated_drop = Estimate("roc_auc", 0.62, 0.59, 0.65, 4000), True
+    assert due_trigger(make_project(name="default"), date(2003, 1, 1), low, None) is None  # off by default
+    on = make_project({"retraining": {"triggers": {"estimated_performance_drop": True}}}, name="on")
+    d = due_trigger(on, date(2003, 1, 1), low, None)
+    assert d.trigger == "estimated_performance_drop" and "estimated roc_auc 0.62 [0.59, 0.65]" in d.reason
+    off = make_project({"retraining": {"triggers": {"concept_shift": False}}}, name="off")
+    shifted.audit = Audit(3900, 0.975, band, 0.61, True)
+    assert due_trigger(off, date(2003, 1, 1), shifted, None) is None

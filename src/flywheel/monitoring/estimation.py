@@ -131,6 +131,25 @@ class Estimate:
         return f"estimated {self.metric} {self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
+@dataclass(frozen=True)
+class Audit:
+    """A window's estimate checked against its labels once they are in: `estimate` is made for the
+    labelled rows alone, `realized` is the metric on them; outside the band, `shift` is True (the
+    scores no longer mean what they did: a probable concept shift, which no estimate can see)."""
+
+    rows: int
+    labelled_share: float
+    estimate: Estimate
+    realized: float
+    shift: bool
+
+    def describe(self) -> str:
+        where = "outside" if self.shift else "within"
+        return (f"audit on {self.rows:,} labelled ({self.labelled_share:.0%}): realized "
+                f"{self.estimate.metric} {self.realized:.4g} {where} [{self.estimate.low:.4g}, "
+                f"{self.estimate.high:.4g}]" + (": probable CONCEPT SHIFT" if self.shift else ""))
+
+
 def refused(metric: str, rows: int, reason: str, method: str = "cbpe") -> Estimate:
     return Estimate(metric, None, None, None, rows, method, reason)
 

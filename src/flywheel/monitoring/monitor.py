@@ -32,6 +32,7 @@ from flywheel.monitoring.drift import DriftResult, ReferenceProfile, detect_drif
 from flywheel.monitoring.estimation import (
     CALIBRATION_FILE,
     ESTIMATION_ARTIFACT,
+    Audit,
     Calibration,
     Estimate,
     EstimationSettings,
@@ -129,6 +130,10 @@ class MonitorVerdict:
     unseen: dict[str, int] = field(default_factory=dict)
     # the gate's metric estimated from the window's outputs alone, before any label
     estimate: Estimate | None = None
+    # once the window's labels are in: the realized value against the estimate for the same rows
+    audit: Audit | None = None
+    # the estimate worse than the serving versions promised (by the drop thresholds)
+    estimated_drop: bool = False
 
     # the JSON form (`flywheel monitor --json`) also names these, at its top level
     JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("rows", "drift_share", "drift_detected")
@@ -153,7 +158,9 @@ class MonitorVerdict:
             parts.append("categories the model never learnt: " + ", ".join(
                 f"{name} {n:,} rows" for name, n in self.unseen.items() if n))
         if self.estimate is not None:
-            parts.append(self.estimate.describe())
+            parts.append(self.estimate.describe() + (" (DROP)" if self.estimated_drop else ""))
+        if self.audit is not None:
+            parts.append(self.audit.describe())
         if self.performance is not None:
             perf = self.performance
             parts.append(f"{perf.metric} {perf.value:.4g} on {perf.rows:,} labelled"
@@ -390,6 +397,15 @@ def performance_dropped(perf: Performance | None, promised: float | None, cfg: M
     return bool(worse > margin)
 
 
+def estimate_dropped(estimated: Estimate | None, promised: float | None, cfg: MonitoringConfig,
+                     task: str) -> bool:
+    """Whether the estimate is worse than promised by the same margins as a realized drop."""
+    if estimated is None or estimated.value is None:
+        return False
+    return performance_dropped(Performance(estimated.rows, 0, estimated.metric, estimated.value),
+                               promised, cfg, task)
+
+
 def run_monitor(project: Project, registry: Registry | None = None, window: MonitorWindow | None = None,
                 at: datetime | None = None, report: bool | None = None) -> MonitorVerdict:
     """Monitor the latest window of predictions of the champion's model; store the verdicts."""
@@ -424,13 +440,18 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     perf = window_performance(labelled, cfg.min_labelled, cfg.min_positives, spec, metric)
     promised = expected_metric(registry, labelled, metric) if perf is not None else None
     drop = performance_dropped(perf, promised, cfg, spec.task)
-    estimated = window_estimate(registry, spec, frame, engine, metric, cfg, project.home / "cache") \
-        if cfg.estimation.enabled else None
+    estimated, audit, estimated_drop = None, None, False
+    if cfg.estimation.enabled:
+        estimated, calibrated = window_estimate(registry, spec, frame, engine, metric, cfg,
+                                                project.home / "cache")
+        audit = audit_window(calibrated, labelled, spec, metric, cfg)
+        estimated_drop = estimate_dropped(estimated, expected_metric(registry, frame, metric), cfg,
+                                          spec.task)
     seconds = time.perf_counter() - started
     w_start, w_end = (frame["created_at"].min(), frame["created_at"].max()) if window.by != "event" \
         else (_utc_midnight(window.start), _utc_midnight(window.end))
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
-                        pred.score, perf, drop, seconds, unseen, estimated)
+                        pred.score, perf, drop, seconds, unseen, estimated, audit, estimated_drop)
     report_path, mlflow_run = None, None
     if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
@@ -441,7 +462,8 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
             conn.execute(monitor_runs.update().where(monitor_runs.c.id == verdict_id).values(
                 report_path=str(report_path), mlflow_run_id=mlflow_run))
     return MonitorVerdict(verdict_id, registry.model_name, version, window.by, w_start, w_end, drift,
-                          pred.score, perf, drop, seconds, report_path, mlflow_run, unseen, estimated)
+                          pred.score, perf, drop, seconds, report_path, mlflow_run, unseen, estimated,
+                          audit, estimated_drop)
 
 
 _CALIBRATIONS: dict[tuple[str, str, int], tuple[Calibration | None, str | None]] = {}
@@ -468,39 +490,83 @@ def calibration_of(registry: Registry, version: int, cache: Path) -> tuple[Calib
     return _CALIBRATIONS[key]
 
 
-def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, engine: sa.Engine,
-                    metric: str, cfg: MonitoringConfig, cache: Path) -> Estimate:
-    """The gate's metric estimated over the window from what its rows were answered, each row
-    calibrated by the version that answered it (a window of a backfill or across a promotion holds
-    several); rows of a version without a calibration are left out, and with none left the
-    estimate says why."""
-    if spec.task == "regression":
-        return refused(metric, len(frame), "estimates for regression models are not available yet",
-                       "dle")
+@dataclass(frozen=True)
+class CalibratedWindow:
+    """A window's answers with their calibrated probabilities: the rows of versions that have a
+    calibration (`keep`), or why none has (`why`)."""
+
+    ids: np.ndarray
+    keep: np.ndarray
+    p: np.ndarray  # calibrated probabilities (rows where `keep`)
+    out: np.ndarray  # what was answered
+    why: str
+
+    def estimate(self, task: str, metric: str, cfg: MonitoringConfig, classes: list[str],
+                 rows: np.ndarray | None = None) -> Estimate:
+        use = self.keep if rows is None else self.keep & rows
+        if not use.any():
+            return refused(metric, int(len(self.keep) if rows is None else rows.sum()),
+                           self.why or "no row of the window has a calibration")
+        e = cfg.estimation
+        settings = EstimationSettings(e.min_rows, e.draws, e.sample_rows, e.band_sigmas)
+        return estimate(task, metric, self.p[use], self.out[use], settings, classes)
+
+
+def calibrated_window(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, engine: sa.Engine,
+                      cache: Path) -> CalibratedWindow:
+    """Each row calibrated by the version that answered it (a window of a backfill or across a
+    promotion holds several); rows of a version without a calibration are left out."""
     if spec.task == "binary":
         out = frame["probability"].to_numpy(dtype=np.float64)
     else:
         out = _class_scores(engine, registry.model_name, frame["id"], spec.classes)
     versions = frame["model_version"].to_numpy()
     answered = np.isfinite(out) if out.ndim == 1 else np.isfinite(out).all(axis=1)
-    parts, why = [], []
+    keep = np.zeros(len(frame), dtype=bool)
+    p = np.zeros(out.shape)
+    why = []
     for version in np.unique(versions):
         calibration, reason = calibration_of(registry, int(version), cache)
-        rows = (versions == version) & answered
         if calibration is None or len(calibration.steps) != (1 if out.ndim == 1 else out.shape[-1]):
             why.append(reason or f"v{version}'s calibration does not match its answers")
             continue
-        parts.append((rows, calibration.apply(out[rows])))
-    if not parts:
-        return refused(metric, len(frame), "; ".join(why))
-    keep = np.zeros(len(frame), dtype=bool)
-    p = np.zeros(out.shape)
-    for rows, calibrated in parts:
+        rows = (versions == version) & answered
+        p[rows] = calibration.apply(out[rows])
         keep |= rows
-        p[rows] = calibrated
-    e = cfg.estimation
-    settings = EstimationSettings(e.min_rows, e.draws, e.sample_rows, e.band_sigmas)
-    return estimate(spec.task, metric, p[keep], out[keep], settings, spec.classes)
+    return CalibratedWindow(frame["id"].to_numpy(dtype=np.int64), keep, p, out, "; ".join(why))
+
+
+def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, engine: sa.Engine,
+                    metric: str, cfg: MonitoringConfig, cache: Path
+                    ) -> tuple[Estimate, CalibratedWindow | None]:
+    """The gate's metric estimated over the window from what its rows were answered (and the
+    calibrated window, for the audit)."""
+    if spec.task == "regression":
+        return refused(metric, len(frame), "estimates for regression models are not available yet",
+                       "dle"), None
+    window = calibrated_window(registry, spec, frame, engine, cache)
+    return window.estimate(spec.task, metric, cfg, spec.classes), window
+
+
+def audit_window(window: CalibratedWindow | None, labelled: pd.DataFrame, spec: FeatureSpec,
+                 metric: str, cfg: MonitoringConfig) -> Audit | None:
+    """Once at least `audit_labelled_share` of the window's rows are labelled: the metric realized
+    on the labelled rows against the estimate made for the same rows from their answers alone; a
+    realized value outside the band is a probable concept shift. None before that."""
+    if window is None or not len(window.ids):
+        return None
+    inside = labelled[labelled["id"].isin(window.ids)]
+    share = len(inside) / len(window.ids)
+    if share < cfg.estimation.audit_labelled_share:
+        return None
+    perf = window_performance(inside, 1, 1, spec, metric)
+    if perf is None:
+        return None
+    estimated = window.estimate(spec.task, metric, cfg, spec.classes, np.isin(window.ids, inside["id"]))
+    covered = estimated.covers(perf.value)
+    if covered is None:
+        return None
+    return Audit(len(inside), share, estimated, perf.value, not covered)
 
 
 def _class_scores(engine: sa.Engine, model_name: str, ids: pd.Series, classes: list[str]) -> np.ndarray:
@@ -537,7 +603,8 @@ def unseen_categories(spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray) -> 
 
 def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: Any, end: Any,
            drift: DriftResult, prediction_drift: float, perf: Performance | None, drop: bool,
-           seconds: float, unseen: dict[str, int], estimated: Estimate | None = None) -> int:
+           seconds: float, unseen: dict[str, int], estimated: Estimate | None = None,
+           audit: Audit | None = None, estimated_drop: bool = False) -> int:
     with engine.begin() as conn:
         verdict_id = conn.execute(monitor_runs.insert().values(  # type: ignore[index]
             model_name=model_name, model_version=version, window_kind=kind, window_start=start,
@@ -554,6 +621,13 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             estimated_low=estimated.low if estimated else None,
             estimated_high=estimated.high if estimated else None,
             estimate_note=estimated.reason if estimated else None,
+            estimated_drop=estimated_drop,
+            audit_rows=audit.rows if audit else None,
+            audit_realized=_finite(audit.realized) if audit else None,
+            audit_estimate=audit.estimate.value if audit else None,
+            audit_low=audit.estimate.low if audit else None,
+            audit_high=audit.estimate.high if audit else None,
+            concept_shift=audit.shift if audit else None,
         )).inserted_primary_key[0]
         conn.execute(monitor_columns.insert(), [
             {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,

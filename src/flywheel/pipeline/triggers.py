@@ -1,4 +1,5 @@
-"""When to retrain: schedule, new labelled data past the watermark, a drift verdict, a performance drop.
+"""When to retrain: schedule, new labelled data past the watermark, a drift verdict, a performance
+drop, a concept shift found by the audit, an estimated performance drop.
 
 The same decision serves `flywheel run` (wall clock) and the replay demo (simulated clock): time is
 passed in, never read here.
@@ -16,7 +17,8 @@ from flywheel.pipeline.runs import list_runs
 
 @dataclass(frozen=True)
 class TriggerDecision:
-    trigger: str  # drift | performance_drop | new_data | schedule
+    # drift | performance_drop | concept_shift | estimated_performance_drop | new_data | schedule
+    trigger: str
     reason: str
 
 
@@ -35,6 +37,12 @@ def due_trigger(project: Project, at: date, verdict: Any | None, last_retrain: d
         perf = verdict.performance
         return TriggerDecision("performance_drop", f"{perf.metric} {perf.value:.4g} on the latest "
                                                    f"{perf.rows:,} labelled predictions")
+    audit = getattr(verdict, "audit", None)
+    if t.concept_shift and audit is not None and audit.shift:
+        return TriggerDecision("concept_shift", audit.describe())
+    if t.estimated_performance_drop and verdict is not None and getattr(verdict, "estimated_drop", False):
+        return TriggerDecision("estimated_performance_drop", verdict.estimate.describe()
+                               + " on the latest window, before its labels")
     if t.new_labelled_rows and labelled_since_watermark is not None \
             and labelled_since_watermark >= t.new_labelled_rows:
         return TriggerDecision("new_data", f"{labelled_since_watermark:,} newly labelled rows "

@@ -138,6 +138,15 @@ monitor_runs = sa.Table(
     sa.Column("estimated_low", sa.Float, nullable=True),
     sa.Column("estimated_high", sa.Float, nullable=True),
     sa.Column("estimate_note", sa.Text, nullable=True),  # why there is no estimate
+    sa.Column("estimated_drop", sa.Boolean, nullable=True),
+    # the audit, once the window's labels are in: the estimate for the labelled rows, the realized
+    # value on them, and whether it fell outside the band (a probable concept shift)
+    sa.Column("audit_rows", sa.Integer, nullable=True),
+    sa.Column("audit_realized", sa.Float, nullable=True),
+    sa.Column("audit_estimate", sa.Float, nullable=True),
+    sa.Column("audit_low", sa.Float, nullable=True),
+    sa.Column("audit_high", sa.Float, nullable=True),
+    sa.Column("concept_shift", sa.Boolean, nullable=True),
     sa.Index("ix_monitor_runs_model", "model_name", "id"),
 )
 monitor_columns = sa.Table(
