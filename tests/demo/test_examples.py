@@ -85,6 +85,12 @@ def test_flights_regression_closes_the_loop(flights: Any) -> None:
         row = conn.execute(sa.select(monitor_runs).where(monitor_runs.c.id == verdict.id)).one()
     assert row.metric == "rmse" and row.metric_value == pytest.approx(expected["rmse"])
     assert row.roc_auc is None and orjson.loads(row.metrics)["mae"] == pytest.approx(expected["mae"])
+    # the RMSE estimated before the labels, by the loss models fitted at training time
+    estimated = verdict.estimate
+    print("FLIGHTS", estimated.describe(), verdict.audit.describe() if verdict.audit else None)
+    assert estimated.metric == "rmse" and estimated.method == "dle" and estimated.rows == len(first)
+    assert 0 < estimated.low < estimated.value < estimated.high
+    assert row.estimated_value == pytest.approx(estimated.value) and row.estimated_metric == "rmse"
     # the retrain learnt from the arriving rows too and the server swapped to what it promoted
     run = result.retrain
     assert run is not None and run.status == "succeeded", run.error if run else None
@@ -120,6 +126,11 @@ def test_bikeshare_multiclass_closes_the_loop(bikeshare: Any) -> None:
     assert verdict.performance.value == pytest.approx(multiclass_metrics(y, P, classes)["log_loss"])
     # prediction drift is measured on the predicted classes' shares
     assert verdict.prediction_drift is not None
+    # the log loss estimated from the class probabilities answered, calibrated per class
+    estimated = verdict.estimate
+    print("BIKESHARE", estimated.describe(), verdict.audit.describe() if verdict.audit else None)
+    assert estimated.metric == "log_loss" and estimated.method == "cbpe" and estimated.rows == len(first)
+    assert 0 < estimated.low < estimated.value < estimated.high
     run = result.retrain
     assert run is not None and run.status == "succeeded", run.error if run else None
     if run.promoted:

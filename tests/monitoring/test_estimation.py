@@ -155,3 +155,48 @@ def test_the_latest_estimate_is_a_gauge_with_its_band():
                           "columns": [], "performance_drop": False, "estimated_metric": "roc_auc",
                           "estimated_value": None, "estimate_note": "too small"})
     assert "estimated_metric" not in none
+
+
+def regression_population(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A model that gets the mean right, with noise that grows with the first feature: where the
+    traffic moves decides the error, which is what direct loss estimation must follow."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    mean = 3 * X[:, 1] + X[:, 2]
+    y = mean + rng.normal(size=n) * (0.5 + np.abs(X[:, 0]))
+    return X, y, mean + rng.normal(0, 0.1, n)
+
+
+@pytest.mark.parametrize("metric", est.REGRESSION_METRICS)
+def test_direct_loss_estimation_tracks_a_covariate_shift(metric):
+    X, y, value = regression_population(60_000, seed=2)
+    model = est.fit_loss_model(X[:10_000], y[:10_000], value[:10_000])
+    again = est.LossModel.from_dict(json.loads(json.dumps(model.to_dict())))  # stored as text
+    rng = np.random.default_rng(3)
+    covered, values = 0, []
+    for shift in np.linspace(0, 2.5, 8):  # from the calm middle to the noisy tails
+        weight = np.exp(shift * np.abs(X[10_000:, 0]))
+        window = 10_000 + rng.choice(50_000, 5_000, p=weight / weight.sum())
+        absolute, squared = again.predict(X[window], value[window])
+        estimate = est.estimate_loss(metric, absolute, squared, again)
+        err = y[window] - value[window]
+        realized = float(np.sqrt(np.mean(err ** 2))) if metric == "rmse" else float(np.mean(np.abs(err)))
+        covered += bool(estimate.covers(realized))
+        values.append((round(estimate.value, 3), round(realized, 3)))
+    assert covered >= 7, values
+    assert values[-1][0] > values[0][0] * 1.3  # it followed the traffic into the noise
+    # a shift in what the inputs mean (the same answers, other outcomes): outside the band
+    absolute, squared = again.predict(X[10_000:15_000], value[10_000:15_000])
+    shifted = y[10_000:15_000] + 2.0 - value[10_000:15_000]
+    realized = float(np.sqrt(np.mean(shifted ** 2))) if metric == "rmse" else float(np.mean(np.abs(shifted)))
+    assert est.estimate_loss(metric, absolute, squared, again).covers(realized) is False
+
+
+def test_a_loss_model_needs_rows_and_a_known_metric():
+    X, y, value = regression_population(500, seed=4)
+    with pytest.raises(est.EstimationError, match="at least 100"):
+        est.fit_loss_model(X[:50], y[:50], value[:50])
+    model = est.fit_loss_model(X, y, value)
+    absolute, squared = model.predict(X, value)
+    assert est.estimate_loss("r2", absolute, squared, model).reason.startswith("r2 cannot be estimated")
+    assert "at least 100" in est.estimate_loss("rmse", absolute[:20], squared[:20], model).reason

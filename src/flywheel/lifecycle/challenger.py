@@ -23,6 +23,7 @@ from flywheel.monitoring.estimation import (
     ESTIMATION_ARTIFACT,
     EstimationError,
     fit_calibration,
+    fit_loss_model,
 )
 from flywheel.monitoring.reference import reference_artifacts
 from flywheel.registry import CHALLENGER, Registry
@@ -97,18 +98,18 @@ def train_on_features(project: Project, prepared: PreparedData, checks: DataChec
 
 def attach_calibration(registry: Registry, version: int, prepared: PreparedData, onnx: bytes) -> None:
     """What performance estimation needs, fitted on the validation slice (never the holdout the
-    gate scores) from the export's outputs, as served; attached to the version, hash-checked.
-    A classifier that cannot be calibrated gets the reason instead, which monitoring shows."""
+    gate scores) from the export's outputs, as served: a classifier's calibration, a regression's
+    loss models; attached to the version, hash-checked. A version that cannot have them gets the
+    reason instead, which monitoring shows."""
     task = prepared.spec.task
-    if task == "regression":
-        return
     val = prepared.split.validation
     try:
         served = onnx_predict(onnx, prepared.X[val])
-        calibration: dict[str, Any] = fit_calibration(task, prepared.y[val], served,
-                                                      prepared.spec.classes).to_dict()
+        calibration: dict[str, Any] = (
+            fit_loss_model(prepared.X[val], prepared.y[val], served) if task == "regression"
+            else fit_calibration(task, prepared.y[val], served, prepared.spec.classes)).to_dict()
     except EstimationError as exc:
-        calibration = {"refused": str(exc)}
+        calibration = {"task": task, "refused": str(exc)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / CALIBRATION_FILE).write_text(json.dumps(calibration))

@@ -12,6 +12,13 @@ The calibration is fitted at training time on the validation slice (never on the
 gate scores), per class for multiclass (one-vs-rest, renormalised), as isotonic steps stored as
 JSON with the version: no pickle.
 
+A regression has no probabilities: direct loss estimation (DLE, as NannyML names it) fits, on the
+same validation slice, two small LightGBM models of each row's absolute and squared error from its
+features and the value answered, stored as LightGBM's text format; a window's MAE is the mean of
+the predicted absolute errors, its RMSE the root of the mean predicted squared error, and the band
+comes from those models' out-of-fold residuals: their spread (the window's sampling noise) and how
+far off they are where they predict low or high losses (their own systematic error).
+
 Expected values are exact where the metric allows (ROC-AUC as the expected pair counts, log
 loss, Brier, accuracy); PR-AUC and F1 take the mean of the draws. The band is `band_sigmas`
 standard deviations of the metric over `draws` label draws, on at most `sample_rows` rows and
@@ -32,6 +39,12 @@ EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss, as the g
 MIN_CLASS_ROWS = 20  # calibration needs at least this many rows of each class on the validation slice
 BINARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier")
 MULTICLASS_METRICS = ("log_loss", "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc")
+REGRESSION_METRICS = ("rmse", "mae")
+MIN_LOSS_ROWS = 100  # a loss model needs at least this many validation rows
+LOSS_MODEL_PARAMS = {"objective": "regression", "learning_rate": 0.1, "num_leaves": 15,
+                     "min_data_in_leaf": 20, "verbosity": -1, "num_threads": 1, "seed": 0}
+LOSS_MODEL_ROUNDS = 200
+LOSS_MODEL_FOLDS = 5  # the residuals that size the band are out of fold
 
 
 class EstimationError(ValueError):
@@ -98,6 +111,118 @@ def fit_calibration(task: str, y: np.ndarray, out: np.ndarray,
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(score, hit.astype(float))
         steps.append(([float(v) for v in iso.X_thresholds_], [float(v) for v in iso.y_thresholds_]))
     return Calibration(task, [str(c) for c in classes or []], steps, len(y))
+
+
+@dataclass(frozen=True)
+class LossModel:
+    """What a regression's window estimate needs: models of each row's absolute and squared error
+    from [features, answered value] (LightGBM text), and the spread of their out-of-fold residuals."""
+
+    absolute: str
+    squared: str
+    absolute_spread: float
+    squared_spread: float
+    rows: int
+    absolute_bias: float = 0.0  # the models' relative systematic error, out of fold
+    squared_bias: float = 0.0
+    task: str = "regression"
+
+    def predict(self, X: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's expected absolute and squared error (never below zero)."""
+        import lightgbm as lgb
+
+        Z = _loss_inputs(X, values)
+        return (np.maximum(lgb.Booster(model_str=self.absolute).predict(Z), 0.0),
+                np.maximum(lgb.Booster(model_str=self.squared).predict(Z), 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": "regression", "method": "dle", "rows": self.rows,
+                "absolute": self.absolute, "squared": self.squared,
+                "absolute_spread": self.absolute_spread, "squared_spread": self.squared_spread,
+                "absolute_bias": self.absolute_bias, "squared_bias": self.squared_bias}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LossModel:
+        return cls(data["absolute"], data["squared"], float(data["absolute_spread"]),
+                   float(data["squared_spread"]), int(data["rows"]), float(data["absolute_bias"]),
+                   float(data["squared_bias"]))
+
+
+def _loss_inputs(X: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.asarray(X, dtype=np.float64), np.asarray(values, dtype=np.float64)])
+
+
+def fit_loss_model(X: np.ndarray, y: np.ndarray, values: np.ndarray) -> LossModel:
+    """Direct loss estimation's models, fitted on the validation slice; the residuals that size the
+    band are out of fold, so it is not narrowed by what the models learnt by heart."""
+    import lightgbm as lgb
+
+    y = np.asarray(y, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    n = len(y)
+    if n < MIN_LOSS_ROWS:
+        raise EstimationError(f"the validation slice has {n:,} rows; a loss model needs at least "
+                              f"{MIN_LOSS_ROWS}")
+    Z = _loss_inputs(X, values)
+    err = y - values
+    texts, spreads, biases = [], [], []
+    folds = np.arange(n) % LOSS_MODEL_FOLDS
+    for target in (np.abs(err), err ** 2):
+        predicted = np.empty(n)
+        for k in range(LOSS_MODEL_FOLDS):
+            fit = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z[folds != k], target[folds != k]),
+                            LOSS_MODEL_ROUNDS)
+            predicted[folds == k] = np.maximum(fit.predict(Z[folds == k]), 0.0)
+        residual = target - predicted
+        spreads.append(float(residual.std(ddof=1)))
+        biases.append(_relative_bias(target, predicted))
+        final = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z, target), LOSS_MODEL_ROUNDS)
+        texts.append(final.model_to_string())
+    return LossModel(texts[0], texts[1], spreads[0], spreads[1], n, biases[0], biases[1])
+
+
+def _relative_bias(target: np.ndarray, predicted: np.ndarray, groups: int = 10) -> float:
+    """How far off the loss model is where it predicts low or high losses, out of fold, as a share
+    of the loss: over deciles of the predicted loss, the root of the summed squared gaps between
+    realized and predicted mean loss (less what each decile's sampling noise explains) over the
+    summed squared predicted means. A window that moves its traffic to one end is off by about
+    this share of its loss; the band widens by it."""
+    order = np.argsort(predicted, kind="stable")
+    gaps = level = 0.0
+    for part in np.array_split(order, groups):
+        if len(part) < 2:
+            continue
+        expected = float(predicted[part].mean())
+        noise = float((target[part] - predicted[part]).var(ddof=1)) / len(part)
+        gaps += (float(target[part].mean()) - expected) ** 2 - noise
+        level += expected ** 2
+    return math.sqrt(max(0.0, gaps) / level) if level > 0 else 0.0
+
+
+def estimate_loss(metric: str, absolute: np.ndarray, squared: np.ndarray, model: LossModel,
+                  settings: EstimationSettings | None = None) -> Estimate:
+    """A regression window's RMSE or MAE from the predicted per-row errors, with its band."""
+    s = settings or EstimationSettings()
+    n = len(absolute)
+    if n < s.min_rows:
+        return refused(metric, n, f"{n} predictions with a loss model in the window; a band needs "
+                       f"at least {s.min_rows}", "dle")
+    if metric not in REGRESSION_METRICS:
+        return refused(metric, n, f"{metric} cannot be estimated; estimable: "
+                       f"{', '.join(REGRESSION_METRICS)}", "dle")
+    mae, mse = float(absolute.mean()), float(squared.mean())
+    rmse = math.sqrt(mse)
+    # the band: the window's sampling spread and the models' own systematic error, together
+    if metric == "mae":
+        value = mae
+        half = s.band_sigmas * math.hypot(model.absolute_spread / math.sqrt(n), model.absolute_bias * mae)
+        others = {"rmse": rmse}
+    else:  # on the mean squared error, then the delta method: d sqrt(m) = dm / (2 sqrt(m))
+        value = rmse
+        spread = math.hypot(model.squared_spread / math.sqrt(n), model.squared_bias * mse)
+        half = s.band_sigmas * spread / (2 * rmse) if rmse > 0 else 0.0
+        others = {"mae": mae}
+    return Estimate(metric, value, max(value - half, 0.0), value + half, n, "dle", others=others)
 
 
 @dataclass(frozen=True)

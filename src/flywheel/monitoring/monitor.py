@@ -36,7 +36,9 @@ from flywheel.monitoring.estimation import (
     Calibration,
     Estimate,
     EstimationSettings,
+    LossModel,
     estimate,
+    estimate_loss,
     refused,
 )
 from flywheel.monitoring.reference import (
@@ -442,7 +444,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     drop = performance_dropped(perf, promised, cfg, spec.task)
     estimated, audit, estimated_drop = None, None, False
     if cfg.estimation.enabled:
-        estimated, calibrated = window_estimate(registry, spec, frame, engine, metric, cfg,
+        estimated, calibrated = window_estimate(registry, spec, frame, X, engine, metric, cfg,
                                                 project.home / "cache")
         audit = audit_window(calibrated, labelled, spec, metric, cfg)
         estimated_drop = estimate_dropped(estimated, expected_metric(registry, frame, metric), cfg,
@@ -466,13 +468,15 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
                           audit, estimated_drop)
 
 
-_CALIBRATIONS: dict[tuple[str, str, int], tuple[Calibration | None, str | None]] = {}
+_ESTIMATORS: dict[tuple[str, str, int], tuple[Calibration | LossModel | None, str | None]] = {}
 
 
-def calibration_of(registry: Registry, version: int, cache: Path) -> tuple[Calibration | None, str | None]:
-    """A version's calibration (hash-checked), or None and why: fetched once per process."""
+def calibration_of(registry: Registry, version: int, cache: Path
+                   ) -> tuple[Calibration | LossModel | None, str | None]:
+    """A version's calibration (a classifier) or loss models (a regression), hash-checked, or None
+    and why: fetched once per process."""
     key = (registry.tracking_url, registry.model_name, version)
-    if key not in _CALIBRATIONS:
+    if key not in _ESTIMATORS:
         try:
             folder = registry.download_attached(version, ESTIMATION_ARTIFACT,
                                                 cache / f"estimation-v{version}")
@@ -480,14 +484,47 @@ def calibration_of(registry: Registry, version: int, cache: Path) -> tuple[Calib
             if registry.attached_hashes(version, ESTIMATION_ARTIFACT):
                 raise  # files that fail their hash are never used
             log.debug("no calibration", extra={"version": version, "error": str(exc)})
-            _CALIBRATIONS[key] = (None, f"v{version} has no calibration (trained before performance "
-                                        "estimation existed): retrain it to get estimates")
+            _ESTIMATORS[key] = (None, f"v{version} has nothing to estimate with (trained before "
+                                      "performance estimation existed): retrain it to get estimates")
         else:
             data = json.loads((folder / CALIBRATION_FILE).read_text())
-            _CALIBRATIONS[key] = (None, f"v{version}'s probabilities could not be calibrated: "
-                                        f"{data['refused']}") if "refused" in data \
-                else (Calibration.from_dict(data), None)
-    return _CALIBRATIONS[key]
+            if "refused" in data:
+                what = "loss model could not be fitted" if data.get("task") == "regression" \
+                    else "probabilities could not be calibrated"
+                _ESTIMATORS[key] = (None, f"v{version}'s {what}: {data['refused']}")
+            else:
+                _ESTIMATORS[key] = (LossModel.from_dict(data) if data.get("method") == "dle"
+                                    else Calibration.from_dict(data), None)
+    return _ESTIMATORS[key]
+
+
+def regression_estimate(registry: Registry, frame: pd.DataFrame, X: np.ndarray, metric: str,
+                        cfg: MonitoringConfig, cache: Path) -> Estimate:
+    """RMSE or MAE of a regression's window from its rows' predicted errors, each row's from the
+    loss models of the version that answered it."""
+    values = pd.to_numeric(frame[SERVED_VALUE], errors="coerce").to_numpy(dtype=np.float64)
+    versions = frame["model_version"].to_numpy()
+    absolute, squared, why = [], [], []
+    spreads: list[tuple[int, LossModel]] = []
+    for version in np.unique(versions):
+        model, reason = calibration_of(registry, int(version), cache)
+        if not isinstance(model, LossModel):
+            why.append(reason or f"v{version} has no loss model")
+            continue
+        rows = (versions == version) & np.isfinite(values)
+        a, q = model.predict(X[rows], values[rows])
+        absolute.append(a)
+        squared.append(q)
+        spreads.append((int(rows.sum()), model))
+    if not absolute:
+        return refused(metric, len(frame), "; ".join(why), "dle")
+    n = sum(k for k, _ in spreads)
+    # one spread for the window: the versions' own, weighted by their rows
+    model = LossModel("", "", sum(k * m.absolute_spread for k, m in spreads) / n,
+                      sum(k * m.squared_spread for k, m in spreads) / n, n)
+    e = cfg.estimation
+    settings = EstimationSettings(e.min_rows, e.draws, e.sample_rows, e.band_sigmas)
+    return estimate_loss(metric, np.concatenate(absolute), np.concatenate(squared), model, settings)
 
 
 @dataclass(frozen=True)
@@ -525,9 +562,10 @@ def calibrated_window(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame
     keep = np.zeros(len(frame), dtype=bool)
     p = np.zeros(out.shape)
     why = []
+    width = 1 if out.ndim == 1 else out.shape[-1]
     for version in np.unique(versions):
         calibration, reason = calibration_of(registry, int(version), cache)
-        if calibration is None or len(calibration.steps) != (1 if out.ndim == 1 else out.shape[-1]):
+        if not isinstance(calibration, Calibration) or len(calibration.steps) != width:
             why.append(reason or f"v{version}'s calibration does not match its answers")
             continue
         rows = (versions == version) & answered
@@ -536,14 +574,13 @@ def calibrated_window(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame
     return CalibratedWindow(frame["id"].to_numpy(dtype=np.int64), keep, p, out, "; ".join(why))
 
 
-def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, engine: sa.Engine,
-                    metric: str, cfg: MonitoringConfig, cache: Path
+def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray,
+                    engine: sa.Engine, metric: str, cfg: MonitoringConfig, cache: Path
                     ) -> tuple[Estimate, CalibratedWindow | None]:
     """The gate's metric estimated over the window from what its rows were answered (and the
     calibrated window, for the audit)."""
     if spec.task == "regression":
-        return refused(metric, len(frame), "estimates for regression models are not available yet",
-                       "dle"), None
+        return regression_estimate(registry, frame, X, metric, cfg, cache), None
     window = calibrated_window(registry, spec, frame, engine, cache)
     return window.estimate(spec.task, metric, cfg, spec.classes), window
 
