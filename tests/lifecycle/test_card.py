@@ -50,3 +50,19 @@ def test_the_card_made_after_training_is_rendered_from_memory_and_equals_the_run
     logged = registry.download_run_artifacts(result.version, "card", project.home / "card-check")
     from_run = render_card(project, registry, result.version)
     assert from_run is not None and (logged / "model_card.md").read_text() == from_run.markdown
+
+
+def test_the_monitoring_table_shows_each_windows_estimate_its_band_and_the_audit():
+    from flywheel.lifecycle.card import _monitoring_lines
+
+    base = {"window_start": None, "window_end": None, "rows": 4000, "drift_share": 0.2,
+            "drift_detected": False, "metric": "roc_auc", "metric_value": 0.61, "performance_drop": False}
+    text = "\n".join(_monitoring_lines([
+        {**base, "id": 1, "estimated_metric": "roc_auc", "estimated_value": 0.72, "estimated_low": 0.69,
+         "estimated_high": 0.75, "estimate_note": None, "concept_shift": True},
+        {**base, "id": 2, "metric_value": None, "estimated_metric": "roc_auc", "estimated_value": None,
+         "estimated_low": None, "estimated_high": None, "concept_shift": None,
+         "estimate_note": "41 predictions in the window; a band needs at least 100"}]))
+    assert "| performance | estimated |" in text
+    assert "| roc_auc 0.61 | roc_auc 0.72 [0.69, 0.75] (concept shift) |" in text
+    assert "| — (41 predictions in the window; a band needs at least 100) |" in text

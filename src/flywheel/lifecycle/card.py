@@ -127,7 +127,9 @@ def _served_windows(project: Project, name: str, version: int) -> list[dict[str,
     r = monitor_runs
     with open_state(project.state_url).connect() as conn:
         rows = conn.execute(sa.select(r.c.id, r.c.window_start, r.c.window_end, r.c.rows, r.c.drift_share,
-                                      r.c.drift_detected, r.c.metric, r.c.metric_value, r.c.performance_drop)
+                                      r.c.drift_detected, r.c.metric, r.c.metric_value, r.c.performance_drop,
+                                      r.c.estimated_metric, r.c.estimated_value, r.c.estimated_low,
+                                      r.c.estimated_high, r.c.estimate_note, r.c.concept_shift)
                             .where(r.c.model_name == name, r.c.model_version == version)
                             .order_by(r.c.id)).mappings().all()
     return [dict(x) for x in rows]
@@ -218,10 +220,22 @@ def _monitoring_lines(served: list[dict[str, Any]]) -> list[str]:
     rows = [f"| {w['id']} | {str(w['window_start'] or '')[:10]} to {str(w['window_end'] or '')[:10]} | "
             f"{w['rows']:,} | {_fmt(w['drift_share'])} ({'drift' if w['drift_detected'] else 'no drift'}) | "
             f"{w['metric'] or '—'} {_fmt(w['metric_value']) if w['metric_value'] is not None else '—'}"
-            f"{' (drop)' if w['performance_drop'] else ''} |" for w in served[-20:]]
+            f"{' (drop)' if w['performance_drop'] else ''} | {_estimated(w)} |" for w in served[-20:]]
     return ["## Monitoring", "", f"{len(served)} monitoring windows scored this version while it served "
-            f"(the latest {min(len(served), 20)}):", "",
-            "| window | span | rows | drift share | performance |", "|---|---|---|---|---|", *rows, ""]
+            f"(the latest {min(len(served), 20)}). Estimated: the metric predicted from the window's "
+            "answers alone, before any label, with its band; *concept shift*: once labelled, the "
+            "realized value fell outside that band.", "",
+            "| window | span | rows | drift share | performance | estimated |", "|---|---|---|---|---|---|",
+            *rows, ""]
+
+
+def _estimated(w: dict[str, Any]) -> str:
+    if w.get("estimated_value") is None:
+        return "—" if not w.get("estimate_note") else f"— ({w['estimate_note'][:80]})"
+    band = (f" [{_fmt(w['estimated_low'])}, {_fmt(w['estimated_high'])}]"
+            if w.get("estimated_low") is not None and w.get("estimated_high") is not None else "")
+    return (f"{w['estimated_metric']} {_fmt(w['estimated_value'])}{band}"
+            + (" (concept shift)" if w.get("concept_shift") else ""))
 
 
 def _limits(project: Project, facts: dict[str, Any], run: dict[str, str]) -> list[str]:

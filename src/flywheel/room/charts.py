@@ -36,15 +36,18 @@ def _scale(lo: float, hi: float, a: float, b: float) -> Any:
 
 def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, y_label: str, empty: str,
                lines: dict[str, float] | None = None, marks: Sequence[tuple[float, str]] = (),
-               y_min: float | None = None, x_range: tuple[float, float] | None = None) -> str:
+               y_min: float | None = None, x_range: tuple[float, float] | None = None,
+               bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None) -> str:
     """Lines with a point per value, x in epoch seconds; `lines`: labelled horizontal references;
     `marks`: labelled vertical events (retrains, promotions); `x_range`: the axis' span (default:
-    the data's)."""
+    the data's); `bands`: shaded ranges (x, low, high), drawn in the colour of the series of the
+    same name."""
     points = [p for s in series.values() for p in s]
     if not points:
         return f'<p class="empty">{escape(empty)}</p>'
+    spans = [b for band in (bands or {}).values() for b in band]
     xs = [p[0] for p in points] + [m[0] for m in marks]
-    ys = [p[1] for p in points] + list((lines or {}).values())
+    ys = [p[1] for p in points] + list((lines or {}).values()) + [v for b in spans for v in b[1:]]
     x0, x1 = x_range or (min(xs), max(xs))
     y0 = min(ys) if y_min is None else min(y_min, min(ys))
     y1 = max(ys)
@@ -57,6 +60,16 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, y_label: 
         out.append(f'<line class="ref" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" '
                    f'stroke="#6b7280" stroke-dasharray="5 4"><title>{escape(name)}: {_fmt(value)}'
                    '</title></line>')
+    names = list(series)
+    for name, band in (bands or {}).items():
+        spanned = sorted(band)
+        if not spanned:
+            continue
+        color = PALETTE[names.index(name) % len(PALETTE)] if name in names else "#9ca3af"
+        edge = [f"{sx(x):.1f},{sy(hi):.1f}" for x, _, hi in spanned] + \
+            [f"{sx(x):.1f},{sy(lo):.1f}" for x, lo, _ in reversed(spanned)]
+        out.append(f'<polygon class="band" points="{" ".join(edge)}" fill="{color}" fill-opacity="0.15" '
+                   f'stroke="none"><title>{escape(name)}: band</title></polygon>')
     for x, label in marks:
         px = sx(x)
         out.append(f'<line class="mark" x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{H - BOTTOM}" '

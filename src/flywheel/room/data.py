@@ -155,13 +155,16 @@ def prediction_distribution(project: ProjectBase, rows: int = DISTRIBUTION_ROWS)
 
 
 def performance(project: ProjectBase, limit: int = MAX_WINDOWS) -> dict[str, Any]:
-    """The task's metric per monitoring window (when it had labels), what the versions served
-    then promised (their holdout value), and the retrains and promotions on the same time axis."""
+    """The task's metric per monitoring window (when it had labels), its estimate before labels
+    with the band, the windows the audit flagged, what the versions served then promised (their
+    holdout value), and the retrains and promotions on the same time axis."""
     engine, name = _state(project), project.config.registered_model
     r = monitor_runs
     with engine.connect() as conn:
         rows = conn.execute(sa.select(r.c.id, r.c.created_at, r.c.model_version, r.c.metric,
-                                      r.c.metric_value, r.c.labelled_rows, r.c.performance_drop)
+                                      r.c.metric_value, r.c.labelled_rows, r.c.performance_drop,
+                                      r.c.estimated_metric, r.c.estimated_value, r.c.estimated_low,
+                                      r.c.estimated_high, r.c.concept_shift)
                             .where(r.c.model_name == name).order_by(r.c.id.desc()).limit(limit)
                             ).mappings().all()
         retrains = conn.execute(sa.select(pipeline_runs.c.started_at, pipeline_runs.c.trigger,
@@ -171,10 +174,16 @@ def performance(project: ProjectBase, limit: int = MAX_WINDOWS) -> dict[str, Any
     points = [{"at": _iso(x["created_at"]), "version": x["model_version"], "metric": x["metric"],
                "value": x["metric_value"], "labelled": x["labelled_rows"], "drop": x["performance_drop"]}
               for x in reversed(rows) if x["metric_value"] is not None]
-    metric = next((p["metric"] for p in points), None)
+    estimates = [{"at": _iso(x["created_at"]), "version": x["model_version"], "metric": x["estimated_metric"],
+                  "value": x["estimated_value"], "low": x["estimated_low"], "high": x["estimated_high"]}
+                 for x in reversed(rows) if x["estimated_value"] is not None]
+    shifts = [{"at": _iso(x["created_at"]), "version": x["model_version"]}
+              for x in reversed(rows) if x["concept_shift"]]
+    metric = next((p["metric"] for p in points), None) or next((e["metric"] for e in estimates), None)
     promotions = [{"at": _iso(m.moved_at), "version": m.version, "action": m.action}
                   for m in alias_moves(engine, name, CHAMPION)]
-    return {"metric": metric, "points": points, "promised": _promised(project, metric, points),
+    return {"metric": metric, "points": points, "estimates": estimates, "concept_shifts": shifts,
+            "promised": _promised(project, metric, points),
             "promotions": promotions,
             "retrains": [{"at": _iso(t[0]), "trigger": t[1], "status": t[2]} for t in reversed(retrains)]}
 

@@ -233,6 +233,9 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f" {value:.1f}s"
 
 
+ESTIMATED = "estimated"
+
+
 def performance_section(p: dict[str, Any]) -> str:
     series: dict[str, list[tuple[float, float]]] = {}
     for point in p["points"]:
@@ -241,12 +244,21 @@ def performance_section(p: dict[str, Any]) -> str:
     marks = [(_ts(x["at"]), f'v{x["version"]} {x["action"]} {x["at"][:19]}') for x in p["promotions"]]
     marks += [(_ts(x["at"]), f'retrain ({x["trigger"]}, {x["status"]}) {x["at"][:19]}')
               for x in p["retrains"]]
+    estimated = [(_ts(e["at"]), e["value"]) for e in p.get("estimates", [])]
+    if estimated:
+        series[ESTIMATED] = estimated
+    marks += [(_ts(x["at"]), f'audit: probable concept shift (v{x["version"]}) {x["at"][:19]}')
+              for x in p.get("concept_shifts", [])]
+    bands = {ESTIMATED: [(_ts(e["at"]), e["low"], e["high"]) for e in p.get("estimates", [])
+                         if e["low"] is not None and e["high"] is not None]}
     metric = p["metric"] or "metric"
-    chart = charts.line_chart(series, y_label=metric, lines=promised, marks=marks,
-                              empty="No labelled monitoring window yet.")
+    chart = charts.line_chart(series, y_label=metric, lines=promised, marks=marks, bands=bands,
+                              empty="No monitoring window with labels or an estimate yet.")
     return (f'<section id="performance"><h2>Performance: {escape(metric)} per monitoring window</h2>'
-            f'<p class="muted">Dashed: what each serving version promised on its holdout. Orange lines: '
-            f'promotions, rollbacks and retrains.</p>{chart}</section>')
+            f'<p class="muted">Per version: the metric realized on the window\'s labels. '
+            f'{ESTIMATED}: what the window\'s answers alone predicted, before any label, with its band '
+            f'(shaded). Dashed: what each serving version promised on its holdout. Orange lines: '
+            f'promotions, rollbacks, retrains and windows the audit flagged.</p>{chart}</section>')
 
 
 def pipelines_section(p: dict[str, Any]) -> str:
