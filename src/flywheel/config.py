@@ -500,8 +500,9 @@ class EstimationConfig(_Strict):
     min_rows: int = Field(default=100, ge=20)
     # Label draws from the calibrated probabilities ...
     draws: int = Field(default=64, ge=8, le=10_000)
-    # ... on at most this many rows of the window (the band is scaled to the window's size).
-    sample_rows: int = Field(default=20_000, ge=1_000)
+    # ... on a sample of this many rows of the window (more when a class is rare; the band is
+    # scaled to the window's size).
+    sample_rows: int = Field(default=2_000, ge=500)
     # The audit: once this share of a window's rows is labelled, the realized value is checked
     # against the estimate for the same rows; outside the band is a probable concept shift.
     audit_labelled_share: float = Field(default=0.9, gt=0, le=1)

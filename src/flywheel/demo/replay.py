@@ -101,6 +101,16 @@ class QuarterResult:
     prediction_drift: float | None = None
     labelled_window_auc: float | None = None
     labels_fed: int = 0
+    # the quarter's ROC-AUC estimated when it was served, from its answers alone, and the band;
+    # then, with every label known, whether the band held the realized value (the audit's flag
+    # is its opposite) and the two naive forecasts the estimate is judged against
+    estimated_auc: float | None = None
+    estimated_low: float | None = None
+    estimated_high: float | None = None
+    estimate_note: str | None = None
+    covered: bool | None = None
+    audit_flag: bool | None = None
+    promised_auc: float | None = None  # the serving version's holdout ROC-AUC, carried forward
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -350,6 +360,11 @@ def _record_verdict(result: QuarterResult, verdict: MonitorVerdict | None) -> No
     result.drifted_features = verdict.drift.drifted_columns
     result.prediction_drift = verdict.prediction_drift
     result.labelled_window_auc = verdict.performance.roc_auc if verdict.performance else None
+    estimate = verdict.estimate
+    if estimate is not None and estimate.metric == "roc_auc":
+        result.estimated_auc, result.estimated_low, result.estimated_high = \
+            estimate.value, estimate.low, estimate.high
+        result.estimate_note = estimate.reason
 
 
 def _record_retrain(r: _Replay, q: Quarter, decision: TriggerDecision, run: PipelineRun,
@@ -427,6 +442,13 @@ def _score_quarters(r: _Replay, qs: list[Quarter], oracle: dict[int, float | Non
         res.static_auc = auc(all_rows[TARGET].to_numpy(), all_rows["__static__"].to_numpy())
         res.oracle_auc = oracle.get(q.index)
         res.served_versions = sorted(set(part["model_version"].astype(int)))
+        promised = [r.registry.version(v).metrics.get("holdout_roc_auc") for v in res.served_versions]
+        known = [a for a in promised if a is not None]
+        res.promised_auc = float(np.mean(known)) if known else None
+        low, high, realized = res.estimated_low, res.estimated_high, res.loop_auc
+        if low is not None and high is not None and realized is not None:
+            res.covered = bool(low <= realized <= high)
+            res.audit_flag = not res.covered
 
 
 def _logged(engine: sa.Engine, model_name: str, wanted: set[str]) -> pd.DataFrame:
@@ -449,6 +471,7 @@ def _report(project: Project, results: list[QuarterResult], retrains: list[Retra
     mean_loop = _mean([r.loop_auc for r in results])
     mean_oracle = _mean([r.oracle_auc for r in results])
     return {
+        "estimation": estimation_summary(results),
         "generated_at": datetime.now().isoformat(timespec="seconds"),
         "quarters": [asdict(r) for r in results],
         "mean_static_auc": mean_static,
@@ -476,6 +499,24 @@ def _report(project: Project, results: list[QuarterResult], retrains: list[Retra
     }
 
 
+def estimation_summary(results: list[QuarterResult]) -> dict[str, Any]:
+    """How well each forecast of a quarter's ROC-AUC, made when it was served, matched the value
+    realized once every label was known: the estimate, the serving version's holdout ROC-AUC
+    carried forward, and the last realized window (labels known at the time)."""
+    def mae(forecast: str) -> float | None:
+        pairs = [(getattr(r, forecast), r.loop_auc) for r in results if r.estimated_auc is not None]
+        kept = [abs(f - t) for f, t in pairs if f is not None and t is not None and not math.isnan(f)]
+        return float(np.mean(kept)) if kept else None
+
+    estimated = [r for r in results if r.estimated_auc is not None and r.loop_auc is not None]
+    return {"quarters_estimated": len(estimated), "quarters": len(results),
+            "mae_estimate": mae("estimated_auc"), "mae_holdout_carried_forward": mae("promised_auc"),
+            "mae_last_realized_window": mae("labelled_window_auc"),
+            "covered": sum(bool(r.covered) for r in estimated),
+            "flagged": sum(bool(r.audit_flag) for r in estimated),
+            "why_not": sorted({r.estimate_note for r in results if r.estimate_note})[:5]}
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     import matplotlib
 
@@ -500,6 +541,10 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     ax.plot(x, series("loop_auc"),
             label=f"Flywheel loop, from logged predictions (mean {report['mean_loop_auc']:.3f})",
             color="#DD8452", linewidth=2)
+    if any(q.get("estimated_auc") is not None for q in qs):
+        ax.plot(x, series("estimated_auc"), label="the loop's ROC-AUC estimated when served (before labels)",
+                color="#55A868", linewidth=1.2)
+        ax.fill_between(x, series("estimated_low"), series("estimated_high"), color="#55A868", alpha=0.15)
     for r in report["retrains"]:
         i = labels.index(r["quarter"])
         ax.axvline(i + 0.5, color="#55A868" if r["promoted"] else "#C44E52", alpha=0.4, linestyle=":")
@@ -550,13 +595,28 @@ def markdown_report(report: dict[str, Any]) -> str:
     for r in report["retrains"]:
         lines.append(f"| {r['quarter']} | {r['trigger']} | {r['reason'][:80]} | v{r['version']} | "
                      f"{r['gate'][:90]} | {'yes' if r['promoted'] else 'no'} |")
+    e = report.get("estimation")
+    if e:
+        lines += ["", "## Performance estimated before the labels", "",
+                  f"{e['quarters_estimated']} of {e['quarters']} quarters estimated when served. Mean "
+                  f"absolute error against the ROC-AUC realized once every label was known: estimate "
+                  f"**{_f(e['mae_estimate'])}**, the serving version's holdout ROC-AUC carried forward "
+                  f"{_f(e['mae_holdout_carried_forward'])}, the last realized window "
+                  f"{_f(e['mae_last_realized_window'])}. The band held the realized value in "
+                  f"{e['covered']} quarters; the audit flags the other {e['flagged']}."
+                  + (" Not estimated: " + "; ".join(e["why_not"]) if e["why_not"] else "")]
     lines += ["", "## Quarters", "",
-              "| quarter | loans | charge-off rate | served | static | loop | oracle | drift share |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| quarter | loans | charge-off rate | served | static | loop | oracle | drift share | "
+              "estimated [band] | audit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for q in report["quarters"]:
+        band = (f"{_f(q.get('estimated_auc'))} [{_f(q.get('estimated_low'))}, {_f(q.get('estimated_high'))}]"
+                if q.get("estimated_auc") is not None else "-")
+        audit = "-" if q.get("audit_flag") is None else ("FLAG" if q["audit_flag"] else "ok")
         lines.append(f"| {q['quarter']} | {q['rows']:,} | {q['positive_rate']:.3f} | "
                      f"{','.join(f'v{v}' for v in q['served_versions'])} | {_f(q['static_auc'])} | "
-                     f"{_f(q['loop_auc'])} | {_f(q['oracle_auc'])} | {_f(q['drift_share'])} |")
+                     f"{_f(q['loop_auc'])} | {_f(q['oracle_auc'])} | {_f(q['drift_share'])} | "
+                     f"{band} | {audit} |")
     return "\n".join(lines) + "\n"
 
 

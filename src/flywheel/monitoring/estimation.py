@@ -21,17 +21,21 @@ far off they are where they predict low or high losses (their own systematic err
 
 Expected values are exact where the metric allows (ROC-AUC as the expected pair counts, log
 loss, Brier, accuracy); PR-AUC and F1 take the mean of the draws. The band is `band_sigmas`
-standard deviations of the metric over `draws` label draws, on at most `sample_rows` rows and
-scaled to the window's size (these metrics' spread shrinks as one over the root of the rows).
+standard deviations of the metric over `draws` label draws, on a sample of `sample_rows` rows (more
+when one class is rare: enough for 200 of it) and scaled to the window's size (these metrics'
+spread shrinks as one over the root of the rows).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from flywheel.core.cpus import usable_cpus
 
 CALIBRATION_FILE = "calibration.json"
 ESTIMATION_ARTIFACT = "estimation"  # the version's folder of what estimation needs
@@ -128,12 +132,13 @@ class LossModel:
     task: str = "regression"
 
     def predict(self, X: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's expected absolute and squared error (never below zero)."""
-        import lightgbm as lgb
-
+        """Each row's expected absolute and squared error (never below zero), on as many threads
+        as this process may use."""
         Z = _loss_inputs(X, values)
-        return (np.maximum(lgb.Booster(model_str=self.absolute).predict(Z), 0.0),
-                np.maximum(lgb.Booster(model_str=self.squared).predict(Z), 0.0))
+        threads = usable_cpus()
+        absolute, squared = _boosters(self.absolute, self.squared)
+        return (np.maximum(absolute.predict(Z, num_threads=threads), 0.0),
+                np.maximum(squared.predict(Z, num_threads=threads), 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": "regression", "method": "dle", "rows": self.rows,
@@ -146,6 +151,14 @@ class LossModel:
         return cls(data["absolute"], data["squared"], float(data["absolute_spread"]),
                    float(data["squared_spread"]), int(data["rows"]), float(data["absolute_bias"]),
                    float(data["squared_bias"]))
+
+
+@functools.lru_cache(maxsize=16)
+def _boosters(absolute: str, squared: str) -> tuple[Any, Any]:
+    """The loss models parsed once per process (parsing the text costs more than predicting)."""
+    import lightgbm as lgb
+
+    return lgb.Booster(model_str=absolute), lgb.Booster(model_str=squared)
 
 
 def _loss_inputs(X: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -283,7 +296,7 @@ def refused(metric: str, rows: int, reason: str, method: str = "cbpe") -> Estima
 class EstimationSettings:
     min_rows: int = 100  # fewer rows than this: no band worth the name
     draws: int = 64
-    sample_rows: int = 20_000
+    sample_rows: int = 2_000
     band_sigmas: float = 3.0
     seed: int = 0
 
@@ -316,7 +329,7 @@ def estimate(task: str, metric: str, p: np.ndarray, out: np.ndarray,
 def expected_auc(p: np.ndarray, s: np.ndarray) -> float:
     """E[#(positive, negative) pairs ranked right] / E[#(positive, negative) pairs] for labels
     drawn independently with P(positive) = p, scores s (ties count half, as ROC-AUC counts them)."""
-    order = np.argsort(s, kind="stable")
+    order = np.argsort(s)  # ties are grouped below: no need for a stable sort
     s_sorted, p_sorted = s[order], p[order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
     P = np.add.reduceat(p_sorted, starts)  # per group of tied scores
@@ -327,6 +340,18 @@ def expected_auc(p: np.ndarray, s: np.ndarray) -> float:
     if pairs <= 0:
         return float("nan")
     return float((P @ below + 0.5 * (P @ Q - R.sum())) / pairs)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, tied values sharing their average rank (scipy's rankdata, without its
+    overhead on the small samples the band is drawn on)."""
+    order = np.argsort(x)
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def _binary_expected(metric: str, p: np.ndarray, q: np.ndarray) -> float | None:
@@ -345,20 +370,18 @@ def _binary_draws(metric: str, Y: np.ndarray, q: np.ndarray) -> np.ndarray:
     """`metric` for each row of drawn labels Y (draws, rows) and scores q; NaN where a draw holds
     one class only."""
     m = Y.shape[1]
-    n1 = Y.sum(axis=1).astype(np.float64)
+    Yf = Y.astype(np.float64)  # a matrix product on floats runs in BLAS; on booleans it does not
+    n1 = Yf.sum(axis=1)
     one_class = (n1 == 0) | (n1 == m)
     if metric == "roc_auc":
-        from scipy.stats import rankdata
-
-        ranks = rankdata(q)
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = (Y @ ranks - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
+            v = (Yf @ average_ranks(q) - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
     elif metric == "log_loss":
         qc = np.clip(q, EPS, 1 - EPS)
         a, b = np.log(qc), np.log(1 - qc)
-        return -(Y @ (a - b) + b.sum()) / m
+        return -(Yf @ (a - b) + b.sum()) / m
     elif metric == "brier":
-        return (Y @ (1 - 2 * q) + (q ** 2).sum()) / m
+        return (Yf @ (1 - 2 * q) + (q ** 2).sum()) / m
     else:  # pr_auc: average precision, sklearn's step form (tied scores are one threshold)
         order = np.argsort(-q, kind="stable")
         qs = q[order]
@@ -371,12 +394,17 @@ def _binary_draws(metric: str, Y: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(one_class, np.nan, v)
 
 
+MIN_SAMPLE_MINORITY = 200  # the band's sample holds at least this many expected rows of the rarer class
+
+
 def _binary(p: np.ndarray, metric: str, q: np.ndarray, s: EstimationSettings) -> Estimate:
     n = len(q)
     rng = np.random.default_rng(s.seed)
-    take = np.sort(rng.choice(n, size=s.sample_rows, replace=False)) if n > s.sample_rows else slice(None)
+    rarer = min(float(p.mean()), 1.0 - float(p.mean()))
+    m = max(s.sample_rows, int(MIN_SAMPLE_MINORITY / rarer) if rarer > 0 else n)
+    take = np.sort(rng.choice(n, size=m, replace=False)) if n > m else slice(None)
     ps, qs = p[take], q[take]
-    Y = rng.random((s.draws, len(ps))) < ps
+    Y = rng.random((s.draws, len(ps)), dtype=np.float32) < ps
     drawn = _binary_draws(metric, Y, qs)
     drawn = drawn[np.isfinite(drawn)]
     if len(drawn) < s.draws // 2:
@@ -406,14 +434,12 @@ def _multiclass_draws(metric: str, labels: np.ndarray, S: np.ndarray) -> np.ndar
         logs = np.log(np.clip(S / S.sum(axis=1, keepdims=True), EPS, 1.0))
         return -logs[np.arange(m), labels].mean(axis=1)
     if metric == "macro_roc_auc":
-        from scipy.stats import rankdata
-
         aucs = np.full((B, k), np.nan)
         for c in range(k):
-            hit = labels == c
-            n1 = hit.sum(axis=1).astype(np.float64)
+            hit = (labels == c).astype(np.float64)
+            n1 = hit.sum(axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                aucs[:, c] = (hit @ rankdata(S[:, c]) - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
+                aucs[:, c] = (hit @ average_ranks(S[:, c]) - n1 * (n1 + 1) / 2) / (n1 * (m - n1))
         aucs[~np.isfinite(aucs)] = np.nan
         with np.errstate(all="ignore"):
             return np.nanmean(aucs, axis=1)
