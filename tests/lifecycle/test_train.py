@@ -1,5 +1,6 @@
 """The training step end to end on a real MLflow store and real SQLite databases."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from flywheel.lifecycle.aliases import promote, rollback
 from flywheel.lifecycle.evaluation import evaluate_version
 from flywheel.lifecycle.status import project_status
 from flywheel.lifecycle.train import train_challenger
+from flywheel.monitoring.monitor import calibration_of
 from flywheel.registry import Registry, RegistryError
 from flywheel.state.aliases import alias_moves
 from flywheel.state.db import open_state
@@ -114,6 +116,12 @@ def test_a_tampered_model_file_is_refused(loaded_project):
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\x00")
     with pytest.raises(RegistryError, match="does not match the hash recorded"):
         Registry.for_project(project).load_artifacts(1)
+    # what performance estimation reads is attached with its hash too, and refused when changed
+    [calibration] = list(project.artifact_root.rglob("estimation/calibration.json"))
+    assert json.loads(calibration.read_text())["task"] == "binary"
+    calibration.write_text(calibration.read_text().replace("}", ', "extra": 1}', 1))
+    with pytest.raises(RegistryError, match="do not match the hashes recorded"):
+        calibration_of(Registry.for_project(project), 1, project.home / "cache-tampered")
 
 
 def test_schema_change_fails_the_gate_and_champion_keeps_its_own_features(loaded_project):
