@@ -45,9 +45,11 @@ BINARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier")
 MULTICLASS_METRICS = ("log_loss", "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc")
 REGRESSION_METRICS = ("rmse", "mae")
 MIN_LOSS_ROWS = 100  # a loss model needs at least this many validation rows
-LOSS_MODEL_PARAMS = {"objective": "regression", "learning_rate": 0.1, "num_leaves": 15,
-                     "min_data_in_leaf": 20, "verbosity": -1, "num_threads": 1, "seed": 0}
-LOSS_MODEL_ROUNDS = 200
+# Few, wide trees: a window's cost is the trees times its rows (60 of 31 leaves estimated as well
+# as 200 of 15 on benchmarks/estimation_vs_nannyml.py's windows, in 40% of the time)
+LOSS_MODEL_PARAMS = {"objective": "regression", "learning_rate": 0.2, "num_leaves": 31,
+                     "min_data_in_leaf": 50, "verbosity": -1, "num_threads": 1, "seed": 0}
+LOSS_MODEL_ROUNDS = 60
 LOSS_MODEL_FOLDS = 5  # the residuals that size the band are out of fold
 
 
@@ -161,6 +163,16 @@ def _boosters(absolute: str, squared: str) -> tuple[Any, Any]:
     return lgb.Booster(model_str=absolute), lgb.Booster(model_str=squared)
 
 
+def loss_sample(n: int, settings: EstimationSettings | None = None) -> np.ndarray | slice:
+    """The rows of an n-row window whose errors are predicted: all of them, or a uniform sample
+    of `loss_rows` (the mean predicted error of 200,000 rows stands for a million's within a
+    fraction of the band, at a fifth of the trees' work)."""
+    s = settings or EstimationSettings()
+    if n <= s.loss_rows:
+        return slice(None)
+    return np.sort(np.random.default_rng(s.seed).integers(0, n, s.loss_rows))
+
+
 def _loss_inputs(X: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.column_stack([np.asarray(X, dtype=np.float64), np.asarray(values, dtype=np.float64)])
 
@@ -183,9 +195,9 @@ def fit_loss_model(X: np.ndarray, y: np.ndarray, values: np.ndarray) -> LossMode
     for target in (np.abs(err), err ** 2):
         predicted = np.empty(n)
         for k in range(LOSS_MODEL_FOLDS):
-            fit = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z[folds != k], target[folds != k]),
-                            LOSS_MODEL_ROUNDS)
-            predicted[folds == k] = np.maximum(fit.predict(Z[folds == k]), 0.0)
+            inside, held = folds != k, folds == k
+            fit = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z[inside], target[inside]), LOSS_MODEL_ROUNDS)
+            predicted[held] = np.maximum(fit.predict(Z[held]), 0.0)
         residual = target - predicted
         spreads.append(float(residual.std(ddof=1)))
         biases.append(_relative_bias(target, predicted))
@@ -213,10 +225,13 @@ def _relative_bias(target: np.ndarray, predicted: np.ndarray, groups: int = 10) 
 
 
 def estimate_loss(metric: str, absolute: np.ndarray, squared: np.ndarray, model: LossModel,
-                  settings: EstimationSettings | None = None) -> Estimate:
-    """A regression window's RMSE or MAE from the predicted per-row errors, with its band."""
+                  settings: EstimationSettings | None = None, rows: int | None = None) -> Estimate:
+    """A regression window's RMSE or MAE from the predicted per-row errors, with its band; `rows`:
+    the window's rows when the errors were predicted for a uniform sample of them (see
+    `loss_sample`), whose own spread then widens the band."""
     s = settings or EstimationSettings()
-    n = len(absolute)
+    n = rows or len(absolute)
+    sampled = len(absolute) < n
     if n < s.min_rows:
         return refused(metric, n, f"{n} predictions with a loss model in the window; a band needs "
                        f"at least {s.min_rows}", "dle")
@@ -226,13 +241,18 @@ def estimate_loss(metric: str, absolute: np.ndarray, squared: np.ndarray, model:
     mae, mse = float(absolute.mean()), float(squared.mean())
     rmse = math.sqrt(mse)
     # the band: the window's sampling spread and the models' own systematic error, together
+    def sample_error(losses: np.ndarray) -> float:  # the mean of a sample stands for the window's
+        return float(losses.std(ddof=1)) / math.sqrt(len(losses)) if sampled else 0.0
+
     if metric == "mae":
         value = mae
-        half = s.band_sigmas * math.hypot(model.absolute_spread / math.sqrt(n), model.absolute_bias * mae)
+        half = s.band_sigmas * math.hypot(model.absolute_spread / math.sqrt(n), model.absolute_bias * mae,
+                                          sample_error(absolute))
         others = {"rmse": rmse}
     else:  # on the mean squared error, then the delta method: d sqrt(m) = dm / (2 sqrt(m))
         value = rmse
-        spread = math.hypot(model.squared_spread / math.sqrt(n), model.squared_bias * mse)
+        spread = math.hypot(model.squared_spread / math.sqrt(n), model.squared_bias * mse,
+                            sample_error(squared))
         half = s.band_sigmas * spread / (2 * rmse) if rmse > 0 else 0.0
         others = {"mae": mae}
     return Estimate(metric, value, max(value - half, 0.0), value + half, n, "dle", others=others)
@@ -299,6 +319,7 @@ class EstimationSettings:
     sample_rows: int = 2_000
     band_sigmas: float = 3.0
     seed: int = 0
+    loss_rows: int = 200_000  # a regression window's errors are predicted for at most this many rows
 
 
 def estimate(task: str, metric: str, p: np.ndarray, out: np.ndarray,
@@ -402,7 +423,7 @@ def _binary(p: np.ndarray, metric: str, q: np.ndarray, s: EstimationSettings) ->
     rng = np.random.default_rng(s.seed)
     rarer = min(float(p.mean()), 1.0 - float(p.mean()))
     m = max(s.sample_rows, int(MIN_SAMPLE_MINORITY / rarer) if rarer > 0 else n)
-    take = np.sort(rng.choice(n, size=m, replace=False)) if n > m else slice(None)
+    take = np.sort(rng.integers(0, n, m)) if n > m else slice(None)  # with replacement: no permutation of n
     ps, qs = p[take], q[take]
     Y = rng.random((s.draws, len(ps)), dtype=np.float32) < ps
     drawn = _binary_draws(metric, Y, qs)
@@ -411,8 +432,9 @@ def _binary(p: np.ndarray, metric: str, q: np.ndarray, s: EstimationSettings) ->
         return refused(metric, n, f"the calibrated probabilities expect {p.sum():.1f} positives in "
                        f"{n:,} rows: too few for {metric} to be defined")
     value = _binary_expected(metric, p, q)
-    if value is None:
-        value = float(drawn.mean())
+    if value is None:  # no closed form (PR-AUC): the mean over draws on the window itself
+        value = _mean_of_draws(lambda pick, draws: _binary_draws(
+            metric, rng.random((draws, len(p[pick])), dtype=np.float32) < p[pick], q[pick]), n, s, rng)
     half = s.band_sigmas * float(drawn.std(ddof=1)) * math.sqrt(len(ps) / n)
     others = {k: v for k in ("log_loss", "brier") if k != metric
               for v in [_binary_expected(k, p, q)] if v is not None}
@@ -471,7 +493,7 @@ def _multiclass(P: np.ndarray, metric: str, S: np.ndarray, s: EstimationSettings
         return refused(metric, n, f"the model predicts no row of class {', '.join(never[:5])} in "
                        f"this window: {metric}'s precision for it is undefined")
     rng = np.random.default_rng(s.seed)
-    take = np.sort(rng.choice(n, size=s.sample_rows, replace=False)) if n > s.sample_rows else slice(None)
+    take = np.sort(rng.integers(0, n, s.sample_rows)) if n > s.sample_rows else slice(None)
     Ps, Ss = P[take], S[take]
     cum = np.cumsum(Ps, axis=1)
     u = rng.random((s.draws, len(Ps), 1))
@@ -486,10 +508,32 @@ def _multiclass(P: np.ndarray, metric: str, S: np.ndarray, s: EstimationSettings
     if metric == "macro_roc_auc":
         aucs = [expected_auc(P[:, c], S[:, c]) for c in range(k)]
         exact["macro_roc_auc"] = float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
-    value = exact.get(metric, float(drawn.mean()))
+    if metric in exact:
+        value = exact[metric]
+    else:  # no closed form (F1): the mean over draws on the window itself
+        def window_draws(pick: Any, draws: int) -> np.ndarray:
+            cum_w = np.cumsum(P[pick], axis=1)
+            u_w = rng.random((draws, len(cum_w), 1))
+            return _multiclass_draws(metric, np.minimum((u_w > cum_w[None]).sum(axis=2), k - 1), S[pick])
+
+        value = _mean_of_draws(window_draws, n, s, rng)
     half = s.band_sigmas * float(drawn.std(ddof=1)) * math.sqrt(len(Ps) / n)
     others = {key: v for key, v in exact.items() if key != metric}
     return Estimate(metric, value, *_bounded(metric, value, half), n, others=others)
+
+
+VALUE_ROWS = 100_000  # a metric without a closed form is averaged over draws on this many rows at most
+VALUE_DRAWS = 8
+
+
+def _mean_of_draws(draw: Any, n: int, s: EstimationSettings, rng: np.random.Generator) -> float:
+    """The expected value of a metric with no closed form: its mean over VALUE_DRAWS label draws on
+    the window (or a uniform VALUE_ROWS of it). Not on the band's small sample: such metrics
+    (average precision, F1) are biased at small sizes, and the estimate must be the window's."""
+    pick = np.sort(rng.integers(0, n, VALUE_ROWS)) if n > VALUE_ROWS else slice(None)
+    values = draw(pick, VALUE_DRAWS)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _bounded(metric: str, value: float, half: float) -> tuple[float, float]:
