@@ -547,8 +547,9 @@ class TriggersConfig(_Strict):
     drift: bool = True
     # Retrain on a performance drop.
     performance_drop: bool = True
-    # Retrain when a window's realized metric falls outside its estimate's band (the audit).
-    concept_shift: bool = True
+    # Retrain when a window's realized metric falls outside its estimate's band (the audit; off by
+    # default: turning it on changes when an existing project retrains).
+    concept_shift: bool = False
     # Retrain when the estimated metric (before labels) drops by the monitoring drop thresholds.
     estimated_performance_drop: bool = False
     # A retraining budget: no trigger fires within this many days of the last retrain.

@@ -15,15 +15,15 @@ import sqlalchemy as sa
 import yaml
 
 from flywheel import api
-from flywheel.config import load_project
+from flywheel.config import MonitorWindow, load_project
 from flywheel.data.sources import TARGET, make_engine
 from flywheel.demo.replay import wait_for_log
 from flywheel.lifecycle.learning import extract_retraining_rows
 from flywheel.lifecycle.status import project_status
-from flywheel.monitoring.monitor import MonitorError
+from flywheel.monitoring.monitor import MonitorError, run_monitor
 from flywheel.pipeline.steps import labelled_rows_since
 from flywheel.serving.process import ServerProcess
-from flywheel.state.db import open_state
+from flywheel.state.db import monitor_runs, open_state
 from flywheel.state.verdicts import latest_verdict
 from tests.lifecycle.test_own_data import cli, config, customers
 
@@ -73,6 +73,9 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
         server.wait_ready(90)
         ids = post(client, server.url, new, days[:FED]) + post(client, server.url, known, days[FED:])
         wait_for_log(open_state(project.state_url), project.config.registered_model, len(ids))
+        # monitored before any label: an estimate, nothing to audit yet
+        early = run_monitor(project, window=MonitorWindow(by="count", size=len(ids)), report=False)
+        assert early.estimate.value is not None and early.audit is None and early.earlier_audits == []
         unlabelled = 150  # served, never labelled: not learnt from
         # labels for the new rows but the last 150, and the opposite of the source's label for
         # the rows the source holds (so it shows which side a row was learnt from)
@@ -119,6 +122,12 @@ def test_retrain_from_feedback_alone_promotes_and_hot_swaps(tmp_path):
     stored = latest_verdict(open_state(project.state_url), project.config.registered_model)
     assert stored["estimated_value"] == pytest.approx(estimated["value"]) and stored["estimate_note"] is None
     assert stored["concept_shift"] is True and stored["audit_rows"] == len(inside)
+    # the window monitored before its labels came back was audited by the next run, once they had
+    [[run_id, earlier]] = verdict["earlier_audits"]
+    assert run_id == early.id and earlier["shift"] is True and earlier["rows"] == len(kept)
+    with open_state(project.state_url).connect() as conn:
+        flagged = sa.select(monitor_runs.c.concept_shift).where(monitor_runs.c.id == early.id)
+        assert conn.execute(flagged).scalar() is True
     same = api.monitor(project, start="2021-01-01", end="2021-07-01")  # the Python API's way
     assert same.drift.rows == len(inside) and same.window_kind == "event"
     code, said = cli("monitor", "--config", str(path), "--from", "2021-07-01", home=home)

@@ -45,19 +45,19 @@ def test_the_audit_and_the_estimate_fire_their_own_triggers_when_switched_on(mak
     from flywheel.monitoring.estimation import Audit, Estimate
 
     band = Estimate("roc_auc", 0.72, 0.69, 0.75, 4000)
+    on = make_project({"retraining": {"triggers": {"concept_shift": True,
+                                                   "estimated_performance_drop": True}}}, name="on")
     shifted = verdict()
-    shifted.audit = Audit(3900, 0.975, band, 0.61, True)
-    d = due_trigger(make_project(), date(2003, 1, 1), shifted, None)
-    assert d.trigger == "concept_shift" and "realized roc_auc 0.61 outside [0.69, 0.75]" in d.reason
-    shifted.audit = Audit(3900, 0.975, band, 0.71, False)  # within the band: nothing to say
-    assert due_trigger(make_project(name="within"), date(2003, 1, 1), shifted, None) is None
+    shifted.shifts = [(12, Audit(3900, 0.975, band, 0.61, True))]  # an earlier window, audited now
+    d = due_trigger(on, date(2003, 1, 1), shifted, None)
+    assert d.trigger == "concept_shift"
+    assert d.reason.startswith("window #12, audit on 3,900 labelled (98%): realized roc_auc 0.61 outside")
+    assert due_trigger(make_project(name="default"), date(2003, 1, 1), shifted, None) is None  # default: off
+    shifted.shifts = []  # every audit within its band: nothing to say
+    assert due_trigger(on, date(2003, 1, 1), shifted, None) is None
 
     low = verdict()
     low.estimate, low.estimated_drop = Estimate("roc_auc", 0.62, 0.59, 0.65, 4000), True
-    assert due_trigger(make_project(name="default"), date(2003, 1, 1), low, None) is None  # off by default
-    on = make_project({"retraining": {"triggers": {"estimated_performance_drop": True}}}, name="on")
+    assert due_trigger(make_project(name="plain"), date(2003, 1, 1), low, None) is None  # off by default
     d = due_trigger(on, date(2003, 1, 1), low, None)
     assert d.trigger == "estimated_performance_drop" and "estimated roc_auc 0.62 [0.59, 0.65]" in d.reason
-    off = make_project({"retraining": {"triggers": {"concept_shift": False}}}, name="off")
-    shifted.audit = Audit(3900, 0.975, band, 0.61, True)
-    assert due_trigger(off, date(2003, 1, 1), shifted, None) is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -137,6 +137,14 @@ class MonitorVerdict:
     audit: Audit | None = None
     # the estimate worse than the serving versions promised (by the drop thresholds)
     estimated_drop: bool = False
+    # earlier windows whose labels arrived since, audited by this run: (their monitoring run, audit)
+    earlier_audits: list[tuple[int, Audit]] = field(default_factory=list)
+
+    @property
+    def shifts(self) -> list[tuple[int | None, Audit]]:
+        """Every audit of this run that found a probable concept shift (None: this window's)."""
+        audits: list[tuple[int | None, Audit]] = [(None, self.audit)] if self.audit else []
+        return [(run, a) for run, a in [*audits, *self.earlier_audits] if a.shift]
 
     # the JSON form (`flywheel monitor --json`) also names these, at its top level
     JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("rows", "drift_share", "drift_detected")
@@ -164,6 +172,8 @@ class MonitorVerdict:
             parts.append(self.estimate.describe() + (" (DROP)" if self.estimated_drop else ""))
         if self.audit is not None:
             parts.append(self.audit.describe())
+        for run, audit in self.earlier_audits:
+            parts.append(f"window #{run}, {audit.describe()}")
         if self.performance is not None:
             perf = self.performance
             parts.append(f"{perf.metric} {perf.value:.4g} on {perf.rows:,} labelled"
@@ -445,9 +455,9 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
     drop = performance_dropped(perf, promised, cfg, spec.task)
     estimated, audit, estimated_drop = None, None, False
     if cfg.estimation.enabled:
-        estimated, calibrated = window_estimate(registry, spec, frame, X, engine, metric, cfg,
-                                                project.home / "cache")
-        audit = audit_window(calibrated, labelled, spec, metric, cfg)
+        estimated, estimate_for = window_estimate(registry, spec, frame, X, engine, metric, cfg,
+                                                  project.home / "cache")
+        audit = audit_window(frame["id"], estimate_for, labelled, spec, metric, cfg)
         estimated_drop = estimate_dropped(estimated, expected_metric(registry, frame, metric), cfg,
                                           spec.task)
     seconds = time.perf_counter() - started
@@ -455,6 +465,8 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
         else (_utc_midnight(window.start), _utc_midnight(window.end))
     verdict_id = _store(engine, registry.model_name, version, window.by, w_start, w_end, drift,
                         pred.score, perf, drop, seconds, unseen, estimated, audit, estimated_drop)
+    earlier = audit_earlier_windows(project, registry, engine, spec, metric, verdict_id, at or now(),
+                                    fetched) if cfg.estimation.enabled else []
     report_path, mlflow_run = None, None
     if _report_wanted(cfg.evidently_report if report is None else report):
         folder = project.monitoring_dir / f"{verdict_id:06d}"
@@ -466,7 +478,7 @@ def run_monitor(project: Project, registry: Registry | None = None, window: Moni
                 report_path=str(report_path), mlflow_run_id=mlflow_run))
     return MonitorVerdict(verdict_id, registry.model_name, version, window.by, w_start, w_end, drift,
                           pred.score, perf, drop, seconds, report_path, mlflow_run, unseen, estimated,
-                          audit, estimated_drop)
+                          audit, estimated_drop, earlier)
 
 
 _ESTIMATORS: dict[tuple[str, str, int], tuple[Calibration | LossModel | None, str | None]] = {}
@@ -584,34 +596,103 @@ def calibrated_window(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame
 
 def window_estimate(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, X: np.ndarray,
                     engine: sa.Engine, metric: str, cfg: MonitoringConfig, cache: Path
-                    ) -> tuple[Estimate, CalibratedWindow | None]:
-    """The gate's metric estimated over the window from what its rows were answered (and the
-    calibrated window, for the audit)."""
+                    ) -> tuple[Estimate, Callable[[np.ndarray], Estimate]]:
+    """The gate's metric estimated over the window from what its rows were answered, and a function
+    that estimates it for the rows of given ids (for the audit)."""
     if spec.task == "regression":
-        return regression_estimate(registry, frame, X, metric, cfg, cache), None
+        def for_ids(ids: np.ndarray) -> Estimate:
+            rows = frame["id"].isin(ids).to_numpy()
+            return regression_estimate(registry, frame[rows], X[rows], metric, cfg, cache)
+
+        return regression_estimate(registry, frame, X, metric, cfg, cache), for_ids
     window = calibrated_window(registry, spec, frame, engine, cache)
-    return window.estimate(spec.task, metric, cfg, spec.classes), window
+    return window.estimate(spec.task, metric, cfg, spec.classes), \
+        lambda ids: window.estimate(spec.task, metric, cfg, spec.classes, np.isin(window.ids, ids))
 
 
-def audit_window(window: CalibratedWindow | None, labelled: pd.DataFrame, spec: FeatureSpec,
-                 metric: str, cfg: MonitoringConfig) -> Audit | None:
-    """Once at least `audit_labelled_share` of the window's rows are labelled: the metric realized
-    on the labelled rows against the estimate made for the same rows from their answers alone; a
-    realized value outside the band is a probable concept shift. None before that."""
-    if window is None or not len(window.ids):
+def audit_window(ids: pd.Series, estimate_for: Callable[[np.ndarray], Estimate], labelled: pd.DataFrame,
+                 spec: FeatureSpec, metric: str, cfg: MonitoringConfig) -> Audit | None:
+    """Once at least `audit_labelled_share` of the window's rows (`ids`) are labelled: the metric
+    realized on the labelled rows against the estimate made for the same rows from their answers
+    alone; a realized value outside the band is a probable concept shift. None before that."""
+    if not len(ids):
         return None
-    inside = labelled[labelled["id"].isin(window.ids)]
-    share = len(inside) / len(window.ids)
+    inside = labelled[labelled["id"].isin(ids)]
+    share = len(inside) / len(ids)
     if share < cfg.estimation.audit_labelled_share:
         return None
     perf = window_performance(inside, 1, 1, spec, metric)
     if perf is None:
         return None
-    estimated = window.estimate(spec.task, metric, cfg, spec.classes, np.isin(window.ids, inside["id"]))
+    estimated = estimate_for(inside["id"].to_numpy(dtype=np.int64))
     covered = estimated.covers(perf.value)
     if covered is None:
         return None
     return Audit(len(inside), share, estimated, perf.value, not covered)
+
+
+# Earlier windows re-checked per monitoring run, oldest first (the likeliest to have their labels),
+# at most this many and this many rows in all (reading a million rows back costs about a second)
+EARLIER_AUDITS = 20
+EARLIER_AUDIT_ROWS = 1_000_000
+
+
+def audit_earlier_windows(project: Project, registry: Registry, engine: sa.Engine, spec: FeatureSpec,
+                          metric: str, before: int, at: datetime, cache: dict[int, bytes]
+                          ) -> list[tuple[int, Audit]]:
+    """The audit of earlier windows whose labels have arrived since they were monitored (a loan's
+    outcome is known two years after it was scored): stored windows with an estimate and no audit
+    yet are read again (see EARLIER_AUDITS), and audited once `audit_labelled_share` of their rows
+    are labelled; the verdict is stored with that window. Returns the windows audited now."""
+    cfg, name, r = project.config.monitoring, registry.model_name, monitor_runs
+    with engine.connect() as conn:
+        pending = conn.execute(sa.select(r.c.id, r.c.window_kind, r.c.window_start, r.c.window_end,
+                                         r.c.rows).where(
+            r.c.model_name == name, r.c.id < before, r.c.estimated_value.is_not(None),
+            r.c.concept_shift.is_(None), r.c.window_start.is_not(None), r.c.window_end.is_not(None))
+            .order_by(r.c.id).limit(EARLIER_AUDITS)).all()
+    done: list[tuple[int, Audit]] = []
+    read = 0
+    for run_id, kind, start, end, rows in pending:
+        read += rows
+        if read > EARLIER_AUDIT_ROWS and read > rows:  # the next run goes on from here
+            break
+        start, end = _aware(start), _aware(end)
+        if kind == "event":
+            frame = read_window(engine, name, MonitorWindow(by="event", start=start.date(), end=end.date()),
+                                at, project.config.data, spec.input_columns, cache)
+        else:  # the rows served between the window's first and last
+            with engine.connect() as conn:
+                found = read_log(conn, name, start=start, end=end + timedelta(microseconds=1),
+                                 inputs=spec.input_columns, categories=True, cache=cache)
+            frame = side_by_side(found.base.rename(columns={"value": SERVED_VALUE, "label": SERVED_LABEL}),
+                                 found.inputs) if len(found) else pd.DataFrame()
+        if not len(frame):
+            continue
+        labelled = labelled_window(project, engine, name, cfg.performance_rows, at, frame["id"], start, cache)
+        X = build_matrix(spec, frame) if spec.task == "regression" else np.zeros((len(frame), 0))
+        _, estimate_for = window_estimate(registry, spec, frame, X, engine, metric, cfg,
+                                          project.home / "cache")
+        audit = audit_window(frame["id"], estimate_for, labelled, spec, metric, cfg)
+        if audit is None:
+            continue
+        with engine.begin() as conn:
+            conn.execute(r.update().where(r.c.id == run_id).values(**_audit_columns(audit)))
+        done.append((int(run_id), audit))
+    return done
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _audit_columns(audit: Audit | None) -> dict[str, Any]:
+    return {"audit_rows": audit.rows if audit else None,
+            "audit_realized": _finite(audit.realized) if audit else None,
+            "audit_estimate": audit.estimate.value if audit else None,
+            "audit_low": audit.estimate.low if audit else None,
+            "audit_high": audit.estimate.high if audit else None,
+            "concept_shift": audit.shift if audit else None}
 
 
 def _class_scores(engine: sa.Engine, model_name: str, ids: pd.Series, classes: list[str]) -> np.ndarray:
@@ -667,12 +748,7 @@ def _store(engine: sa.Engine, model_name: str, version: int, kind: str, start: A
             estimated_high=estimated.high if estimated else None,
             estimate_note=estimated.reason if estimated else None,
             estimated_drop=estimated_drop,
-            audit_rows=audit.rows if audit else None,
-            audit_realized=_finite(audit.realized) if audit else None,
-            audit_estimate=audit.estimate.value if audit else None,
-            audit_low=audit.estimate.low if audit else None,
-            audit_high=audit.estimate.high if audit else None,
-            concept_shift=audit.shift if audit else None,
+            **_audit_columns(audit),
         )).inserted_primary_key[0]
         conn.execute(monitor_columns.insert(), [
             {"run_id": verdict_id, "column_name": c.column, "stattest": c.stattest,

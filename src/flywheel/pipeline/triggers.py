@@ -37,9 +37,11 @@ def due_trigger(project: Project, at: date, verdict: Any | None, last_retrain: d
         perf = verdict.performance
         return TriggerDecision("performance_drop", f"{perf.metric} {perf.value:.4g} on the latest "
                                                    f"{perf.rows:,} labelled predictions")
-    audit = getattr(verdict, "audit", None)
-    if t.concept_shift and audit is not None and audit.shift:
-        return TriggerDecision("concept_shift", audit.describe())
+    shifts = getattr(verdict, "shifts", None) or []
+    if t.concept_shift and shifts:
+        run, audit = shifts[0]
+        where = "" if run is None else f"window #{run}, "
+        return TriggerDecision("concept_shift", where + audit.describe())
     if t.estimated_performance_drop and verdict is not None and getattr(verdict, "estimated_drop", False):
         return TriggerDecision("estimated_performance_drop", verdict.estimate.describe()
                                + " on the latest window, before its labels")
