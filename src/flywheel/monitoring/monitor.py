@@ -654,14 +654,16 @@ def audit_earlier_windows(project: Project, registry: Registry, engine: sa.Engin
             .order_by(r.c.id).limit(EARLIER_AUDITS)).all()
     done: list[tuple[int, Audit]] = []
     read = source_lookups = 0
+    # a project whose labels are sent back is audited on those; one that sends none, on its source's
+    sends_labels = _any_label_sent_back(engine, name, spec.task) if pending else False
     for run_id, kind, start, end, rows in pending:
         read += rows
         if read > EARLIER_AUDIT_ROWS and read > rows:  # the next run goes on from here
             break
         start, end = _aware(start), _aware(end)
-        if kind != "event" and 0 < _labels_sent_back(engine, name, spec.task, start, end) < \
+        if kind != "event" and sends_labels and _labels_sent_back(engine, name, spec.task, start, end) < \
                 cfg.estimation.audit_labelled_share * rows:
-            continue  # labels are coming back and not enough yet: not worth reading the window
+            continue  # labels come back here, not enough of this window's yet: not worth reading it
         if kind == "event":
             frame = read_window(engine, name, MonitorWindow(by="event", start=start.date(), end=end.date()),
                                 at, project.config.data, spec.input_columns, cache)
@@ -673,11 +675,11 @@ def audit_earlier_windows(project: Project, registry: Registry, engine: sa.Engin
                                  found.inputs) if len(found) else pd.DataFrame()
         if not len(frame):
             continue
-        # Labels sent back first (one query); the source database's (a lookup per window, about
-        # 0.4 s for 15,000 SBA loans) only for a window none were sent back for, a few a run.
+        # Labels sent back (one query); the source database's (a lookup per window, about 0.4 s
+        # for 15,000 SBA loans) only for a project that sends none back, a few windows a run.
         labelled = read_labelled(engine, name, cfg.performance_rows, frame["id"], spec.task, start)
         if len(labelled) < cfg.estimation.audit_labelled_share * len(frame):
-            if len(labelled) or source_lookups >= EARLIER_SOURCE_LOOKUPS:
+            if sends_labels or source_lookups >= EARLIER_SOURCE_LOOKUPS:
                 continue
             source_lookups += 1
             labelled = labelled_window(project, engine, name, cfg.performance_rows, at, frame["id"], start,
@@ -702,6 +704,14 @@ def _labels_sent_back(engine: sa.Engine, model_name: str, task: str, start: date
             predictions.join(feedback, feedback.c.record_id == p.record_id)).where(
             p.model_name == model_name, p.created_at >= start, p.created_at <= end,
             truth.is_not(None))).scalar_one())
+
+
+def _any_label_sent_back(engine: sa.Engine, model_name: str, task: str) -> bool:
+    p, truth = predictions.c, _TRUTH[task]
+    with engine.connect() as conn:
+        return conn.execute(sa.select(p.id).select_from(
+            predictions.join(feedback, feedback.c.record_id == p.record_id)).where(
+            p.model_name == model_name, truth.is_not(None)).limit(1)).first() is not None
 
 
 def _aware(moment: datetime) -> datetime:
