@@ -20,7 +20,8 @@ comes from those models' out-of-fold residuals: their spread (the window's sampl
 far off they are where they predict low or high losses (their own systematic error).
 
 Expected values are exact where the metric allows (ROC-AUC as the expected pair counts, log
-loss, Brier, accuracy); PR-AUC and F1 take the mean of the draws. The band is `band_sigmas`
+loss, Brier, accuracy); PR-AUC and F1 take the mean of a few label draws on the window itself
+(at most 100,000 of its rows: both are biased on small samples). The band is `band_sigmas`
 standard deviations of the metric over `draws` label draws, on a sample of `sample_rows` rows (more
 when one class is rare: enough for 200 of it) and scaled to the window's size (these metrics'
 spread shrinks as one over the root of the rows).
