@@ -81,7 +81,8 @@ def monitor(
                                      "Evidently is installed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
-    """Drift and performance of a window of the prediction log against the training reference."""
+    """Drift, estimated performance (before labels) and realized performance of a window of the
+    prediction log against the training reference; audits earlier windows whose labels arrived."""
     verdict = api.monitor(api.load(config), size, hours, start, end, report)
     print_json(verdict) if as_json else render.verdict(verdict)
 

@@ -49,7 +49,7 @@ MIN_LOSS_ROWS = 100  # a loss model needs at least this many validation rows
 # Few, wide trees: a window's cost is the trees times its rows (60 of 31 leaves estimated as well
 # as 200 of 15 on benchmarks/estimation_vs_nannyml.py's windows, in 40% of the time)
 LOSS_MODEL_PARAMS = {"objective": "regression", "learning_rate": 0.2, "num_leaves": 31,
-                     "min_data_in_leaf": 50, "verbosity": -1, "num_threads": 1, "seed": 0}
+                     "min_data_in_leaf": 50, "verbosity": -1, "seed": 0}  # threads: usable_cpus()
 LOSS_MODEL_ROUNDS = 60
 LOSS_MODEL_FOLDS = 5  # the residuals that size the band are out of fold
 
@@ -191,18 +191,19 @@ def fit_loss_model(X: np.ndarray, y: np.ndarray, values: np.ndarray) -> LossMode
                               f"{MIN_LOSS_ROWS}")
     Z = _loss_inputs(X, values)
     err = y - values
+    params = {**LOSS_MODEL_PARAMS, "num_threads": usable_cpus()}  # the CPUs this process may use
     texts, spreads, biases = [], [], []
     folds = np.arange(n) % LOSS_MODEL_FOLDS
     for target in (np.abs(err), err ** 2):
         predicted = np.empty(n)
         for k in range(LOSS_MODEL_FOLDS):
             inside, held = folds != k, folds == k
-            fit = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z[inside], target[inside]), LOSS_MODEL_ROUNDS)
+            fit = lgb.train(params, lgb.Dataset(Z[inside], target[inside]), LOSS_MODEL_ROUNDS)
             predicted[held] = np.maximum(fit.predict(Z[held]), 0.0)
         residual = target - predicted
         spreads.append(float(residual.std(ddof=1)))
         biases.append(_relative_bias(target, predicted))
-        final = lgb.train(LOSS_MODEL_PARAMS, lgb.Dataset(Z, target), LOSS_MODEL_ROUNDS)
+        final = lgb.train(params, lgb.Dataset(Z, target), LOSS_MODEL_ROUNDS)
         texts.append(final.model_to_string())
     return LossModel(texts[0], texts[1], spreads[0], spreads[1], n, biases[0], biases[1])
 
