@@ -573,6 +573,22 @@ class RetrainingConfig(_Strict):
     clock: Literal["wall", "data"] = "wall"
 
 
+class RolloutConfig(_Strict):
+    """What happens between a gate that passed and the promotion."""
+
+    # direct: the gate promotes at once. shadow: the challenger scores the same requests as the
+    # champion (in the log sink, off the answered request's path; never returned) and is promoted
+    # when a sequential test on the labelled records both answered says it is better.
+    mode: Literal["direct", "shadow"] = "direct"
+    # The test's declared false-promotion rate: the chance of promoting a challenger that is not
+    # better, however often the evidence is looked at.
+    false_promotion_rate: float = Field(default=0.05, gt=0, lt=0.5)
+    # The test decides on no fewer labelled pairs than this.
+    min_pairs: int = Field(default=200, ge=20)
+    # On the project's clock: a rollout undecided after this many days ends and the champion stays.
+    max_days: float = Field(default=60, gt=0)
+
+
 class RoomConfig(_Strict):
     """`flywheel room`: the control-room page. Beyond 127.0.0.1 it needs FLYWHEEL_VIEWER_TOKEN."""
 
@@ -638,6 +654,8 @@ class Config(CommonConfig):
     monitoring: MonitoringConfig = MonitoringConfig()
     # When and on what to retrain.
     retraining: RetrainingConfig = RetrainingConfig()
+    # Between the gate and the promotion: at once, or after a shadow rollout decides.
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
     def _unique_feature_names(self) -> Config:

@@ -19,6 +19,7 @@ records it as an `adopt` move.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ from flywheel.core.errors import AliasConflict, PipelineError
 from flywheel.core.lineage import actor, crash_point
 from flywheel.registry import CHAMPION, STAGE_ALIASES, Registry
 from flywheel.state import aliases as records
+from flywheel.state import rollouts
 from flywheel.state.aliases import ANY, AliasMove
 from flywheel.state.db import open_state
 from flywheel.state.locks import state_lock
@@ -92,8 +94,22 @@ def promote(project: ProjectBase, version: int, alias: str = CHAMPION, reason: s
             registry: Registry | None = None) -> AliasMove:
     """Move an alias by hand (no gate); recorded in the alias history with who did it."""
     registry = registry or Registry.for_project(project)
-    return move_alias(registry, open_state(project.state_url), alias, version, action="manual",
-                      reason=reason)
+    engine = open_state(project.state_url)
+    move = move_alias(registry, engine, alias, version, action="manual", reason=reason)
+    if move.alias == CHAMPION:
+        _manual_move_wins(engine, registry, version, "promote")
+    return move
+
+
+def _manual_move_wins(engine: sa.Engine, registry: Registry, version: int, action: str) -> None:
+    """A champion moved by hand ends the running rollout: promoted when its challenger was moved
+    to, aborted otherwise."""
+    running = rollouts.running(engine, registry.model_name)
+    if running is None:
+        return
+    status = rollouts.PROMOTED if version == running.challenger_version else rollouts.ABORTED
+    rollouts.end(engine, running.id, status, datetime.now(UTC),
+                 f"manual {action} to v{version} (wins over the rollout)")
 
 
 def rollback(project: ProjectBase, registry: Registry | None = None) -> AliasMove:
@@ -111,8 +127,10 @@ def rollback(project: ProjectBase, registry: Registry | None = None) -> AliasMov
     if not moves or moves[-1].previous_version is None:
         raise PipelineError(f"v{current} is the first champion of {registry.model_name}: "
                             "there is no earlier champion to return to")
-    return move_alias(registry, engine, CHAMPION, moves[-1].previous_version, expected=current,
+    move = move_alias(registry, engine, CHAMPION, moves[-1].previous_version, expected=current,
                       action="rollback", reason=f"rollback from v{current}")
+    _manual_move_wins(engine, registry, move.version, "rollback")
+    return move
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,42 @@ pipeline_runs = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Index("ix_pipeline_runs_model", "model_name", "started_at"),
 )
+# Rollouts between the gate and the promotion (lifecycle/rollout.py): a state machine, one row per
+# rollout; `status` running | promoted | aborted. At most one runs per model (started under the
+# alias lock; a new challenger aborts the running one).
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("mode", sa.String(20), nullable=False),  # shadow
+    sa.Column("champion_version", sa.Integer, nullable=True),
+    sa.Column("challenger_version", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),  # the project's clock
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),  # why it started, then why it ended
+    sa.Column("evidence", sa.Text, nullable=True),  # JSON: the latest evidence (see Evidence)
+    sa.Index("ix_rollouts_model_status", "model_name", "status"),
+)
+# The challenger's answers in a shadow rollout: scored by the log sink on the same records the
+# champion answered, never returned, and kept apart from `predictions` so that no reader of the
+# log (drift, performance, traffic, training from feedback) ever counts them.
+shadow_predictions = sa.Table(
+    "shadow_predictions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("rollout_id", sa.Integer, nullable=False),
+    sa.Column("record_id", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("probability", sa.Float, nullable=True),  # as in `predictions`, per task
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("label", sa.String(200), nullable=True),
+    sa.Column("scores", sa.Text, nullable=True),
+    sa.Index("ix_shadow_predictions_rollout_record", "rollout_id", "record_id", unique=True),
+)
 locks = sa.Table(
     "locks",
     metadata,

@@ -1,0 +1,236 @@
+"""Shadow rollouts: the step between a gate that passed and the promotion, decided by evidence.
+
+With `rollout.mode: shadow`, a challenger that passes the gate is not promoted at once: a rollout
+starts (a row in the state database; the pipeline run ends there). The log sink of every server
+worker scores the challenger on the records the champion answers (off the answered request's
+path; the challenger's answers are never returned and are stored apart, in `shadow_predictions`,
+so no reader of the prediction log counts them). Each check of the daemon (`flywheel run`, and
+each tick of a replay) pairs the two versions' answers on the records whose labels came back and
+runs a sequential test on the per-record loss differences (log loss for classifiers, squared error
+for a regression): an always-valid confidence sequence for their mean, at the declared
+false-promotion rate. The challenger is promoted when the whole sequence lies above zero (it is
+better), the rollout is aborted when it lies below (worse) or when `max_days` pass on the project's
+clock without a decision; the champion stays then. A manual promote or rollback ends a running
+rollout and wins; a new challenger replaces the running one (aborted, recorded).
+
+The confidence sequence is the asymptotic one of Waudby-Smith, Arbour, Sinha, Kennedy and Ramdas
+("Time-uniform central limit theory and asymptotic confidence sequences", 2021): for the mean of
+t differences with sample standard deviation s, mean ± s * sqrt(2(t r^2 + 1) / (t^2 r^2) *
+log(sqrt(t r^2 + 1) / alpha)), which holds at every t at once with probability 1 - alpha, so it may
+be looked at after every batch of labels without inflating the error; r is tuned to be tightest
+near `RHO_PAIRS` pairs. ROC-AUC is not a mean over records and is reported beside, not tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+import numpy as np
+
+from flywheel.config import Project
+from flywheel.core.errors import AliasConflict
+from flywheel.lifecycle.aliases import PromotionOutcome, move_alias, promote_if_passed
+from flywheel.registry import CHAMPION, Registry
+from flywheel.state import rollouts as records
+from flywheel.state.db import open_state
+from flywheel.state.rollouts import ABORTED, PROMOTED, Rollout
+
+EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss, as the gate does
+RHO_PAIRS = 1_000  # the confidence sequence is tightest near this many pairs
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the test has seen: per-record loss differences (champion − challenger: above zero, the
+    challenger is better) and their confidence sequence."""
+
+    pairs: int
+    loss: str
+    champion_loss: float | None
+    challenger_loss: float | None
+    difference: float | None
+    low: float | None
+    high: float | None
+    false_promotion_rate: float
+    differ_share: float | None  # the share of records the two versions answered differently
+    champion_auc: float | None = None
+    challenger_auc: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def describe(self) -> str:
+        if not self.pairs or self.difference is None:
+            return "no labelled pairs yet"
+        return (f"{self.pairs:,} labelled pairs: {self.loss} champion {self.champion_loss:.4g}, "
+                f"challenger {self.challenger_loss:.4g}; difference {self.difference:+.4g} "
+                f"[{self.low:+.4g}, {self.high:+.4g}] at a {self.false_promotion_rate:.0%} "
+                "false-promotion rate")
+
+
+def confidence_sequence(d: np.ndarray, alpha: float, rho_pairs: int = RHO_PAIRS) -> tuple[float, float]:
+    """An asymptotic confidence sequence for the mean of `d` (valid at every sample size at once,
+    at level 1 - alpha); (-inf, inf) for fewer than two values."""
+    t = len(d)
+    if t < 2:
+        return -math.inf, math.inf
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
+    rho2 = (-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / rho_pairs
+    radius = sd * math.sqrt(2 * (t * rho2 + 1) / (t * t * rho2) * math.log(math.sqrt(t * rho2 + 1) / alpha))
+    return mean - radius, mean + radius
+
+
+def paired_losses(task: str, rows: list[dict[str, Any]]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(loss name, champion's per-record losses, challenger's, whether the answers differ) for the
+    labelled pairs `rows` (see `flywheel.state.rollouts.paired`); rows without a usable label are
+    left out."""
+    if task == "regression":
+        kept = [r for r in rows if r["y_value"] is not None and r["c_value"] is not None
+                and r["s_value"] is not None]
+        y = np.array([r["y_value"] for r in kept], dtype=np.float64)
+        c = np.array([r["c_value"] for r in kept], dtype=np.float64)
+        s = np.array([r["s_value"] for r in kept], dtype=np.float64)
+        return "squared error", (y - c) ** 2, (y - s) ** 2, np.abs(c - s) > 1e-9 * (1 + np.abs(c))
+    if task == "multiclass":
+        kept = [r for r in rows if r["y_text"] is not None and r["c_scores"] and r["s_scores"]]
+        c_scores = [json.loads(r["c_scores"]) for r in kept]
+        s_scores = [json.loads(r["s_scores"]) for r in kept]
+        c = np.array([sc.get(r["y_text"], 0.0) for sc, r in zip(c_scores, kept, strict=True)])
+        s = np.array([sc.get(r["y_text"], 0.0) for sc, r in zip(s_scores, kept, strict=True)])
+        differ = np.array([r["c_label"] != r["s_label"] for r in kept], dtype=bool)
+        return ("log loss", -np.log(np.clip(c, EPS, 1.0)), -np.log(np.clip(s, EPS, 1.0)), differ)
+    kept = [r for r in rows if r["y"] is not None and r["c_probability"] is not None
+            and r["s_probability"] is not None]
+    y = np.array([r["y"] for r in kept], dtype=np.float64)
+    c = np.clip(np.array([r["c_probability"] for r in kept], dtype=np.float64), EPS, 1 - EPS)
+    s = np.clip(np.array([r["s_probability"] for r in kept], dtype=np.float64), EPS, 1 - EPS)
+    loss = lambda q: -(y * np.log(q) + (1 - y) * np.log(1 - q))  # noqa: E731
+    return "log loss", loss(c), loss(s), (c >= 0.5) != (s >= 0.5)
+
+
+def evidence(task: str, rows: list[dict[str, Any]], alpha: float) -> Evidence:
+    name, champion, challenger, differ = paired_losses(task, rows)
+    n = len(champion)
+    if n == 0:
+        return Evidence(0, name, None, None, None, None, None, alpha, None)
+    d = champion - challenger
+    low, high = confidence_sequence(d, alpha)
+    aucs: tuple[float | None, float | None] = (None, None)
+    if task == "binary":
+        y = np.array([r["y"] for r in rows if r["y"] is not None and r["c_probability"] is not None
+                      and r["s_probability"] is not None])
+        if 0 < y.sum() < len(y):
+            from sklearn.metrics import roc_auc_score
+
+            kept = [r for r in rows if r["y"] is not None and r["c_probability"] is not None
+                    and r["s_probability"] is not None]
+            aucs = (float(roc_auc_score(y, [r["c_probability"] for r in kept])),
+                    float(roc_auc_score(y, [r["s_probability"] for r in kept])))
+    return Evidence(n, name, float(champion.mean()), float(challenger.mean()), float(d.mean()),
+                    low if math.isfinite(low) else None, high if math.isfinite(high) else None,
+                    alpha, float(differ.mean()), *aucs)
+
+
+def _at(day: date | datetime) -> datetime:
+    return day if isinstance(day, datetime) else datetime.combine(day, time(), UTC)
+
+
+def start_rollout(project: Project, registry: Registry, challenger: int, champion: int | None,
+                  reason: str, at: date | datetime) -> Rollout:
+    """Start a shadow rollout of `challenger` against `champion` (a running one is aborted)."""
+    engine = open_state(project.state_url)
+    rollout, _ = records.start(engine, registry.model_name, project.config.rollout.mode, champion,
+                               challenger, _at(at), reason)
+    return rollout
+
+
+def promote_or_roll_out(project: Project, registry: Registry, version: int, passed: bool,
+                        summary: str, evaluated_against: int | None, at: date | datetime
+                        ) -> tuple[PromotionOutcome, Rollout | None]:
+    """What a gated challenger becomes: champion at once (`rollout.mode: direct`, or no champion
+    to compare with yet), or the challenger of a shadow rollout that starts now."""
+    if passed and project.config.rollout.mode != "direct" and evaluated_against is not None:
+        rollout = start_rollout(project, registry, version, evaluated_against,
+                                f"gate passed: {summary}", at)
+        return PromotionOutcome(False, f"{rollout.mode} rollout {rollout.id} started against "
+                                       f"v{evaluated_against}: {summary}"), rollout
+    return promote_if_passed(registry, open_state(project.state_url), version, passed, summary,
+                             evaluated_against), None
+
+
+@dataclass(frozen=True)
+class RolloutCheck:
+    rollout: Rollout
+    evidence: Evidence
+    decision: str  # promote | abort | continue
+    reason: str
+
+    def summary(self) -> str:
+        r = self.rollout
+        return (f"{r.mode} rollout of v{r.challenger_version} against v{r.champion_version}: "
+                f"{self.decision} ({self.reason}); {self.evidence.describe()}")
+
+
+def check_rollout(project: Project, at: date | datetime,
+                  registry: Registry | None = None) -> RolloutCheck | None:
+    """Advance the running rollout, if any: gather the evidence, decide, act (promote through the
+    alias lock, or abort), record. None when no rollout is running."""
+    engine = open_state(project.state_url)
+    name = project.config.registered_model
+    rollout = records.running(engine, name)
+    if rollout is None:
+        return None
+    cfg = project.config.rollout
+    now = _at(at)
+    seen = evidence(project.config.task, records.paired(engine, rollout), cfg.false_promotion_rate)
+    days = (now - rollout.started_at).total_seconds() / 86_400
+    decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
+    if seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
+        if seen.low > 0:
+            decision, reason = "promote", "the challenger's loss is lower on the same records"
+        elif seen.high < 0:
+            decision, reason = "abort", "the challenger's loss is higher on the same records"
+        else:
+            reason = "the evidence does not decide yet"
+    if decision == "continue" and days >= cfg.max_days:
+        decision, reason = "abort", (f"undecided after {days:.0f} days (max_days "
+                                     f"{cfg.max_days:g}); the champion stays")
+    if decision == "promote":
+        registry = registry or Registry.for_project(project)
+        try:
+            move_alias(registry, engine, CHAMPION, rollout.challenger_version,
+                       expected=rollout.champion_version, action="promote",
+                       reason=f"shadow rollout {rollout.id}: {seen.describe()}")
+        except AliasConflict as exc:
+            decision, reason = "abort", f"the champion moved during the rollout ({exc})"
+    if decision == "continue":
+        records.save_evidence(engine, rollout.id, seen.to_dict())
+    else:
+        records.end(engine, rollout.id, PROMOTED if decision == "promote" else ABORTED, now,
+                    reason, seen.to_dict())
+    return RolloutCheck(rollout, seen, decision, reason)
+
+
+def abort_rollout(project: Project, reason: str = "aborted by hand",
+                  at: datetime | None = None) -> Rollout | None:
+    """End the running rollout without promoting; None when none was running."""
+    engine = open_state(project.state_url)
+    rollout = records.running(engine, project.config.registered_model)
+    if rollout is None:
+        return None
+    records.end(engine, rollout.id, ABORTED, at or datetime.now(UTC), reason)
+    return rollout
+
+
+def rollout_status(project: Project) -> dict[str, Any] | None:
+    """The running rollout (or the latest one) for `flywheel status --json`."""
+    engine = open_state(project.state_url)
+    latest = records.history(engine, project.config.registered_model, limit=1)
+    if not latest:
+        return None
+    r = latest[0]
+    return {**r.to_dict(), "shadow_answers": records.shadow_count(engine, r.id)}

@@ -1,0 +1,147 @@
+"""The rollouts' records in the state database: the state machine's rows (`rollouts`) and the
+challenger's shadow answers (`shadow_predictions`), and the paired read that compares the two
+versions on the same labelled records. The policy (when to start, what to decide) is in
+`flywheel.lifecycle.rollout`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from flywheel.state.db import feedback, predictions, rollouts, shadow_predictions
+
+RUNNING, PROMOTED, ABORTED = "running", "promoted", "aborted"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: int
+    model_name: str
+    mode: str
+    champion_version: int | None
+    challenger_version: int
+    status: str
+    started_at: datetime
+    ended_at: datetime | None
+    reason: str
+    evidence: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "mode": self.mode, "champion_version": self.champion_version,
+                "challenger_version": self.challenger_version, "status": self.status,
+                "started_at": self.started_at.isoformat(),
+                "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+                "reason": self.reason, "evidence": self.evidence}
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def _rollout(row: Any) -> Rollout:
+    started = _aware(row["started_at"])
+    assert started is not None
+    return Rollout(row["id"], row["model_name"], row["mode"], row["champion_version"],
+                   row["challenger_version"], row["status"], started, _aware(row["ended_at"]),
+                   row["reason"], json.loads(row["evidence"]) if row["evidence"] else None)
+
+
+def start(engine: sa.Engine, model_name: str, mode: str, champion: int | None, challenger: int,
+          at: datetime, reason: str) -> tuple[Rollout, list[Rollout]]:
+    """A new running rollout, in one transaction with the abort of any that was running (a new
+    challenger replaces it); the new one and those aborted."""
+    with engine.begin() as conn:
+        running = [_rollout(r) for r in conn.execute(
+            sa.select(rollouts).where(rollouts.c.model_name == model_name,
+                                      rollouts.c.status == RUNNING)).mappings()]
+        for old in running:
+            conn.execute(rollouts.update().where(rollouts.c.id == old.id).values(
+                status=ABORTED, ended_at=at,
+                reason=f"replaced by the rollout of v{challenger} (was: {old.reason})"))
+        new_id = conn.execute(rollouts.insert().returning(rollouts.c.id).values(
+            model_name=model_name, mode=mode, champion_version=champion,
+            challenger_version=challenger, status=RUNNING, started_at=at, reason=reason,
+        )).scalar_one()
+        row = conn.execute(sa.select(rollouts).where(rollouts.c.id == new_id)).mappings().one()
+    return _rollout(row), running
+
+
+def running(engine: sa.Engine | sa.Connection, model_name: str) -> Rollout | None:
+    query = (sa.select(rollouts).where(rollouts.c.model_name == model_name, rollouts.c.status == RUNNING)
+             .order_by(rollouts.c.id.desc()).limit(1))
+    if isinstance(engine, sa.Connection):
+        row = engine.execute(query).mappings().first()
+    else:
+        with engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+    return _rollout(row) if row is not None else None
+
+
+def history(engine: sa.Engine, model_name: str, limit: int = 20) -> list[Rollout]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(rollouts).where(rollouts.c.model_name == model_name)
+                            .order_by(rollouts.c.id.desc()).limit(limit)).mappings().all()
+    return [_rollout(r) for r in rows]
+
+
+def save_evidence(engine: sa.Engine, rollout_id: int, evidence: dict[str, Any]) -> None:
+    with engine.begin() as conn:
+        conn.execute(rollouts.update().where(rollouts.c.id == rollout_id, rollouts.c.status == RUNNING)
+                     .values(evidence=json.dumps(evidence)))
+
+
+def end(engine: sa.Engine, rollout_id: int, status: str, at: datetime, reason: str,
+        evidence: dict[str, Any] | None = None) -> bool:
+    """End a running rollout (compare-and-set on `running`); False when it had already ended."""
+    values: dict[str, Any] = {"status": status, "ended_at": at, "reason": reason}
+    if evidence is not None:
+        values["evidence"] = json.dumps(evidence)
+    with engine.begin() as conn:
+        done = conn.execute(rollouts.update().where(rollouts.c.id == rollout_id,
+                                                    rollouts.c.status == RUNNING).values(**values))
+    return bool(done.rowcount)
+
+
+def end_running(engine: sa.Engine, model_name: str, status: str, at: datetime, reason: str) -> list[int]:
+    """End whatever rollout of the model is running (a manual promote or rollback wins over it)."""
+    with engine.begin() as conn:
+        ids = list(conn.execute(sa.select(rollouts.c.id).where(
+            rollouts.c.model_name == model_name, rollouts.c.status == RUNNING)).scalars())
+        if ids:
+            conn.execute(rollouts.update().where(rollouts.c.id.in_(ids)).values(
+                status=status, ended_at=at, reason=reason))
+    return ids
+
+
+def insert_shadow(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    """The challenger's answers, in the caller's transaction (the log sink's, with the batch)."""
+    if rows:
+        conn.execute(shadow_predictions.insert(), rows)
+
+
+def shadow_count(engine: sa.Engine, rollout_id: int) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(shadow_predictions)
+                                .where(shadow_predictions.c.rollout_id == rollout_id)).scalar_one())
+
+
+def paired(engine: sa.Engine, rollout: Rollout) -> list[dict[str, Any]]:
+    """The records both versions answered in this rollout that have a label: per record the
+    champion's answer (`c_*`), the challenger's (`s_*`) and the label, in the order served."""
+    sp, p, f = shadow_predictions, predictions, feedback
+    query = (sa.select(sp.c.record_id, p.c.probability.label("c_probability"),
+                       p.c.value.label("c_value"), p.c.label.label("c_label"),
+                       p.c.scores.label("c_scores"), sp.c.probability.label("s_probability"),
+                       sp.c.value.label("s_value"), sp.c.label.label("s_label"),
+                       sp.c.scores.label("s_scores"), f.c.label.label("y"),
+                       f.c.value.label("y_value"), f.c.label_text.label("y_text"))
+             .join(p, sa.and_(p.c.record_id == sp.c.record_id, p.c.model_name == rollout.model_name))
+             .join(f, f.c.record_id == sp.c.record_id)
+             .where(sp.c.rollout_id == rollout.id)
+             .order_by(sp.c.id))
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
