@@ -50,7 +50,8 @@ def test_the_churn_example_trains_scores_appends_and_retrains(tmp_path):
 COMMANDS = {"demo": "demo", "example": "example", "replay": "replay", "monitor": "monitor",
             "retrain": "retrain", "step": "step", "run": "run", "init": "init", "ingest": "ingest",
             "train": "train", "import": "import_model", "evaluate": "evaluate", "promote": "promote",
-            "rollback": "rollback", "status": "status", "card": "card", "serve": "serve", "room": "room",
+            "rollback": "rollback", "abort-rollout": "abort_rollout",
+            "status": "status", "card": "card", "serve": "serve", "room": "room",
             "predict": "predict_file", "log export": "log_export", "log prune": "log_prune",
             "log compact": "log_compact",
             "image build": "build_image", "finetune": "finetune", "export": "export", "publish": "publish"}

@@ -22,7 +22,10 @@ MAX_LINES = 60
 # do the CLI's renderers that need a stage's names; the MLP trainer imports PyTorch, which tabular
 # projects may not have installed.
 IN_FUNCTION_OK = {"flywheel.api": "*", "flywheel.cli.render": {"flywheel.pipeline", "flywheel.demo.sba"},
-                  "flywheel.training.trainers": {"flywheel.training"}}  # torch_mlp
+                  "flywheel.training.trainers": {"flywheel.training"},  # torch_mlp
+                  # the log sink imports MLflow and ONNX Runtime only while a shadow rollout runs
+                  "flywheel.serving.tabular.shadow": {"flywheel.registry",
+                                                      "flywheel.serving.tabular.runtime"}}
 
 
 def modules() -> dict[str, ast.Module]:

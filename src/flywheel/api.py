@@ -53,11 +53,13 @@ if TYPE_CHECKING:
     from flywheel.pipeline.runs import PipelineRun, StepResult
     from flywheel.serving.tabular.batch import BatchResult
     from flywheel.state.aliases import AliasMove
+    from flywheel.state.rollouts import Rollout
     from flywheel.state.segments import Compacted
 
 __all__ = [
     "AnyProject", "CardWritten", "DemoResult", "ExampleResult", "FlywheelError", "InvalidArgument",
-    "Published", "Say", "build_image", "card", "demo", "evaluate", "example", "export", "finetune",
+    "Published", "Say", "abort_rollout",
+    "build_image", "card", "demo", "evaluate", "example", "export", "finetune",
     "import_model", "ingest", "init", "load", "load_any", "load_llm", "log_compact", "log_export",
     "log_prune", "monitor", "predict", "predict_file", "promote",
     "publish", "replay", "retrain", "rollback", "room", "run", "serve", "status", "step", "train",
@@ -158,6 +160,13 @@ def rollback(project: AnyProject) -> AliasMove:
     from flywheel.lifecycle.aliases import rollback as back
 
     return back(project)
+
+
+def abort_rollout(project: Project, reason: str = "aborted by hand") -> Rollout | None:
+    """End the running shadow rollout; the champion stays. None when none was running."""
+    from flywheel.lifecycle.rollout import abort_rollout as abort
+
+    return abort(project, reason)
 
 
 def status(project: AnyProject) -> ProjectStatus:

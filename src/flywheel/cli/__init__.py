@@ -2,7 +2,7 @@
 one API call and renders what comes back (`render`); `common.command` maps failures to messages
 and exit codes once for all. One module per group of commands:
 
-- `models`: init, ingest, train, import, evaluate, promote, rollback, status, card
+- `models`: init, ingest, train, import, evaluate, promote, rollback, abort-rollout, status, card
 - `serving`: serve, room, predict, log export|prune, image build
 - `loop`: demo, example, replay, monitor, retrain, step, run
 - `llm`: finetune, export, publish (LoRA projects)

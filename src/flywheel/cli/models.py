@@ -1,5 +1,5 @@
 """Commands on a project's data and models: init, ingest, train, import, evaluate, promote,
-rollback, status, card."""
+rollback, abort-rollout, status, card."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
     """The commands of this module, on the `flywheel` app (in the order --help lists them)."""
     for name, fn in (("init", init), ("ingest", ingest), ("train", train), ("import", import_model),
                      ("evaluate", evaluate), ("promote", promote), ("rollback", rollback),
+                     ("abort-rollout", abort_rollout),
                      ("status", status), ("card", card)):
         command(app, name)(fn)
 
@@ -123,6 +124,16 @@ def rollback(config: ConfigOpt) -> None:
     """Return champion to the version it replaced."""
     move = api.rollback(api.load_any(config))
     out.print(f"{move.model_name}@champion: v{move.previous_version} → v{move.version} (rollback)")
+
+
+def abort_rollout(
+    config: ConfigOpt,
+    reason: Annotated[str, typer.Option(help="Why, for the rollout's record.")] = "aborted by hand",
+) -> None:
+    """End the running shadow rollout without promoting its challenger (the champion stays)."""
+    ended = api.abort_rollout(api.load(config), reason)
+    out.print(f"rollout {ended.id} of v{ended.challenger_version} aborted" if ended else
+              "no rollout is running")
 
 
 def status(

@@ -126,6 +126,13 @@ def status(st: ProjectStatus) -> None:
                       f"{v.metrics.get(metric, float('nan')):.4g}", v.gate or "",
                       f"{t.start}..{t.end}", _rows_text(t))
     out.print(table)
+    r = st.rollout
+    if r is not None:
+        seen = r.get("evidence") or {}
+        pairs = seen.get("pairs", 0)
+        out.print(f"{r['mode']} rollout {r['id']} of v{r['challenger_version']} against "
+                  f"v{r['champion_version']}: {r['status']} ({r['reason']}); "
+                  f"{r['shadow_answers']:,} shadow answers, {pairs:,} labelled pairs")
 
 
 def lora_status(st: ProjectStatus) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flywheel.config import ProjectBase
 from flywheel.core.secrets import redact
 from flywheel.registry import CHALLENGER, CHAMPION, Registry, VersionInfo
+from flywheel.state import rollouts
 from flywheel.state.aliases import alias_moves
 from flywheel.state.db import open_state
 
@@ -69,6 +71,8 @@ class ProjectStatus:
     challenger: VersionStatus | None
     champion_history: list[ChampionMove]
     champion_history_error: str | None = None  # the state database could not be read
+    # the running (or latest) rollout: mode, versions, status, evidence so far, decision
+    rollout: dict[str, Any] | None = None
 
 
 def project_status(project: ProjectBase) -> ProjectStatus:
@@ -79,18 +83,23 @@ def project_status(project: ProjectBase) -> ProjectStatus:
         version = registry.alias_version(alias)
         found[alias] = describe(registry.version(version)) if version is not None else None
     history: list[ChampionMove] = []
+    rollout: dict[str, Any] | None = None
     error = None
     try:
         state = open_state(project.state_url)
         history = [ChampionMove(m.version, m.previous_version, m.action, m.reason, m.moved_at.isoformat(),
                                 m.actor, m.applied)
                    for m in alias_moves(state, registry.model_name, CHAMPION)]
+        latest = rollouts.history(state, registry.model_name, limit=1)
+        if latest:
+            rollout = {**latest[0].to_dict(), "shadow_answers": rollouts.shadow_count(state, latest[0].id)}
     except Exception as exc:  # status must still answer when the state DB is unreachable
         error = str(exc)
     return ProjectStatus(registry.model_name, project.config.project,
                          project.config.kind,  # type: ignore[attr-defined]
                          project.config.gate.metric,  # type: ignore[attr-defined]
-                         redact(project.tracking_url), found[CHAMPION], found[CHALLENGER], history, error)
+                         redact(project.tracking_url), found[CHAMPION], found[CHALLENGER], history, error,
+                         rollout)
 
 
 def describe(info: VersionInfo) -> VersionStatus:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from flywheel.config import Project
 from flywheel.core.jsonable import leave_out
 from flywheel.core.progress import QuietReporter, Reporter
 from flywheel.data.checks import DataCheckReport
-from flywheel.lifecycle.aliases import promote_if_passed
 from flywheel.lifecycle.challenger import train_on_features
 from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champion
 from flywheel.lifecycle.features import (
@@ -22,8 +22,8 @@ from flywheel.lifecycle.features import (
     extract_training_window,
     prepare_features,
 )
+from flywheel.lifecycle.rollout import promote_or_roll_out
 from flywheel.registry import Registry
-from flywheel.state.db import open_state
 from flywheel.training.evaluate import GateDecision
 from flywheel.training.model import FittedModel
 
@@ -78,9 +78,9 @@ def train_challenger(project: Project, reporter: Reporter | None = None,
                                                challenger.metrics, challenger.run_id, champion,
                                                challenger.card_facts)
     with reporter.step("Promote: move alias champion" if evaluation.gate.passed else "Gate failed"):
-        outcome = promote_if_passed(registry, open_state(project.state_url), challenger.version,
-                                    evaluation.gate.passed, evaluation.gate.summary(),
-                                    evaluation.champion_version)
+        outcome, _ = promote_or_roll_out(project, registry, challenger.version,
+                                         evaluation.gate.passed, evaluation.gate.summary(),
+                                         evaluation.champion_version, datetime.now(UTC))
     return TrainResult(challenger.run_id, challenger.version, challenger.model_type,
                        challenger.metrics, evaluation.champion_version, evaluation.champion_metrics,
                        evaluation.gate, outcome.promoted, prepared, checks, challenger.fitted,

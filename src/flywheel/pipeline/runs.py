@@ -73,6 +73,7 @@ class PromoteResult:
     reason: str
     version: int | None = None
     previous: int | None = None
+    rollout: int | None = None  # the shadow rollout started instead of promoting (rollout.mode)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from flywheel.core.errors import PipelineError
 from flywheel.core.progress import Reporter
 from flywheel.data.sources import EmptyWindowError, Snapshot, make_engine
 from flywheel.data.timecol import sql_bounds, to_timestamps
-from flywheel.lifecycle.aliases import promote_if_passed
 from flywheel.lifecycle.challenger import train_on_features
 from flywheel.lifecycle.evaluation import evaluate_against_champion, load_champion
 from flywheel.lifecycle.features import (
@@ -31,6 +30,7 @@ from flywheel.lifecycle.features import (
     prepare_features,
 )
 from flywheel.lifecycle.learning import extract_retraining_rows, feedback_labels_between
+from flywheel.lifecycle.rollout import promote_or_roll_out
 from flywheel.pipeline.runs import (
     AlertResult,
     EvaluateResult,
@@ -43,7 +43,6 @@ from flywheel.pipeline.runs import (
     set_watermark,
 )
 from flywheel.registry import Registry
-from flywheel.state.db import open_state
 
 
 def training_window(project: Project, at: date) -> tuple[date, date]:
@@ -140,10 +139,11 @@ def step_promote(project: Project, registry: Registry, extract: ExtractResult,
                  evaluate: EvaluateResult) -> PromoteResult:
     """Move `champion` if the gate passed and the champion is still the one evaluated against."""
     set_watermark(project, date.fromisoformat(extract.as_of))  # trained on, promoted or not
-    outcome = promote_if_passed(registry, open_state(project.state_url), evaluate.version,
-                                evaluate.passed, evaluate.summary, evaluate.champion_version)
+    outcome, rollout = promote_or_roll_out(project, registry, evaluate.version, evaluate.passed,
+                                           evaluate.summary, evaluate.champion_version,
+                                           date.fromisoformat(extract.as_of))
     return PromoteResult(outcome.promoted, outcome.reason, evaluate.version,
-                         evaluate.champion_version)
+                         evaluate.champion_version, rollout.id if rollout else None)
 
 
 def step_alert(project: Project, run: PipelineRun) -> AlertResult:
@@ -151,7 +151,8 @@ def step_alert(project: Project, run: PipelineRun) -> AlertResult:
     version = run.version
     name = project.config.registered_model
     title = (f"{name}: v{version} promoted to champion" if promote and promote.promoted else
-             f"{name}: retrained v{version}, champion unchanged")
+             f"{name}: v{version} in a shadow rollout against the champion"
+             if promote and promote.rollout else f"{name}: retrained v{version}, champion unchanged")
     text = (f"pipeline run `{run.id}` (trigger: {run.trigger}: {run.reason})\n"
             f"{promote.reason if promote else ''}")
     return AlertResult(send_alert(Alert(title, text, "info")), title)

@@ -44,6 +44,7 @@ from flywheel.serving.tabular.platforms import PlatformRoutes
 from flywheel.serving.tabular.predlog import PredictionLogWriter, store_feedback
 from flywheel.serving.tabular.records import RecordIds
 from flywheel.serving.tabular.runtime import LoadedModel, load_version
+from flywheel.serving.tabular.shadow import ShadowTarget
 from flywheel.serving.tabular.validation import META, feedback_labels, refuse_unissued
 from flywheel.state.db import CLIENT_META, open_state
 
@@ -109,7 +110,12 @@ class TabularService:
         self.writer = PredictionLogWriter(project.state_url, cfg.log,
                                           on_dropped=self.metrics.count_dropped,
                                           on_depth=self.metrics.log_depth.set,
-                                          on_health=self._log_health)
+                                          on_health=self._log_health,
+                                          shadow=ShadowTarget(
+                                              project.tracking_url, str(project.artifact_root),
+                                              project.config.project,
+                                              project.config.registered_model,
+                                              cfg.threshold).to_env())
         self.rollup = self.metrics.rollup = TrafficRollup(self.engine, project.config.registered_model)
         self.record_ids = RecordIds.from_state(self.engine, cfg.max_records)
         self.clients = Clients(cfg.clients)

@@ -33,7 +33,8 @@ from flywheel.serving.tabular.predlog import (
     db_rows,
     insert_sql,
 )
-from flywheel.state import segments
+from flywheel.serving.tabular.shadow import SHADOW_ENV, ShadowScorer, ShadowTarget
+from flywheel.state import rollouts, segments
 from flywheel.state.partitions import ensure_partitions
 
 log = logging.getLogger("flywheel.logsink")
@@ -134,7 +135,7 @@ def keep_partitions_ahead(engine: sa.Engine) -> None:
         log.info("prediction log partitions made", extra={"event": "log_partitions", "made": made})
 
 
-def run(state_url: str, fd: int) -> tuple[int, int]:
+def run(state_url: str, fd: int, shadow: ShadowScorer | None = None) -> tuple[int, int]:
     metrics = ServingMetrics()
     engine = make_engine(state_url)
     sql = insert_sql(engine.dialect.name)
@@ -146,7 +147,9 @@ def run(state_url: str, fd: int) -> tuple[int, int]:
         if time.monotonic() - checked > PARTITIONS_EVERY_S:
             keep_partitions_ahead(engine)
             checked = time.monotonic()
-        n_ok, n_lost = write(engine, sql, frames, small)
+        if shadow is not None:
+            shadow.refresh(engine)
+        n_ok, n_lost = write(engine, sql, frames, small, shadow)
         written, dropped = written + n_ok, dropped + n_lost
         metrics.log_written.inc(n_ok)
         if n_lost:
@@ -306,14 +309,17 @@ def _duplicate(exc: Exception) -> bool:
     return isinstance(exc, psycopg.IntegrityError)
 
 
-def write(engine: sa.Engine, sql: str, frames: list[bytes],
-          small: SmallSegments | None = None) -> tuple[int, int]:
-    """Insert the frames' rows with their segments; on a duplicate record id insert the others
-    one by one; retry other errors. Returns (rows written, rows dropped)."""
+def write(engine: sa.Engine, sql: str, frames: list[bytes], small: SmallSegments | None = None,
+          shadow: ShadowScorer | None = None) -> tuple[int, int]:
+    """Insert the frames' rows with their segments (and, in a shadow rollout, the challenger's
+    answers to them); on a duplicate record id insert the others one by one (without shadow
+    answers); retry other errors. Returns (rows written, rows dropped)."""
+    shadow_rows = shadow.score(frames) if shadow is not None else []
     for attempt in range(1, 8):
         try:
             with engine.begin() as conn:
                 n, stored = _insert(conn, sql, frames)
+                rollouts.insert_shadow(conn, shadow_rows)
         except Exception as exc:
             if not _duplicate(exc):
                 log.error("prediction log write failed", extra={
@@ -396,7 +402,9 @@ def main() -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     configure_json_logging()
-    written, dropped = run(os.environ.get(SINK_STATE_ENV) or sys.argv[1], sys.stdin.fileno())
+    target = ShadowTarget.from_env(os.environ.get(SHADOW_ENV))
+    written, dropped = run(os.environ.get(SINK_STATE_ENV) or sys.argv[1], sys.stdin.fileno(),
+                           ShadowScorer(target) if target else None)
     log.info("log sink finished", extra={"event": "log_sink_stopped", "logged": written,
                                           "dropped": dropped})
 

@@ -45,14 +45,17 @@ log = logging.getLogger("flywheel.predlog")
 Row = tuple[Any, ...]
 FRAME_HEADER = struct.Struct(">II")  # a frame's body length and rows, then its body
 SINK_STATE_ENV = "FLYWHEEL_LOG_SINK_STATE"  # the state database's URL, for the log-sink process
+SHADOW_ENV = "FLYWHEEL_LOG_SINK_SHADOW"  # the registry's coordinates (serving.tabular.shadow)
 
 
 class PredictionLogWriter:
     def __init__(self, state_url: str, config: PredictionLogConfig,
                  on_dropped: Callable[[int], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
-                 on_health: Callable[[dict[str, Any]], None] | None = None):
+                 on_health: Callable[[dict[str, Any]], None] | None = None,
+                 shadow: str | None = None):
         self.state_url = state_url
+        self.shadow = shadow  # where the sink finds a shadow rollout's challenger (shadow.ShadowTarget)
         self.config = config
         self.buffer: collections.deque[Row] = collections.deque()
         self.on_dropped = on_dropped
@@ -75,7 +78,8 @@ class PredictionLogWriter:
         # every user of the machine.
         self._sink = subprocess.Popen(
             [sys.executable, "-m", "flywheel.serving.tabular.logsink"],
-            stdin=subprocess.PIPE, env={**os.environ, SINK_STATE_ENV: self.state_url},
+            stdin=subprocess.PIPE, env={**os.environ, SINK_STATE_ENV: self.state_url,
+                                        **({SHADOW_ENV: self.shadow} if self.shadow else {})},
         )
 
     def _restart_sink_if_dead(self) -> bool:

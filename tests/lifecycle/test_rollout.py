@@ -1,0 +1,138 @@
+"""Shadow rollouts: the sequential test's declared error rate holds under repeated looks, a gated
+challenger starts a rollout instead of being promoted, the log sink scores it on served traffic
+into a table no log reader sees, and the daemon's check promotes or aborts on the evidence."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from flywheel.lifecycle.aliases import promote
+from flywheel.lifecycle.rollout import check_rollout, confidence_sequence
+from flywheel.lifecycle.status import project_status
+from flywheel.lifecycle.train import train_challenger
+from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.tabular.app import create_app
+from flywheel.serving.tabular.predlog import store_feedback
+from flywheel.serving.tabular.runtime import load_version
+from flywheel.state import rollouts
+from flywheel.state.db import open_state, predictions, shadow_predictions
+from flywheel.state.logread import read_log
+from tests.conftest import load_sample, new_project
+
+WEAK = {"model": {"params": {"num_boost_round": 1}}, "gate": {"floor": 0.5},
+        "rollout": {"mode": "shadow", "min_pairs": 50, "max_days": 30}}
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_the_confidence_sequence_keeps_its_false_promotion_rate_however_often_it_is_looked_at(alpha):
+    """No difference between the versions, heavy-tailed per-record differences, a look after every
+    50 labelled pairs up to 5,000: the share of sequences that ever claim the challenger better
+    stays below the declared rate (a fixed-sample interval looked at 100 times would not)."""
+    rng = np.random.default_rng(1)
+    runs, looks = 400, range(50, 5_001, 50)
+    false_claims = naive_claims = 0
+    for _ in range(runs):
+        d = rng.standard_t(3, 5_000) * 0.05
+        false_claims += any(confidence_sequence(d[:t], alpha)[0] > 0 for t in looks)
+        naive_claims += any(d[:t].mean() - 1.96 * d[:t].std(ddof=1) / np.sqrt(t) > 0 for t in looks)
+    assert false_claims / runs <= alpha
+    assert naive_claims / runs > 0.1  # what repeated looks do to a fixed-sample test
+
+
+def test_a_real_difference_is_found():
+    rng = np.random.default_rng(2)
+    found = 0
+    for _ in range(100):
+        d = rng.normal(0.02, 0.1, 5_000)  # the challenger's loss lower by a fifth of the spread
+        found += confidence_sequence(d, 0.05)[0] > 0
+    assert found >= 90
+
+
+@pytest.fixture(scope="module")
+def shadowed(tmp_path_factory, sba_sample):
+    """v1 champion; v2 (more trees) passes the gate and starts a shadow rollout instead."""
+    project = load_sample(new_project(tmp_path_factory.mktemp("rollout") / "p", WEAK), sba_sample)
+    assert train_challenger(project).promoted
+    strong = project.model_copy(update={"config": project.config.model_copy(update={
+        "model": project.config.model.model_copy(update={"params": {"num_boost_round": 8}})})})
+    second = train_challenger(strong)
+    assert not second.promoted and "shadow rollout" in second.promotion, second.promotion
+    return project
+
+
+def test_a_gated_challenger_starts_a_shadow_rollout_and_the_champion_stays(shadowed):
+    engine = open_state(shadowed.state_url)
+    running = rollouts.running(engine, shadowed.config.registered_model)
+    assert running is not None and running.mode == "shadow"
+    assert (running.champion_version, running.challenger_version) == (1, 2)
+    assert Registry.for_project(shadowed).alias_version(CHAMPION) == 1
+    st = project_status(shadowed)
+    assert st.rollout is not None and st.rollout["status"] == "running"
+
+
+def test_the_sink_scores_the_challenger_and_no_reader_of_the_log_sees_it(shadowed, sba_sample):
+    columns = load_version(Registry.for_project(shadowed), 1).spec.input_columns
+    records = json.loads(sba_sample[columns].tail(300).to_json(orient="records"))  # NaN: null
+    switch = sys.getswitchinterval()
+    try:
+        with TestClient(create_app(shadowed), base_url="http://testserver") as client:
+            for start in range(0, len(records), 30):
+                answer = client.post("/v1/predict", json=records[start:start + 30])
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["version"] == 1  # the champion answers
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(switch)
+    engine = open_state(shadowed.state_url)
+    with engine.connect() as conn:
+        logged = conn.execute(sa.select(predictions.c.record_id, predictions.c.model_version,
+                                        predictions.c.probability)).all()
+        shadow = conn.execute(sa.select(shadow_predictions.c.record_id, shadow_predictions.c.model_version,
+                                        shadow_predictions.c.probability)).all()
+        log = read_log(conn, shadowed.config.registered_model)
+    assert len(logged) == len(records) and {v for _, v, _ in logged} == {1}
+    assert len(log) == len(records)  # the log's reader: the champion's answers only
+    assert len(shadow) == len(records) and {v for _, v, _ in shadow} == {2}
+    assert {r for r, _, _ in shadow} == {r for r, _, _ in logged}  # the same records, paired
+    champion = dict((r, p) for r, _, p in logged)
+    assert any(abs(champion[r] - p) > 1e-6 for r, _, p in shadow)  # scored by another model
+
+    # labels come back: where the two disagree, the truth sides with the challenger
+    running = rollouts.running(engine, shadowed.config.registered_model)
+    assert running is not None
+    labels = [{"record_id": r, "label": int(p > champion[r])} for r, _, p in shadow]
+    store_feedback(engine, labels)
+    check = check_rollout(shadowed, running.started_at + timedelta(days=3))
+    assert check is not None and check.evidence.pairs == len(records)
+    assert check.decision == "promote", check.summary()
+    assert Registry.for_project(shadowed).alias_version(CHAMPION) == 2
+    ended = rollouts.history(engine, shadowed.config.registered_model, limit=1)[0]
+    assert ended.status == "promoted" and ended.evidence and ended.evidence["pairs"] == len(records)
+    assert check_rollout(shadowed, running.started_at + timedelta(days=4)) is None  # nothing runs
+
+
+def test_an_undecided_rollout_ends_at_max_days_and_a_manual_promote_wins(shadowed):
+    engine = open_state(shadowed.state_url)
+    name = shadowed.config.registered_model
+    champion = Registry.for_project(shadowed).alias_version(CHAMPION)
+    other = 1 if champion == 2 else 2
+    started, _ = rollouts.start(engine, name, "shadow", champion, other,
+                                rollouts.history(engine, name, 1)[0].started_at, "test")
+    check = check_rollout(shadowed, started.started_at + timedelta(days=31))
+    assert check is not None and check.decision == "abort" and "max_days" in check.reason
+    assert Registry.for_project(shadowed).alias_version(CHAMPION) == champion
+
+    again, _ = rollouts.start(engine, name, "shadow", champion, other, started.started_at, "test")
+    third, replaced = rollouts.start(engine, name, "shadow", champion, other, started.started_at, "new")
+    assert [r.id for r in replaced] == [again.id]  # a new challenger replaces the running rollout
+    promote(shadowed, other, reason="by hand")
+    ended = rollouts.history(engine, name, 1)[0]
+    assert ended.id == third.id and ended.status == "promoted" and "manual" in ended.reason
