@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,9 @@ from flywheel.state import rollouts
 __all__ = ["SHADOW_ENV", "ShadowScorer", "ShadowTarget"]
 log = logging.getLogger("flywheel.logsink")
 CHECK_EVERY_S = 5.0  # how often the sink asks the state database whether a shadow rollout runs
+# Records scored per challenger call: on a core shared with the worker, a longer stretch of work
+# without a yield delays every request in flight by its length.
+SLICE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,12 @@ class ShadowScorer:
             rows = [r for r in rows if r[3] == model.name]
             if not rows:
                 return []
-            records = [{k: v for k, v in r[5].items() if k != "meta"} for r in rows]
-            fields = model.answers.log_fields(model.predict(records).tolist())
+            fields = []
+            for start in range(0, len(rows), SLICE_ROWS):  # the core may be the worker's: yield
+                records = [{k: v for k, v in r[5].items() if k != "meta"}
+                           for r in rows[start:start + SLICE_ROWS]]
+                fields += model.answers.log_fields(model.predict(records).tolist())
+                os.sched_yield()
         except Exception as exc:
             log.error("shadow scoring failed; the batch has no shadow answers", extra={
                 "event": "shadow_error", "rows": len(frames), "error": str(exc)})
