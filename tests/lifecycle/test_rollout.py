@@ -112,6 +112,10 @@ def test_the_sink_scores_the_challenger_and_no_reader_of_the_log_sees_it(shadowe
     store_feedback(engine, labels)
     check = check_rollout(shadowed, running.started_at + timedelta(days=3))
     assert check is not None and check.evidence.pairs == len(records)
+    before = check.evidence.estimated  # each version's ROC-AUC estimated from its own calibration
+    assert before is not None and before["metric"] == "roc_auc" and before["rows"] == len(records)
+    for side in ("champion", "challenger"):  # a value, or why there is none
+        assert (before[side] is None) != (before[f"{side}_note"] is None), before
     assert check.decision == "promote", check.summary()
     assert Registry.for_project(shadowed).alias_version(CHAMPION) == 2
     ended = rollouts.history(engine, shadowed.config.registered_model, limit=1)[0]

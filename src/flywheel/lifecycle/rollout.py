@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
 from flywheel.config import Project
 from flywheel.core.errors import AliasConflict
 from flywheel.lifecycle.aliases import PromotionOutcome, move_alias, promote_if_passed
+from flywheel.monitoring.estimation import Calibration, EstimationSettings, estimate
+from flywheel.monitoring.monitor import calibration_of
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state import rollouts as records
 from flywheel.state.db import open_state
@@ -59,17 +62,26 @@ class Evidence:
     differ_share: float | None  # the share of records the two versions answered differently
     champion_auc: float | None = None
     challenger_auc: float | None = None
+    # before the labels: each version's gate metric estimated (CBPE) on every record both answered
+    estimated: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def describe(self) -> str:
+        e = self.estimated or {}
+        before = (f"; estimated {e['metric']} on {e['rows']:,} answers: champion "
+                  f"{_g(e['champion'])}, challenger {_g(e['challenger'])}" if e.get("rows") else "")
         if not self.pairs or self.difference is None:
-            return "no labelled pairs yet"
+            return "no labelled pairs yet" + before
         return (f"{self.pairs:,} labelled pairs: {self.loss} champion {self.champion_loss:.4g}, "
                 f"challenger {self.challenger_loss:.4g}; difference {self.difference:+.4g} "
-                f"[{self.low:+.4g}, {self.high:+.4g}] at a {self.false_promotion_rate:.0%} "
-                "false-promotion rate")
+                f"[{_g(self.low)}, {_g(self.high)}] at a {self.false_promotion_rate:.0%} "
+                "false-promotion rate" + before)
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def confidence_sequence(d: np.ndarray, alpha: float, rho_pairs: int = RHO_PAIRS) -> tuple[float, float]:
@@ -135,6 +147,40 @@ def evidence(task: str, rows: list[dict[str, Any]], alpha: float) -> Evidence:
                     alpha, float(differ.mean()), *aucs)
 
 
+def estimated_before_labels(project: Project, registry: Registry, engine: sa.Engine,
+                            rollout: Rollout) -> dict[str, Any] | None:
+    """Each version's gate metric estimated from its own calibration on every record both answered
+    (labels or not): what the rollout can say before the labels come. Reported beside the test,
+    never decided on (an estimate cannot see a concept shift; the paired losses can). Classifiers
+    only: a regression's loss models need the records' inputs."""
+    task = project.config.task
+    if task == "regression":
+        return None
+    rows = records.answered(engine, rollout)
+    metric = project.config.gate.metric
+    e = project.config.monitoring.estimation
+    settings = EstimationSettings(e.min_rows, e.draws, e.sample_rows, e.band_sigmas)
+    out: dict[str, Any] = {"metric": metric, "rows": len(rows)}
+    for side, version in (("champion", rollout.champion_version), ("challenger", rollout.challenger_version)):
+        out[side], out[f"{side}_note"] = None, None
+        calibration, why = (calibration_of(registry, version, project.home / "cache")
+                            if version is not None else (None, "no champion"))
+        if not isinstance(calibration, Calibration):
+            out[f"{side}_note"] = why
+            continue
+        key = "c" if side == "champion" else "s"
+        if task == "binary":
+            q = np.sort(np.array([r[f"{key}_probability"] for r in rows
+                                  if r[f"{key}_probability"] is not None], dtype=np.float64))
+        else:
+            width = len(calibration.classes)
+            q = np.array([[json.loads(r[f"{key}_scores"]).get(c, 0.0) for c in calibration.classes]
+                          for r in rows if r[f"{key}_scores"]], dtype=np.float64).reshape(-1, width)
+        found = estimate(task, metric, calibration.apply(q), q, settings, calibration.classes)
+        out[side], out[f"{side}_note"] = found.value, found.reason
+    return out
+
+
 def _at(day: date | datetime) -> datetime:
     return day if isinstance(day, datetime) else datetime.combine(day, time(), UTC)
 
@@ -187,6 +233,8 @@ def check_rollout(project: Project, at: date | datetime,
     cfg = project.config.rollout
     now = _at(at)
     seen = evidence(project.config.task, records.paired(engine, rollout), cfg.false_promotion_rate)
+    registry = registry or Registry.for_project(project)
+    seen = replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout))
     days = (now - rollout.started_at).total_seconds() / 86_400
     decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
     if seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
@@ -200,7 +248,6 @@ def check_rollout(project: Project, at: date | datetime,
         decision, reason = "abort", (f"undecided after {days:.0f} days (max_days "
                                      f"{cfg.max_days:g}); the champion stays")
     if decision == "promote":
-        registry = registry or Registry.for_project(project)
         try:
             move_alias(registry, engine, CHAMPION, rollout.challenger_version,
                        expected=rollout.champion_version, action="promote",

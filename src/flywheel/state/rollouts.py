@@ -145,3 +145,15 @@ def paired(engine: sa.Engine, rollout: Rollout) -> list[dict[str, Any]]:
              .order_by(sp.c.id))
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def answered(engine: sa.Engine, rollout: Rollout, limit: int = 200_000) -> list[dict[str, Any]]:
+    """Both versions' answers to the latest `limit` records of the rollout, labelled or not (for
+    each version's metric estimated before the labels)."""
+    sp, p = shadow_predictions, predictions
+    query = (sa.select(p.c.probability.label("c_probability"), p.c.scores.label("c_scores"),
+                       sp.c.probability.label("s_probability"), sp.c.scores.label("s_scores"))
+             .join(p, sa.and_(p.c.record_id == sp.c.record_id, p.c.model_name == rollout.model_name))
+             .where(sp.c.rollout_id == rollout.id).order_by(sp.c.id.desc()).limit(limit))
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
