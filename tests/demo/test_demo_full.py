@@ -74,5 +74,12 @@ def test_demo_on_the_full_data_registers_a_champion_and_a_rerun_is_gated(tmp_pat
     assert report["quarters"][0]["loop_auc"] == pytest.approx(report["quarters"][0]["static_auc"], abs=1e-6)
     for r in report["retrains"]:
         assert r["trigger"] in ("drift", "performance_drop") and r["gate"]
+    # promotions are counted with how each did on the next quarter (none follows the last one)
+    assert report["policy"] == "direct" and report["rollout"] == []
+    promoted = sum(r["promoted"] for r in report["retrains"])
+    assert len(report["promotions"]) == report["loop_promotions"] == promoted
+    for p in report["promotions"]:
+        assert p["via"] == "gate" and (p["lost"] is None) == (p["index"] == 2)
+    assert report["promotions_lost"] == sum(bool(p["lost"]) for p in report["promotions"])
     for name in ("report.md", "auc_per_quarter.png", "drift_per_quarter.png"):
         assert (tmp_path / ".flywheel" / "replay" / name).stat().st_size > 1000

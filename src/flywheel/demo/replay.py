@@ -35,6 +35,7 @@ from flywheel.data import features as feats
 from flywheel.data.sources import LABEL_KNOWN_AT, TARGET, extract_window
 from flywheel.lifecycle.evaluation import score_version
 from flywheel.lifecycle.features import prepare_frame
+from flywheel.lifecycle.rollout import RolloutCheck
 from flywheel.monitoring.monitor import MonitorVerdict
 from flywheel.pipeline.runs import EvaluateResult, PipelineRun, list_runs
 from flywheel.pipeline.scheduler import check_once
@@ -82,6 +83,32 @@ class Retrain:
     gate: str
     promoted: bool
     seconds: float
+
+
+@dataclass
+class Promotion:
+    """A new champion, and how it did on the next quarter against the champion it replaced, on
+    the same rows (every label known): `lost` when its ROC-AUC there was lower."""
+
+    quarter: str  # promoted at this quarter's end
+    index: int
+    version: int
+    previous: int | None
+    via: str  # gate (promoted by the pipeline) or rollout (by a shadow rollout's decision)
+    next_auc: float | None = None
+    previous_next_auc: float | None = None
+    lost: bool | None = None
+
+
+@dataclass
+class RolloutDecision:
+    quarter: str
+    rollout: int
+    challenger: int
+    champion: int | None
+    decision: str
+    reason: str
+    evidence: dict[str, Any]
 
 
 @dataclass
@@ -243,6 +270,8 @@ class _Replay:
     retrains: list[Retrain] = field(default_factory=list)
     sent_ids: dict[str, str] = field(default_factory=dict)
     total_sent: int = 0
+    promotions: list[Promotion] = field(default_factory=list)
+    decisions: list[RolloutDecision] = field(default_factory=list)
 
 
 def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = None,
@@ -290,7 +319,7 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
         pool.join()
     _score_quarters(replay, qs, oracle_values)
     report = _report(project, replay.results, replay.retrains, n_quarters,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, replay.promotions, replay.decisions)
     report["oracle_error"] = oracle_error
     write_report(report, out_dir)
     return report
@@ -344,12 +373,26 @@ def _replay_quarter(r: _Replay, q: Quarter) -> None:
                       report=(q.index % 4 == 3))
     _record_verdict(result, tick.verdict)
     r.results.append(result)
+    if tick.rollout is not None and tick.rollout.decision != "continue":
+        _record_decision(r, q, tick.rollout)
     r.say(f"{q.label}: {len(ids):,} loans, v{served}; "
           + (tick.verdict.summary() if tick.verdict else "no verdict")
           + (f"; trigger {tick.decision.trigger}" if tick.decision else "")
           + f" [{t_sent:.1f}s traffic+labels, {time.perf_counter() - t0:.1f}s monitor+retrain]")
     if tick.decision is not None and tick.run is not None:
         _record_retrain(r, q, tick.decision, tick.run, time.perf_counter() - t0)
+
+
+def _record_decision(r: _Replay, q: Quarter, check: RolloutCheck) -> None:
+    ro = check.rollout
+    r.decisions.append(RolloutDecision(q.label, ro.id, ro.challenger_version, ro.champion_version,
+                                       check.decision, check.reason, check.evidence.to_dict()))
+    r.say(f"  rollout {ro.id} of v{ro.challenger_version}: {check.decision.upper()} ({check.reason}; "
+          f"{check.evidence.describe()})")
+    if check.decision == "promote":
+        r.promotions.append(Promotion(q.label, q.index, ro.challenger_version, ro.champion_version,
+                                      "rollout"))
+        r.server.wait_for_version(ro.challenger_version)
 
 
 def _record_verdict(result: QuarterResult, verdict: MonitorVerdict | None) -> None:
@@ -376,6 +419,8 @@ def _record_retrain(r: _Replay, q: Quarter, decision: TriggerDecision, run: Pipe
                               summary, run.promoted, seconds))
     r.say(f"  retrain -> v{run.version}: {'PROMOTED' if run.promoted else 'not promoted'} ({summary})")
     if run.promoted and run.version is not None:
+        r.promotions.append(Promotion(q.label, q.index, run.version,
+                                      evaluation.champion_version if evaluation else None, "gate"))
         r.server.wait_for_version(run.version)
 
 
@@ -449,6 +494,15 @@ def _score_quarters(r: _Replay, qs: list[Quarter], oracle: dict[int, float | Non
         if low is not None and high is not None and realized is not None:
             res.covered = bool(low <= realized <= high)
             res.audit_flag = not res.covered
+    for promotion in r.promotions:  # each new champion against the one it replaced, next quarter
+        after = frame[frame["__quarter__"] == promotion.index + 1]
+        if promotion.previous is None or after.empty:
+            continue
+        y = after[TARGET].to_numpy()
+        promotion.next_auc = auc(y, score_version(r.registry, promotion.version, after))
+        promotion.previous_next_auc = auc(y, score_version(r.registry, promotion.previous, after))
+        if promotion.next_auc is not None and promotion.previous_next_auc is not None:
+            promotion.lost = promotion.next_auc < promotion.previous_next_auc
 
 
 def _logged(engine: sa.Engine, model_name: str, wanted: set[str]) -> pd.DataFrame:
@@ -465,8 +519,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _report(project: Project, results: list[QuarterResult], retrains: list[Retrain], n: int,
-            seconds: float) -> dict[str, Any]:
+            seconds: float, promotions: list[Promotion] | None = None,
+            decisions: list[RolloutDecision] | None = None) -> dict[str, Any]:
     cfg = project.config
+    promotions = promotions or []
     mean_static = _mean([r.static_auc for r in results])
     mean_loop = _mean([r.loop_auc for r in results])
     mean_oracle = _mean([r.oracle_auc for r in results])
@@ -479,7 +535,11 @@ def _report(project: Project, results: list[QuarterResult], retrains: list[Retra
         "mean_oracle_auc": mean_oracle,
         "loop_vs_oracle": (mean_loop / mean_oracle) if mean_loop and mean_oracle else None,
         "loop_retrains": len(retrains),
-        "loop_promotions": sum(r.promoted for r in retrains),
+        "loop_promotions": len(promotions) if promotions else sum(r.promoted for r in retrains),
+        "policy": cfg.rollout.mode,
+        "promotions": [asdict(p) for p in promotions],
+        "promotions_lost": sum(bool(p.lost) for p in promotions),
+        "rollout": [asdict(d) for d in decisions or []],
         "oracle_retrains": n,
         "retrains": [asdict(r) for r in retrains],
         "rules": {
@@ -492,6 +552,7 @@ def _report(project: Project, results: list[QuarterResult], retrains: list[Retra
             "drift_share": cfg.monitoring.drift_share,
             "max_auc_drop": cfg.monitoring.max_auc_drop,
             "gate": cfg.gate.model_dump(),
+            "rollout": cfg.rollout.model_dump(),
             "thresholds_fixed": "from data before FY2002 (scripts/calibrate_triggers.py), committed "
                                 "in flywheel.yaml before any replay ran; not tuned on the replay",
         },
@@ -595,6 +656,28 @@ def markdown_report(report: dict[str, Any]) -> str:
     for r in report["retrains"]:
         lines.append(f"| {r['quarter']} | {r['trigger']} | {r['reason'][:80]} | v{r['version']} | "
                      f"{r['gate'][:90]} | {'yes' if r['promoted'] else 'no'} |")
+    promotions = report.get("promotions") or []
+    if promotions:
+        lines += ["", "## Promotions, and how each did on the next quarter", "",
+                  f"Policy: `{report.get('policy', 'direct')}`. {report.get('promotions_lost', 0)} of "
+                  f"{len(promotions)} promotions lost: the new champion's ROC-AUC on the next quarter "
+                  "below the replaced champion's on the same loans (every label known).", "",
+                  "| quarter | version | replaced | via | next quarter: new | replaced | lost |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in promotions:
+            lost = "-" if p["lost"] is None else ("LOST" if p["lost"] else "no")
+            lines.append(f"| {p['quarter']} | v{p['version']} | v{p['previous']} | {p['via']} | "
+                         f"{_f(p['next_auc'])} | {_f(p['previous_next_auc'])} | {lost} |")
+    if report.get("rollout"):
+        lines += ["", "## Rollout decisions", "", "| quarter | rollout | challenger | champion | "
+                  "decision | reason | labelled pairs | loss difference [bounds] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        g = lambda v: "-" if v is None else f"{v:+.2g}"  # noqa: E731
+        for d in report["rollout"]:
+            ev = d["evidence"]
+            lines.append(f"| {d['quarter']} | {d['rollout']} | v{d['challenger']} | v{d['champion']} | "
+                         f"{d['decision']} | {d['reason'][:80]} | {ev.get('pairs', 0):,} | "
+                         f"{g(ev.get('difference'))} [{g(ev.get('low'))}, {g(ev.get('high'))}] |")
     e = report.get("estimation")
     if e:
         lines += ["", "## Performance estimated before the labels", "",
