@@ -140,3 +140,13 @@ def test_an_undecided_rollout_ends_at_max_days_and_a_manual_promote_wins(shadowe
     promote(shadowed, other, reason="by hand")
     ended = rollouts.history(engine, name, 1)[0]
     assert ended.id == third.id and ended.status == "promoted" and "manual" in ended.reason
+
+
+def test_the_room_shows_the_rollout_and_its_evidence(shadowed):
+    from flywheel.room import data, page
+
+    models = data.models(shadowed)
+    html = page.models_section(models, {"version": 2}, None)
+    rollout = models["rollout"]
+    assert rollout is not None and f'rollout {rollout["id"]}: challenger' in html
+    assert '<table id="rollout">' in html and "labelled pairs" in html and rollout["status"] in html

@@ -59,7 +59,7 @@ def models(project: ProjectBase) -> dict[str, Any]:
     return {"model": name, "project": status.project, "kind": status.kind,
             "gate_metric": status.gate_metric, "champion": jsonable(status.champion),
             "challenger": jsonable(status.challenger), "history": history,
-            "same_holdout": _same_holdout(project, status.challenger)}
+            "same_holdout": _same_holdout(project, status.challenger), "rollout": status.rollout}
 
 
 def _same_holdout(project: ProjectBase, challenger: VersionStatus | None) -> dict[str, Any] | None:

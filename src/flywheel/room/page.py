@@ -136,7 +136,7 @@ def models_section(m: dict[str, Any], served: dict[str, Any], mlflow_url: str | 
     return (f'<section id="models"><h2>Models <span class="muted" id="served">{escape(served_text)}'
             f'</span></h2><div class="grid">{_version_card("Champion", champion, m["model"], mlflow_url)}'
             f'{_version_card("Challenger", challenger, m["model"], mlflow_url)}</div>'
-            f'{_same_holdout(m.get("same_holdout"))}'
+            f'{_same_holdout(m.get("same_holdout"))}{_rollout(m.get("rollout"))}'
             f'<p>{" ".join(buttons)}<output id="action-result"></output></p>'
             f'<h3>Alias history</h3><div class="scroll"><table><tr><th>when (UTC)</th><th>alias</th>'
             f'<th>move</th><th>action</th><th>who</th><th>why</th></tr>{history}</table></div></section>')
@@ -152,6 +152,34 @@ def _same_holdout(same: dict[str, Any] | None) -> str:
     return (f'<h3>On the same holdout{size}: challenger v{c} against the champion it was gated '
             f'against, v{k}</h3><div class="scroll"><table id="same-holdout"><tr><th>metric</th>'
             f'<th>v{c}</th><th>v{k}</th></tr>{rows}</table></div>')
+
+
+def _rollout(r: dict[str, Any] | None) -> str:
+    """The running (or latest) rollout: its versions, state, and the evidence so far."""
+    if not r:
+        return ""
+    e = r.get("evidence") or {}
+    g = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    rows = [("state", f'{r["status"]}: {r["reason"]}'), ("started", (r["started_at"] or "")[:19]),
+            ("ended", (r["ended_at"] or "—")[:19]), ("shadow answers", charts._fmt(r["shadow_answers"])),
+            ("labelled pairs", charts._fmt(e.get("pairs", 0)))]
+    if e.get("difference") is not None:
+        rows += [(f'{e["loss"]}: champion / challenger',
+                  f'{g(e["champion_loss"])} / {g(e["challenger_loss"])}'),
+                 ("difference (champion − challenger) and its confidence sequence",
+                  f'{e["difference"]:+.4g} [{g(e["low"])}, {g(e["high"])}] at a '
+                  f'{e["false_promotion_rate"]:.0%} false-promotion rate'),
+                 ("answers that differ",
+                  f'{e["differ_share"]:.1%}' if e.get("differ_share") is not None else "—")]
+    before = e.get("estimated") or {}
+    if before.get("rows"):
+        rows.append((f'estimated {before["metric"]} before the labels '
+                     f'({charts._fmt(before["rows"])} answers)',
+                     f'champion {g(before["champion"])} / challenger {g(before["challenger"])}'))
+    body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+    return (f'<h3>{escape(r["mode"].capitalize())} rollout {r["id"]}: challenger '
+            f'v{r["challenger_version"]} against v{r["champion_version"]}</h3>'
+            f'<div class="scroll"><table id="rollout">{body}</table></div>')
 
 
 def _v(version: int | None) -> str:
