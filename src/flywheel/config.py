@@ -573,6 +573,24 @@ class RetrainingConfig(_Strict):
     clock: Literal["wall", "data"] = "wall"
 
 
+class SegmentConfig(_Strict):
+    """A way to cut traffic into groups that a decision must not quietly get worse for."""
+
+    # The segment's name in reports.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # The input field whose value puts a record in a group (or `meta.KEY`: a key of its meta).
+    column: str = Field(min_length=1)
+    # Numbers: groups cut at these increasing edges (below the first, between each two, from the
+    # last on); none: each distinct value is a group (text, codes).
+    edges: list[float] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> SegmentConfig:
+        if self.edges and any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"segment {self.name}: edges must increase")
+        return self
+
+
 class RolloutConfig(_Strict):
     """What happens between a gate that passed and the promotion."""
 
@@ -587,6 +605,8 @@ class RolloutConfig(_Strict):
     min_pairs: int = Field(default=200, ge=20)
     # On the project's clock: a rollout undecided after this many days ends and the champion stays.
     max_days: float = Field(default=60, gt=0)
+    # A segment's group is tested once it has this many labelled pairs (fewer: reported only).
+    min_segment_pairs: int = Field(default=200, ge=20)
 
 
 class RoomConfig(_Strict):
@@ -656,6 +676,8 @@ class Config(CommonConfig):
     retraining: RetrainingConfig = RetrainingConfig()
     # Between the gate and the promotion: at once, or after a shadow rollout decides.
     rollout: RolloutConfig = RolloutConfig()
+    # Groups of traffic a rollout must not make worse (each one's paired losses are tested too).
+    segments: list[SegmentConfig] = []
 
     @model_validator(mode="after")
     def _unique_feature_names(self) -> Config:

@@ -27,6 +27,8 @@ from flywheel.state.db import open_state, predictions, shadow_predictions
 from flywheel.state.logread import read_log
 from tests.conftest import load_sample, new_project
 
+pytestmark = pytest.mark.xdist_group("lifecycle-test_rollout")  # one module fixture, in order
+
 WEAK = {"model": {"params": {"num_boost_round": 1}}, "gate": {"floor": 0.5},
         "rollout": {"mode": "shadow", "min_pairs": 50, "max_days": 30}}
 
@@ -121,6 +123,44 @@ def test_the_sink_scores_the_challenger_and_no_reader_of_the_log_sees_it(shadowe
     ended = rollouts.history(engine, shadowed.config.registered_model, limit=1)[0]
     assert ended.status == "promoted" and ended.evidence and ended.evidence["pairs"] == len(records)
     assert check_rollout(shadowed, running.started_at + timedelta(days=4)) is None  # nothing runs
+
+
+def test_a_segment_made_worse_aborts_a_rollout_that_is_better_on_average(shadowed):
+    """The served records and their labels from the test above, shadow answers made for a new
+    rollout: far better than the champion's for full-documentation loans (low_doc N), worse for the
+    low-documentation ones (Y), a third as many."""
+    from flywheel.config import SegmentConfig
+
+    engine = open_state(shadowed.state_url)
+    name = shadowed.config.registered_model
+    champion = Registry.for_project(shadowed).alias_version(CHAMPION)
+    with engine.connect() as conn:
+        served = conn.execute(sa.text("SELECT p.record_id, p.id, f.label, p.probability FROM predictions p "
+                                      "JOIN feedback f ON f.record_id = p.record_id")).all()
+        log = read_log(conn, name, ids=sorted(i for _, i, _, _ in served), inputs=["low_doc"])
+    low_doc = dict(zip(log.base["id"].astype(int), log.inputs["low_doc"], strict=True))
+    assert len(served) >= 200 and {"N", "Y"} <= set(low_doc.values())  # both kinds, labelled
+    started, _ = rollouts.start(engine, name, "shadow", champion, 3 - champion,
+                                rollouts.history(engine, name, 1)[0].started_at, "segments")
+    good = lambda y: 0.98 if y else 0.02  # noqa: E731
+    # the champion's probability moved the wrong way: worse on every such record
+    bad = lambda y, p: min(max(p + (-0.3 if y else 0.3), 0.01), 0.99)  # noqa: E731
+    with engine.begin() as conn:
+        rollouts.insert_shadow(conn, [
+            {"rollout_id": started.id, "record_id": rid, "created_at": started.started_at,
+             "model_version": 3 - champion, "probability": good(y) if low_doc[i] == "N" else bad(y, p),
+             "value": None, "label": None, "scores": None} for rid, i, y, p in served])
+    cfg = shadowed.config.model_copy(update={
+        "segments": [SegmentConfig(name="low_doc", column="low_doc")],
+        "rollout": shadowed.config.rollout.model_copy(update={"min_segment_pairs": 30})})
+    check = check_rollout(shadowed.model_copy(update={"config": cfg}), started.started_at + timedelta(days=1))
+    assert check is not None and check.decision == "abort", check.summary()
+    assert check.evidence.low > 0  # better on average: without the guard rail, promoted
+    assert "low_doc Y" in check.reason
+    cells = {c["group"]: c for c in check.evidence.segments}
+    assert cells["N"]["tested"] and cells["N"]["low"] > 0
+    assert cells["Y"]["tested"] and cells["Y"]["high"] < 0
+    assert Registry.for_project(shadowed).alias_version(CHAMPION) == champion
 
 
 def test_an_undecided_rollout_ends_at_max_days_and_a_manual_promote_wins(shadowed):

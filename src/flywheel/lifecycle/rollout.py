@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from flywheel.config import Project
+from flywheel.config import Project, SegmentConfig
 from flywheel.core.errors import AliasConflict
 from flywheel.lifecycle.aliases import PromotionOutcome, move_alias, promote_if_passed
 from flywheel.monitoring.estimation import Calibration, EstimationSettings, estimate
@@ -40,6 +40,7 @@ from flywheel.monitoring.monitor import calibration_of
 from flywheel.registry import CHAMPION, Registry
 from flywheel.state import rollouts as records
 from flywheel.state.db import open_state
+from flywheel.state.logread import read_log
 from flywheel.state.rollouts import ABORTED, PROMOTED, Rollout
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss, as the gate does
@@ -64,6 +65,8 @@ class Evidence:
     challenger_auc: float | None = None
     # before the labels: each version's gate metric estimated (CBPE) on every record both answered
     estimated: dict[str, Any] | None = None
+    # per configured segment and group: pairs, mean difference, its bounds when tested
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -96,35 +99,42 @@ def confidence_sequence(d: np.ndarray, alpha: float, rho_pairs: int = RHO_PAIRS)
     return mean - radius, mean + radius
 
 
+def usable(task: str, row: dict[str, Any]) -> bool:
+    """Whether a labelled pair has what its loss needs (a label of the task, both answers)."""
+    if task == "regression":
+        return row["y_value"] is not None and row["c_value"] is not None and row["s_value"] is not None
+    if task == "multiclass":
+        return row["y_text"] is not None and bool(row["c_scores"]) and bool(row["s_scores"])
+    return row["y"] is not None and row["c_probability"] is not None and row["s_probability"] is not None
+
+
 def paired_losses(task: str, rows: list[dict[str, Any]]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(loss name, champion's per-record losses, challenger's, whether the answers differ) for the
-    labelled pairs `rows` (see `flywheel.state.rollouts.paired`); rows without a usable label are
-    left out."""
+    usable labelled pairs `rows` (see `usable` and `flywheel.state.rollouts.paired`)."""
     if task == "regression":
-        kept = [r for r in rows if r["y_value"] is not None and r["c_value"] is not None
-                and r["s_value"] is not None]
-        y = np.array([r["y_value"] for r in kept], dtype=np.float64)
-        c = np.array([r["c_value"] for r in kept], dtype=np.float64)
-        s = np.array([r["s_value"] for r in kept], dtype=np.float64)
+        y = np.array([r["y_value"] for r in rows], dtype=np.float64)
+        c = np.array([r["c_value"] for r in rows], dtype=np.float64)
+        s = np.array([r["s_value"] for r in rows], dtype=np.float64)
         return "squared error", (y - c) ** 2, (y - s) ** 2, np.abs(c - s) > 1e-9 * (1 + np.abs(c))
     if task == "multiclass":
-        kept = [r for r in rows if r["y_text"] is not None and r["c_scores"] and r["s_scores"]]
-        c_scores = [json.loads(r["c_scores"]) for r in kept]
-        s_scores = [json.loads(r["s_scores"]) for r in kept]
-        c = np.array([sc.get(r["y_text"], 0.0) for sc, r in zip(c_scores, kept, strict=True)])
-        s = np.array([sc.get(r["y_text"], 0.0) for sc, r in zip(s_scores, kept, strict=True)])
-        differ = np.array([r["c_label"] != r["s_label"] for r in kept], dtype=bool)
+        c = np.array([json.loads(r["c_scores"]).get(r["y_text"], 0.0) for r in rows], dtype=np.float64)
+        s = np.array([json.loads(r["s_scores"]).get(r["y_text"], 0.0) for r in rows], dtype=np.float64)
+        differ = np.array([r["c_label"] != r["s_label"] for r in rows], dtype=bool)
         return ("log loss", -np.log(np.clip(c, EPS, 1.0)), -np.log(np.clip(s, EPS, 1.0)), differ)
-    kept = [r for r in rows if r["y"] is not None and r["c_probability"] is not None
-            and r["s_probability"] is not None]
-    y = np.array([r["y"] for r in kept], dtype=np.float64)
-    c = np.clip(np.array([r["c_probability"] for r in kept], dtype=np.float64), EPS, 1 - EPS)
-    s = np.clip(np.array([r["s_probability"] for r in kept], dtype=np.float64), EPS, 1 - EPS)
+    y = np.array([r["y"] for r in rows], dtype=np.float64)
+    c = np.clip(np.array([r["c_probability"] for r in rows], dtype=np.float64), EPS, 1 - EPS)
+    s = np.clip(np.array([r["s_probability"] for r in rows], dtype=np.float64), EPS, 1 - EPS)
     loss = lambda q: -(y * np.log(q) + (1 - y) * np.log(1 - q))  # noqa: E731
     return "log loss", loss(c), loss(s), (c >= 0.5) != (s >= 0.5)
 
 
-def evidence(task: str, rows: list[dict[str, Any]], alpha: float) -> Evidence:
+def evidence(task: str, rows: list[dict[str, Any]], alpha: float,
+             groups: dict[str, list[str | None]] | None = None, min_group_pairs: int = 200) -> Evidence:
+    """The paired test on the usable rows; `groups`: per segment, each row's group (on `rows`'
+    positions), whose groups with at least `min_group_pairs` pairs are tested too, each at
+    alpha / (groups tested) (Bonferroni)."""
+    keep = [i for i, r in enumerate(rows) if usable(task, r)]
+    rows = [rows[i] for i in keep]
     name, champion, challenger, differ = paired_losses(task, rows)
     n = len(champion)
     if n == 0:
@@ -133,18 +143,80 @@ def evidence(task: str, rows: list[dict[str, Any]], alpha: float) -> Evidence:
     low, high = confidence_sequence(d, alpha)
     aucs: tuple[float | None, float | None] = (None, None)
     if task == "binary":
-        y = np.array([r["y"] for r in rows if r["y"] is not None and r["c_probability"] is not None
-                      and r["s_probability"] is not None])
+        y = np.array([r["y"] for r in rows])
         if 0 < y.sum() < len(y):
             from sklearn.metrics import roc_auc_score
 
-            kept = [r for r in rows if r["y"] is not None and r["c_probability"] is not None
-                    and r["s_probability"] is not None]
-            aucs = (float(roc_auc_score(y, [r["c_probability"] for r in kept])),
-                    float(roc_auc_score(y, [r["s_probability"] for r in kept])))
+            aucs = (float(roc_auc_score(y, [r["c_probability"] for r in rows])),
+                    float(roc_auc_score(y, [r["s_probability"] for r in rows])))
+    found = segment_evidence({k: [v[i] for i in keep] for k, v in (groups or {}).items()}, d, alpha,
+                             min_group_pairs)
     return Evidence(n, name, float(champion.mean()), float(challenger.mean()), float(d.mean()),
                     low if math.isfinite(low) else None, high if math.isfinite(high) else None,
-                    alpha, float(differ.mean()), *aucs)
+                    alpha, float(differ.mean()), *aucs, segments=found)
+
+
+def segment_evidence(groups: dict[str, list[str | None]], d: np.ndarray, alpha: float,
+                     min_pairs: int) -> list[dict[str, Any]]:
+    """Per segment and group: its pairs, mean difference and (with enough pairs) its confidence
+    sequence at alpha over the number of groups tested."""
+    cells: list[dict[str, Any]] = []
+    for segment, labels in groups.items():
+        values = np.array([g if g is not None else "" for g in labels], dtype=object)
+        for group in sorted({g for g in labels if g is not None}):
+            part = d[values == group]
+            cells.append({"segment": segment, "group": group, "pairs": len(part),
+                          "difference": float(part.mean()) if len(part) else None,
+                          "low": None, "high": None, "tested": len(part) >= min_pairs})
+    tested = sum(c["tested"] for c in cells)
+    for c in cells:
+        if c["tested"]:
+            segment_of: str = c["segment"]
+            values = np.array([g if g is not None else "" for g in groups[segment_of]], dtype=object)
+            low, high = confidence_sequence(d[values == c["group"]], alpha / tested)
+            c["low"], c["high"] = low, high
+    return cells
+
+
+def segment_groups(engine: sa.Engine, model_name: str, segments: list[SegmentConfig],
+                   rows: list[dict[str, Any]]) -> dict[str, list[str | None]]:
+    """Per configured segment, the group of each paired row, from the logged inputs or meta."""
+    if not segments or not rows:
+        return {}
+    inputs = sorted({s.column for s in segments if not s.column.startswith("meta.")})
+    metas = sorted({s.column[5:] for s in segments if s.column.startswith("meta.")})
+    with engine.connect() as conn:
+        log = read_log(conn, model_name, ids=sorted({int(r["prediction_id"]) for r in rows}),
+                       inputs=inputs, meta=metas)
+    at = {int(i): k for k, i in enumerate(log.base["id"])}
+    out: dict[str, list[str | None]] = {}
+    for s in segments:
+        if s.column.startswith("meta."):
+            values = log.meta_values(s.column[5:])
+        else:
+            values = log.inputs[s.column].tolist() if s.column in log.inputs else [None] * len(log)
+        out[s.name] = [segment_group(s, values[at[int(r["prediction_id"])]]
+                                     if int(r["prediction_id"]) in at else None) for r in rows]
+    return out
+
+
+def segment_group(segment: SegmentConfig, value: Any) -> str | None:
+    """The group a value falls in: an interval of `edges` for numbers, else the value itself."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not segment.edges:
+        return str(value)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    edges = segment.edges
+    k = int(np.searchsorted(edges, x, side="right"))
+    if k == 0:
+        return f"< {edges[0]:g}"
+    if k == len(edges):
+        return f">= {edges[-1]:g}"
+    return f"[{edges[k - 1]:g}, {edges[k]:g})"
 
 
 def estimated_before_labels(project: Project, registry: Registry, engine: sa.Engine,
@@ -232,12 +304,18 @@ def check_rollout(project: Project, at: date | datetime,
         return None
     cfg = project.config.rollout
     now = _at(at)
-    seen = evidence(project.config.task, records.paired(engine, rollout), cfg.false_promotion_rate)
+    pairs = records.paired(engine, rollout)
+    groups = segment_groups(engine, name, project.config.segments, pairs)
+    seen = evidence(project.config.task, pairs, cfg.false_promotion_rate, groups, cfg.min_segment_pairs)
     registry = registry or Registry.for_project(project)
     seen = replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout))
     days = (now - rollout.started_at).total_seconds() / 86_400
     decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
-    if seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
+    worse = [c for c in seen.segments if c["high"] is not None and c["high"] < 0]
+    if worse:  # a guard rail: better on average must not hide a group made worse
+        decision, reason = "abort", "the challenger's loss is higher for " + ", ".join(
+            f"{c['segment']} {c['group']} ({c['pairs']:,} pairs)" for c in worse)
+    elif seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
         if seen.low > 0:
             decision, reason = "promote", "the challenger's loss is lower on the same records"
         elif seen.high < 0:

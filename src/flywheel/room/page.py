@@ -176,6 +176,10 @@ def _rollout(r: dict[str, Any] | None) -> str:
         rows.append((f'estimated {before["metric"]} before the labels '
                      f'({charts._fmt(before["rows"])} answers)',
                      f'champion {g(before["champion"])} / challenger {g(before["challenger"])}'))
+    for c in e.get("segments") or []:
+        bounds = f' [{g(c["low"])}, {g(c["high"])}]' if c["tested"] else " (too few pairs to test)"
+        rows.append((f'segment {c["segment"]} = {c["group"]} ({charts._fmt(c["pairs"])} pairs)',
+                     f'difference {g(c["difference"])}{bounds}'))
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     return (f'<h3>{escape(r["mode"].capitalize())} rollout {r["id"]}: challenger '
             f'v{r["challenger_version"]} against v{r["champion_version"]}</h3>'

@@ -133,7 +133,8 @@ def paired(engine: sa.Engine, rollout: Rollout) -> list[dict[str, Any]]:
     """The records both versions answered in this rollout that have a label: per record the
     champion's answer (`c_*`), the challenger's (`s_*`) and the label, in the order served."""
     sp, p, f = shadow_predictions, predictions, feedback
-    query = (sa.select(sp.c.record_id, p.c.probability.label("c_probability"),
+    query = (sa.select(sp.c.record_id, p.c.id.label("prediction_id"),
+                       p.c.probability.label("c_probability"),
                        p.c.value.label("c_value"), p.c.label.label("c_label"),
                        p.c.scores.label("c_scores"), sp.c.probability.label("s_probability"),
                        sp.c.value.label("s_value"), sp.c.label.label("s_label"),
