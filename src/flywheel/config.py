@@ -596,8 +596,15 @@ class RolloutConfig(_Strict):
 
     # direct: the gate promotes at once. shadow: the challenger scores the same requests as the
     # champion (in the log sink, off the answered request's path; never returned) and is promoted
-    # when a sequential test on the labelled records both answered says it is better.
-    mode: Literal["direct", "shadow"] = "direct"
+    # when a sequential test on the labelled records both answered says it is better. canary: the
+    # challenger answers `canary_share` of the traffic (the same entities always) and is promoted
+    # when the test on the labelled answers of both says it is better.
+    mode: Literal["direct", "shadow", "canary"] = "direct"
+    # canary: the share of traffic the challenger answers.
+    canary_share: float = Field(default=0.1, gt=0, lt=1)
+    # canary: what keeps an entity on one version: an input field, or `meta.KEY` (a record
+    # without it is routed at random).
+    entity: str = "meta.entity_id"
     # The test's declared false-promotion rate: the chance of promoting a challenger that is not
     # better, however often the evidence is looked at.
     false_promotion_rate: float = Field(default=0.05, gt=0, lt=0.5)

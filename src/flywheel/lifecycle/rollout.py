@@ -1,4 +1,5 @@
-"""Shadow rollouts: the step between a gate that passed and the promotion, decided by evidence.
+"""Shadow and canary rollouts: the step between a gate that passed and the promotion, decided by
+evidence.
 
 With `rollout.mode: shadow`, a challenger that passes the gate is not promoted at once: a rollout
 starts (a row in the state database; the pipeline run ends there). The log sink of every server
@@ -12,6 +13,12 @@ false-promotion rate. The challenger is promoted when the whole sequence lies ab
 better), the rollout is aborted when it lies below (worse) or when `max_days` pass on the project's
 clock without a decision; the champion stays then. A manual promote or rollback ends a running
 rollout and wins; a new challenger replaces the running one (aborted, recorded).
+
+With `rollout.mode: canary` the challenger answers a share of the traffic instead (the workers
+route by a hash of each record's entity: `flywheel.serving.tabular.canary`), and the test runs on
+both versions' labelled answers, each loss weighted by one over the chance its version had to
+answer it (`canary_evidence`). Configured `segments` are guard rails for both: a group whose own
+confidence sequence says the challenger is worse there aborts the rollout.
 
 The confidence sequence is the asymptotic one of Waudby-Smith, Arbour, Sinha, Kennedy and Ramdas
 ("Time-uniform central limit theory and asymptotic confidence sequences", 2021): for the mean of
@@ -32,7 +39,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from flywheel.config import Project, SegmentConfig
+from flywheel.config import Project, RolloutConfig, SegmentConfig
 from flywheel.core.errors import AliasConflict
 from flywheel.lifecycle.aliases import PromotionOutcome, move_alias, promote_if_passed
 from flywheel.monitoring.estimation import Calibration, EstimationSettings, estimate
@@ -50,7 +57,8 @@ RHO_PAIRS = 1_000  # the confidence sequence is tightest near this many pairs
 @dataclass(frozen=True)
 class Evidence:
     """What the test has seen: per-record loss differences (champion − challenger: above zero, the
-    challenger is better) and their confidence sequence."""
+    challenger is better; a canary's are weighted answers, see `canary_evidence`) and their
+    confidence sequence."""
 
     pairs: int
     loss: str
@@ -156,6 +164,44 @@ def evidence(task: str, rows: list[dict[str, Any]], alpha: float,
                     alpha, float(differ.mean()), *aucs, segments=found)
 
 
+def canary_evidence(task: str, rows: list[dict[str, Any]], rollout: Rollout, alpha: float,
+                    groups: dict[str, list[str | None]] | None = None,
+                    min_group_pairs: int = 200) -> Evidence:
+    """The canary's test: each labelled answer's loss, weighted by the inverse of the chance its
+    version had to answer it (the challenger's share, or the rest), is an unbiased estimate of the
+    difference (champion − challenger) of the two versions' mean losses; the confidence sequence
+    runs on those. Sound because which version answers is decided by a hash of the entity (or at
+    random), not by anything about the record."""
+    name, keep, losses, by_challenger, d = canary_differences(task, rows, rollout)
+    if not keep:
+        return Evidence(0, name, None, None, None, None, None, alpha, None)
+    low, high = confidence_sequence(d, alpha)
+    mean = lambda x: float(x.mean()) if len(x) else None  # noqa: E731
+    found = segment_evidence({k: [v[i] for i in keep] for k, v in (groups or {}).items()}, d, alpha,
+                             min_group_pairs)
+    return Evidence(len(d), name, mean(losses[~by_challenger]), mean(losses[by_challenger]),
+                    float(d.mean()), low if math.isfinite(low) else None,
+                    high if math.isfinite(high) else None, alpha, None, segments=found)
+
+
+def canary_differences(task: str, rows: list[dict[str, Any]], rollout: Rollout
+                       ) -> tuple[str, list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """(loss name, the usable rows' positions, their losses, whether the challenger answered each,
+    each one's weighted difference) of a canary's labelled answers (see `canary_evidence`)."""
+    share = rollout.share or 0.0
+    # each answer's fields as a shadow pair's champion side, to reuse the same loss
+    as_pairs = [{"y": r["y"], "y_value": r["y_value"], "y_text": r["y_text"],
+                 "c_probability": r["probability"], "c_value": r["value"], "c_scores": r["scores"],
+                 "c_label": r["label"], "s_probability": r["probability"], "s_value": r["value"],
+                 "s_scores": r["scores"], "s_label": r["label"]} for r in rows]
+    keep = [i for i, r in enumerate(as_pairs) if usable(task, r)] if 0 < share < 1 else []
+    name, losses, _, _ = paired_losses(task, [as_pairs[i] for i in keep])
+    by_challenger = np.array([rows[i]["model_version"] == rollout.challenger_version for i in keep],
+                             dtype=bool)
+    return name, keep, losses, by_challenger, losses * np.where(by_challenger, -1.0 / share,
+                                                                1.0 / (1.0 - share))
+
+
 def segment_evidence(groups: dict[str, list[str | None]], d: np.ndarray, alpha: float,
                      min_pairs: int) -> list[dict[str, Any]]:
     """Per segment and group: its pairs, mean difference and (with enough pairs) its confidence
@@ -259,10 +305,15 @@ def _at(day: date | datetime) -> datetime:
 
 def start_rollout(project: Project, registry: Registry, challenger: int, champion: int | None,
                   reason: str, at: date | datetime) -> Rollout:
-    """Start a shadow rollout of `challenger` against `champion` (a running one is aborted)."""
+    """Start a shadow or canary rollout of `challenger` against `champion` (a running one is
+    aborted). A canary's answers count once every server has had time to follow it (one reload
+    interval, and a second for the database)."""
     engine = open_state(project.state_url)
-    rollout, _ = records.start(engine, registry.model_name, project.config.rollout.mode, champion,
-                               challenger, _at(at), reason)
+    cfg = project.config
+    canary = cfg.rollout.mode == "canary"
+    rollout, _ = records.start(engine, registry.model_name, cfg.rollout.mode, champion, challenger,
+                               _at(at), reason, cfg.rollout.canary_share if canary else None,
+                               cfg.serving.reload_interval_s + 1.0 if canary else 0.0)
     return rollout
 
 
@@ -298,38 +349,19 @@ def check_rollout(project: Project, at: date | datetime,
     """Advance the running rollout, if any: gather the evidence, decide, act (promote through the
     alias lock, or abort), record. None when no rollout is running."""
     engine = open_state(project.state_url)
-    name = project.config.registered_model
-    rollout = records.running(engine, name)
+    rollout = records.running(engine, project.config.registered_model)
     if rollout is None:
         return None
-    cfg = project.config.rollout
     now = _at(at)
-    pairs = records.paired(engine, rollout)
-    groups = segment_groups(engine, name, project.config.segments, pairs)
-    seen = evidence(project.config.task, pairs, cfg.false_promotion_rate, groups, cfg.min_segment_pairs)
     registry = registry or Registry.for_project(project)
-    seen = replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout))
-    days = (now - rollout.started_at).total_seconds() / 86_400
-    decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
-    worse = [c for c in seen.segments if c["high"] is not None and c["high"] < 0]
-    if worse:  # a guard rail: better on average must not hide a group made worse
-        decision, reason = "abort", "the challenger's loss is higher for " + ", ".join(
-            f"{c['segment']} {c['group']} ({c['pairs']:,} pairs)" for c in worse)
-    elif seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
-        if seen.low > 0:
-            decision, reason = "promote", "the challenger's loss is lower on the same records"
-        elif seen.high < 0:
-            decision, reason = "abort", "the challenger's loss is higher on the same records"
-        else:
-            reason = "the evidence does not decide yet"
-    if decision == "continue" and days >= cfg.max_days:
-        decision, reason = "abort", (f"undecided after {days:.0f} days (max_days "
-                                     f"{cfg.max_days:g}); the champion stays")
+    seen = gather(project, registry, engine, rollout)
+    decision, reason = decide(seen, project.config.rollout,
+                              (now - rollout.started_at).total_seconds() / 86_400)
     if decision == "promote":
         try:
             move_alias(registry, engine, CHAMPION, rollout.challenger_version,
                        expected=rollout.champion_version, action="promote",
-                       reason=f"shadow rollout {rollout.id}: {seen.describe()}")
+                       reason=f"{rollout.mode} rollout {rollout.id}: {seen.describe()}")
         except AliasConflict as exc:
             decision, reason = "abort", f"the champion moved during the rollout ({exc})"
     if decision == "continue":
@@ -338,6 +370,39 @@ def check_rollout(project: Project, at: date | datetime,
         records.end(engine, rollout.id, PROMOTED if decision == "promote" else ABORTED, now,
                     reason, seen.to_dict())
     return RolloutCheck(rollout, seen, decision, reason)
+
+
+def gather(project: Project, registry: Registry, engine: sa.Engine, rollout: Rollout) -> Evidence:
+    """The evidence so far: a shadow's labelled pairs, or a canary's labelled answers."""
+    cfg, name = project.config.rollout, project.config.registered_model
+    if rollout.mode == "canary":
+        answers = records.canary_answers(engine, rollout)
+        groups = segment_groups(engine, name, project.config.segments, answers)
+        return canary_evidence(project.config.task, answers, rollout, cfg.false_promotion_rate,
+                               groups, cfg.min_segment_pairs)
+    pairs = records.paired(engine, rollout)
+    groups = segment_groups(engine, name, project.config.segments, pairs)
+    seen = evidence(project.config.task, pairs, cfg.false_promotion_rate, groups, cfg.min_segment_pairs)
+    return replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout))
+
+
+def decide(seen: Evidence, cfg: RolloutConfig, days: float) -> tuple[str, str]:
+    """promote, abort or continue, and why: a segment made worse aborts; with enough pairs the
+    confidence sequence above zero promotes, below aborts; past `max_days` undecided aborts."""
+    decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
+    worse = [c for c in seen.segments if c["high"] is not None and c["high"] < 0]
+    if worse:  # a guard rail: better on average must not hide a group made worse
+        return "abort", "the challenger's loss is higher for " + ", ".join(
+            f"{c['segment']} {c['group']} ({c['pairs']:,} pairs)" for c in worse)
+    if seen.pairs >= cfg.min_pairs and seen.low is not None and seen.high is not None:
+        if seen.low > 0:
+            return "promote", "the challenger's loss is lower"
+        if seen.high < 0:
+            return "abort", "the challenger's loss is higher"
+        reason = "the evidence does not decide yet"
+    if days >= cfg.max_days:
+        return "abort", f"undecided after {days:.0f} days (max_days {cfg.max_days:g}); the champion stays"
+    return decision, reason
 
 
 def abort_rollout(project: Project, reason: str = "aborted by hand",

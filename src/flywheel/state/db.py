@@ -186,7 +186,7 @@ rollouts = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("model_name", sa.String(200), nullable=False),
-    sa.Column("mode", sa.String(20), nullable=False),  # shadow
+    sa.Column("mode", sa.String(20), nullable=False),  # shadow | canary
     sa.Column("champion_version", sa.Integer, nullable=True),
     sa.Column("challenger_version", sa.Integer, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
@@ -194,6 +194,11 @@ rollouts = sa.Table(
     sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("reason", sa.Text, nullable=False),  # why it started, then why it ended
     sa.Column("evidence", sa.Text, nullable=True),  # JSON: the latest evidence (see Evidence)
+    # canary: the share of traffic the challenger answers, the log's last id when the rollout
+    # started, and the wall-clock time from which every worker has followed it
+    sa.Column("share", sa.Float, nullable=True),
+    sa.Column("after_prediction_id", sa.BigInteger, nullable=True),
+    sa.Column("serving_from", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_rollouts_model_status", "model_name", "status"),
 )
 # The challenger's answers in a shadow rollout: scored by the log sink on the same records the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,9 +29,13 @@ class Rollout:
     ended_at: datetime | None
     reason: str
     evidence: dict[str, Any] | None
+    share: float | None = None  # canary: the challenger's share of the traffic
+    after_prediction_id: int | None = None  # canary: the log's last id when it started
+    serving_from: datetime | None = None  # canary: every worker follows it from then (wall clock)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "mode": self.mode, "champion_version": self.champion_version,
+        return {"id": self.id, "mode": self.mode, "share": self.share,
+                "champion_version": self.champion_version,
                 "challenger_version": self.challenger_version, "status": self.status,
                 "started_at": self.started_at.isoformat(),
                 "ended_at": self.ended_at.isoformat() if self.ended_at else None,
@@ -47,14 +51,19 @@ def _rollout(row: Any) -> Rollout:
     assert started is not None
     return Rollout(row["id"], row["model_name"], row["mode"], row["champion_version"],
                    row["challenger_version"], row["status"], started, _aware(row["ended_at"]),
-                   row["reason"], json.loads(row["evidence"]) if row["evidence"] else None)
+                   row["reason"], json.loads(row["evidence"]) if row["evidence"] else None,
+                   row["share"], row["after_prediction_id"], _aware(row["serving_from"]))
 
 
 def start(engine: sa.Engine, model_name: str, mode: str, champion: int | None, challenger: int,
-          at: datetime, reason: str) -> tuple[Rollout, list[Rollout]]:
+          at: datetime, reason: str, share: float | None = None,
+          follow_s: float = 0.0) -> tuple[Rollout, list[Rollout]]:
     """A new running rollout, in one transaction with the abort of any that was running (a new
-    challenger replaces it); the new one and those aborted."""
+    challenger replaces it); the new one and those aborted. `follow_s`: how long the servers take
+    to follow it (a canary's answers count from then on)."""
     with engine.begin() as conn:
+        last_id = conn.execute(sa.select(sa.func.max(predictions.c.id))
+                               .where(predictions.c.model_name == model_name)).scalar()
         running = [_rollout(r) for r in conn.execute(
             sa.select(rollouts).where(rollouts.c.model_name == model_name,
                                       rollouts.c.status == RUNNING)).mappings()]
@@ -65,6 +74,8 @@ def start(engine: sa.Engine, model_name: str, mode: str, champion: int | None, c
         new_id = conn.execute(rollouts.insert().returning(rollouts.c.id).values(
             model_name=model_name, mode=mode, champion_version=champion,
             challenger_version=challenger, status=RUNNING, started_at=at, reason=reason,
+            share=share, after_prediction_id=last_id or 0,
+            serving_from=datetime.now(UTC) + timedelta(seconds=follow_s),
         )).scalar_one()
         row = conn.execute(sa.select(rollouts).where(rollouts.c.id == new_id)).mappings().one()
     return _rollout(row), running
@@ -156,5 +167,23 @@ def answered(engine: sa.Engine, rollout: Rollout, limit: int = 200_000) -> list[
                        sp.c.probability.label("s_probability"), sp.c.scores.label("s_scores"))
              .join(p, sa.and_(p.c.record_id == sp.c.record_id, p.c.model_name == rollout.model_name))
              .where(sp.c.rollout_id == rollout.id).order_by(sp.c.id.desc()).limit(limit))
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def canary_answers(engine: sa.Engine, rollout: Rollout) -> list[dict[str, Any]]:
+    """A canary's labelled answers, by either version, since every server followed it: per record
+    the version that answered, its answer and the label, in the order served."""
+    p, f = predictions, feedback
+    versions = [v for v in (rollout.champion_version, rollout.challenger_version) if v is not None]
+    query = (sa.select(p.c.id.label("prediction_id"), p.c.model_version, p.c.probability,
+                       p.c.value, p.c.label, p.c.scores, f.c.label.label("y"),
+                       f.c.value.label("y_value"), f.c.label_text.label("y_text"))
+             .join(f, f.c.record_id == p.c.record_id)
+             .where(p.c.model_name == rollout.model_name, p.c.id > (rollout.after_prediction_id or 0),
+                    p.c.model_version.in_(versions))
+             .order_by(p.c.id))
+    if rollout.serving_from is not None:
+        query = query.where(p.c.created_at >= rollout.serving_from)
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]

@@ -82,7 +82,9 @@ class TaskAnswers:
 
     def prediction_schema(self) -> dict[str, Any]:
         """The OpenAPI schema of one item of `predictions`."""
-        props: dict[str, Any] = {"record_id": {"type": "string"}}
+        props: dict[str, Any] = {"record_id": {"type": "string"},
+                                 # during a canary rollout, in a request both versions answered
+                                 "version": {"type": "integer"}}
         if self.task == "regression":
             props["value"] = {"type": "number"}
         elif self.task == "multiclass":

@@ -39,6 +39,7 @@ from flywheel.serving.http.common import (
 from flywheel.serving.http.errors import Unavailable, UnsupportedMediaType, error_answer
 from flywheel.serving.http.metrics import ServingMetrics, monitoring_gauges
 from flywheel.serving.http.traffic import TrafficRollup
+from flywheel.serving.tabular.canary import Canary, CanaryRoute
 from flywheel.serving.tabular.openapi import openapi_document
 from flywheel.serving.tabular.platforms import PlatformRoutes
 from flywheel.serving.tabular.predlog import PredictionLogWriter, store_feedback
@@ -120,6 +121,11 @@ class TabularService:
         self.record_ids = RecordIds.from_state(self.engine, cfg.max_records)
         self.clients = Clients(cfg.clients)
         self.batcher = MicroBatcher()
+        self.canary = CanaryRoute(
+            self.engine, project.config.registered_model, project.config.rollout.entity,
+            cfg.reload_interval_s,
+            lambda version: load_version(self.runtime.registry, version, cfg.max_records,
+                                         cfg.max_string_length, cfg.threshold, self.times))
         self.counters: dict[int, Any] = {}  # predictions counter child per model version
         self._restarts_counted = 0
         self.max_body_bytes = cfg.max_body_bytes
@@ -136,14 +142,15 @@ class TabularService:
             self._restarts_counted += restarts
 
     async def score_and_log(self, model: LoadedModel, records: list[dict[str, Any]], request_id: str,
-                            started: float, client: str = ANONYMOUS
+                            started: float, client: str = ANONYMOUS, ids: list[str] | None = None
                             ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Score, mint the record ids (for `client`), log; the ids and, per record, the answer's
-        fields (see `TaskAnswers.log_fields`)."""
+        """Score, mint the record ids (for `client`; or take `ids`, minted for a whole request
+        split between versions), log; the ids and, per record, the answer's fields (see
+        `TaskAnswers.log_fields`)."""
         outs = await self.batcher.submit(model, records)
         now = time.time_ns() // 1000
         latency_ms = (time.perf_counter() - started) * 1000
-        ids = self.record_ids.mint(request_id, len(records), client)
+        ids = ids or self.record_ids.mint(request_id, len(records), client)
         if client:  # logged with each row: learning from feedback keeps each client's rows apart
             for record in records:
                 record[META] = {**(record.get(META) or {}), CLIENT_META: client}
@@ -184,10 +191,34 @@ class TabularService:
             raise Unavailable("no champion model is loaded yet")
         body = await receive_body(scope, receive, self.cfg.max_body_bytes)
         records = model.validator.records(parse_json_body(body))
+        canary = self.canary.active
+        if canary is not None and canary.model.version != model.version:
+            return await self._predict_canary(model, canary, records, request_id, started, client)
         ids, fields = await self.score_and_log(model, records, request_id, started, client)
         answers = model.answers
         return {"model": model.name, "version": model.version, "request_id": request_id,
                 **answers.top_level, "predictions": answers.predictions(ids, fields)}
+
+    async def _predict_canary(self, champion: LoadedModel, canary: Canary, records: list[dict[str, Any]],
+                              request_id: str, started: float, client: str) -> dict[str, Any]:
+        """A canary rollout's request: each record answered by the version its entity is routed
+        to; a request both answer names the version of each prediction."""
+        takes = [canary.takes(r) for r in records]
+        if all(takes) or not any(takes):
+            model = canary.model if takes[0] else champion
+            ids, fields = await self.score_and_log(model, records, request_id, started, client)
+            return {"model": model.name, "version": model.version, "request_id": request_id,
+                    **model.answers.top_level, "predictions": model.answers.predictions(ids, fields)}
+        all_ids = self.record_ids.mint(request_id, len(records), client)
+        predictions: list[Any] = [None] * len(records)
+        for model, side in ((champion, False), (canary.model, True)):
+            at = [i for i, t in enumerate(takes) if t == side]
+            ids, fields = await self.score_and_log(model, [records[i] for i in at], request_id,
+                                                   started, client, [all_ids[i] for i in at])
+            for i, answer in zip(at, model.answers.predictions(ids, fields), strict=True):
+                predictions[i] = {**answer, "version": model.version}
+        return {"model": champion.name, "version": champion.version, "request_id": request_id,
+                **champion.answers.top_level, "predictions": predictions}
 
     async def feedback(self, request: Request, call: Call) -> dict[str, Any]:
         client = self.clients.caller(request.headers.get("authorization", ""), "feedback")
@@ -222,8 +253,10 @@ class TabularService:
     def start(self) -> None:
         self.writer.start()
         self.rollup.start()
+        self.canary.start()
 
     def stop(self) -> dict[str, Any]:
+        self.canary.stop()
         sink_code = self.writer.close()
         self.rollup.stop()
         return {"sent_to_log": self.writer.sent, "dropped": self.writer.dropped, "sink_exit": sink_code}

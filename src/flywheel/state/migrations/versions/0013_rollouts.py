@@ -1,5 +1,5 @@
-"""Shadow rollouts between the gate and the promotion: the rollouts' state machine and the
-challenger's answers, kept apart from the prediction log
+"""Shadow and canary rollouts between the gate and the promotion: the rollouts' state machine
+and a shadow challenger's answers, kept apart from the prediction log
 
 Revision ID: 0013
 Revises: 0012
@@ -24,6 +24,9 @@ def upgrade() -> None:
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("evidence", sa.Text, nullable=True),
+        sa.Column("share", sa.Float, nullable=True),
+        sa.Column("after_prediction_id", sa.BigInteger, nullable=True),
+        sa.Column("serving_from", sa.DateTime(timezone=True), nullable=True),
     )
     op.create_index("ix_rollouts_model_status", "rollouts", ["model_name", "status"])
     op.create_table(
