@@ -111,6 +111,7 @@ def main() -> None:
                 rollouts.end(engine, running.id, rollouts.ABORTED, datetime.now(UTC), "benchmark")
             rid = None
         time.sleep(FOLLOW_S)
+        wrk(url, body, 3)  # traffic for the sink to follow the change (it checks at a batch)
         return rid
 
     port = free_port()

@@ -32,7 +32,7 @@ log = logging.getLogger("flywheel.logsink")
 CHECK_EVERY_S = 5.0  # how often the sink asks the state database whether a shadow rollout runs
 # Records scored per challenger call: on a core shared with the worker, a longer stretch of work
 # without a yield delays every request in flight by its length.
-SLICE_ROWS = 64
+SLICE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,13 @@ class ShadowScorer:
                 "event": "shadow_error", "error": str(exc)})
             return
         if running is None or running.mode != "shadow":
-            self.rollout_id, self.model = None, None
+            self.rollout_id = None  # the model stays loaded: the next rollout may shadow it again
             return
         if running.id == self.rollout_id or running.challenger_version == self.failed_version:
             return
         try:
-            self.model = self._load(running.challenger_version)
+            if self.model is None or self.model.version != running.challenger_version:
+                self.model = self._load(running.challenger_version)
             self.rollout_id = running.id
             log.info("shadow scoring", extra={"event": "shadow_start", "rollout": running.id,
                                               "version": running.challenger_version})
@@ -109,8 +110,7 @@ class ShadowScorer:
                 return []
             fields = []
             for start in range(0, len(rows), SLICE_ROWS):  # the core may be the worker's: yield
-                records = [{k: v for k, v in r[5].items() if k != "meta"}
-                           for r in rows[start:start + SLICE_ROWS]]
+                records = [r[5] for r in rows[start:start + SLICE_ROWS]]  # meta is no input
                 fields += model.answers.log_fields(model.predict(records).tolist())
                 os.sched_yield()
         except Exception as exc:
