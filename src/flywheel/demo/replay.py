@@ -44,6 +44,7 @@ from flywheel.pipeline.triggers import TriggerDecision
 from flywheel.registry import CHAMPION, Registry
 from flywheel.serving.http.client import post_with_retry
 from flywheel.serving.process import ServerProcess
+from flywheel.state import rollouts
 from flywheel.state.db import open_state, predictions
 from flywheel.training.onnx import onnx_predict
 from flywheel.training.trainers import train_model
@@ -321,6 +322,7 @@ def run_replay(project: Project, n_quarters: int = 36, out_dir: Path | None = No
     report = _report(project, replay.results, replay.retrains, n_quarters,
                      time.perf_counter() - started, replay.promotions, replay.decisions)
     report["oracle_error"] = oracle_error
+    report["rollouts"] = rollout_history(project)
     write_report(report, out_dir)
     return report
 
@@ -513,6 +515,21 @@ def _logged(engine: sa.Engine, model_name: str, wanted: set[str]) -> pd.DataFram
     return df[df["record_id"].isin(wanted)]
 
 
+def rollout_history(project: Project) -> list[dict[str, Any]]:
+    """Every rollout of the replay, oldest first, as the state database recorded it: how it ended
+    (decided, replaced by a newer challenger, or still running), its shadow answers, its pairs."""
+    engine = open_state(project.state_url)
+    out = []
+    for r in reversed(rollouts.history(engine, project.config.registered_model, limit=1_000)):
+        out.append({"rollout": r.id, "mode": r.mode, "challenger": r.challenger_version,
+                    "champion": r.champion_version, "status": r.status,
+                    "started": r.started_at.date().isoformat(),
+                    "ended": r.ended_at.date().isoformat() if r.ended_at else None,
+                    "reason": r.reason, "shadow_answers": rollouts.shadow_count(engine, r.id),
+                    "labelled_pairs": (r.evidence or {}).get("pairs", 0)})
+    return out
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else None
@@ -668,6 +685,13 @@ def markdown_report(report: dict[str, Any]) -> str:
             lost = "-" if p["lost"] is None else ("LOST" if p["lost"] else "no")
             lines.append(f"| {p['quarter']} | v{p['version']} | v{p['previous']} | {p['via']} | "
                          f"{_f(p['next_auc'])} | {_f(p['previous_next_auc'])} | {lost} |")
+    if report.get("rollouts"):
+        lines += ["", "## Rollouts", "", "| rollout | challenger | champion | started | ended | status | "
+                  "shadow answers | labelled pairs | why it ended |", "|---|---|---|---|---|---|---|---|---|"]
+        for ro in report["rollouts"]:
+            lines.append(f"| {ro['rollout']} | v{ro['challenger']} | v{ro['champion']} | {ro['started']} | "
+                         f"{ro['ended'] or '-'} | {ro['status']} | {ro['shadow_answers']:,} | "
+                         f"{ro['labelled_pairs']:,} | {ro['reason'][:70]} |")
     if report.get("rollout"):
         lines += ["", "## Rollout decisions", "", "| quarter | rollout | challenger | champion | "
                   "decision | reason | labelled pairs | loss difference [bounds] |",
