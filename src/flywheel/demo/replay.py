@@ -658,21 +658,10 @@ def _f(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def markdown_report(report: dict[str, Any]) -> str:
-    lines = [
-        "# SBA replay: static model vs the Flywheel loop vs a quarterly oracle", "",
-        f"Mean ROC-AUC over {len(report['quarters'])} quarters: static **{_f(report['mean_static_auc'])}**, "
-        f"loop **{_f(report['mean_loop_auc'])}**, oracle **{_f(report['mean_oracle_auc'])}** "
-        f"(loop / oracle = {_f(report['loop_vs_oracle'])}). Retrains: loop {report['loop_retrains']} "
-        f"({report['loop_promotions']} promoted), oracle {report['oracle_retrains']}.", "",
-        "![ROC-AUC per quarter](auc_per_quarter.png)", "", "![Drift per quarter](drift_per_quarter.png)", "",
-        "## Rules (fixed before the replay)", "", "```json", json.dumps(report["rules"], indent=2), "```", "",
-        "## Retrains", "", "| quarter | trigger | reason | version | gate | promoted |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in report["retrains"]:
-        lines.append(f"| {r['quarter']} | {r['trigger']} | {r['reason'][:80]} | v{r['version']} | "
-                     f"{r['gate'][:90]} | {'yes' if r['promoted'] else 'no'} |")
+def rollout_lines(report: dict[str, Any]) -> list[str]:
+    """The report's promotions (each against the champion it replaced, next quarter), rollouts and
+    rollout decisions, as Markdown."""
+    lines: list[str] = []
     promotions = report.get("promotions") or []
     if promotions:
         lines += ["", "## Promotions, and how each did on the next quarter", "",
@@ -702,6 +691,25 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"| {d['quarter']} | {d['rollout']} | v{d['challenger']} | v{d['champion']} | "
                          f"{d['decision']} | {d['reason'][:80]} | {ev.get('pairs', 0):,} | "
                          f"{g(ev.get('difference'))} [{g(ev.get('low'))}, {g(ev.get('high'))}] |")
+    return lines
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [
+        "# SBA replay: static model vs the Flywheel loop vs a quarterly oracle", "",
+        f"Mean ROC-AUC over {len(report['quarters'])} quarters: static **{_f(report['mean_static_auc'])}**, "
+        f"loop **{_f(report['mean_loop_auc'])}**, oracle **{_f(report['mean_oracle_auc'])}** "
+        f"(loop / oracle = {_f(report['loop_vs_oracle'])}). Retrains: loop {report['loop_retrains']} "
+        f"({report['loop_promotions']} promoted), oracle {report['oracle_retrains']}.", "",
+        "![ROC-AUC per quarter](auc_per_quarter.png)", "", "![Drift per quarter](drift_per_quarter.png)", "",
+        "## Rules (fixed before the replay)", "", "```json", json.dumps(report["rules"], indent=2), "```", "",
+        "## Retrains", "", "| quarter | trigger | reason | version | gate | promoted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["retrains"]:
+        lines.append(f"| {r['quarter']} | {r['trigger']} | {r['reason'][:80]} | v{r['version']} | "
+                     f"{r['gate'][:90]} | {'yes' if r['promoted'] else 'no'} |")
+    lines += rollout_lines(report)
     e = report.get("estimation")
     if e:
         lines += ["", "## Performance estimated before the labels", "",
