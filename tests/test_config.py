@@ -175,3 +175,19 @@ def test_any_override_may_come_from_a_secret_file(tmp_path):
     assert direct.state_url.endswith("direct.db")  # a variable set directly wins
     with pytest.raises(Exception, match="FLYWHEEL_STORES__STATE_FILE=.*cannot read the file"):
         load_project(path, env={"FLYWHEEL_STORES__STATE_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"segments": [{"name": "region", "column": "region"}]},
+     r"segments\[0\].column: 'region' is not an input of the model's features"),
+    ({"segments": [{"name": "s", "column": "gr_appv", "edges": [5, 1]}]}, "edges must increase"),
+    ({"rollout": {"mode": "canary", "entity": "loan_id"}},
+     r"rollout.entity: 'loan_id' is not an input .* meta.KEY"),
+    ({"rollout": {"mode": "shadow", "canary_share": 1.5}}, "canary_share"),
+])
+def test_rollout_and_segments_name_the_field_that_is_wrong(tmp_path, patch, message):
+    cfg = {**example_config(), **patch}
+    with pytest.raises(ConfigError, match=message):
+        load_project(write(tmp_path, cfg), env={})
+    meta = {**example_config(), "segments": [{"name": "channel", "column": "meta.channel"}]}
+    assert load_project(write(tmp_path, meta), env={}).config.segments[0].column == "meta.channel"

@@ -573,6 +573,19 @@ class RetrainingConfig(_Strict):
     clock: Literal["wall", "data"] = "wall"
 
 
+def input_fields(features: list[Feature]) -> list[str]:
+    """The raw fields the features read, in first-use order."""
+    cols: list[str] = []
+    for f in features:
+        if isinstance(f, RatioFeature):
+            cols += [f.numerator, f.denominator]
+        elif isinstance(f, FlagFeature):
+            cols += [f.column] + ([f.other] if f.other else [])
+        else:
+            cols.append(f.column)
+    return list(dict.fromkeys(cols))
+
+
 class SegmentConfig(_Strict):
     """A way to cut traffic into groups that a decision must not quietly get worse for."""
 
@@ -685,6 +698,21 @@ class Config(CommonConfig):
     rollout: RolloutConfig = RolloutConfig()
     # Groups of traffic a rollout must not make worse (each one's paired losses are tested too).
     segments: list[SegmentConfig] = []
+
+    @model_validator(mode="after")
+    def _segments_and_entity_are_inputs(self) -> Config:
+        fields = input_fields(self.features)
+        named = [(f"segments[{i}].column", s.column) for i, s in enumerate(self.segments)]
+        if self.rollout.mode == "canary":
+            named.append(("rollout.entity", self.rollout.entity))
+        for where, column in named:
+            if column.startswith("meta."):
+                if not column[5:]:
+                    raise ValueError(f"{where}: 'meta.' needs a key, e.g. meta.entity_id")
+            elif column not in fields:
+                raise ValueError(f"{where}: {column!r} is not an input of the model's features "
+                                 f"({', '.join(fields)}); a key of the request's meta is written meta.KEY")
+        return self
 
     @model_validator(mode="after")
     def _unique_feature_names(self) -> Config:

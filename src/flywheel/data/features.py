@@ -29,6 +29,7 @@ from flywheel.config import (
     FlagFeature,
     NumericFeature,
     RatioFeature,
+    input_fields,
 )
 
 _FEATURES = TypeAdapter(list[Feature])
@@ -90,15 +91,7 @@ class FeatureSpec:
 
 def input_columns(features: list[Feature]) -> list[str]:
     """The raw fields the features read, in first-use order."""
-    cols: list[str] = []
-    for f in features:
-        if isinstance(f, RatioFeature):
-            cols += [f.numerator, f.denominator]
-        elif isinstance(f, FlagFeature):
-            cols += [f.column] + ([f.other] if f.other else [])
-        else:
-            cols.append(f.column)
-    return list(dict.fromkeys(cols))
+    return input_fields(features)
 
 
 def fit_spec(features: list[Feature], frame: pd.DataFrame) -> FeatureSpec:
