@@ -163,7 +163,7 @@ def rollback(project: AnyProject) -> AliasMove:
 
 
 def abort_rollout(project: Project, reason: str = "aborted by hand") -> Rollout | None:
-    """End the running shadow rollout; the champion stays. None when none was running."""
+    """End the running shadow or canary rollout; the champion stays. None when none was running."""
     from flywheel.lifecycle.rollout import abort_rollout as abort
 
     return abort(project, reason)

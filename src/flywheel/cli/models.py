@@ -130,7 +130,7 @@ def abort_rollout(
     config: ConfigOpt,
     reason: Annotated[str, typer.Option(help="Why, for the rollout's record.")] = "aborted by hand",
 ) -> None:
-    """End the running shadow rollout without promoting its challenger (the champion stays)."""
+    """End the running shadow or canary rollout without promoting its challenger (the champion stays)."""
     ended = api.abort_rollout(api.load(config), reason)
     out.print(f"rollout {ended.id} of v{ended.challenger_version} aborted" if ended else
               "no rollout is running")
