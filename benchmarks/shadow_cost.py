@@ -30,6 +30,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,6 +55,17 @@ def hey(url: str, body: Path, seconds: int, rate: float, workers: int = 8) -> di
     codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99,
             "non2xx": sum(int(n) for c, n in codes.items() if c != "200")}
+
+
+def shadow_since(engine: Any, rollout_id: int, since: datetime) -> int:
+    """The shadow answers stored for requests served since `since`."""
+    import sqlalchemy as sa
+
+    from flywheel.state.db import shadow_predictions as sp
+
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sp).where(
+            sp.c.rollout_id == rollout_id, sp.c.created_at >= since)).scalar_one())
 
 
 def setup(home: Path) -> tuple[Path, dict[str, str], Path]:
@@ -121,6 +133,7 @@ def main() -> None:
     saturated: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     paced: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     scored: list[int] = []
+    coverage: list[float] = []
     try:
         wrk(url, body, 3)  # warm
         for r in range(args.rounds):
@@ -132,8 +145,13 @@ def main() -> None:
         rate = 0.7 * statistics.median(x["rps"] for x in saturated["off"])
         for r in range(args.rounds):
             for state in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                shadow(state == "on")
+                rid = shadow(state == "on")
+                since = datetime.now(UTC)
                 paced[state].append(hey(url, body, args.seconds, rate))
+                if rid is not None:  # the share of the round's requests the shadow scored
+                    time.sleep(5.0)  # the server idle: the shadow process catches up
+                    coverage.append(shadow_since(engine, rid, since)
+                                    / (paced[state][-1]["rps"] * args.seconds))
     finally:
         shadow(False)
         server.stop()
@@ -153,6 +171,8 @@ def main() -> None:
               f"{on_p99:.2f} | {on_p99 / off_p99:.2f} |")
     errors = sum(x["non2xx"] for runs in (*saturated.values(), *paced.values()) for x in runs)
     print(f"\nshadow answers stored per saturated round: {scored}; non-2xx answers: {errors}")
+    print("share of the requests at 70% load that the shadow scored (within 5 s of the round): "
+          + ", ".join(f"{c:.0%}" for c in coverage))
     print("goals: saturated throughput on / off >= 0.70; p99 at 70% load on / off <= 1.10")
     print(f"(work folder: {home})")
 

@@ -23,9 +23,11 @@ MAX_LINES = 60
 # projects may not have installed.
 IN_FUNCTION_OK = {"flywheel.api": "*", "flywheel.cli.render": {"flywheel.pipeline", "flywheel.demo.sba"},
                   "flywheel.training.trainers": {"flywheel.training"},  # torch_mlp
-                  # the log sink imports MLflow and ONNX Runtime only while a shadow rollout runs
+                  # MLflow and ONNX Runtime only while a shadow rollout runs; the log sink's reader
+                  # (the sink imports this module)
                   "flywheel.serving.tabular.shadow": {"flywheel.registry",
-                                                      "flywheel.serving.tabular.runtime"}}
+                                                      "flywheel.serving.tabular.runtime",
+                                                      "flywheel.serving.tabular.logsink"}}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -627,6 +627,13 @@ class RolloutConfig(_Strict):
     max_days: float = Field(default=60, gt=0)
     # A segment's group is tested once it has this many labelled pairs (fewer: reported only).
     min_segment_pairs: int = Field(default=200, ge=20)
+    # Guard rail: the rollout aborts when the challenger fails on more than this share of its
+    # answers (a shadow's scoring failures, a canary's server errors; judged on 100 or more) and
+    # more often than the champion. A challenger that cannot be loaded aborts it at once.
+    max_error_rate: float = Field(default=0.01, ge=0, lt=1)
+    # Guard rail (canary): the rollout aborts when the challenger's p99 latency is over this many
+    # times the champion's over the same time (100 or more requests of each).
+    max_latency_ratio: float = Field(default=1.5, gt=1)
 
 
 class RoomConfig(_Strict):

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
@@ -20,9 +24,11 @@ from flywheel.lifecycle.rollout import check_rollout, confidence_sequence
 from flywheel.lifecycle.status import project_status
 from flywheel.lifecycle.train import train_challenger
 from flywheel.registry import CHAMPION, Registry
+from flywheel.serving.tabular import shadow
 from flywheel.serving.tabular.app import create_app
 from flywheel.serving.tabular.predlog import store_feedback
 from flywheel.serving.tabular.runtime import load_version
+from flywheel.serving.tabular.shadow import ShadowFeed, ShadowTarget
 from flywheel.state import rollouts
 from flywheel.state.db import open_state, predictions, shadow_predictions
 from flywheel.state.logread import read_log
@@ -79,6 +85,36 @@ def test_a_gated_challenger_starts_a_shadow_rollout_and_the_champion_stays(shado
     assert Registry.for_project(shadowed).alias_version(CHAMPION) == 1
     st = project_status(shadowed)
     assert st.rollout is not None and st.rollout["status"] == "running"
+
+
+def test_the_shadow_process_runs_at_idle_priority_and_the_sink_never_waits_for_it(shadowed, monkeypatch):
+    """The sink forwards committed batches to the shadow process without blocking: with the shadow
+    process stopped (a saturated core gives it no time), sends return at once and what does not
+    fit is skipped and counted; the process itself runs under SCHED_IDLE."""
+    monkeypatch.setattr(shadow, "MAX_PENDING_BYTES", 256 << 10)
+    engine = open_state(shadowed.state_url)
+    target = ShadowTarget(shadowed.tracking_url, str(shadowed.artifact_root), shadowed.config.project,
+                          shadowed.config.registered_model)
+    feed = ShadowFeed(shadowed.state_url, target.to_env())
+    body = orjson.dumps([[f"r{i}", "q", 0, "m", 1, {"x": "y" * 200}, 0.5, 1, 1.0] for i in range(100)])
+    try:
+        feed.send(engine, [body])  # a shadow rollout runs: the process starts
+        assert feed.proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.sched_getscheduler(feed.proc.pid) != os.SCHED_IDLE:
+            time.sleep(0.05)
+        assert os.sched_getscheduler(feed.proc.pid) == os.SCHED_IDLE
+        os.kill(feed.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        for _ in range(200):  # ~5 MB: more than the pipe and the pending allowance hold
+            feed.send(engine, [body])
+        assert time.monotonic() - started < 5
+        assert feed.skipped_frames > 0 and len(feed.pending) >= shadow.MAX_PENDING_BYTES
+    finally:
+        if feed.proc is not None:
+            os.kill(feed.proc.pid, signal.SIGCONT)
+        feed.close(wait_s=10)
+    assert feed.proc is not None and feed.proc.returncode is not None  # stopped, one way or another
 
 
 def test_the_sink_scores_the_challenger_and_no_reader_of_the_log_sees_it(shadowed, sba_sample):
@@ -240,6 +276,13 @@ def test_a_canary_answers_its_share_of_entities_always_the_same_and_counts_its_l
     assert check is not None and check.evidence.pairs == len(logged)
     # labels 1 exactly where the challenger answered: its log loss is the mean -log(p) there
     assert check.evidence.challenger_loss > 0 and check.evidence.champion_loss > 0
+    # the guard rails' view: each version's requests from the traffic rollup (the mixed request
+    # counts for the challenger), none failed; by whole minutes, so the champion's may include the
+    # requests of the minute before the canary
+    op = check.evidence.operation
+    n_challenger = sum(v == challenger for v in routed.values())
+    assert op["answers"] == 2 * n_challenger + 1 and op["error_rate"] == 0.0, op
+    assert op["champion_answers"] >= 2 * (len(entities) - n_challenger) and op["p99_ms"] > 0, op
     rollouts.end(engine, started.id, rollouts.ABORTED, started.started_at, "test over")
 
 
@@ -278,3 +321,47 @@ def test_the_canary_test_keeps_its_error_rate_and_finds_a_real_difference(share)
     assert abs(np.mean([d.mean() for d in nulls])) < 0.01  # the weighting is unbiased
     found = sum(confidence_sequence(differences(20_000, better=True), 0.05)[0] > 0 for _ in range(20))
     assert found >= 15
+
+
+def _seen(**operation):
+    from flywheel.lifecycle.rollout import Evidence
+
+    return Evidence(50, "log_loss", 0.5, 0.4, 0.1, 0.05, 0.15, 0.05, 0.1, operation=operation)
+
+
+@pytest.mark.parametrize(("operation", "verdict"), [
+    ({"answers": 0, "failure": "could not load v2: no such file", "error_rate": None}, "cannot serve"),
+    ({"answers": 400, "error_rate": 0.05, "failure": "v2 could not score: boom"}, "failed on 5.0%"),
+    ({"answers": 400, "error_rate": 0.05, "champion_error_rate": 0.06}, None),  # no worse than the champion
+    ({"answers": 50, "error_rate": 0.2}, None),  # too few answers to judge
+    ({"answers": 400, "error_rate": 0.0, "p99_ms": 9.0, "champion_answers": 4000,
+      "champion_p99_ms": 3.0}, "p99 latency is 9 ms"),
+    ({"answers": 400, "error_rate": 0.0, "p99_ms": 4.0, "champion_answers": 4000,
+      "champion_p99_ms": 3.0}, None),
+])
+def test_the_guard_rails_abort_on_failures_and_latency_whatever_the_losses_say(operation, verdict):
+    from flywheel.config import RolloutConfig
+    from flywheel.lifecycle.rollout import decide
+
+    decision, reason = decide(_seen(**operation), RolloutConfig(min_pairs=20), days=1)
+    if verdict is None:
+        assert decision == "promote", reason  # the losses decide: the challenger is better
+    else:
+        assert decision == "abort" and verdict in reason, reason
+
+
+def test_a_shadow_challenger_that_fails_is_aborted_by_the_next_check(shadowed):
+    """The shadow process counts the records the challenger could not score with the rollout;
+    the daemon's check reads them and aborts."""
+    engine = open_state(shadowed.state_url)
+    name = shadowed.config.registered_model
+    champion = Registry.for_project(shadowed).alias_version(CHAMPION)
+    started, _ = rollouts.start(engine, name, "shadow", champion, 3 - champion,
+                                rollouts.history(engine, name, 1)[0].started_at, "shadow")
+    rollouts.note_failure(engine, started.id, 150, "v2 could not score 150 records: out of memory")
+    check = check_rollout(shadowed, started.started_at + timedelta(hours=1))
+    assert check is not None and check.decision == "abort", check.summary()
+    assert "failed on 100.0% of 150" in check.reason and "out of memory" in check.reason
+    ended = rollouts.history(engine, name, 1)[0]
+    assert ended.status == rollouts.ABORTED and ended.failed == 150
+    assert Registry.for_project(shadowed).alias_version(CHAMPION) == champion

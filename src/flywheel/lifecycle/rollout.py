@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import numpy as np
@@ -49,9 +49,11 @@ from flywheel.state import rollouts as records
 from flywheel.state.db import open_state
 from flywheel.state.logread import read_log
 from flywheel.state.rollouts import ABORTED, PROMOTED, Rollout
+from flywheel.state.traffic import traffic_series
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss, as the gate does
 RHO_PAIRS = 1_000  # the confidence sequence is tightest near this many pairs
+GUARD_MIN_ANSWERS = 100  # the error and latency guard rails judge no fewer answers of a version
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class Evidence:
     estimated: dict[str, Any] | None = None
     # per configured segment and group: pairs, mean difference, its bounds when tested
     segments: list[dict[str, Any]] = field(default_factory=list)
+    # the guard rails' view of the challenger as served (see `guard_rails`): what it was asked (a
+    # shadow's records to score, a canary's requests), the share it failed on, the champion's share
+    # (canary), each version's p99 latency in ms (canary), the latest failure's message
+    operation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -373,23 +379,74 @@ def check_rollout(project: Project, at: date | datetime,
 
 
 def gather(project: Project, registry: Registry, engine: sa.Engine, rollout: Rollout) -> Evidence:
-    """The evidence so far: a shadow's labelled pairs, or a canary's labelled answers."""
+    """The evidence so far: a shadow's labelled pairs, or a canary's labelled answers, and how the
+    challenger behaved as served."""
     cfg, name = project.config.rollout, project.config.registered_model
     if rollout.mode == "canary":
         answers = records.canary_answers(engine, rollout)
         groups = segment_groups(engine, name, project.config.segments, answers)
-        return canary_evidence(project.config.task, answers, rollout, cfg.false_promotion_rate,
+        seen = canary_evidence(project.config.task, answers, rollout, cfg.false_promotion_rate,
                                groups, cfg.min_segment_pairs)
+        return replace(seen, operation=canary_operation(engine, rollout))
     pairs = records.paired(engine, rollout)
     groups = segment_groups(engine, name, project.config.segments, pairs)
     seen = evidence(project.config.task, pairs, cfg.false_promotion_rate, groups, cfg.min_segment_pairs)
-    return replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout))
+    tried = records.shadow_count(engine, rollout.id) + rollout.failed  # records sent to score
+    operation = {"answers": tried, "failure": rollout.failure,
+                 "error_rate": rollout.failed / tried if tried else None}
+    return replace(seen, estimated=estimated_before_labels(project, registry, engine, rollout),
+                   operation=operation)
+
+
+def canary_operation(engine: sa.Engine, rollout: Rollout, until: datetime | None = None) -> dict[str, Any]:
+    """Each version's requests, server-error rate and p99 latency since every worker followed the
+    canary (the deployment's traffic rollup, by whole minutes: a request counts for the
+    challenger when it answered any of its records)."""
+    since = (rollout.serving_from or rollout.started_at).replace(second=0, microsecond=0)
+    until = (until or datetime.now(UTC)).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    out: dict[str, Any] = {"answers": 0, "failure": rollout.failure, "error_rate": None,
+                           "champion_error_rate": None, "p99_ms": None, "champion_p99_ms": None}
+    if until <= since:
+        return out
+    for row in traffic_series(engine, rollout.model_name, since, until, until - since):
+        if row["model_version"] == rollout.challenger_version:
+            out.update(answers=row["requests"], error_rate=row["error_rate"], p99_ms=row["p99_ms"])
+        elif row["model_version"] == rollout.champion_version:
+            out.update(champion_answers=row["requests"], champion_error_rate=row["error_rate"],
+                       champion_p99_ms=row["p99_ms"])
+    return out
+
+
+def guard_rails(seen: Evidence, cfg: RolloutConfig) -> str | None:
+    """Why the challenger must not go on, whatever its losses say: it could not be loaded, it
+    failed on more than `max_error_rate` of its answers (and more often than the champion), or its
+    p99 latency is over `max_latency_ratio` times the champion's (a canary's, on at least
+    GUARD_MIN_ANSWERS answers of each); None when none is crossed."""
+    op = seen.operation
+    answers, rate, failure = op.get("answers") or 0, op.get("error_rate"), op.get("failure")
+    if failure and not answers and not rate:
+        return f"the challenger cannot serve: {failure}"
+    if rate is not None and answers >= GUARD_MIN_ANSWERS and rate > cfg.max_error_rate and \
+            rate > (op.get("champion_error_rate") or 0.0):
+        return (f"the challenger failed on {rate:.1%} of {answers:,} answers (max_error_rate "
+                f"{cfg.max_error_rate:.1%})" + (f": {failure}" if failure else ""))
+    p99, champion_p99 = op.get("p99_ms"), op.get("champion_p99_ms")
+    if p99 is not None and champion_p99 and answers >= GUARD_MIN_ANSWERS and \
+            (op.get("champion_answers") or 0) >= GUARD_MIN_ANSWERS and \
+            p99 > cfg.max_latency_ratio * champion_p99:
+        return (f"the challenger's p99 latency is {p99:.3g} ms against the champion's "
+                f"{champion_p99:.3g} ms (max_latency_ratio {cfg.max_latency_ratio:g})")
+    return None
 
 
 def decide(seen: Evidence, cfg: RolloutConfig, days: float) -> tuple[str, str]:
-    """promote, abort or continue, and why: a segment made worse aborts; with enough pairs the
+    """promote, abort or continue, and why: a guard rail crossed (see `guard_rails`) or a segment
+    made worse aborts; with enough pairs the
     confidence sequence above zero promotes, below aborts; past `max_days` undecided aborts."""
     decision, reason = "continue", f"{seen.pairs:,} of at least {cfg.min_pairs:,} labelled pairs"
+    crossed = guard_rails(seen, cfg)
+    if crossed:
+        return "abort", crossed
     worse = [c for c in seen.segments if c["high"] is not None and c["high"] < 0]
     if worse:  # a guard rail: better on average must not hide a group made worse
         return "abort", "the challenger's loss is higher for " + ", ".join(

@@ -199,6 +199,10 @@ rollouts = sa.Table(
     sa.Column("share", sa.Float, nullable=True),
     sa.Column("after_prediction_id", sa.BigInteger, nullable=True),
     sa.Column("serving_from", sa.DateTime(timezone=True), nullable=True),
+    # the guard rail on the challenger's failures: the records a shadow's could not score, and
+    # the latest failure's message (a shadow's or a canary worker's, loading or scoring)
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failure", sa.Text, nullable=True),
     sa.Index("ix_rollouts_model_status", "model_name", "status"),
 )
 # The challenger's answers in a shadow rollout: scored by the log sink on the same records the

@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from flywheel.state.db import feedback, predictions, rollouts, shadow_predictions
 
@@ -32,6 +34,8 @@ class Rollout:
     share: float | None = None  # canary: the challenger's share of the traffic
     after_prediction_id: int | None = None  # canary: the log's last id when it started
     serving_from: datetime | None = None  # canary: every worker follows it from then (wall clock)
+    failed: int = 0  # shadow: the records the challenger could not score
+    failure: str | None = None  # the latest failure of the challenger (loading or scoring)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "mode": self.mode, "share": self.share,
@@ -39,7 +43,8 @@ class Rollout:
                 "challenger_version": self.challenger_version, "status": self.status,
                 "started_at": self.started_at.isoformat(),
                 "ended_at": self.ended_at.isoformat() if self.ended_at else None,
-                "reason": self.reason, "evidence": self.evidence}
+                "reason": self.reason, "evidence": self.evidence, "failed": self.failed,
+                "failure": self.failure}
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -52,7 +57,8 @@ def _rollout(row: Any) -> Rollout:
     return Rollout(row["id"], row["model_name"], row["mode"], row["champion_version"],
                    row["challenger_version"], row["status"], started, _aware(row["ended_at"]),
                    row["reason"], json.loads(row["evidence"]) if row["evidence"] else None,
-                   row["share"], row["after_prediction_id"], _aware(row["serving_from"]))
+                   row["share"], row["after_prediction_id"], _aware(row["serving_from"]),
+                   row["failed"] or 0, row["failure"])
 
 
 def start(engine: sa.Engine, model_name: str, mode: str, champion: int | None, challenger: int,
@@ -129,9 +135,20 @@ def end_running(engine: sa.Engine, model_name: str, status: str, at: datetime, r
 
 
 def insert_shadow(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-    """The challenger's answers, in the caller's transaction (the log sink's, with the batch)."""
-    if rows:
-        conn.execute(shadow_predictions.insert(), rows)
+    """The challenger's answers, in the caller's transaction; a record already answered in the
+    rollout (a batch the sink forwarded twice after a retry) keeps its first answer."""
+    if not rows:
+        return
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(insert(shadow_predictions).on_conflict_do_nothing(), rows)
+
+
+def note_failure(engine: sa.Engine, rollout_id: int, records: int, message: str) -> None:
+    """The challenger failed: on `records` records (0: it could not be loaded), with `message`.
+    The rollout's check reads it as a guard rail (see `flywheel.lifecycle.rollout.decide`)."""
+    with engine.begin() as conn:
+        conn.execute(rollouts.update().where(rollouts.c.id == rollout_id, rollouts.c.status == RUNNING)
+                     .values(failed=rollouts.c.failed + records, failure=message[:2000]))
 
 
 def shadow_count(engine: sa.Engine, rollout_id: int) -> int:

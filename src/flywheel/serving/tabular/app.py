@@ -173,8 +173,12 @@ class TabularService:
         request_id = new_request_id()
         model = self.runtime.current
         headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
+        # the version the request's traffic counts for: a canary's challenger when it answered any
+        # of it (its errors and latency are the rollout's guard rails), else the champion
+        answering = [model.version if model else 0]
         try:
-            status, payload = 200, await self._predict(model, scope, receive, request_id, started)
+            status, payload = 200, await self._predict(model, scope, receive, request_id, started,
+                                                       answering)
         except Exception as exc:
             status, payload, extra = error_answer(exc, request_id, "predict")
             headers += [(k.encode(), v.encode()) for k, v in extra.items()]
@@ -182,10 +186,10 @@ class TabularService:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.observe("predict", status, model.version if model else 0, time.perf_counter() - started)
+        self.metrics.observe("predict", status, answering[0], time.perf_counter() - started)
 
     async def _predict(self, model: LoadedModel | None, scope: Any, receive: Any, request_id: str,
-                       started: float) -> dict[str, Any]:
+                       started: float, answering: list[int]) -> dict[str, Any]:
         client = self.clients.caller_of(scope, "predict")
         if model is None:
             raise Unavailable("no champion model is loaded yet")
@@ -193,17 +197,21 @@ class TabularService:
         records = model.validator.records(parse_json_body(body))
         canary = self.canary.active
         if canary is not None and canary.model.version != model.version:
-            return await self._predict_canary(model, canary, records, request_id, started, client)
+            return await self._predict_canary(model, canary, records, request_id, started, client,
+                                              answering)
         ids, fields = await self.score_and_log(model, records, request_id, started, client)
         answers = model.answers
         return {"model": model.name, "version": model.version, "request_id": request_id,
                 **answers.top_level, "predictions": answers.predictions(ids, fields)}
 
     async def _predict_canary(self, champion: LoadedModel, canary: Canary, records: list[dict[str, Any]],
-                              request_id: str, started: float, client: str) -> dict[str, Any]:
+                              request_id: str, started: float, client: str,
+                              answering: list[int]) -> dict[str, Any]:
         """A canary rollout's request: each record answered by the version its entity is routed
         to; a request both answer names the version of each prediction."""
         takes = [canary.takes(r) for r in records]
+        if any(takes):
+            answering[0] = canary.model.version
         if all(takes) or not any(takes):
             model = canary.model if takes[0] else champion
             ids, fields = await self.score_and_log(model, records, request_id, started, client)

@@ -14,6 +14,7 @@ weighted test needs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -95,6 +96,9 @@ class CanaryRoute:
             log.error("could not load the canary's challenger; the champion answers everything",
                       extra={"event": "canary_error", "version": running.challenger_version,
                              "error": str(exc)})
+            with contextlib.suppress(Exception):  # the rollout's check aborts on it
+                rollouts.note_failure(self.engine, running.id, 0, f"a server could not load "
+                                      f"v{running.challenger_version}: {exc}")
             return
         self.active = Canary(running.id, running.share, model, self.entity)
         log.info("canary started", extra={"event": "canary_start", "rollout": running.id,

@@ -33,8 +33,8 @@ from flywheel.serving.tabular.predlog import (
     db_rows,
     insert_sql,
 )
-from flywheel.serving.tabular.shadow import SHADOW_ENV, ShadowScorer, ShadowTarget
-from flywheel.state import rollouts, segments
+from flywheel.serving.tabular.shadow import SHADOW_ENV, ShadowFeed
+from flywheel.state import segments
 from flywheel.state.partitions import ensure_partitions
 
 log = logging.getLogger("flywheel.logsink")
@@ -135,7 +135,7 @@ def keep_partitions_ahead(engine: sa.Engine) -> None:
         log.info("prediction log partitions made", extra={"event": "log_partitions", "made": made})
 
 
-def run(state_url: str, fd: int, shadow: ShadowScorer | None = None) -> tuple[int, int]:
+def run(state_url: str, fd: int, shadow: ShadowFeed | None = None) -> tuple[int, int]:
     metrics = ServingMetrics()
     engine = make_engine(state_url)
     sql = insert_sql(engine.dialect.name)
@@ -147,9 +147,9 @@ def run(state_url: str, fd: int, shadow: ShadowScorer | None = None) -> tuple[in
         if time.monotonic() - checked > PARTITIONS_EVERY_S:
             keep_partitions_ahead(engine)
             checked = time.monotonic()
-        if shadow is not None:
-            shadow.refresh(engine)
-        n_ok, n_lost = write(engine, sql, frames, small, shadow)
+        n_ok, n_lost = write(engine, sql, frames, small)
+        if shadow is not None and not n_lost:  # committed: the shadow process may score them
+            shadow.send(engine, frames)
         written, dropped = written + n_ok, dropped + n_lost
         metrics.log_written.inc(n_ok)
         if n_lost:
@@ -158,6 +158,8 @@ def run(state_url: str, fd: int, shadow: ShadowScorer | None = None) -> tuple[in
             small.compact(engine)                  # load a merge is work the server's core lacks
     small.compact(engine, finishing=True)
     engine.dispose()
+    if shadow is not None:
+        shadow.close()
     return written, dropped
 
 
@@ -309,17 +311,14 @@ def _duplicate(exc: Exception) -> bool:
     return isinstance(exc, psycopg.IntegrityError)
 
 
-def write(engine: sa.Engine, sql: str, frames: list[bytes], small: SmallSegments | None = None,
-          shadow: ShadowScorer | None = None) -> tuple[int, int]:
-    """Insert the frames' rows with their segments (and, in a shadow rollout, the challenger's
-    answers to them); on a duplicate record id insert the others one by one (without shadow
-    answers); retry other errors. Returns (rows written, rows dropped)."""
-    shadow_rows = shadow.score(frames) if shadow is not None else []
+def write(engine: sa.Engine, sql: str, frames: list[bytes],
+          small: SmallSegments | None = None) -> tuple[int, int]:
+    """Insert the frames' rows with their segments; on a duplicate record id insert the others
+    one by one; retry other errors. Returns (rows written, rows dropped)."""
     for attempt in range(1, 8):
         try:
             with engine.begin() as conn:
                 n, stored = _insert(conn, sql, frames)
-                rollouts.insert_shadow(conn, shadow_rows)
         except Exception as exc:
             if not _duplicate(exc):
                 log.error("prediction log write failed", extra={
@@ -402,9 +401,10 @@ def main() -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     configure_json_logging()
-    target = ShadowTarget.from_env(os.environ.get(SHADOW_ENV))
-    written, dropped = run(os.environ.get(SINK_STATE_ENV) or sys.argv[1], sys.stdin.fileno(),
-                           ShadowScorer(target) if target else None)
+    state_url = os.environ.get(SINK_STATE_ENV) or sys.argv[1]
+    target = os.environ.get(SHADOW_ENV)  # shadow scoring runs beside the sink, at idle priority
+    written, dropped = run(state_url, sys.stdin.fileno(),
+                           ShadowFeed(state_url, target) if target else None)
     log.info("log sink finished", extra={"event": "log_sink_stopped", "logged": written,
                                           "dropped": dropped})
 
