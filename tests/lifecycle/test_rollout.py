@@ -365,3 +365,62 @@ def test_a_shadow_challenger_that_fails_is_aborted_by_the_next_check(shadowed):
     ended = rollouts.history(engine, name, 1)[0]
     assert ended.status == rollouts.ABORTED and ended.failed == 150
     assert Registry.for_project(shadowed).alias_version(CHAMPION) == champion
+
+
+def test_rollouts_start_and_end_under_load_with_no_failed_request(shadowed):
+    """A real server under steady load while a canary starts, answers its share, is aborted, and a
+    shadow rollout starts and is aborted: every request is answered (200), by the champion or, while
+    the canary runs, by the challenger."""
+    import threading
+
+    import httpx
+
+    from flywheel.serving.process import ServerProcess
+
+    engine = open_state(shadowed.state_url)
+    name = shadowed.config.registered_model
+    at = rollouts.history(engine, name, 1)[0].started_at  # the project's clock: any time will do
+    rollouts.end_running(engine, name, rollouts.ABORTED, at, "test")
+    registry = Registry.for_project(shadowed)
+    champion = registry.alias_version(CHAMPION)
+    challenger = 3 - champion
+    body = json.loads(sba_sample_row(load_version(registry, 1).spec.input_columns))
+    statuses: list[int] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        with httpx.Client(timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                answer = client.post(url, json=[{**body, "meta": {"entity_id": f"e{i}"}}])
+                statuses.append(answer.status_code)
+                if answer.status_code == 200:
+                    versions.add(answer.json()["version"])
+
+    server = ServerProcess(shadowed, env={"FLYWHEEL_SERVING__RELOAD_INTERVAL_S": "0.3"})
+    try:
+        server.wait_ready()
+        worker = threading.Thread(target=load, args=(f"{server.url}/v1/predict",))
+        worker.start()
+        time.sleep(1)
+        canary, _ = rollouts.start(engine, name, "canary", champion, challenger, at, "test", share=0.5)
+        deadline = time.monotonic() + 20
+        while challenger not in versions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert challenger in versions  # the canary answered its share
+        rollouts.end(engine, canary.id, rollouts.ABORTED, at, "test")
+        time.sleep(1)
+        served = len(statuses)
+        time.sleep(1)
+        shadow_run, _ = rollouts.start(engine, name, "shadow", champion, challenger, at, "test")
+        time.sleep(2)
+        rollouts.end(engine, shadow_run.id, rollouts.ABORTED, at, "test")
+        time.sleep(1)
+        stop.set()
+        worker.join(timeout=30)
+    finally:
+        stop.set()
+        server.stop()
+    assert len(statuses) > served > 50 and set(statuses) == {200}, sorted(set(statuses))
