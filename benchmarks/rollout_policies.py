@@ -27,6 +27,36 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 
+def chart(replays: list[dict], path: Path) -> None:
+    """Each policy's metric per month (a line where it promoted), and retraining every month, from
+    the replays' `to_dict()` (what report.json holds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    months = [p["period"] for p in replays[0]["periods"]]
+    nan = float("nan")
+    ax.plot(months, [nan if p["every_period"] is None else p["every_period"] for p in replays[0]["periods"]],
+            color="grey", linestyle=":", label="retraining every month (promoting every retrain)")
+    for r, color in zip(replays, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        s = r["summary"]
+        ax.plot(months, [nan if p["metric"] is None else p["metric"] for p in r["periods"]], color=color,
+                marker="o", label=f"{r['policy']} (mean {s['mean']:.4g}; {s['promotions']} promotions, "
+                                  f"{s['promotions_lost']} lost)")
+        for promo in r["promotions"]:  # the promoted version serves from the next month
+            i = months.index(promo["period"]) + 1
+            if i < len(months):
+                ax.axvline(i - 0.5, color=color, alpha=0.3, linestyle="--" if promo["lost"] else "-")
+    ax.set_ylabel(f"{replays[0]['metric']} on the month's rows")
+    ax.set_title(f"{replays[0]['project']}: the month's {replays[0]['metric']} under each rollout policy\n"
+                 "(vertical lines: a promotion; dashed: it lost on the next month)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--example", choices=["flights", "bikeshare"], default="flights")
@@ -65,6 +95,7 @@ def main() -> None:
         (args.out / "report.md").write_text(report)
         (args.out / "report.json").write_text(json.dumps([r.to_dict() for r in replays], indent=1,
                                                          default=str))
+        chart([r.to_dict() for r in replays], args.out / "metric_per_month.png")
     print(f"(work folder: {work})")
 
 
