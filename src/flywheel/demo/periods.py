@@ -238,7 +238,6 @@ class _Walk:
         # minutes; flights' and bikeshare's labels are known within the day.
         size = min(CHUNK, -(-len(records) // CHECKS_PER_PERIOD))
         for at in range(0, len(records), size):
-            serving = self.registry.alias_version(CHAMPION) or 1
             chunk_ids, _ = send_quarter(client, server.url, records[at:at + size])
             ids |= chunk_ids
             self.served_total += len(chunk_ids)
@@ -246,7 +245,7 @@ class _Walk:
             self._wait_for_shadow(len(chunk_ids))
             chunk = rows.iloc[at:at + size]
             post_labels(self.project, client, server.url, chunk, chunk_ids)
-            parts.append((chunk, serving))
+            parts += self._by_version(chunk, chunk_ids)  # who answered each record, as logged
             clock = times.iloc[min(at + size, len(rows)) - 1].to_pydatetime().replace(tzinfo=UTC)
             check = check_rollout(self.project, clock, self.registry)
             if check is not None and (check.decision != "continue" or result.rollout is None
@@ -258,7 +257,7 @@ class _Walk:
             if check is not None and check.decision == "promote":
                 self._promoted(result.period, check.rollout.challenger_version,
                                check.rollout.champion_version, "rollout", server)
-        result.served, result.served_by = len(ids), self._served_by(list(ids.values()))
+        result.served, result.served_by = len(ids), sorted({v for _, v in parts})
         result.metric = self.score_parts(parts)
         upsert_table(rows, self.project.source_url, data.table, data.id_column, infer_sql_types(rows),
                      index_columns=(data.time_column,))
@@ -304,13 +303,16 @@ class _Walk:
                                    f"{self.shadowed[running.id]:,} records in {SHADOW_WAIT_S:.0f} s")
             time.sleep(0.2)
 
-    def _served_by(self, record_ids: list[str]) -> list[int]:
+    def _by_version(self, rows: pd.DataFrame, record_ids: dict[str, str]) -> list[tuple[pd.DataFrame, int]]:
+        """The served rows grouped by the version the log says answered each (a canary's share, a
+        swap within the chunk); rows the server refused are left out."""
+        wanted = list(record_ids.values())
         with self.engine.connect() as conn:
-            versions = set()
-            for start in range(0, len(record_ids), 5000):
-                versions |= set(conn.execute(sa.select(predictions.c.model_version).distinct().where(
-                    predictions.c.record_id.in_(record_ids[start:start + 5000]))).scalars())
-        return sorted(versions)
+            logged = dict(conn.execute(sa.select(predictions.c.record_id, predictions.c.model_version)
+                                       .where(predictions.c.record_id.in_(wanted))).all())
+        entity = rows[self.project.config.data.id_column].astype(str)
+        version = entity.map(lambda e: logged.get(record_ids.get(e, ""), -1))
+        return [(rows[version == v], int(v)) for v in sorted(set(version)) if v >= 0]
 
     def score_after(self, out: PeriodReplay) -> None:
         """Retraining every period (the version each month's end registered, on the next month) and
