@@ -1,7 +1,9 @@
 """The rollout policies side by side on an example whose labels come back quickly: the same months
-replayed through the loop twice, on fresh project homes, once with `rollout.mode: direct` (the gate
-promotes) and once with `shadow` (the gate starts a shadow rollout; the sequential test on the
-labelled pairs promotes). Both retrain at every month's end. See `flywheel.demo.periods`.
+replayed through the loop once per policy (`--policies`, default direct,shadow; canary too), on
+fresh project homes: `direct` (the gate promotes), `shadow` (the gate starts a shadow rollout; the
+sequential test on the labelled pairs promotes) or `canary` (the challenger answers 10% of the
+traffic; the weighted test promotes). All retrain at every month's end. See
+`flywheel.demo.periods`.
 
 The settings are the example's own config and the rollout defaults (false-promotion rate 5%,
 min_pairs 200), fixed before any replayed month; only `data.window.end` moves, to leave months to
@@ -9,7 +11,7 @@ replay. The two runs share the machine one after the other, never at once (the s
 runs on idle CPU).
 
     .venv/bin/python benchmarks/rollout_policies.py --example flights --first 2013-04-01 --periods 9 \\
-        --out docs/replay-policies/flights
+        --policies direct,shadow,canary --out docs/replay-policies/flights
 """
 
 from __future__ import annotations
