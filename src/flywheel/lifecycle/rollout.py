@@ -2,23 +2,25 @@
 evidence.
 
 With `rollout.mode: shadow`, a challenger that passes the gate is not promoted at once: a rollout
-starts (a row in the state database; the pipeline run ends there). The log sink of every server
-worker scores the challenger on the records the champion answers (off the answered request's
-path; the challenger's answers are never returned and are stored apart, in `shadow_predictions`,
-so no reader of the prediction log counts them). Each check of the daemon (`flywheel run`, and
-each tick of a replay) pairs the two versions' answers on the records whose labels came back and
-runs a sequential test on the per-record loss differences (log loss for classifiers, squared error
-for a regression): an always-valid confidence sequence for their mean, at the declared
-false-promotion rate. The challenger is promoted when the whole sequence lies above zero (it is
-better), the rollout is aborted when it lies below (worse) or when `max_days` pass on the project's
-clock without a decision; the champion stays then. A manual promote or rollback ends a running
-rollout and wins; a new challenger replaces the running one (aborted, recorded).
+starts (a row in the state database; the pipeline run ends there). Beside the log sink of every
+server worker, a shadow process at idle CPU priority scores the challenger on the records the
+champion answered (off the answered request's path; the challenger's answers are never returned and
+are stored apart, in `shadow_predictions`, so no reader of the prediction log counts them). Each
+check of the daemon (`flywheel run`, and each tick of a replay) pairs the two versions' answers on
+the records whose labels came back and runs a sequential test on the per-record loss differences
+(log loss for classifiers, squared error for a regression): an always-valid confidence sequence for
+their mean, at the declared false-promotion rate. The challenger is promoted when the whole
+sequence lies above zero (it is better), the rollout is aborted when it lies below (worse) or when
+`max_days` pass on the project's clock without a decision; the champion stays then. A manual
+promote or rollback ends a running rollout and wins; a new challenger replaces the running one
+(aborted, recorded).
 
 With `rollout.mode: canary` the challenger answers a share of the traffic instead (the workers
 route by a hash of each record's entity: `flywheel.serving.tabular.canary`), and the test runs on
 both versions' labelled answers, each loss weighted by one over the chance its version had to
 answer it (`canary_evidence`). Configured `segments` are guard rails for both: a group whose own
-confidence sequence says the challenger is worse there aborts the rollout.
+confidence sequence says the challenger is worse there aborts the rollout; so do a challenger that
+cannot be loaded, one that fails too often, and a canary that answers too slowly (`guard_rails`).
 
 The confidence sequence is the asymptotic one of Waudby-Smith, Arbour, Sinha, Kennedy and Ramdas
 ("Time-uniform central limit theory and asymptotic confidence sequences", 2021): for the mean of
