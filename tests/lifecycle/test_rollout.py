@@ -95,7 +95,8 @@ def test_the_shadow_process_runs_at_idle_priority_and_the_sink_never_waits_for_i
     engine = open_state(shadowed.state_url)
     target = ShadowTarget(shadowed.tracking_url, str(shadowed.artifact_root), shadowed.config.project,
                           shadowed.config.registered_model)
-    feed = ShadowFeed(shadowed.state_url, target.to_env())
+    skipped: list[int] = []
+    feed = ShadowFeed(shadowed.state_url, target.to_env(), on_skip=skipped.append)
     body = orjson.dumps([[f"r{i}", "q", 0, "m", 1, {"x": "y" * 200}, 0.5, 1, 1.0] for i in range(100)])
     try:
         feed.send(engine, [body])  # a shadow rollout runs: the process starts
@@ -110,6 +111,7 @@ def test_the_shadow_process_runs_at_idle_priority_and_the_sink_never_waits_for_i
             feed.send(engine, [body])
         assert time.monotonic() - started < 5
         assert feed.skipped_frames > 0 and len(feed.pending) >= shadow.MAX_PENDING_BYTES
+        assert sum(skipped) == feed.skipped_frames  # what flywheel_shadow_skipped_total counts
     finally:
         if feed.proc is not None:
             os.kill(feed.proc.pid, signal.SIGCONT)

@@ -48,6 +48,9 @@ class ServingMetrics:
                                          "Log sinks that exited and were replaced", registry=reg)
         self.log_dropped = Counter("flywheel_prediction_log_dropped_total",
                                    "Records the prediction log could not keep", registry=reg)
+        self.shadow_skipped = Counter("flywheel_shadow_skipped_total",
+                                      "Log batches (frames) a shadow rollout's challenger was too far "
+                                      "behind to score", registry=reg)
         self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}
         self.rollup: Any = None  # a TrafficRollup: per-minute counts for the control room
 

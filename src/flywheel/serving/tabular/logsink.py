@@ -137,6 +137,8 @@ def keep_partitions_ahead(engine: sa.Engine) -> None:
 
 def run(state_url: str, fd: int, shadow: ShadowFeed | None = None) -> tuple[int, int]:
     metrics = ServingMetrics()
+    if shadow is not None:
+        shadow.on_skip = metrics.shadow_skipped.inc
     engine = make_engine(state_url)
     sql = insert_sql(engine.dialect.name)
     written = dropped = 0

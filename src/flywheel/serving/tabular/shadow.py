@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,7 +85,9 @@ class ShadowFeed:
     the shadow process (started at the first one) without waiting; what does not fit (the shadow
     process is behind) is skipped and counted."""
 
-    def __init__(self, state_url: str, target_env: str, check_every_s: float = CHECK_EVERY_S):
+    def __init__(self, state_url: str, target_env: str, check_every_s: float = CHECK_EVERY_S,
+                 on_skip: Callable[[int], None] | None = None):
+        self.on_skip = on_skip  # counts the frames skipped (`flywheel_shadow_skipped_total`)
         self.env = {**os.environ, SINK_STATE_ENV: state_url, SHADOW_ENV: target_env}
         self.model_name = json.loads(target_env)["model_name"]
         self.check_every_s = check_every_s
@@ -129,6 +132,8 @@ class ShadowFeed:
             self._start()
         if len(self.pending) >= MAX_PENDING_BYTES:
             self.skipped_frames += len(frames)
+            if self.on_skip is not None:
+                self.on_skip(len(frames))
         else:
             for body in frames:  # one row counted per frame: the shadow process batches by bytes
                 self.pending += FRAME_HEADER.pack(len(body), 1) + body
